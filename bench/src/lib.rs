@@ -1,0 +1,90 @@
+//! xlb's benchmarks: criterion benches of every hot-path stage (`benches/`), and what they
+//! share.
+//!
+//! Layer: on top of everything; nothing depends on it.
+//!
+//! [`etherparse_key`] is the contender the hand-written parser was measured against: the
+//! same flow key, extracted with etherparse's header walk.
+
+use xlb_dataplane::packet::{key_addr, Family, FlowKey, IpProto};
+
+/// The flow key of a TCP or UDP frame, walked with etherparse's `SlicedPacket`; `None` for
+/// anything else or anything etherparse rejects.
+#[must_use]
+pub fn etherparse_key(frame: &[u8]) -> Option<FlowKey> {
+    use etherparse::{NetSlice, SlicedPacket, TransportSlice};
+    let sliced = SlicedPacket::from_ethernet(frame).ok()?;
+    let mut key = match sliced.net? {
+        NetSlice::Ipv4(ip) => {
+            let h = ip.header();
+            FlowKey {
+                src_addr: key_addr(h.source_addr().into()),
+                dst_addr: key_addr(h.destination_addr().into()),
+                family: Family::Ipv4,
+                ..FlowKey::default()
+            }
+        }
+        NetSlice::Ipv6(ip) => {
+            let h = ip.header();
+            FlowKey {
+                src_addr: h.source(),
+                dst_addr: h.destination(),
+                family: Family::Ipv6,
+                ..FlowKey::default()
+            }
+        }
+        _ => return None,
+    };
+    match sliced.transport? {
+        TransportSlice::Tcp(tcp) => {
+            key.proto = IpProto::TCP;
+            key.src_port = tcp.source_port();
+            key.dst_port = tcp.destination_port();
+        }
+        TransportSlice::Udp(udp) => {
+            key.proto = IpProto::UDP;
+            key.src_port = udp.source_port();
+            key.dst_port = udp.destination_port();
+        }
+        _ => return None,
+    }
+    Some(key)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use xlb_dataplane::packet::builder::pkt;
+    use xlb_dataplane::packet::parse;
+
+    #[test]
+    fn etherparse_and_xlb_agree_on_the_benchmark_frames() {
+        let frames = [
+            pkt()
+                .ipv4([198, 18, 0, 1].into(), [198, 18, 64, 1].into())
+                .tcp(40000, 80)
+                .syn()
+                .pad_to(60),
+            pkt()
+                .ipv4([198, 18, 0, 1].into(), [198, 18, 64, 1].into())
+                .udp(40000, 53)
+                .pad_to(60),
+            pkt()
+                .ipv6(
+                    "2001:2::1".parse().unwrap(),
+                    "2001:2::40:1".parse().unwrap(),
+                )
+                .tcp(40000, 80),
+            pkt()
+                .ipv6(
+                    "2001:2::1".parse().unwrap(),
+                    "2001:2::40:1".parse().unwrap(),
+                )
+                .udp(40000, 53),
+        ];
+        for f in frames {
+            let frame = f.build();
+            assert_eq!(etherparse_key(&frame), Some(parse(&frame).unwrap().key));
+        }
+    }
+}

@@ -1,0 +1,13 @@
+//! xlb's control plane and the `xlb` command.
+//!
+//! Layer: above `xlb-dataplane`, which it drives; it never touches packet bytes on the
+//! forwarding path. Today it holds the offline frame tools behind `xlb decode` and
+//! `xlb rewrite` ([`inspect`]); the sources (Kubernetes, file), the translation to snapshots
+//! and the admin API arrive with the end-to-end and Kubernetes issues.
+//!
+//! Panic contract: bad input of any kind (a malformed frame, a bad argument) is an error
+//! value, never a panic. No unsafe code.
+
+#![forbid(unsafe_code)]
+
+pub mod inspect;

@@ -1,0 +1,16 @@
+//! xlb's data plane: everything a packet touches on its way through the load balancer.
+//!
+//! Layer: the bottom of the workspace. `control`, `pktgen` and `bench` depend on this crate; it
+//! depends on none of them and never on Kubernetes, YAML or an async runtime.
+//!
+//! Modules:
+//! * [`packet`]: the wire layer — checked views over frame bytes, the flow key, and in-place NAT
+//!   rewrite primitives with RFC 1624 incremental checksums. No unsafe, no allocation, no
+//!   sockets, threads or time.
+//!
+//! Panic contract: no bytes received from the network can make this crate panic; property
+//! tests and the fuzz target in `fuzz/` hold it to that.
+
+#![forbid(unsafe_code)]
+
+pub mod packet;

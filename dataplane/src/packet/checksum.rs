@@ -1,0 +1,155 @@
+//! The Internet checksum (RFC 1071) and its incremental update (RFC 1624).
+//!
+//! Every checksum xlb writes on the forwarding path is updated with [`CsumDelta`]: the cost
+//! depends on the fields changed, never on the payload. Full sums exist for the IPv4 header
+//! check at parse time and for the rare frames whose L4 checksum was never finished by the
+//! sender (CHECKSUM_PARTIAL, see [`super::ChecksumState`]).
+
+/// Adds `data` to a running ones-complement sum of 16-bit big-endian words.
+///
+/// The accumulator is unfolded; call [`fold`] once at the end. Odd-length data is padded with
+/// a zero byte, as RFC 1071 section 4.1 does. Four bytes are added per step: a 32-bit word is
+/// congruent to the sum of its two 16-bit halves modulo 0xFFFF, so the folded result is the
+/// same as a word-by-word sum.
+#[must_use]
+pub fn add_bytes(mut acc: u64, data: &[u8]) -> u64 {
+    let mut chunks = data.chunks_exact(4);
+    for chunk in &mut chunks {
+        let mut word = [0; 4];
+        word.copy_from_slice(chunk);
+        acc += u64::from(u32::from_be_bytes(word));
+    }
+    let rest = chunks.remainder();
+    let mut tail = [0; 4];
+    tail[..rest.len()].copy_from_slice(rest);
+    acc + u64::from(u32::from_be_bytes(tail))
+}
+
+/// Folds an unfolded ones-complement sum to 16 bits with end-around carry.
+#[must_use]
+pub fn fold(mut acc: u64) -> u16 {
+    while acc > 0xFFFF {
+        acc = (acc & 0xFFFF) + (acc >> 16);
+    }
+    // The loop leaves at most 0xFFFF, so the conversion cannot fail.
+    u16::try_from(acc).unwrap_or(0xFFFF)
+}
+
+/// The checksum of `data` alone: the complement of its folded sum.
+#[must_use]
+pub fn checksum(data: &[u8]) -> u16 {
+    !fold(add_bytes(0, data))
+}
+
+/// The unfolded sum of the IPv4 pseudo-header (RFC 793 section 3.1, RFC 768).
+#[must_use]
+pub fn pseudo_header_v4(src: [u8; 4], dst: [u8; 4], proto: u8, l4_len: u16) -> u64 {
+    let acc = add_bytes(0, &src);
+    add_bytes(acc, &dst) + u64::from(proto) + u64::from(l4_len)
+}
+
+/// The unfolded sum of the IPv6 pseudo-header (RFC 8200 section 8.1).
+#[must_use]
+pub fn pseudo_header_v6(src: &[u8; 16], dst: &[u8; 16], next_header: u8, l4_len: u32) -> u64 {
+    let acc = add_bytes(0, src);
+    add_bytes(acc, dst) + u64::from(next_header) + u64::from(l4_len)
+}
+
+/// The accumulated difference between old and new field values, ready to be applied to any
+/// checksum that covers those fields (RFC 1624, equation 3: `HC' = ~(~HC + ~m + m')`).
+///
+/// Fields must sit at even offsets from the start of the checksummed data; every NAT field
+/// does (addresses, ports, identifiers and checksums of nested headers).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CsumDelta(u64);
+
+impl CsumDelta {
+    /// No change yet.
+    #[must_use]
+    pub const fn new() -> Self {
+        Self(0)
+    }
+
+    /// Records that a 16-bit word changed from `old` to `new`.
+    #[must_use]
+    pub fn swap16(self, old: u16, new: u16) -> Self {
+        Self(self.0 + u64::from(!old) + u64::from(new))
+    }
+
+    /// Records that the bytes `old` became `new`; both have the same, even length.
+    #[must_use]
+    pub fn swap(self, old: &[u8], new: &[u8]) -> Self {
+        let mut acc = self;
+        for (o, n) in old.chunks_exact(2).zip(new.chunks_exact(2)) {
+            acc = acc.swap16(
+                u16::from_be_bytes([o[0], o[1]]),
+                u16::from_be_bytes([n[0], n[1]]),
+            );
+        }
+        acc
+    }
+
+    /// Combines two deltas (for a checksum that covers the fields of both).
+    #[must_use]
+    pub fn merge(self, other: Self) -> Self {
+        Self(self.0 + other.0)
+    }
+
+    /// Applies the delta to a checksum field's value and returns the new value.
+    ///
+    /// The result of a real change is never 0xFFFF, exactly as for a full recomputation: the
+    /// folded sum of changed data is non-zero, so its complement is below 0xFFFF.
+    #[must_use]
+    pub fn apply(self, csum: u16) -> u16 {
+        !fold(u64::from(!csum) + self.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checksum_of_rfc1071_example_matches_the_rfc() {
+        // RFC 1071 section 3: the words 0001 f203 f4f5 f6f7 sum to ddf2 (folded).
+        let data = [0x00, 0x01, 0xf2, 0x03, 0xf4, 0xf5, 0xf6, 0xf7];
+        assert_eq!(fold(add_bytes(0, &data)), 0xddf2);
+        assert_eq!(checksum(&data), !0xddf2);
+    }
+
+    #[test]
+    fn odd_length_data_is_padded_with_a_zero_byte() {
+        assert_eq!(fold(add_bytes(0, &[0x12, 0x34, 0x56])), 0x1234 + 0x5600);
+    }
+
+    #[test]
+    fn data_with_its_checksum_sums_to_negative_zero() {
+        let mut data = [
+            0x45, 0x00, 0x00, 0x54, 0x12, 0x34, 0x40, 0x00, 0x40, 0x01, 0, 0,
+        ];
+        let csum = checksum(&data);
+        data[10..12].copy_from_slice(&csum.to_be_bytes());
+        assert_eq!(fold(add_bytes(0, &data)), 0xFFFF);
+    }
+
+    #[test]
+    fn delta_of_an_unchanged_word_leaves_the_checksum_alone() {
+        for csum in [0x0000, 0x1234, 0xFFFE] {
+            assert_eq!(CsumDelta::new().swap16(0xabcd, 0xabcd).apply(csum), csum);
+        }
+        // 0xFFFF and 0x0000 are the two ones-complement zeros: equivalent to every receiver.
+        assert_eq!(
+            CsumDelta::new().swap16(0xabcd, 0xabcd).apply(0xFFFF),
+            0x0000
+        );
+    }
+
+    #[test]
+    fn delta_matches_recomputation_for_a_changed_word() {
+        let mut data = [0x11, 0x22, 0x33, 0x44, 0x55, 0x66];
+        let before = checksum(&data);
+        data[2..4].copy_from_slice(&[0xde, 0xad]);
+        let after = CsumDelta::new().swap16(0x3344, 0xdead).apply(before);
+        assert_eq!(after, checksum(&data));
+    }
+}

@@ -1,0 +1,132 @@
+//! The flow key: what identifies a connection for the flow table and the Maglev hash.
+
+use core::fmt;
+use core::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use super::wire::{Family, IpProto};
+
+/// The five-tuple of a packet, in the direction the packet travels.
+///
+/// Addresses are stored as 16 bytes for both families (an IPv4 address fills the first four,
+/// the rest stay zero) so that the key has one layout, one size (38 bytes) and one hash
+/// routine. Ports are in host order. For ICMP echo request and reply, the echo identifier plays
+/// both ports, so that a request and its reply have mirrored keys like any other flow. For an
+/// ICMP error, the key is that of the embedded packet with source and destination swapped: the
+/// key of the flow the error travels along (see [`super::Class::IcmpError`]).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[repr(C)]
+pub struct FlowKey {
+    /// Source address (IPv4 in the first four bytes).
+    pub src_addr: [u8; 16],
+    /// Destination address (IPv4 in the first four bytes).
+    pub dst_addr: [u8; 16],
+    /// Source port, or the ICMP echo identifier.
+    pub src_port: u16,
+    /// Destination port, or the ICMP echo identifier.
+    pub dst_port: u16,
+    /// Transport protocol.
+    pub proto: IpProto,
+    /// Address family.
+    pub family: Family,
+}
+
+impl FlowKey {
+    /// The source address as a standard address.
+    #[must_use]
+    pub fn src_ip(&self) -> IpAddr {
+        to_ip(self.family, &self.src_addr)
+    }
+
+    /// The destination address as a standard address.
+    #[must_use]
+    pub fn dst_ip(&self) -> IpAddr {
+        to_ip(self.family, &self.dst_addr)
+    }
+
+    /// The key of the opposite direction of the same flow.
+    #[must_use]
+    pub fn reversed(&self) -> Self {
+        Self {
+            src_addr: self.dst_addr,
+            dst_addr: self.src_addr,
+            src_port: self.dst_port,
+            dst_port: self.src_port,
+            proto: self.proto,
+            family: self.family,
+        }
+    }
+}
+
+impl fmt::Debug for FlowKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} {} -> {}",
+            self.proto,
+            SocketFmt(self.src_ip(), self.src_port),
+            SocketFmt(self.dst_ip(), self.dst_port)
+        )
+    }
+}
+
+impl fmt::Display for FlowKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self, f)
+    }
+}
+
+/// Formats an address and port the way `SocketAddr` does, without building one.
+struct SocketFmt(IpAddr, u16);
+
+impl fmt::Display for SocketFmt {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            IpAddr::V4(a) => write!(f, "{a}:{}", self.1),
+            IpAddr::V6(a) => write!(f, "[{a}]:{}", self.1),
+        }
+    }
+}
+
+/// Stores an address in the key's 16-byte form.
+#[must_use]
+pub fn key_addr(addr: IpAddr) -> [u8; 16] {
+    match addr {
+        IpAddr::V4(a) => {
+            let mut out = [0; 16];
+            out[..4].copy_from_slice(&a.octets());
+            out
+        }
+        IpAddr::V6(a) => a.octets(),
+    }
+}
+
+fn to_ip(family: Family, bytes: &[u8; 16]) -> IpAddr {
+    match family {
+        Family::Ipv4 => IpAddr::V4(Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3])),
+        Family::Ipv6 => IpAddr::V6(Ipv6Addr::from(*bytes)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flow_key_is_compact() {
+        assert_eq!(core::mem::size_of::<FlowKey>(), 38);
+    }
+
+    #[test]
+    fn reversing_twice_gives_the_same_key() {
+        let key = FlowKey {
+            src_addr: key_addr("198.18.0.1".parse().unwrap()),
+            dst_addr: key_addr("198.18.64.1".parse().unwrap()),
+            src_port: 40000,
+            dst_port: 80,
+            proto: IpProto::TCP,
+            family: Family::Ipv4,
+        };
+        assert_eq!(key.reversed().reversed(), key);
+        assert_eq!(format!("{key}"), "tcp 198.18.0.1:40000 -> 198.18.64.1:80");
+    }
+}
