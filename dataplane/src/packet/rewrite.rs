@@ -243,8 +243,9 @@ fn translate_icmp_error(
     )?;
     message_delta = message_delta.merge(port_delta);
     let inner_csum = inner_l4 + l4_fields.checksum;
-    // A quote of only 8 transport bytes holds no TCP checksum; a UDP checksum of zero is
-    // "none" and stays so (the quote is truncated, so it cannot be computed anyway).
+    // A quote of only 8 transport bytes holds no TCP checksum, and one cut through it holds
+    // half, which stays as it is; a UDP checksum of zero is "none" and stays so (the quote is
+    // truncated, so it cannot be computed anyway).
     let quoted_csum = crate::packet::wire::be16(packet, inner_csum);
     if quoted_csum.is_some_and(|c| !(l4_fields.udp && c == 0)) {
         let delta = port_delta.merge(if l4_fields.pseudo_header {
