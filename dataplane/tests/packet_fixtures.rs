@@ -142,6 +142,23 @@ impl Case {
 }
 
 fn run_table(cases: &[Case]) {
+    // `XLB_FIXTURE_CORPUS_DIR` collects every input as a seed for the fuzz target, with 18
+    // bytes appended for its rewrite choice.
+    if let Some(dir) = std::env::var_os("XLB_FIXTURE_CORPUS_DIR") {
+        std::fs::create_dir_all(&dir).unwrap();
+        for c in cases {
+            let mut seed = c.input.clone();
+            seed.extend_from_slice(&[
+                198, 18, 128, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x1f, 0x90,
+            ]);
+            let name: String = c
+                .name
+                .chars()
+                .map(|ch| if ch.is_ascii_alphanumeric() { ch } else { '_' })
+                .collect();
+            std::fs::write(std::path::Path::new(&dir).join(name), seed).unwrap();
+        }
+    }
     let failures: Vec<String> = cases
         .iter()
         .filter_map(|c| c.run().err().map(|e| format!("case '{}': {e}", c.name)))

