@@ -14,40 +14,24 @@ use xlb_dataplane::packet::{key_addr, Family, FlowKey, IpProto};
 pub fn etherparse_key(frame: &[u8]) -> Option<FlowKey> {
     use etherparse::{NetSlice, SlicedPacket, TransportSlice};
     let sliced = SlicedPacket::from_ethernet(frame).ok()?;
-    let mut key = match sliced.net? {
+    let (family, src, dst) = match sliced.net? {
         NetSlice::Ipv4(ip) => {
             let h = ip.header();
-            FlowKey {
-                src_addr: key_addr(h.source_addr().into()),
-                dst_addr: key_addr(h.destination_addr().into()),
-                family: Family::Ipv4,
-                ..FlowKey::default()
-            }
+            let src = key_addr(h.source_addr().into());
+            (Family::Ipv4, src, key_addr(h.destination_addr().into()))
         }
         NetSlice::Ipv6(ip) => {
             let h = ip.header();
-            FlowKey {
-                src_addr: h.source(),
-                dst_addr: h.destination(),
-                family: Family::Ipv6,
-                ..FlowKey::default()
-            }
+            (Family::Ipv6, h.source(), h.destination())
         }
         _ => return None,
     };
-    match sliced.transport? {
-        TransportSlice::Tcp(tcp) => {
-            key.proto = IpProto::TCP;
-            key.src_port = tcp.source_port();
-            key.dst_port = tcp.destination_port();
-        }
-        TransportSlice::Udp(udp) => {
-            key.proto = IpProto::UDP;
-            key.src_port = udp.source_port();
-            key.dst_port = udp.destination_port();
-        }
+    let (proto, src_port, dst_port) = match sliced.transport? {
+        TransportSlice::Tcp(tcp) => (IpProto::TCP, tcp.source_port(), tcp.destination_port()),
+        TransportSlice::Udp(udp) => (IpProto::UDP, udp.source_port(), udp.destination_port()),
         _ => return None,
-    }
+    };
+    let key = FlowKey::new(family, proto, (src, src_port), (dst, dst_port));
     Some(key)
 }
 

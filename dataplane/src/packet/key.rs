@@ -28,6 +28,10 @@ pub struct FlowKey {
     pub proto: IpProto,
     /// Address family.
     pub family: Family,
+    /// Always zero. Makes every byte of the key a field, so the key is copied and compared
+    /// as five aligned words; without it, copies ended in an overlapping unaligned load that
+    /// stalled on the narrow stores of the ports (measured with perf on `make bench`).
+    reserved: u16,
 }
 
 impl FlowKey {
@@ -53,6 +57,26 @@ impl FlowKey {
             dst_port: self.src_port,
             proto: self.proto,
             family: self.family,
+            reserved: 0,
+        }
+    }
+
+    /// A key from its parts.
+    #[must_use]
+    pub const fn new(
+        family: Family,
+        proto: IpProto,
+        src: ([u8; 16], u16),
+        dst: ([u8; 16], u16),
+    ) -> Self {
+        Self {
+            src_addr: src.0,
+            dst_addr: dst.0,
+            src_port: src.1,
+            dst_port: dst.1,
+            proto,
+            family,
+            reserved: 0,
         }
     }
 }
@@ -118,14 +142,12 @@ mod tests {
 
     #[test]
     fn reversing_twice_gives_the_same_key() {
-        let key = FlowKey {
-            src_addr: key_addr("198.18.0.1".parse().unwrap()),
-            dst_addr: key_addr("198.18.64.1".parse().unwrap()),
-            src_port: 40000,
-            dst_port: 80,
-            proto: IpProto::TCP,
-            family: Family::Ipv4,
-        };
+        let key = FlowKey::new(
+            Family::Ipv4,
+            IpProto::TCP,
+            (key_addr("198.18.0.1".parse().unwrap()), 40000),
+            (key_addr("198.18.64.1".parse().unwrap()), 80),
+        );
         assert_eq!(key.reversed().reversed(), key);
         assert_eq!(format!("{key}"), "tcp 198.18.0.1:40000 -> 198.18.64.1:80");
     }

@@ -373,14 +373,12 @@ impl Layout {
     #[inline(always)]
     fn parsed(&self, class: Class, t: Transport, checksum: ChecksumState) -> Parsed {
         Parsed {
-            key: FlowKey {
-                src_addr: self.src,
-                dst_addr: self.dst,
-                src_port: t.src_port,
-                dst_port: t.dst_port,
-                proto: self.proto,
-                family: self.family,
-            },
+            key: FlowKey::new(
+                self.family,
+                self.proto,
+                (self.src, t.src_port),
+                (self.dst, t.dst_port),
+            ),
             class,
             l3_offset: offset(self.l3),
             l4_offset: offset(self.l4),
@@ -608,14 +606,12 @@ fn icmp(parsed: &mut Parsed, family: Family, segment: &[u8], l4: usize) -> Resul
     let inner_l3 = l4 + ICMP_HEADER_LEN;
     match quoted_packet(family, quote)? {
         Some(q) => {
-            parsed.key = FlowKey {
-                src_addr: q.dst_addr,
-                dst_addr: q.src_addr,
-                src_port: q.dst_port,
-                dst_port: q.src_port,
-                proto: q.proto,
+            parsed.key = FlowKey::new(
                 family,
-            };
+                q.proto,
+                (q.dst_addr, q.dst_port),
+                (q.src_addr, q.src_port),
+            );
             parsed.class = Class::IcmpError(IcmpError {
                 kind,
                 inner_l3_offset: offset(inner_l3),
