@@ -201,9 +201,13 @@ impl DropReason {
 
 /// Parses a frame from its Ethernet header down to its transport header.
 ///
+/// Always inlined: called through a function boundary, the 64-byte result was written field
+/// by field and read back whole, and the stalled store forwarding doubled the cost
+/// (`make bench`, parse tcp4: 19.8 ns called, 9.2 ns inlined).
+///
 /// # Errors
 /// A [`DropReason`] when the frame is malformed in a way no host would accept.
-#[inline]
+#[inline(always)]
 pub fn parse(frame: &[u8]) -> Result<Parsed, DropReason> {
     let frame = frame.get(..MAX_FRAME_LEN).unwrap_or(frame);
     let eth = frame
