@@ -6,7 +6,55 @@
 //! [`etherparse_key`] is the contender the hand-written parser was measured against: the
 //! same flow key, extracted with etherparse's header walk.
 
-use xlb_dataplane::packet::{key_addr, Family, FlowKey, IpProto};
+use std::net::IpAddr;
+
+use xlb_dataplane::packet::builder::pkt;
+use xlb_dataplane::packet::{key_addr, Endpoint, Family, FlowKey, IpProto};
+
+/// The frame kinds every packet benchmark covers.
+pub const KINDS: [&str; 4] = ["tcp4", "udp4", "tcp6", "udp6"];
+
+/// Frames per batch, as a worker receives them.
+pub const BATCH: usize = 64;
+
+/// A batch of minimum-size frames of one kind (see [`KINDS`]) from a client to a VIP, with
+/// distinct source ports: 64 bytes, or the 74-byte minimum of IPv6 TCP.
+#[must_use]
+pub fn frames(kind: &str) -> Vec<Vec<u8>> {
+    let (c4, v4) = ([198, 18, 0, 1].into(), [198, 18, 64, 1].into());
+    let c6 = "2001:2::1"
+        .parse()
+        .unwrap_or(core::net::Ipv6Addr::LOCALHOST);
+    let v6 = "2001:2::40:1"
+        .parse()
+        .unwrap_or(core::net::Ipv6Addr::LOCALHOST);
+    (0..BATCH)
+        .map(|i| {
+            let sport = 40000 + u16::try_from(i).unwrap_or(0);
+            let b = match kind {
+                "tcp4" => pkt().ipv4(c4, v4).tcp(sport, 80).ack(),
+                "udp4" => pkt().ipv4(c4, v4).udp(sport, 53),
+                "tcp6" => pkt().ipv6(c6, v6).tcp(sport, 80).ack(),
+                _ => pkt().ipv6(c6, v6).udp(sport, 53),
+            };
+            b.pad_to(64).build()
+        })
+        .collect()
+}
+
+/// Two backends (port 8080) of the kind's family, to DNAT to in turn.
+#[must_use]
+pub fn backends(kind: &str) -> [Endpoint; 2] {
+    let addrs: [IpAddr; 2] = if kind.ends_with('4') {
+        [[198, 18, 128, 2].into(), [198, 18, 128, 3].into()]
+    } else {
+        [
+            core::net::Ipv6Addr::new(0x2001, 2, 0, 0x80, 0, 0, 0, 2).into(),
+            core::net::Ipv6Addr::new(0x2001, 2, 0, 0x80, 0, 0, 0, 3).into(),
+        ]
+    };
+    addrs.map(|a| Endpoint::new(a, 8080))
+}
 
 /// The flow key of a TCP or UDP frame, walked with etherparse's `SlicedPacket`; `None` for
 /// anything else or anything etherparse rejects.
@@ -38,7 +86,6 @@ pub fn etherparse_key(frame: &[u8]) -> Option<FlowKey> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use xlb_dataplane::packet::builder::pkt;
     use xlb_dataplane::packet::parse;
 
     #[test]

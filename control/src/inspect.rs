@@ -4,7 +4,9 @@
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 
-use xlb_dataplane::packet::{parse, set_destination, set_ethernet, set_source, Layers, MacAddr};
+use xlb_dataplane::packet::{
+    parse, set_destination, set_ethernet, set_source, Endpoint, Layers, MacAddr,
+};
 
 /// An error in the user's input, phrased for the user.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -105,11 +107,11 @@ pub fn rewrite(frame: &[u8], rewrites: &Rewrites) -> Result<Vec<u8>, InputError>
     let mut parsed = parse(frame).map_err(|r| InputError(format!("frame dropped: {r:?}")))?;
     let refused = |what: &str, e| InputError(format!("{what} refused: {e:?}"));
     if let Some(dst) = rewrites.dst {
-        set_destination(&mut out, &mut parsed, dst.ip(), dst.port())
+        set_destination(&mut out, &mut parsed, &Endpoint::from(dst))
             .map_err(|e| refused("destination rewrite", e))?;
     }
     if let Some(src) = rewrites.src {
-        set_source(&mut out, &mut parsed, src.ip(), src.port())
+        set_source(&mut out, &mut parsed, &Endpoint::from(src))
             .map_err(|e| refused("source rewrite", e))?;
     }
     if let Some((src, dst)) = rewrites.eth {

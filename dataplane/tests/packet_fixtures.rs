@@ -12,7 +12,7 @@ use std::net::IpAddr;
 use common::*;
 use xlb_dataplane::packet::builder::{pkt, L4Checksum, PacketBuilder};
 use xlb_dataplane::packet::{
-    parse, set_destination, set_ethernet, set_source, ChecksumState, Class, DropReason,
+    parse, set_destination, set_ethernet, set_source, ChecksumState, Class, DropReason, Endpoint,
     IcmpErrorKind, IpProto, MacAddr, PassReason, MAX_IPV6_EXTENSION_HEADERS,
 };
 
@@ -114,8 +114,10 @@ impl Case {
                 let mut frame = self.input.clone();
                 for op in &self.ops {
                     let result = match *op {
-                        Op::Dst(a, port) => set_destination(&mut frame, &mut p, a, port),
-                        Op::Src(a, port) => set_source(&mut frame, &mut p, a, port),
+                        Op::Dst(a, port) => {
+                            set_destination(&mut frame, &mut p, &Endpoint::new(a, port))
+                        }
+                        Op::Src(a, port) => set_source(&mut frame, &mut p, &Endpoint::new(a, port)),
                         Op::Eth(s, d) => set_ethernet(&mut frame, s, d),
                     };
                     result.map_err(|e| format!("{op:?} refused: {e:?}"))?;
@@ -964,7 +966,7 @@ fn icmp_error_key_is_the_quoted_flow_reversed() {
 fn rewriting_a_packet_passed_to_the_kernel_is_refused() {
     let mut frame = pkt().ethertype(0x0806).payload(&[0; 28]).build();
     let mut p = parse(&frame).unwrap();
-    let err = set_destination(&mut frame, &mut p, BACKEND.into(), 1).unwrap_err();
+    let err = set_destination(&mut frame, &mut p, &Endpoint::new(BACKEND.into(), 1)).unwrap_err();
     assert_eq!(err, xlb_dataplane::packet::RewriteError::NotTranslatable);
 }
 
@@ -973,7 +975,7 @@ fn rewriting_with_an_address_of_the_other_family_is_refused() {
     let mut frame = tcp_client_to_vip().build();
     let before = frame.clone();
     let mut p = parse(&frame).unwrap();
-    let err = set_destination(&mut frame, &mut p, BACKEND6.into(), 1).unwrap_err();
+    let err = set_destination(&mut frame, &mut p, &Endpoint::new(BACKEND6.into(), 1)).unwrap_err();
     assert_eq!(err, xlb_dataplane::packet::RewriteError::FamilyMismatch);
     assert_eq!(frame, before);
 }
@@ -983,6 +985,6 @@ fn a_rewrite_of_a_shorter_frame_than_parsed_is_refused_not_a_panic() {
     let frame = tcp_client_to_vip().build();
     let mut p = parse(&frame).unwrap();
     let mut short = frame[..30].to_vec();
-    let err = set_destination(&mut short, &mut p, BACKEND.into(), 1).unwrap_err();
+    let err = set_destination(&mut short, &mut p, &Endpoint::new(BACKEND.into(), 1)).unwrap_err();
     assert_eq!(err, xlb_dataplane::packet::RewriteError::FrameMismatch);
 }

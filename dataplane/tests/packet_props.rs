@@ -8,7 +8,9 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use common::{equal_up_to_checksum_zero, layer_diff};
 use proptest::prelude::*;
 use xlb_dataplane::packet::builder::{pkt, L4Checksum, PacketBuilder};
-use xlb_dataplane::packet::{parse, set_destination, set_source, Class, IpProto, Layers, TcpFlags};
+use xlb_dataplane::packet::{
+    parse, set_destination, set_source, Class, Endpoint, IpProto, Layers, TcpFlags,
+};
 
 /// A random, valid packet.
 #[derive(Clone, Debug)]
@@ -254,10 +256,10 @@ proptest! {
         let mut frame = input.clone();
         let mut p = parse(&frame).unwrap();
         if which != 1 {
-            set_destination(&mut frame, &mut p, dst, new_dport).unwrap();
+            set_destination(&mut frame, &mut p, &Endpoint::new(dst, new_dport)).unwrap();
         }
         if which >= 1 {
-            set_source(&mut frame, &mut p, src, new_sport).unwrap();
+            set_source(&mut frame, &mut p, &Endpoint::new(src, new_sport)).unwrap();
         }
         prop_assert!(!Layers(&frame).to_string().contains("BAD"), "{}", Layers(&frame));
         prop_assert!(
@@ -315,9 +317,9 @@ proptest! {
         let mut p = parse(&frame).unwrap();
         prop_assert!(matches!(p.class, Class::IcmpError(_)), "{:?}", p.class);
         if source_side {
-            set_source(&mut frame, &mut p, new, new_port).unwrap();
+            set_source(&mut frame, &mut p, &Endpoint::new(new, new_port)).unwrap();
         } else {
-            set_destination(&mut frame, &mut p, new, new_port).unwrap();
+            set_destination(&mut frame, &mut p, &Endpoint::new(new, new_port)).unwrap();
         }
         prop_assert!(
             equal_up_to_checksum_zero(&frame, &expected),
@@ -342,9 +344,13 @@ fn exercise(bytes: &[u8], a: u128, port: u16) {
         let v6 = p.key.family == xlb_dataplane::packet::Family::Ipv6;
         let mut frame = bytes.to_vec();
         let mut q = p;
-        let _ = set_destination(&mut frame, &mut q, addr(v6, a), port);
-        let _ = set_source(&mut frame, &mut q, addr(v6, a.rotate_left(7)), port);
-        let _ = set_destination(&mut frame, &mut q, addr(!v6, a), port);
+        let _ = set_destination(&mut frame, &mut q, &Endpoint::new(addr(v6, a), port));
+        let _ = set_source(
+            &mut frame,
+            &mut q,
+            &Endpoint::new(addr(v6, a.rotate_left(7)), port),
+        );
+        let _ = set_destination(&mut frame, &mut q, &Endpoint::new(addr(!v6, a), port));
         let _ = Layers(&frame).to_string();
     }
 }

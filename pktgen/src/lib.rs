@@ -10,7 +10,7 @@
 
 use std::net::IpAddr;
 
-use xlb_dataplane::packet::{parse, set_source, DropReason, Parsed, RewriteError};
+use xlb_dataplane::packet::{parse, set_source, DropReason, Endpoint, Parsed, RewriteError};
 
 /// Which flows a stream cycles through: `sources` consecutive source addresses times
 /// `ports` consecutive source ports, starting at the template's own.
@@ -71,8 +71,12 @@ impl Stream {
         };
         // Prove once that the template can be rewritten, so `next_into` cannot fail.
         let mut probe = stream.template.clone();
-        set_source(&mut probe, &mut stream.parsed.clone(), base_addr, base_port)
-            .map_err(StreamError::NotTranslatable)?;
+        set_source(
+            &mut probe,
+            &mut stream.parsed.clone(),
+            &Endpoint::new(base_addr, base_port),
+        )
+        .map_err(StreamError::NotTranslatable)?;
         Ok(stream)
     }
 
@@ -101,13 +105,8 @@ impl Stream {
         };
         let mut parsed = self.parsed;
         // `new` proved the template rewritable and the range in bounds.
-        set_source(
-            frame,
-            &mut parsed,
-            addr,
-            self.base_port.wrapping_add(port_step),
-        )
-        .ok()?;
+        let to = Endpoint::new(addr, self.base_port.wrapping_add(port_step));
+        set_source(frame, &mut parsed, &to).ok()?;
         Some(frame.len())
     }
 }

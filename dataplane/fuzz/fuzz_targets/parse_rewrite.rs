@@ -9,7 +9,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use libfuzzer_sys::fuzz_target;
 use xlb_dataplane::packet::{
-    parse, set_destination, set_ethernet, set_source, Family, Layers, MacAddr,
+    parse, set_destination, set_ethernet, set_source, Endpoint, Family, Layers, MacAddr,
 };
 
 fuzz_target!(|data: &[u8]| {
@@ -33,9 +33,9 @@ fuzz_target!(|data: &[u8]| {
     };
     let port = u16::from_be_bytes([choice[16], choice[17]]);
     let ok = if choice[17] & 1 == 0 {
-        set_destination(&mut out, &mut parsed, addr, port)
+        set_destination(&mut out, &mut parsed, &Endpoint::new(addr, port))
     } else {
-        set_source(&mut out, &mut parsed, addr, port)
+        set_source(&mut out, &mut parsed, &Endpoint::new(addr, port))
     };
     let _ = set_ethernet(&mut out, MacAddr([2; 6]), MacAddr([4; 6]));
     let after = Layers(&out).to_string();

@@ -99,6 +99,74 @@ impl fmt::Display for FlowKey {
     }
 }
 
+/// An address and port to rewrite a packet to, kept in the flow key's form so that the
+/// rewrite copies it without conversion (and a snapshot can store backends this way).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[repr(C, align(8))]
+pub struct Endpoint {
+    addr: [u8; 16],
+    port: u16,
+    family: Family,
+}
+
+impl Endpoint {
+    /// An endpoint from an address and a port.
+    #[must_use]
+    pub fn new(addr: IpAddr, port: u16) -> Self {
+        let family = match addr {
+            IpAddr::V4(_) => Family::Ipv4,
+            IpAddr::V6(_) => Family::Ipv6,
+        };
+        Self {
+            addr: key_addr(addr),
+            port,
+            family,
+        }
+    }
+
+    /// The address in the flow key's 16-byte form.
+    #[must_use]
+    pub const fn key_addr(&self) -> &[u8; 16] {
+        &self.addr
+    }
+
+    /// The address.
+    #[must_use]
+    pub fn ip(&self) -> IpAddr {
+        to_ip(self.family, &self.addr)
+    }
+
+    /// The port (or ICMP echo identifier).
+    #[must_use]
+    pub const fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The address family.
+    #[must_use]
+    pub const fn family(&self) -> Family {
+        self.family
+    }
+}
+
+impl From<core::net::SocketAddr> for Endpoint {
+    fn from(s: core::net::SocketAddr) -> Self {
+        Self::new(s.ip(), s.port())
+    }
+}
+
+impl fmt::Debug for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", SocketFmt(self.ip(), self.port))
+    }
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self, f)
+    }
+}
+
 /// Formats an address and port the way `SocketAddr` does, without building one.
 struct SocketFmt(IpAddr, u16);
 

@@ -27,7 +27,7 @@ pub mod builder;
 
 pub use checksum::{add_bytes, checksum, fold, pseudo_header_v4, pseudo_header_v6, CsumDelta};
 pub use describe::Layers;
-pub use key::{key_addr, FlowKey};
+pub use key::{key_addr, Endpoint, FlowKey};
 pub use parse::{
     parse, ChecksumState, Class, DropReason, Fragment, IcmpError, IcmpErrorKind, Parsed,
     PassReason, MAX_FRAME_LEN, MAX_IPV6_EXTENSION_HEADERS,

@@ -20,9 +20,8 @@
 //!   port unreachable from a backend); an error from a router on the path keeps the router's
 //!   address, so path-MTU discovery still sees who sent it.
 
-use core::net::IpAddr;
-
 use super::checksum::{add_bytes, fold, pseudo_header_v4, pseudo_header_v6, CsumDelta};
+use super::key::Endpoint;
 use super::parse::{icmp_proto, ChecksumState, Class, IcmpError, Parsed};
 use super::wire::{Family, IpProto, MacAddr};
 
@@ -63,13 +62,13 @@ impl Side {
 ///
 /// # Errors
 /// See [`RewriteError`].
+#[inline(always)]
 pub fn set_destination(
     frame: &mut [u8],
     parsed: &mut Parsed,
-    addr: IpAddr,
-    port: u16,
+    to: &Endpoint,
 ) -> Result<(), RewriteError> {
-    rewrite(frame, parsed, Side::Destination, addr, port)
+    rewrite(frame, parsed, Side::Destination, to)
 }
 
 /// Rewrites the source address and port (SNAT), or the quoted destination of an ICMP error.
@@ -77,13 +76,13 @@ pub fn set_destination(
 ///
 /// # Errors
 /// See [`RewriteError`].
+#[inline(always)]
 pub fn set_source(
     frame: &mut [u8],
     parsed: &mut Parsed,
-    addr: IpAddr,
-    port: u16,
+    to: &Endpoint,
 ) -> Result<(), RewriteError> {
-    rewrite(frame, parsed, Side::Source, addr, port)
+    rewrite(frame, parsed, Side::Source, to)
 }
 
 /// Rewrites the Ethernet source and destination addresses.
@@ -99,17 +98,22 @@ pub fn set_ethernet(frame: &mut [u8], src: MacAddr, dst: MacAddr) -> Result<(), 
     Ok(())
 }
 
+#[inline(always)]
 fn rewrite(
     frame: &mut [u8],
     parsed: &mut Parsed,
     side: Side,
-    addr: IpAddr,
-    port: u16,
+    to: &Endpoint,
 ) -> Result<(), RewriteError> {
     // Fixed-size addresses from here on: slices of run-time length cost a memcpy call each.
-    match (parsed.key.family, addr) {
-        (Family::Ipv4, IpAddr::V4(a)) => rewrite_as(frame, parsed, side, &a.octets(), port),
-        (Family::Ipv6, IpAddr::V6(a)) => rewrite_as(frame, parsed, side, &a.octets(), port),
+    match (parsed.key.family, to.family()) {
+        (Family::Ipv4, Family::Ipv4) => {
+            let Some(v4) = to.key_addr().first_chunk::<4>() else {
+                return Err(RewriteError::FamilyMismatch);
+            };
+            rewrite_as(frame, parsed, side, v4, to)
+        }
+        (Family::Ipv6, Family::Ipv6) => rewrite_as(frame, parsed, side, to.key_addr(), to),
         _ => Err(RewriteError::FamilyMismatch),
     }
 }
@@ -120,8 +124,9 @@ fn rewrite_as<const N: usize>(
     parsed: &mut Parsed,
     side: Side,
     new_addr: &[u8; N],
-    port: u16,
+    to: &Endpoint,
 ) -> Result<(), RewriteError> {
+    let port = to.port();
     if let Class::NotForUs(_) = parsed.class {
         return Err(RewriteError::NotTranslatable);
     }
@@ -150,13 +155,11 @@ fn rewrite_as<const N: usize>(
 
     let is_echo = parsed.key.proto == icmp_proto(family);
     let fragment_tail = matches!(parsed.class, Class::Fragment(f) if !f.first);
-    let mut key_form = [0; 16];
-    key_form[..N].copy_from_slice(new_addr);
     let (key_addr, key_port) = match side {
         Side::Source => (&mut parsed.key.src_addr, &mut parsed.key.src_port),
         Side::Destination => (&mut parsed.key.dst_addr, &mut parsed.key.dst_port),
     };
-    *key_addr = key_form;
+    *key_addr = *to.key_addr();
     if !fragment_tail {
         *key_port = port;
     }
@@ -361,6 +364,7 @@ impl IpFields {
     }
 
     /// Applies `delta` to the IPv4 header checksum; IPv6 has none.
+    #[inline(always)]
     fn update_header_checksum(
         self,
         packet: &mut [u8],
@@ -445,6 +449,7 @@ fn write16(buf: &mut [u8], off: usize, value: u16) -> Result<(), RewriteError> {
 
 /// Applies `delta` to the checksum at `off`; returns the delta of the checksum field itself,
 /// for a checksum that encloses this one (an ICMP error's, around a quoted packet).
+#[inline(always)]
 fn update_checksum(
     buf: &mut [u8],
     off: usize,
