@@ -31,13 +31,28 @@ pub fn add_bytes(mut acc: u64, data: &[u8]) -> u64 {
 #[must_use]
 #[inline(always)]
 pub fn fold(acc: u64) -> u16 {
-    // Branchless: 64 -> 33 -> 17 -> 16 bits plus a carry that the last step absorbs.
-    let acc = (acc & 0xFFFF_FFFF) + (acc >> 32);
+    // 64 -> 32 bits with end-around carry, then 32 -> 17 -> 16 bits: a carry out of the
+    // second step is added back by the third, which cannot carry again.
+    let (low, carry) = low32(acc).overflowing_add(high32(acc));
+    let acc = low + u32::from(carry);
     let acc = (acc & 0xFFFF) + (acc >> 16);
-    let acc = (acc & 0xFFFF) + (acc >> 16);
-    let acc = (acc & 0xFFFF) + (acc >> 16);
-    // Four steps leave at most 0xFFFF, so the conversion cannot fail.
-    u16::try_from(acc).unwrap_or(0xFFFF)
+    let acc = acc + (acc >> 16);
+    low16(acc)
+}
+
+#[inline(always)]
+fn low32(x: u64) -> u32 {
+    u32::try_from(x & 0xFFFF_FFFF).unwrap_or(0)
+}
+
+#[inline(always)]
+fn high32(x: u64) -> u32 {
+    u32::try_from(x >> 32).unwrap_or(0)
+}
+
+#[inline(always)]
+fn low16(x: u32) -> u16 {
+    u16::try_from(x & 0xFFFF).unwrap_or(0)
 }
 
 /// The checksum of `data` alone: the complement of its folded sum.
@@ -48,13 +63,17 @@ pub fn checksum(data: &[u8]) -> u16 {
 
 /// The unfolded sum of the IPv4 pseudo-header (RFC 793 section 3.1, RFC 768).
 #[must_use]
+#[inline(always)]
 pub fn pseudo_header_v4(src: [u8; 4], dst: [u8; 4], proto: u8, l4_len: u16) -> u64 {
-    let acc = add_bytes(0, &src);
-    add_bytes(acc, &dst) + u64::from(proto) + u64::from(l4_len)
+    u64::from(u32::from_be_bytes(src))
+        + u64::from(u32::from_be_bytes(dst))
+        + u64::from(proto)
+        + u64::from(l4_len)
 }
 
 /// The unfolded sum of the IPv6 pseudo-header (RFC 8200 section 8.1).
 #[must_use]
+#[inline(always)]
 pub fn pseudo_header_v6(src: &[u8; 16], dst: &[u8; 16], next_header: u8, l4_len: u32) -> u64 {
     let acc = add_bytes(0, src);
     add_bytes(acc, dst) + u64::from(next_header) + u64::from(l4_len)
@@ -147,6 +166,28 @@ mod tests {
         let data = [0x00, 0x01, 0xf2, 0x03, 0xf4, 0xf5, 0xf6, 0xf7];
         assert_eq!(fold(add_bytes(0, &data)), 0xddf2);
         assert_eq!(checksum(&data), !0xddf2);
+    }
+
+    #[test]
+    fn fold_handles_carries_at_every_step() {
+        for (acc, want) in [
+            (0, 0),
+            (0xFFFF, 0xFFFF),
+            (0x1_0000, 1),
+            (0x1_FFFE, 0xFFFF),
+            (0xFFFF_FFFF, 0xFFFF),
+            (0x1_0000_0000, 1),
+            (u64::MAX, 0xFFFF),
+            (0xFFFF_FFFF_0000_0001, 1),
+        ] {
+            // Reference: repeated end-around folding.
+            let mut slow = acc;
+            while slow > 0xFFFF {
+                slow = (slow & 0xFFFF) + (slow >> 16);
+            }
+            assert_eq!(u64::from(fold(acc)), slow, "{acc:#x}");
+            assert_eq!(fold(acc), want, "{acc:#x}");
+        }
     }
 
     #[test]
