@@ -57,5 +57,8 @@ test: lint
 	$(CARGO) check -p xlb-dataplane
 	$(CARGO) test --workspace
 
+# Criterion stages, then their medians per packet; bench/callgrind.sh gives instruction counts
+# that do not depend on how busy the machine is.
 bench: deps toolchain
 	$(CARGO) bench -p xlb-bench
+	$(CARGO) run -q --release -p xlb-bench --bin bench-summary
