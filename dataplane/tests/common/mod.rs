@@ -2,9 +2,12 @@
 
 #![allow(dead_code, reason = "each test binary uses a different subset")]
 
+pub(crate) mod fixture;
+
 use std::fmt::Write as _;
 use std::net::{Ipv4Addr, Ipv6Addr};
 
+use xlb_dataplane::packet::builder::{pkt, PacketBuilder};
 use xlb_dataplane::packet::{Layers, MacAddr};
 
 pub(crate) const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
@@ -22,6 +25,11 @@ pub(crate) const CLIENT_MAC: MacAddr = MacAddr([2, 0, 0, 0, 0, 1]);
 pub(crate) const NODE_MAC: MacAddr = MacAddr([2, 0, 0, 0, 0, 2]);
 pub(crate) const NODE_OUT_MAC: MacAddr = MacAddr([2, 0, 0, 0, 1, 2]);
 pub(crate) const BACKEND_MAC: MacAddr = MacAddr([2, 0, 0, 0, 2, 2]);
+
+/// The frame most fixtures start from: a client's TCP SYN to the VIP.
+pub(crate) fn tcp_client_to_vip() -> PacketBuilder {
+    pkt().ipv4(CLIENT, VIP).tcp(40000, 80).syn()
+}
 
 /// A per-layer diff of two frames: equal lines are indented, differing ones marked - and +.
 pub(crate) fn layer_diff(expected: &[u8], actual: &[u8]) -> String {
