@@ -4,6 +4,8 @@
 //! depends on none of them and never on Kubernetes, YAML or an async runtime.
 //!
 //! Modules:
+//! * [`lb`]: the policy layer — Maglev tables and the versioned hashes behind them. Pure
+//!   code, no kernel, no unsafe.
 //! * [`packet`]: the wire layer — checked views over frame bytes, the flow key, and in-place NAT
 //!   rewrite primitives with RFC 1624 incremental checksums. No unsafe, no allocation, no
 //!   sockets, threads or time.
@@ -13,4 +15,5 @@
 
 #![forbid(unsafe_code)]
 
+pub mod lb;
 pub mod packet;
