@@ -2,7 +2,8 @@
 //!
 //! Layer: above `xlb-dataplane`, which it drives; it never touches packet bytes on the
 //! forwarding path. Today it holds the offline frame tools behind `xlb decode` and
-//! `xlb rewrite` ([`inspect`]); the sources (Kubernetes, file), the translation to snapshots
+//! `xlb rewrite` ([`inspect`]) and the Maglev capacity report behind `xlb maglev`
+//! ([`maglev_report`]); the sources (Kubernetes, file), the translation to snapshots
 //! and the admin API arrive with the end-to-end and Kubernetes issues.
 //!
 //! Panic contract: bad input of any kind (a malformed frame, a bad argument) is an error
@@ -11,3 +12,4 @@
 #![forbid(unsafe_code)]
 
 pub mod inspect;
+pub mod maglev_report;

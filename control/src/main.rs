@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use xlb_control::inspect::{self, InputError, Rewrites};
+use xlb_control::maglev_report;
 
 /// xlb: a packet-level load balancer for Kubernetes Service VIPs.
 #[derive(Parser)]
@@ -38,6 +39,29 @@ enum Command {
         eth_dst: Option<String>,
         /// The frame in hex; '-' or nothing reads it from standard input.
         hex: Vec<String>,
+    },
+    /// Show each backend's share of a Maglev table and, with --remove, how many flows move.
+    Maglev {
+        /// The backends, comma-separated ADDR:PORT.
+        #[arg(
+            long,
+            value_delimiter = ',',
+            required = true,
+            value_name = "ADDR:PORT,..."
+        )]
+        backends: Vec<SocketAddr>,
+        /// Their weights, comma-separated, in the same order (default: all 1).
+        #[arg(long, value_delimiter = ',', value_name = "W,...")]
+        weights: Vec<u32>,
+        /// The table size: a prime from 251 to 131071 (default: chosen from the backend count).
+        #[arg(long, value_name = "M")]
+        table_size: Option<u32>,
+        /// A backend to remove, to see the fraction of flows that would move.
+        #[arg(long, value_name = "ADDR:PORT")]
+        remove: Option<SocketAddr>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -73,6 +97,26 @@ fn run(cli: Cli) -> Result<(), InputError> {
             println!("before:\n{}\n", indent(&inspect::decode(&frame)));
             println!("after:\n{}\n", indent(&inspect::decode(&out)));
             println!("{}", inspect::to_hex(&out));
+        }
+        Command::Maglev {
+            backends,
+            weights,
+            table_size,
+            remove,
+            json,
+        } => {
+            let request = maglev_report::Request {
+                backends,
+                weights,
+                table_size,
+                remove,
+            };
+            let report = maglev_report::report(&request)?;
+            if json {
+                println!("{}", report.to_json());
+            } else {
+                print!("{}", report.to_text());
+            }
         }
     }
     Ok(())

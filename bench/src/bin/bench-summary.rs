@@ -1,4 +1,5 @@
-//! Prints the packet benchmarks' medians as ns per packet and Mpps, from criterion's output
+//! Prints the benchmarks' medians — per packet (ns and Mpps) where a benchmark declares
+//! packets per iteration, per iteration otherwise —, from criterion's output
 //! (`target/criterion/<group>/<bench>/new/estimates.json`); `make bench` runs it last.
 //!
 //! Criterion times one iteration, a batch of frames; the batch size is the element count each
@@ -20,17 +21,33 @@ fn main() -> ExitCode {
         );
         return ExitCode::FAILURE;
     }
-    rows.sort_by(|a, b| a.0.cmp(&b.0));
+    rows.sort_by(|a, b| a.name.cmp(&b.name));
     println!("| benchmark | median ns/packet | Mpps |");
     println!("|---|---|---|");
-    for (name, ns) in rows {
-        println!("| {name} | {ns:.1} | {:.1} |", 1000.0 / ns);
+    for row in rows.iter().filter(|r| r.elements.is_some()) {
+        let ns = row.median_ns / row.elements.unwrap_or(1.0);
+        println!("| {} | {ns:.1} | {:.1} |", row.name, 1000.0 / ns);
+    }
+    println!();
+    println!("| benchmark | median per iteration |");
+    println!("|---|---|");
+    for row in rows.iter().filter(|r| r.elements.is_none()) {
+        println!("| {} | {:.3} ms |", row.name, row.median_ns / 1e6);
     }
     ExitCode::SUCCESS
 }
 
-/// Finds every `new/estimates.json` below `dir` and records (name, median ns per element).
-fn collect(dir: &Path, rows: &mut Vec<(String, f64)>) {
+/// One benchmark's result.
+struct Row {
+    name: String,
+    /// Median time of one iteration.
+    median_ns: f64,
+    /// Elements (packets) per iteration, when the benchmark declares a throughput.
+    elements: Option<f64>,
+}
+
+/// Finds every `new/estimates.json` below `dir` and records its median.
+fn collect(dir: &Path, rows: &mut Vec<Row>) {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
     };
@@ -47,17 +64,20 @@ fn collect(dir: &Path, rows: &mut Vec<(String, f64)>) {
             collect(&path, rows);
             continue;
         };
-        let (Some(median), Some(elements), Some(name)) = (
+        let (Some(median_ns), Some(name)) = (
             number_after(&estimates, "\"median\":{", "\"point_estimate\":"),
-            number_after(&meta, "\"throughput\":{", "\"Elements\":"),
             string_after(&meta, "\"full_id\":\""),
         ) else {
             eprintln!("bench-summary: cannot read {}", new.display());
             continue;
         };
-        if elements > 0.0 {
-            rows.push((name, median / elements));
-        }
+        let elements =
+            number_after(&meta, "\"throughput\":{", "\"Elements\":").filter(|&e| e > 0.0);
+        rows.push(Row {
+            name,
+            median_ns,
+            elements,
+        });
     }
 }
 
