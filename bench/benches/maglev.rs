@@ -1,11 +1,19 @@
-//! Maglev: table build for M = 65537 with 10, 100 and 1000 backends, and lookup.
+//! The policy layer's lookups: Maglev table build for M = 65537 with 10, 100 and 1000
+//! backends, Maglev lookup, and Service lookup in a snapshot of 1 and 100 000 Services.
 
 use std::hint::black_box;
 use std::net::Ipv4Addr;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use std::num::NonZeroU32;
+use std::sync::Arc;
+
 use xlb_dataplane::lb::maglev::MaglevTable;
-use xlb_dataplane::packet::Endpoint;
+use xlb_dataplane::lb::snapshot::{
+    Backend, BackendId, BackendState, NoBackend, Scheduler, Service, ServiceId, ServiceKey,
+    ServiceSpec, Snapshot,
+};
+use xlb_dataplane::packet::{Endpoint, IpProto};
 
 fn backends(n: u32) -> Vec<(Endpoint, u32)> {
     (0..n)
@@ -49,5 +57,56 @@ fn lookup(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, build, lookup);
+fn snapshot_of(services: u32) -> Snapshot {
+    let built = (0..services)
+        .map(|n| {
+            let spec = ServiceSpec {
+                id: ServiceId(NonZeroU32::MIN.saturating_add(n)),
+                key: service_key(n),
+                backends: vec![Backend {
+                    id: BackendId(NonZeroU32::MIN),
+                    endpoint: Endpoint::new(Ipv4Addr::from(0xc613_0000 + n).into(), 8080),
+                    state: BackendState::Ready,
+                    weight: 1,
+                }],
+                scheduler: Scheduler::Maglev,
+                affinity_timeout: None,
+                no_backend: NoBackend::Reject,
+                table_size: None,
+            };
+            Arc::new(Service::new(spec).expect("valid Service"))
+        })
+        .collect();
+    Snapshot::new(1, built).expect("distinct Services")
+}
+
+fn service_key(n: u32) -> ServiceKey {
+    ServiceKey {
+        vip: Endpoint::new(Ipv4Addr::from(0xc612_0000 + n).into(), 80),
+        proto: IpProto::TCP,
+    }
+}
+
+fn service_lookup(c: &mut Criterion) {
+    let mut group = c.benchmark_group("snapshot-lookup");
+    const BATCH: u32 = 64;
+    group.throughput(Throughput::Elements(u64::from(BATCH)));
+    for services in [1, 100_000] {
+        let snapshot = snapshot_of(services);
+        // 64 keys spread over the whole table (warm in cache after the first batch).
+        let keys: Vec<ServiceKey> = (0..BATCH)
+            .map(|i| service_key(i.wrapping_mul(7919) % services))
+            .collect();
+        group.bench_function(format!("services{services}"), |b| {
+            b.iter(|| {
+                for key in &keys {
+                    black_box(snapshot.service(black_box(key)).map(|s| s.spec().id));
+                }
+            });
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, build, lookup, service_lookup);
 criterion_main!(benches);

@@ -124,6 +124,13 @@ impl Endpoint {
         }
     }
 
+    /// An endpoint from a flow key's address form (IPv4 in the first four bytes, the rest
+    /// zero, as [`FlowKey`] holds it).
+    #[must_use]
+    pub const fn from_key_form(family: Family, addr: [u8; 16], port: u16) -> Self {
+        Self { addr, port, family }
+    }
+
     /// The address in the flow key's 16-byte form.
     #[must_use]
     pub const fn key_addr(&self) -> &[u8; 16] {

@@ -1,0 +1,440 @@
+//! The immutable service table the workers read: (VIP, port, protocol) -> Service.
+//!
+//! A [`Snapshot`] is built beside the current one and published whole; nothing in it changes
+//! afterwards. Services are shared between consecutive snapshots (`Arc`), so a snapshot that
+//! changes one Service rebuilds one Maglev table, not all of them.
+//!
+//! Backends carry stable [`BackendId`]s (assigned by the control plane, the same for the same
+//! backend of a Service in every snapshot) so that the flow table can remember a flow's
+//! backend across snapshots and tell when that backend has left.
+
+use std::num::NonZeroU32;
+use std::sync::Arc;
+
+use hashbrown::HashMap;
+
+use crate::packet::{Endpoint, FlowKey, IpProto};
+
+use super::maglev::{MaglevError, MaglevTable};
+
+/// A Service's stable identity across snapshots. Zero is reserved.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceId(pub NonZeroU32);
+
+/// A backend's stable identity within its Service across snapshots. Zero is reserved.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BackendId(pub NonZeroU32);
+
+/// What a Service is found by: its virtual address, port and protocol.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ServiceKey {
+    /// The VIP and port.
+    pub vip: Endpoint,
+    /// TCP or UDP (ICMP echo to a VIP uses port 0).
+    pub proto: IpProto,
+}
+
+impl ServiceKey {
+    /// The Service a packet with this flow key is addressed to.
+    #[must_use]
+    pub fn of_destination(key: &FlowKey) -> Self {
+        Self {
+            vip: Endpoint::from_key_form(key.family, key.dst_addr, key.dst_port),
+            proto: key.proto,
+        }
+    }
+}
+
+/// A backend's condition, from the EndpointSlice conditions (KEP-1669).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum BackendState {
+    /// Ready: takes new flows.
+    Ready,
+    /// Serving but terminating: keeps its flows, takes new ones only when no backend of the
+    /// Service is ready.
+    Terminating,
+    /// Neither ready nor serving: keeps the flows it has (they end on their own), takes no new
+    /// one.
+    Draining,
+}
+
+/// How a Service picks a backend for a new flow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum Scheduler {
+    /// Maglev consistent hashing of the five-tuple (the default).
+    #[default]
+    Maglev,
+    /// Uniformly at random (kube-proxy's iptables mode).
+    Random,
+    /// In turn (IPVS `rr`).
+    RoundRobin,
+    /// The backend with the fewest live flows (IPVS `lc`).
+    LeastConnections,
+}
+
+/// What a Service with no usable backend does with a new flow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum NoBackend {
+    /// Answer with a TCP reset or an ICMP unreachable (kube-proxy's behaviour).
+    #[default]
+    Reject,
+    /// Drop silently.
+    Drop,
+}
+
+/// One backend of a Service.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Backend {
+    /// Stable identity.
+    pub id: BackendId,
+    /// Where its flows are sent.
+    pub endpoint: Endpoint,
+    /// Its condition.
+    pub state: BackendState,
+    /// Relative share of new flows (0 takes none).
+    pub weight: u32,
+}
+
+/// What a Service is made of, as the control plane describes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceSpec {
+    /// Stable identity.
+    pub id: ServiceId,
+    /// VIP, port and protocol.
+    pub key: ServiceKey,
+    /// Its backends, in any order.
+    pub backends: Vec<Backend>,
+    /// How new flows pick a backend.
+    pub scheduler: Scheduler,
+    /// Session affinity by client address: the timeout in seconds, or none.
+    pub affinity_timeout: Option<u32>,
+    /// What happens when no backend can take a new flow.
+    pub no_backend: NoBackend,
+    /// An explicit Maglev table size (a prime), or automatic.
+    pub table_size: Option<u32>,
+}
+
+/// Why a snapshot cannot be built. The control plane keeps its previous snapshot.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SnapshotError {
+    /// Two Services have the same VIP, port and protocol.
+    DuplicateService(ServiceKey),
+    /// Two Services have the same id.
+    DuplicateServiceId(ServiceId),
+    /// Two backends of a Service have the same id.
+    DuplicateBackendId(ServiceId, BackendId),
+    /// A backend's address family differs from its Service's.
+    FamilyMismatch(ServiceId),
+    /// The Maglev table could not be built.
+    Maglev(ServiceId, MaglevError),
+}
+
+impl core::fmt::Display for SnapshotError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Self::DuplicateService(k) => write!(f, "two Services at {} {}", k.proto, k.vip),
+            Self::DuplicateServiceId(id) => write!(f, "two Services with id {}", id.0),
+            Self::DuplicateBackendId(s, b) => {
+                write!(f, "Service {} has two backends with id {}", s.0, b.0)
+            }
+            Self::FamilyMismatch(s) => {
+                write!(
+                    f,
+                    "Service {} has a backend of the other address family",
+                    s.0
+                )
+            }
+            Self::Maglev(s, e) => write!(f, "Service {}: {e}", s.0),
+        }
+    }
+}
+
+impl std::error::Error for SnapshotError {}
+
+/// A Service ready for the packet path.
+#[derive(Debug)]
+pub struct Service {
+    spec: ServiceSpec,
+    /// Indices (into `spec.backends`, sorted by id) of the backends that take new flows:
+    /// the ready ones, or the terminating ones when none is ready.
+    pickable: Box<[u16]>,
+    /// Over `pickable`, for the Maglev scheduler; `None` when nothing is pickable.
+    maglev: Option<MaglevTable>,
+}
+
+impl Service {
+    /// Prepares a Service: validates it, orders its backends by id and builds its table.
+    ///
+    /// # Errors
+    /// See [`SnapshotError`].
+    pub fn new(mut spec: ServiceSpec) -> Result<Self, SnapshotError> {
+        spec.backends.sort_by_key(|b| b.id);
+        if let Some(pair) = spec.backends.windows(2).find(|w| w[0].id == w[1].id) {
+            return Err(SnapshotError::DuplicateBackendId(spec.id, pair[0].id));
+        }
+        let family = spec.key.vip.family();
+        if spec.backends.iter().any(|b| b.endpoint.family() != family) {
+            return Err(SnapshotError::FamilyMismatch(spec.id));
+        }
+        let usable = |state| {
+            spec.backends
+                .iter()
+                .enumerate()
+                .filter(move |(_, b)| b.state == state && b.weight > 0)
+                .filter_map(|(i, _)| u16::try_from(i).ok())
+        };
+        let mut pickable: Vec<u16> = usable(BackendState::Ready).collect();
+        if pickable.is_empty() {
+            pickable = usable(BackendState::Terminating).collect();
+        }
+        let maglev = if pickable.is_empty() || spec.scheduler != Scheduler::Maglev {
+            None
+        } else {
+            let weighted: Vec<(Endpoint, u32)> = pickable
+                .iter()
+                .map(|&i| {
+                    let b = &spec.backends[usize::from(i)];
+                    (b.endpoint, b.weight)
+                })
+                .collect();
+            Some(
+                MaglevTable::build(&weighted, spec.table_size)
+                    .map_err(|e| SnapshotError::Maglev(spec.id, e))?,
+            )
+        };
+        Ok(Self {
+            spec,
+            pickable: pickable.into_boxed_slice(),
+            maglev,
+        })
+    }
+
+    /// The Service as described by the control plane (backends sorted by id).
+    #[must_use]
+    pub fn spec(&self) -> &ServiceSpec {
+        &self.spec
+    }
+
+    /// The backend with this id, if it is still part of the Service.
+    #[must_use]
+    pub fn backend(&self, id: BackendId) -> Option<&Backend> {
+        let i = self
+            .spec
+            .backends
+            .binary_search_by_key(&id, |b| b.id)
+            .ok()?;
+        self.spec.backends.get(i)
+    }
+
+    /// The backends that take new flows (indices into `spec().backends`).
+    #[must_use]
+    pub fn pickable(&self) -> &[u16] {
+        &self.pickable
+    }
+
+    /// The Maglev pick for a flow hash, if the Service uses Maglev and has a usable backend.
+    #[inline]
+    #[must_use]
+    pub fn maglev_pick(&self, hash: u64) -> Option<&Backend> {
+        let slot = self.maglev.as_ref()?.lookup(hash);
+        let index = self.pickable.get(slot)?;
+        self.spec.backends.get(usize::from(*index))
+    }
+
+    /// Approximate heap bytes this Service holds (backends, pick list, Maglev slots).
+    #[must_use]
+    pub fn heap_bytes(&self) -> usize {
+        self.spec.backends.capacity() * core::mem::size_of::<Backend>()
+            + self.pickable.len() * 2
+            + self.maglev.as_ref().map_or(0, |m| m.slots().len() * 2)
+    }
+}
+
+/// The whole service table at one moment.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    generation: u64,
+    by_key: HashMap<ServiceKey, Arc<Service>>,
+    by_id: HashMap<ServiceId, Arc<Service>>,
+}
+
+impl Snapshot {
+    /// Builds a snapshot from prepared Services (shared with earlier snapshots where they
+    /// did not change).
+    ///
+    /// # Errors
+    /// Duplicate Service keys or ids.
+    pub fn new(generation: u64, services: Vec<Arc<Service>>) -> Result<Self, SnapshotError> {
+        let mut by_key = HashMap::with_capacity(services.len());
+        let mut by_id = HashMap::with_capacity(services.len());
+        for service in services {
+            let spec = service.spec();
+            if by_id.insert(spec.id, Arc::clone(&service)).is_some() {
+                return Err(SnapshotError::DuplicateServiceId(spec.id));
+            }
+            if by_key.insert(spec.key, service.clone()).is_some() {
+                return Err(SnapshotError::DuplicateService(spec.key));
+            }
+        }
+        Ok(Self {
+            generation,
+            by_key,
+            by_id,
+        })
+    }
+
+    /// The snapshot's generation (increases with every publication).
+    #[must_use]
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// The Service at a VIP, port and protocol.
+    #[inline]
+    #[must_use]
+    pub fn service(&self, key: &ServiceKey) -> Option<&Service> {
+        self.by_key.get(key).map(|s| &**s)
+    }
+
+    /// The Service with this id.
+    #[inline]
+    #[must_use]
+    pub fn service_by_id(&self, id: ServiceId) -> Option<&Service> {
+        self.by_id.get(&id).map(|s| &**s)
+    }
+
+    /// The number of Services.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.by_key.len()
+    }
+
+    /// Whether there is no Service.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.by_key.is_empty()
+    }
+
+    /// All Services, in no particular order.
+    pub fn services(&self) -> impl Iterator<Item = &Service> {
+        self.by_key.values().map(|s| &**s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::packet::Family;
+
+    fn id(n: u32) -> NonZeroU32 {
+        NonZeroU32::new(n).unwrap()
+    }
+
+    fn backend(n: u8, state: BackendState) -> Backend {
+        Backend {
+            id: BackendId(id(u32::from(n))),
+            endpoint: Endpoint::new([198, 19, n, 2].into(), 8080),
+            state,
+            weight: 1,
+        }
+    }
+
+    fn spec(backends: Vec<Backend>) -> ServiceSpec {
+        ServiceSpec {
+            id: ServiceId(id(1)),
+            key: ServiceKey {
+                vip: Endpoint::new([198, 18, 64, 1].into(), 80),
+                proto: IpProto::TCP,
+            },
+            backends,
+            scheduler: Scheduler::Maglev,
+            affinity_timeout: None,
+            no_backend: NoBackend::Reject,
+            table_size: None,
+        }
+    }
+
+    #[test]
+    fn only_ready_backends_take_new_flows_while_one_is_ready() {
+        let s = Service::new(spec(vec![
+            backend(3, BackendState::Terminating),
+            backend(1, BackendState::Ready),
+            backend(2, BackendState::Draining),
+        ]))
+        .unwrap();
+        let picked: Vec<_> = s
+            .pickable()
+            .iter()
+            .map(|&i| s.spec().backends[usize::from(i)].id)
+            .collect();
+        assert_eq!(picked, vec![BackendId(id(1))]);
+        for hash in [0, u64::MAX, 0x1234_5678_9abc_def0] {
+            assert_eq!(s.maglev_pick(hash).unwrap().id, BackendId(id(1)));
+        }
+    }
+
+    #[test]
+    fn terminating_backends_take_new_flows_when_none_is_ready() {
+        let s = Service::new(spec(vec![
+            backend(1, BackendState::Terminating),
+            backend(2, BackendState::Draining),
+        ]))
+        .unwrap();
+        assert_eq!(s.pickable().len(), 1);
+        assert_eq!(s.maglev_pick(7).unwrap().id, BackendId(id(1)));
+    }
+
+    #[test]
+    fn a_service_without_usable_backends_has_no_pick() {
+        let s = Service::new(spec(vec![backend(1, BackendState::Draining)])).unwrap();
+        assert!(s.pickable().is_empty());
+        assert!(s.maglev_pick(7).is_none());
+        assert!(
+            s.backend(BackendId(id(1))).is_some(),
+            "its flows still find it"
+        );
+        assert!(s.backend(BackendId(id(9))).is_none());
+    }
+
+    #[test]
+    fn bad_specs_are_errors() {
+        let dup = spec(vec![
+            backend(1, BackendState::Ready),
+            backend(1, BackendState::Ready),
+        ]);
+        assert!(matches!(
+            Service::new(dup),
+            Err(SnapshotError::DuplicateBackendId(..))
+        ));
+        let mut v6 = backend(2, BackendState::Ready);
+        v6.endpoint = Endpoint::new("2001:2::1".parse().unwrap(), 80);
+        assert!(matches!(
+            Service::new(spec(vec![v6])),
+            Err(SnapshotError::FamilyMismatch(_))
+        ));
+        let one = Arc::new(Service::new(spec(vec![backend(1, BackendState::Ready)])).unwrap());
+        let err = Snapshot::new(1, vec![one.clone(), one]).unwrap_err();
+        assert!(matches!(err, SnapshotError::DuplicateServiceId(_)));
+    }
+
+    #[test]
+    fn a_packet_finds_its_service_by_destination() {
+        let s = Arc::new(Service::new(spec(vec![backend(1, BackendState::Ready)])).unwrap());
+        let snap = Snapshot::new(7, vec![s]).unwrap();
+        let key = FlowKey::new(
+            Family::Ipv4,
+            IpProto::TCP,
+            (crate::packet::key_addr([198, 18, 0, 1].into()), 40000),
+            (crate::packet::key_addr([198, 18, 64, 1].into()), 80),
+        );
+        let found = snap.service(&ServiceKey::of_destination(&key)).unwrap();
+        assert_eq!(found.spec().id, ServiceId(id(1)));
+        let other_port = ServiceKey {
+            vip: Endpoint::new([198, 18, 64, 1].into(), 81),
+            proto: IpProto::TCP,
+        };
+        assert!(snap.service(&other_port).is_none());
+        assert_eq!(snap.generation(), 7);
+        assert_eq!(snap.len(), 1);
+    }
+}
