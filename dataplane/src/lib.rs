@@ -17,3 +17,4 @@
 
 pub mod lb;
 pub mod packet;
+mod sync;

@@ -1,8 +1,10 @@
 //! The policy layer: which backend a flow goes to.
 //!
 //! Owns: Maglev lookup tables ([`maglev`]), the hashes that every xlb instance must compute
-//! alike ([`hash`]), and the immutable service table the workers read ([`snapshot`]). Must not know: sockets, threads, time sources, Kubernetes. No unsafe.
+//! alike ([`hash`]), the immutable service table the workers read ([`snapshot`]), and the
+//! lock-free flow table they share ([`flow`]). Must not know: sockets, threads, time sources, Kubernetes. No unsafe.
 
+pub mod flow;
 pub mod hash;
 pub mod maglev;
 pub mod snapshot;

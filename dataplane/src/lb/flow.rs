@@ -1,0 +1,727 @@
+//! The flow table: the one concurrent structure on the packet path.
+//!
+//! Every worker reads and writes it (a reply can arrive on another queue than its request),
+//! so nothing here waits for anything: no lock, no spin. A fixed array of buckets, set at
+//! start, each of [`WAYS`] entries of one cache line; an entry is eight atomic words, so the
+//! table needs no unsafe code.
+//!
+//! ## Entry protocol (a per-entry seqlock whose writers never wait)
+//! The first word, `seq`, holds the entry's state (free, writing, valid), a counter bumped by
+//! every claim, and a 32-bit tag of the flow hash. The key and value words are written only
+//! between a claim (a compare-and-swap to *writing*) and the publication (a store of *valid*).
+//! * A lookup reads `seq`, the words, then `seq` again, and believes the words only if both
+//!   reads are the same valid state: it sees a whole entry or none of it. An entry being
+//!   written is simply not there yet; the reader never waits for it.
+//! * An insert claims a free, expired or evictable entry with one compare-and-swap; when it
+//!   loses the race for that entry it tries the next candidate, and when none is left it
+//!   reports the bucket full. It never waits either.
+//! * Two workers may insert the same new flow at once. After publishing, an insert looks at
+//!   the rest of its bucket: of two valid entries for one key, the one in the lower way wins
+//!   (the other removes itself, or is removed); an entry still being written for the same tag
+//!   in a lower way makes the later insert withdraw and report [`Insert::Pending`]. The store
+//!   of the publication and the loads of that check are separated by a sequentially
+//!   consistent fence on both sides, so of two racing inserts at least one sees the other.
+//!
+//! ## Ageing and eviction
+//! Entries carry the second they were last seen and a state ([`FlowState`]). An entry past
+//! its state's timeout is invisible to lookups and free for reuse. When a bucket is full, an
+//! insert may evict the least recently seen entry that is [`FlowState::New`] or
+//! [`FlowState::Closing`], never an established one: a flood of new flows cannot push out
+//! established connections, it can only fail to be recorded (counted by the caller).
+//!
+//! Loom cannot see: the real cost of the fences, and interleavings that need more than the
+//! two or three threads its model runs. The stress test in `tests/flow_stress.rs` covers
+//! many threads on real hardware.
+
+use crate::packet::{Family, FlowKey, IpProto};
+use crate::sync::{fence, AtomicU64, Ordering};
+
+/// Entries per bucket.
+pub const WAYS: usize = 4;
+
+/// A second on the caller's monotonic clock; the table never reads time itself.
+pub type Second = u32;
+
+/// A flow's lifecycle, for ageing and eviction.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum FlowState {
+    /// Seen in one direction only (a TCP SYN, a UDP request): evictable.
+    New,
+    /// Seen in both directions: never evicted before its timeout.
+    Established,
+    /// A FIN or RST was seen: evictable, short timeout.
+    Closing,
+}
+
+/// Timeouts per state and protocol, in seconds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Timeouts {
+    /// TCP seen in one direction only.
+    pub tcp_new: Second,
+    /// TCP established.
+    pub tcp_established: Second,
+    /// TCP after FIN or RST.
+    pub tcp_closing: Second,
+    /// UDP and ICMP, any state.
+    pub udp: Second,
+}
+
+impl Default for Timeouts {
+    /// The Linux conntrack defaults kube-proxy users know: SYN_SENT 120 s, ESTABLISHED
+    /// 5 days (kube-proxy sets 86 400 s), TIME_WAIT 120 s, UDP 30 s (stream 120 s).
+    fn default() -> Self {
+        Self {
+            tcp_new: 120,
+            tcp_established: 86_400,
+            tcp_closing: 120,
+            udp: 120,
+        }
+    }
+}
+
+impl Timeouts {
+    fn of(&self, proto: IpProto, state: FlowState) -> Second {
+        match (proto, state) {
+            (IpProto::TCP, FlowState::New) => self.tcp_new,
+            (IpProto::TCP, FlowState::Established) => self.tcp_established,
+            (IpProto::TCP, FlowState::Closing) => self.tcp_closing,
+            _ => self.udp,
+        }
+    }
+}
+
+/// What an entry maps its key to. The meaning of the two halves is the caller's (the
+/// forward entry of a flow: Service and backend; the reverse entry: Service and the way of
+/// its forward entry).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct FlowValue {
+    /// First half (a Service id).
+    pub a: u32,
+    /// Second half (a backend id, or an entry index).
+    pub b: u32,
+    /// A port the entry remembers (the SNAT source port), or zero.
+    pub port: u16,
+}
+
+/// A found entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Hit {
+    /// Where it is (bucket * WAYS + way), stable while the entry lives.
+    pub index: u32,
+    /// What it maps to.
+    pub value: FlowValue,
+    /// Its state.
+    pub state: FlowState,
+    /// When it was last seen.
+    pub last_seen: Second,
+}
+
+/// The outcome of an insert.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Insert {
+    /// Recorded at this index.
+    Inserted(u32),
+    /// The key was already there (another worker inserted it first): use its entry.
+    Existing(Hit),
+    /// Another worker is writing an entry that is probably this key: not recorded; forward
+    /// this packet with the caller's own choice, the next one will find the entry.
+    Pending,
+    /// Every entry of the bucket is established and fresh: not recorded.
+    Full,
+}
+
+const FREE: u64 = 0;
+const WRITING: u64 = 1;
+const VALID: u64 = 2;
+const STATE_MASK: u64 = 0b11;
+const COUNTER_ONE: u64 = 0b100;
+const COUNTER_MASK: u64 = 0xFFFF_FFFC;
+
+fn seq_word(tag: u32, counter: u64, state: u64) -> u64 {
+    (u64::from(tag) << 32) | (counter & COUNTER_MASK) | state
+}
+
+fn seq_tag(seq: u64) -> u32 {
+    u32::try_from(seq >> 32).unwrap_or(0)
+}
+
+/// One entry: `seq`, five key words, the value, and the meta word (last seen, SNAT port,
+/// state). 64 bytes, one cache line.
+#[repr(align(64))]
+struct Entry {
+    seq: AtomicU64,
+    key: [AtomicU64; 5],
+    value: AtomicU64,
+    meta: AtomicU64,
+}
+
+impl Entry {
+    fn new() -> Self {
+        Self {
+            seq: AtomicU64::new(FREE),
+            key: [
+                AtomicU64::new(0),
+                AtomicU64::new(0),
+                AtomicU64::new(0),
+                AtomicU64::new(0),
+                AtomicU64::new(0),
+            ],
+            value: AtomicU64::new(0),
+            meta: AtomicU64::new(0),
+        }
+    }
+
+    /// Reads the entry as one consistent whole, or `None` if it is not valid or changed
+    /// while being read.
+    fn read(&self) -> Option<(u64, [u64; 5], u64, u64)> {
+        // Acquire: the key and value stores of the publication this load sees are visible.
+        let before = self.seq.load(Ordering::Acquire);
+        if before & STATE_MASK != VALID {
+            return None;
+        }
+        // Relaxed: validated by the second load of `seq` below.
+        let key = [0, 1, 2, 3, 4].map(|i| self.key[i].load(Ordering::Relaxed));
+        let value = self.value.load(Ordering::Relaxed);
+        let meta = self.meta.load(Ordering::Relaxed);
+        // Acquire fence: the word loads above are ordered before the re-read of `seq`, so a
+        // writer's claim that preceded any of them is seen below (Boehm, seqlocks, 2012).
+        fence(Ordering::Acquire);
+        // Relaxed: ordered by the fence above.
+        let after = self.seq.load(Ordering::Relaxed);
+        (before == after).then_some((before, key, value, meta))
+    }
+}
+
+/// The key in five words.
+fn key_words(key: &FlowKey) -> [u64; 5] {
+    let half = |b: &[u8; 16], i: usize| {
+        let mut w = [0; 8];
+        w.copy_from_slice(&b[i * 8..i * 8 + 8]);
+        u64::from_le_bytes(w)
+    };
+    let family = match key.family {
+        Family::Ipv4 => 4u64,
+        Family::Ipv6 => 6,
+    };
+    [
+        half(&key.src_addr, 0),
+        half(&key.src_addr, 1),
+        half(&key.dst_addr, 0),
+        half(&key.dst_addr, 1),
+        u64::from(key.src_port)
+            | u64::from(key.dst_port) << 16
+            | u64::from(key.proto.0) << 32
+            | family << 40,
+    ]
+}
+
+fn key_from_words(w: &[u64; 5]) -> FlowKey {
+    let mut src = [0; 16];
+    src[..8].copy_from_slice(&w[0].to_le_bytes());
+    src[8..].copy_from_slice(&w[1].to_le_bytes());
+    let mut dst = [0; 16];
+    dst[..8].copy_from_slice(&w[2].to_le_bytes());
+    dst[8..].copy_from_slice(&w[3].to_le_bytes());
+    let bytes = w[4].to_le_bytes();
+    let family = if bytes[5] == 6 {
+        Family::Ipv6
+    } else {
+        Family::Ipv4
+    };
+    FlowKey::new(
+        family,
+        IpProto(bytes[4]),
+        (src, u16::from_le_bytes([bytes[0], bytes[1]])),
+        (dst, u16::from_le_bytes([bytes[2], bytes[3]])),
+    )
+}
+
+fn value_word(v: FlowValue) -> u64 {
+    u64::from(v.a) | u64::from(v.b) << 32
+}
+
+fn value_from_word(word: u64, meta: u64) -> FlowValue {
+    FlowValue {
+        a: u32::try_from(word & 0xFFFF_FFFF).unwrap_or(0),
+        b: u32::try_from(word >> 32).unwrap_or(0),
+        port: meta_port(meta),
+    }
+}
+
+/// meta: last seen (32 bits) | SNAT port (16) | proto (8) | state (8).
+fn meta_word(last_seen: Second, port: u16, proto: IpProto, state: FlowState) -> u64 {
+    let state = match state {
+        FlowState::New => 0u64,
+        FlowState::Established => 1,
+        FlowState::Closing => 2,
+    };
+    u64::from(last_seen) << 32 | u64::from(port) << 16 | u64::from(proto.0) << 8 | state
+}
+
+fn meta_seen(meta: u64) -> Second {
+    u32::try_from(meta >> 32).unwrap_or(0)
+}
+
+fn meta_port(meta: u64) -> u16 {
+    u16::try_from((meta >> 16) & 0xFFFF).unwrap_or(0)
+}
+
+fn meta_proto(meta: u64) -> IpProto {
+    IpProto(u8::try_from((meta >> 8) & 0xFF).unwrap_or(0))
+}
+
+fn meta_state(meta: u64) -> FlowState {
+    match meta & 0xFF {
+        1 => FlowState::Established,
+        2 => FlowState::Closing,
+        _ => FlowState::New,
+    }
+}
+
+/// The shared flow table.
+pub struct FlowTable {
+    entries: Box<[Entry]>,
+    bucket_mask: usize,
+    timeouts: Timeouts,
+}
+
+impl FlowTable {
+    /// A table of at least `capacity` entries (rounded up to a power of two of buckets).
+    /// Its memory is allocated here, once: 64 bytes per entry.
+    #[must_use]
+    pub fn new(capacity: usize, timeouts: Timeouts) -> Self {
+        let buckets = capacity.div_ceil(WAYS).max(1).next_power_of_two();
+        let entries = (0..buckets * WAYS).map(|_| Entry::new()).collect();
+        Self {
+            entries,
+            bucket_mask: buckets - 1,
+            timeouts,
+        }
+    }
+
+    /// The number of entries.
+    #[must_use]
+    pub fn capacity(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Bytes of entry memory.
+    #[must_use]
+    pub fn memory_bytes(&self) -> usize {
+        self.entries.len() * core::mem::size_of::<Entry>()
+    }
+
+    fn bucket(&self, hash: u64) -> usize {
+        // The low bits pick the bucket; the high 32 are the tag (and the Maglev slot).
+        (usize::try_from(hash & 0xFFFF_FFFF).unwrap_or(0) & self.bucket_mask) * WAYS
+    }
+
+    fn expired(&self, meta: u64, now: Second) -> bool {
+        let timeout = self.timeouts.of(meta_proto(meta), meta_state(meta));
+        now.saturating_sub(meta_seen(meta)) > timeout
+    }
+
+    /// Finds a live entry for `key` (whose flow hash is `hash`).
+    #[must_use]
+    pub fn lookup(&self, key: &FlowKey, hash: u64, now: Second) -> Option<Hit> {
+        let words = key_words(key);
+        let tag = seq_tag(hash);
+        let start = self.bucket(hash);
+        (start..start + WAYS).find_map(|i| self.hit_at(i, tag, &words, now))
+    }
+
+    fn hit_at(&self, index: usize, tag: u32, words: &[u64; 5], now: Second) -> Option<Hit> {
+        let entry = self.entries.get(index)?;
+        let (seq, key, value, meta) = entry.read()?;
+        if seq_tag(seq) != tag || key != *words || self.expired(meta, now) {
+            return None;
+        }
+        Some(Hit {
+            index: u32::try_from(index).unwrap_or(u32::MAX),
+            value: value_from_word(value, meta),
+            state: meta_state(meta),
+            last_seen: meta_seen(meta),
+        })
+    }
+
+    /// Records that the entry at `index` was seen at `now`, and moves it to `state` unless it
+    /// is closing already (closing is final). A no-op when the entry changed in between.
+    pub fn touch(&self, index: u32, now: Second, state: Option<FlowState>) {
+        let Some(entry) = self.entries.get(index as usize) else {
+            return;
+        };
+        // Relaxed: the meta word is one value; a lost race leaves a still-valid meta.
+        let old = entry.meta.load(Ordering::Relaxed);
+        let mut new_state = meta_state(old);
+        if let Some(s) = state {
+            if new_state != FlowState::Closing {
+                new_state = s;
+            }
+        }
+        if meta_seen(old) >= now && new_state == meta_state(old) {
+            return; // Nothing to write: keep the cache line shared.
+        }
+        let new = meta_word(
+            now.max(meta_seen(old)),
+            meta_port(old),
+            meta_proto(old),
+            new_state,
+        );
+        // Relaxed: a failure means someone else updated it, which is as good.
+        let _ = entry
+            .meta
+            .compare_exchange(old, new, Ordering::Relaxed, Ordering::Relaxed);
+    }
+
+    /// Inserts `key` -> `value` in `state` unless it is there already.
+    pub fn insert(
+        &self,
+        key: &FlowKey,
+        hash: u64,
+        value: FlowValue,
+        state: FlowState,
+        now: Second,
+    ) -> Insert {
+        let words = key_words(key);
+        let tag = seq_tag(hash);
+        let start = self.bucket(hash);
+        if let Some(hit) = (start..start + WAYS).find_map(|i| self.hit_at(i, tag, &words, now)) {
+            return Insert::Existing(hit);
+        }
+        let Some(index) = self.claim(start, tag, now) else {
+            return Insert::Full;
+        };
+        self.publish(index, &words, value, key.proto, state, now);
+        self.resolve_duplicates(start, index, tag, &words, now)
+    }
+
+    /// Claims an entry of the bucket at `start` (it is then *writing*, showing `tag` so that
+    /// a racing insert of the same flow can see it): a free one, else an expired one, else
+    /// the least recently seen evictable one.
+    fn claim(&self, start: usize, tag: u32, now: Second) -> Option<usize> {
+        for _ in 0..2 {
+            let mut candidates: [(usize, u64, u8, Second); WAYS] = [(0, 0, u8::MAX, 0); WAYS];
+            for (slot, i) in candidates.iter_mut().zip(start..start + WAYS) {
+                let entry = &self.entries[i];
+                // Acquire: pairs with the publication, so the meta read below is current.
+                let seq = entry.seq.load(Ordering::Acquire);
+                let meta = entry.meta.load(Ordering::Relaxed);
+                let rank = match seq & STATE_MASK {
+                    FREE => 0,
+                    VALID if self.expired(meta, now) => 1,
+                    VALID if meta_state(meta) != FlowState::Established => 2,
+                    _ => u8::MAX, // being written, or established and fresh
+                };
+                *slot = (i, seq, rank, meta_seen(meta));
+            }
+            candidates.sort_by_key(|&(_, _, rank, seen)| (rank, seen));
+            for (i, seq, rank, _) in candidates {
+                if rank == u8::MAX {
+                    break;
+                }
+                let claimed = seq_word(tag, (seq & COUNTER_MASK) + COUNTER_ONE, WRITING);
+                // Acquire on success: this writer's later stores follow the claim.
+                // Relaxed on failure: the entry is simply skipped.
+                if self.entries[i]
+                    .seq
+                    .compare_exchange(seq, claimed, Ordering::Acquire, Ordering::Relaxed)
+                    .is_ok()
+                {
+                    return Some(i);
+                }
+            }
+        }
+        None
+    }
+
+    /// Writes the claimed entry at `index` and makes it valid.
+    fn publish(
+        &self,
+        index: usize,
+        words: &[u64; 5],
+        value: FlowValue,
+        proto: IpProto,
+        state: FlowState,
+        now: Second,
+    ) {
+        let entry = &self.entries[index];
+        // Relaxed: this entry is ours since our claim; nobody else writes `seq` now.
+        let claimed = entry.seq.load(Ordering::Relaxed);
+        // Release fence: a reader that sees any of the stores below also sees *writing*
+        // on its second read of `seq` (Boehm's seqlock writer).
+        fence(Ordering::Release);
+        for (slot, w) in entry.key.iter().zip(words) {
+            // Relaxed: published by the Release store of `seq` below.
+            slot.store(*w, Ordering::Relaxed);
+        }
+        entry.value.store(value_word(value), Ordering::Relaxed);
+        entry
+            .meta
+            .store(meta_word(now, value.port, proto, state), Ordering::Relaxed);
+        // Release: readers that see *valid* see the words above.
+        entry
+            .seq
+            .store((claimed & !STATE_MASK) | VALID, Ordering::Release);
+    }
+
+    /// After publishing at `mine`: keeps one entry per key in the bucket (see module docs).
+    fn resolve_duplicates(
+        &self,
+        start: usize,
+        mine: usize,
+        tag: u32,
+        words: &[u64; 5],
+        now: Second,
+    ) -> Insert {
+        // SeqCst fence: of two inserts of one key, each publishes, fences, then looks at the
+        // other's entry; the fences order the two publications, so at least one insert sees
+        // the other's.
+        fence(Ordering::SeqCst);
+        let own = u32::try_from(mine).unwrap_or(u32::MAX);
+        for i in start..start + WAYS {
+            if i == mine {
+                continue;
+            }
+            let entry = &self.entries[i];
+            // Acquire: pairs with the other insert's publication.
+            let seq = entry.seq.load(Ordering::Acquire);
+            if seq_tag(seq) != tag {
+                continue;
+            }
+            match seq & STATE_MASK {
+                WRITING if i < mine => {
+                    self.withdraw(mine);
+                    return Insert::Pending;
+                }
+                VALID => {
+                    let Some(hit) = self.hit_at(i, tag, words, now) else {
+                        continue;
+                    };
+                    if i < mine {
+                        self.withdraw(mine);
+                        return Insert::Existing(hit);
+                    }
+                    self.withdraw_if(i, seq);
+                }
+                _ => {}
+            }
+        }
+        Insert::Inserted(own)
+    }
+
+    /// Frees our own entry.
+    fn withdraw(&self, index: usize) {
+        let entry = &self.entries[index];
+        // Relaxed load: the entry is ours; Release store: a later claimer sees it free.
+        let seq = entry.seq.load(Ordering::Relaxed);
+        entry.seq.store(
+            seq_word(0, (seq & COUNTER_MASK) + COUNTER_ONE, FREE),
+            Ordering::Release,
+        );
+    }
+
+    /// Frees another insert's entry if it is still the one seen as `seq`.
+    fn withdraw_if(&self, index: usize, seq: u64) {
+        let free = seq_word(0, (seq & COUNTER_MASK) + COUNTER_ONE, FREE);
+        // Release on success: like any freeing; Relaxed on failure: it changed, leave it.
+        let _ = self.entries[index].seq.compare_exchange(
+            seq,
+            free,
+            Ordering::Release,
+            Ordering::Relaxed,
+        );
+    }
+
+    /// Removes the entry at `index` if it still holds `key`.
+    pub fn remove(&self, index: u32, key: &FlowKey) {
+        let Some(entry) = self.entries.get(index as usize) else {
+            return;
+        };
+        if let Some((seq, words, _, _)) = entry.read() {
+            if words == key_words(key) {
+                self.withdraw_if(index as usize, seq);
+            }
+        }
+    }
+
+    /// Every live entry, read consistently one by one (the table keeps changing meanwhile).
+    pub fn iter(&self, now: Second) -> impl Iterator<Item = (FlowKey, Hit)> + '_ {
+        self.entries
+            .iter()
+            .enumerate()
+            .filter_map(move |(i, entry)| {
+                let (_, words, value, meta) = entry.read()?;
+                if self.expired(meta, now) {
+                    return None;
+                }
+                let hit = Hit {
+                    index: u32::try_from(i).unwrap_or(u32::MAX),
+                    value: value_from_word(value, meta),
+                    state: meta_state(meta),
+                    last_seen: meta_seen(meta),
+                };
+                Some((key_from_words(&words), hit))
+            })
+    }
+}
+
+impl core::fmt::Debug for FlowTable {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "FlowTable({} entries)", self.entries.len())
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+    use crate::lb::hash::flow_hash;
+    use crate::packet::key_addr;
+
+    fn key(port: u16) -> FlowKey {
+        FlowKey::new(
+            Family::Ipv4,
+            IpProto::TCP,
+            (key_addr([198, 18, 0, 1].into()), port),
+            (key_addr([198, 18, 64, 1].into()), 80),
+        )
+    }
+
+    fn value(b: u32) -> FlowValue {
+        FlowValue { a: 1, b, port: 0 }
+    }
+
+    #[test]
+    fn an_entry_is_one_cache_line() {
+        assert_eq!(core::mem::size_of::<Entry>(), 64);
+        assert_eq!(core::mem::align_of::<Entry>(), 64);
+    }
+
+    #[test]
+    fn keys_survive_their_packing_into_words() {
+        let k = FlowKey::new(
+            Family::Ipv6,
+            IpProto::UDP,
+            (key_addr("2001:2::1".parse().unwrap()), 5353),
+            (key_addr("2001:2::40:1".parse().unwrap()), 53),
+        );
+        assert_eq!(key_from_words(&key_words(&k)), k);
+    }
+
+    #[test]
+    fn an_inserted_flow_is_found_until_it_expires() {
+        let t = FlowTable::new(64, Timeouts::default());
+        let k = key(40000);
+        let h = flow_hash(&k);
+        assert!(matches!(
+            t.insert(&k, h, value(7), FlowState::New, 100),
+            Insert::Inserted(_)
+        ));
+        let hit = t.lookup(&k, h, 150).unwrap();
+        assert_eq!((hit.value.b, hit.state), (7, FlowState::New));
+        assert!(
+            t.lookup(&k, h, 100 + 121).is_none(),
+            "TCP new times out after 120 s"
+        );
+        assert!(t.lookup(&key(40001), flow_hash(&key(40001)), 150).is_none());
+    }
+
+    #[test]
+    fn a_second_insert_of_a_key_returns_the_first() {
+        let t = FlowTable::new(64, Timeouts::default());
+        let k = key(1);
+        let h = flow_hash(&k);
+        let _ = t.insert(&k, h, value(1), FlowState::New, 0);
+        match t.insert(&k, h, value(2), FlowState::New, 0) {
+            Insert::Existing(hit) => assert_eq!(hit.value.b, 1),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn touching_moves_state_and_closing_is_final() {
+        let t = FlowTable::new(64, Timeouts::default());
+        let k = key(1);
+        let h = flow_hash(&k);
+        let Insert::Inserted(i) = t.insert(&k, h, value(1), FlowState::New, 0) else {
+            panic!()
+        };
+        t.touch(i, 5, Some(FlowState::Established));
+        assert_eq!(t.lookup(&k, h, 5).unwrap().state, FlowState::Established);
+        assert!(t.lookup(&k, h, 86_000).is_some(), "established lives long");
+        t.touch(i, 6, Some(FlowState::Closing));
+        t.touch(i, 7, Some(FlowState::Established));
+        let hit = t.lookup(&k, h, 7).unwrap();
+        assert_eq!((hit.state, hit.last_seen), (FlowState::Closing, 7));
+    }
+
+    #[test]
+    fn a_full_bucket_evicts_new_flows_but_never_established_ones() {
+        // One bucket: every key lands in it.
+        let t = FlowTable::new(WAYS, Timeouts::default());
+        let keys: Vec<FlowKey> = (0..WAYS as u16).map(key).collect();
+        for (n, k) in keys.iter().enumerate() {
+            let Insert::Inserted(i) = t.insert(k, flow_hash(k), value(1), FlowState::New, n as u32)
+            else {
+                panic!()
+            };
+            t.touch(i, n as u32, Some(FlowState::Established));
+        }
+        let flood = key(999);
+        assert_eq!(
+            t.insert(&flood, flow_hash(&flood), value(2), FlowState::New, 10),
+            Insert::Full
+        );
+        assert!(keys.iter().all(|k| t.lookup(k, flow_hash(k), 10).is_some()));
+
+        // With one of them new again (closing), the flood takes its place.
+        let hit = t.lookup(&keys[2], flow_hash(&keys[2]), 10).unwrap();
+        t.touch(hit.index, 10, Some(FlowState::Closing));
+        assert!(matches!(
+            t.insert(&flood, flow_hash(&flood), value(2), FlowState::New, 11),
+            Insert::Inserted(_)
+        ));
+        assert!(t.lookup(&keys[2], flow_hash(&keys[2]), 11).is_none());
+        assert!(t.lookup(&keys[0], flow_hash(&keys[0]), 11).is_some());
+    }
+
+    #[test]
+    fn expired_entries_are_reused_first() {
+        let t = FlowTable::new(WAYS, Timeouts::default());
+        for p in 0..WAYS as u16 {
+            let k = key(p);
+            let _ = t.insert(&k, flow_hash(&k), value(1), FlowState::Established, 0);
+        }
+        let k = key(500);
+        // UDP-like short timeouts do not apply: these are TCP established, fresh until 86 400.
+        assert_eq!(
+            t.insert(&k, flow_hash(&k), value(1), FlowState::New, 1000),
+            Insert::Full
+        );
+        assert!(matches!(
+            t.insert(&k, flow_hash(&k), value(1), FlowState::New, 90_000),
+            Insert::Inserted(_)
+        ));
+    }
+
+    #[test]
+    fn removal_and_iteration_see_what_is_there() {
+        let t = FlowTable::new(1024, Timeouts::default());
+        let mut indices = Vec::new();
+        for p in 0..100 {
+            let k = key(p);
+            if let Insert::Inserted(i) =
+                t.insert(&k, flow_hash(&k), value(u32::from(p)), FlowState::New, 0)
+            {
+                indices.push((i, k));
+            }
+        }
+        assert_eq!(t.iter(0).count(), indices.len());
+        let (i, k) = indices[0];
+        t.remove(i, &k);
+        assert!(t.lookup(&k, flow_hash(&k), 0).is_none());
+        assert_eq!(t.iter(0).count(), indices.len() - 1);
+        assert!(t
+            .iter(0)
+            .all(|(k, hit)| u32::from(k.src_port) == hit.value.b));
+    }
+}
