@@ -9,7 +9,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 XLB := target/release/xlb
 FRAMES := deploy/examples/frames
 
-.PHONY: all deps toolchain build demo test lint bench
+.PHONY: all deps toolchain build demo test lint loom bench
 
 all: build
 
@@ -52,10 +52,18 @@ lint: deps toolchain
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
-# Everything: formatting, lints, the dataplane alone without test utilities, and every test.
+# Loom models of the flow table: a separate build with --cfg loom, so its own target dir.
+# Two preemptions per execution bound the search (each model covers a two-thread race).
+loom: deps toolchain
+	RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom LOOM_MAX_PREEMPTIONS=2 \
+	  $(CARGO) test --release -p xlb-dataplane --test flow_loom
+
+# Everything: formatting, lints, the dataplane alone without test utilities, every test, and
+# the loom models.
 test: lint
 	$(CARGO) check -p xlb-dataplane
 	$(CARGO) test --workspace
+	$(MAKE) --no-print-directory loom
 
 # Criterion stages, then their medians per packet; bench/callgrind.sh gives instruction counts
 # that do not depend on how busy the machine is.

@@ -30,9 +30,10 @@
 //! [`FlowState::Closing`], never an established one: a flood of new flows cannot push out
 //! established connections, it can only fail to be recorded (counted by the caller).
 //!
-//! Loom cannot see: the real cost of the fences, and interleavings that need more than the
-//! two or three threads its model runs. The stress test in `tests/flow_stress.rs` covers
-//! many threads on real hardware.
+//! `tests/flow_loom.rs` models two racing inserts of one flow, a lookup racing an insert, and
+//! a lookup racing an eviction (`make loom`). Loom cannot see: the real cost of the fences,
+//! races of more than two threads, or interleavings beyond its bound of two preemptions per
+//! execution. The stress test in `tests/flow_stress.rs` runs many threads on real hardware.
 
 use crate::packet::{Family, FlowKey, IpProto};
 use crate::sync::{fence, AtomicU64, Ordering};

@@ -1,0 +1,119 @@
+//! Loom models of the flow table's insert, lookup and eviction protocol.
+//!
+//! Run with `make loom` (`RUSTFLAGS="--cfg loom" cargo test --release --test flow_loom`);
+//! `make test` runs it. Each model is one bucket (every key lands in it) and two threads.
+//! Every racing operation runs in a spawned thread: loom did not explore interleavings
+//! against operations of the model's main thread (one execution instead of dozens).
+//! The models were checked against broken variants of the protocol (a reader that skips
+//! its second `seq` read; a writer that publishes before writing): each broken variant
+//! fails here.
+#![cfg(loom)]
+
+use loom::sync::Arc;
+use loom::thread;
+use xlb_dataplane::lb::flow::{FlowState, FlowTable, FlowValue, Insert, Timeouts, WAYS};
+use xlb_dataplane::lb::hash::flow_hash;
+use xlb_dataplane::packet::{key_addr, Family, FlowKey, IpProto};
+
+fn key(port: u16) -> FlowKey {
+    FlowKey::new(
+        Family::Ipv4,
+        IpProto::TCP,
+        (key_addr([198, 18, 0, 1].into()), port),
+        (key_addr([198, 18, 64, 1].into()), 80),
+    )
+}
+
+fn value(b: u32) -> FlowValue {
+    FlowValue { a: 7, b, port: 0 }
+}
+
+fn one_bucket() -> Arc<FlowTable> {
+    Arc::new(FlowTable::new(WAYS, Timeouts::default()))
+}
+
+/// Runs `f` on the table in a new loom thread.
+fn on<T: Send + 'static>(
+    table: &Arc<FlowTable>,
+    f: impl FnOnce(&FlowTable) -> T + Send + 'static,
+) -> thread::JoinHandle<T> {
+    let table = Arc::clone(table);
+    thread::spawn(move || f(&table))
+}
+
+#[test]
+fn two_inserts_of_one_flow_leave_exactly_one_entry() {
+    loom::model(|| {
+        let table = one_bucket();
+        let k = key(1);
+        let h = flow_hash(&k);
+        let a = on(&table, move |t| {
+            t.insert(&k, h, value(1), FlowState::New, 0)
+        });
+        let b = on(&table, move |t| {
+            t.insert(&k, h, value(2), FlowState::New, 0)
+        });
+        let results = [a.join().unwrap(), b.join().unwrap()];
+        assert!(
+            results.iter().all(|r| !matches!(r, Insert::Full)),
+            "{results:?}"
+        );
+        let entries: Vec<_> = table.iter(0).filter(|(key, _)| *key == k).collect();
+        assert_eq!(entries.len(), 1, "{results:?}");
+        let kept = entries[0].1.value;
+        assert!(kept == value(1) || kept == value(2));
+        assert_eq!(table.lookup(&k, h, 0).map(|hit| hit.value), Some(kept));
+    });
+}
+
+#[test]
+fn a_lookup_racing_an_insert_sees_the_whole_entry_or_none() {
+    loom::model(|| {
+        let table = one_bucket();
+        let k = key(1);
+        let h = flow_hash(&k);
+        let writer = on(&table, move |t| {
+            t.insert(&k, h, value(42), FlowState::New, 0)
+        });
+        let reader = on(&table, move |t| t.lookup(&k, h, 0).map(|hit| hit.value));
+        assert!(matches!(writer.join().unwrap(), Insert::Inserted(_)));
+        let seen = reader.join().unwrap();
+        assert!(seen.is_none() || seen == Some(value(42)), "{seen:?}");
+    });
+}
+
+#[test]
+fn a_lookup_racing_an_eviction_sees_the_old_entry_or_none() {
+    loom::model(|| {
+        let table = one_bucket();
+        for p in 0..WAYS as u16 {
+            let k = key(p);
+            let _ = table.insert(
+                &k,
+                flow_hash(&k),
+                value(u32::from(p)),
+                FlowState::New,
+                u32::from(p),
+            );
+        }
+        // key(0) is the least recently seen new flow: the insert evicts it.
+        let newcomer = key(100);
+        let writer = on(&table, move |t| {
+            t.insert(
+                &newcomer,
+                flow_hash(&newcomer),
+                value(100),
+                FlowState::New,
+                10,
+            )
+        });
+        let old = key(0);
+        let reader = on(&table, move |t| {
+            t.lookup(&old, flow_hash(&old), 10).map(|hit| hit.value)
+        });
+        assert!(matches!(writer.join().unwrap(), Insert::Inserted(_)));
+        let seen = reader.join().unwrap();
+        assert!(seen.is_none() || seen == Some(value(0)), "{seen:?}");
+        assert!(table.lookup(&old, flow_hash(&old), 10).is_none());
+    });
+}
