@@ -2,9 +2,10 @@
 //!
 //! Every worker reads and writes it (a reply can arrive on another queue than its request),
 //! so nothing here waits for anything: no lock, no spin. A fixed array of buckets, set at
-//! start, each of [`WAYS`] entries of one cache line; a flow may live in either of two
-//! buckets chosen by its hash. An entry is eight atomic words, so the table needs no unsafe
-//! code.
+//! start, each of [`WAYS`] entries; a flow may live in either of two buckets chosen by its
+//! hash. An entry is eight atomic words (64 bytes), so the table needs no unsafe code: its
+//! `seq` word sits with those of its bucket in one cache line (a lookup checks a bucket's
+//! tags with one memory access), the other seven in the entry's body.
 //!
 //! ## Entry protocol (a per-entry seqlock whose writers never wait)
 //! The first word, `seq`, holds the entry's state (free, writing, valid), a counter bumped by
@@ -38,8 +39,8 @@
 use crate::packet::{Family, FlowKey, IpProto};
 use crate::sync::{fence, AtomicU64, Ordering};
 
-/// Entries per bucket.
-pub const WAYS: usize = 4;
+/// Entries per bucket (their `seq` words fill one cache line).
+pub const WAYS: usize = 8;
 
 /// A second on the caller's monotonic clock; the table never reads time itself.
 pub type Second = u32;
@@ -147,50 +148,62 @@ fn seq_tag(seq: u64) -> u32 {
     u32::try_from(seq >> 32).unwrap_or(0)
 }
 
-/// One entry: `seq`, five key words, the value, and the meta word (last seen, SNAT port,
-/// state). 64 bytes, one cache line.
+/// The `seq` words of one bucket, together in one cache line: a lookup reads the tags of a
+/// whole bucket with one memory access, and touches an entry's body only on a tag match.
 #[repr(align(64))]
-struct Entry {
-    seq: AtomicU64,
+struct SeqLine([AtomicU64; WAYS]);
+
+impl SeqLine {
+    fn new() -> Self {
+        Self([(); WAYS].map(|()| AtomicU64::new(FREE)))
+    }
+}
+
+/// The rest of an entry: five key words, the value, and the meta word (last seen, SNAT port,
+/// protocol, state). 56 bytes; with its `seq` word, 64 bytes per entry.
+struct Body {
     key: [AtomicU64; 5],
     value: AtomicU64,
     meta: AtomicU64,
 }
 
-impl Entry {
+impl Body {
     fn new() -> Self {
         Self {
-            seq: AtomicU64::new(FREE),
-            key: [
-                AtomicU64::new(0),
-                AtomicU64::new(0),
-                AtomicU64::new(0),
-                AtomicU64::new(0),
-                AtomicU64::new(0),
-            ],
+            key: [(); 5].map(|()| AtomicU64::new(0)),
             value: AtomicU64::new(0),
             meta: AtomicU64::new(0),
         }
     }
+}
 
-    /// Reads the entry as one consistent whole, or `None` if it is not valid or changed
-    /// while being read.
-    fn read(&self) -> Option<(u64, [u64; 5], u64, u64)> {
-        // Acquire: the key and value stores of the publication this load sees are visible.
-        let before = self.seq.load(Ordering::Acquire);
-        if before & STATE_MASK != VALID {
-            return None;
+/// Free entries found in a flow's buckets (at most two buckets' worth), without allocating.
+struct FreeList {
+    items: [(usize, u64); 2 * WAYS],
+    len: usize,
+}
+
+impl FreeList {
+    fn as_slice(&self) -> &[(usize, u64)] {
+        &self.items[..self.len]
+    }
+
+    fn sort_by_key<K: Ord>(&mut self, f: impl FnMut(&(usize, u64)) -> K) {
+        self.items[..self.len].sort_by_key(f);
+    }
+}
+
+impl FromIterator<(usize, u64)> for FreeList {
+    fn from_iter<I: IntoIterator<Item = (usize, u64)>>(iter: I) -> Self {
+        let mut list = Self {
+            items: [(0, 0); 2 * WAYS],
+            len: 0,
+        };
+        for (slot, item) in list.items.iter_mut().zip(iter) {
+            *slot = item;
+            list.len += 1;
         }
-        // Relaxed: validated by the second load of `seq` below.
-        let key = [0, 1, 2, 3, 4].map(|i| self.key[i].load(Ordering::Relaxed));
-        let value = self.value.load(Ordering::Relaxed);
-        let meta = self.meta.load(Ordering::Relaxed);
-        // Acquire fence: the word loads above are ordered before the re-read of `seq`, so a
-        // writer's claim that preceded any of them is seen below (Boehm, seqlocks, 2012).
-        fence(Ordering::Acquire);
-        // Relaxed: ordered by the fence above.
-        let after = self.seq.load(Ordering::Relaxed);
-        (before == after).then_some((before, key, value, meta))
+        list
     }
 }
 
@@ -282,7 +295,8 @@ fn meta_state(meta: u64) -> FlowState {
 
 /// The shared flow table.
 pub struct FlowTable {
-    entries: Box<[Entry]>,
+    seqs: Box<[SeqLine]>,
+    bodies: Box<[Body]>,
     bucket_mask: usize,
     timeouts: Timeouts,
 }
@@ -293,9 +307,9 @@ impl FlowTable {
     #[must_use]
     pub fn new(capacity: usize, timeouts: Timeouts) -> Self {
         let buckets = capacity.div_ceil(WAYS).max(1).next_power_of_two();
-        let entries = (0..buckets * WAYS).map(|_| Entry::new()).collect();
         Self {
-            entries,
+            seqs: (0..buckets).map(|_| SeqLine::new()).collect(),
+            bodies: (0..buckets * WAYS).map(|_| Body::new()).collect(),
             bucket_mask: buckets - 1,
             timeouts,
         }
@@ -304,19 +318,27 @@ impl FlowTable {
     /// The number of entries.
     #[must_use]
     pub fn capacity(&self) -> usize {
-        self.entries.len()
+        self.bodies.len()
     }
 
     /// Bytes of entry memory.
     #[must_use]
     pub fn memory_bytes(&self) -> usize {
-        self.entries.len() * core::mem::size_of::<Entry>()
+        self.seqs.len() * core::mem::size_of::<SeqLine>()
+            + self.bodies.len() * core::mem::size_of::<Body>()
     }
 
     /// The entry indices of a flow's two candidate buckets ("power of two choices": with one
     /// bucket per flow, 4-way buckets overflow at 15% load; with two, past 90%). The low 32
     /// bits of the hash pick the buckets; the high 32 are the tag (and the Maglev slot).
     fn candidates(&self, hash: u64) -> impl Iterator<Item = usize> + Clone {
+        let [a, b] = self.buckets(hash);
+        let (a, b) = (a * WAYS, b * WAYS);
+        (a..a + WAYS).chain(if a == b { b..b } else { b..b + WAYS })
+    }
+
+    /// The two bucket numbers of a flow, lower first (equal in a one-bucket table).
+    fn buckets(&self, hash: u64) -> [usize; 2] {
         let low = hash & 0xFFFF_FFFF;
         let first = usize::try_from(low).unwrap_or(0) & self.bucket_mask;
         let mixed = low.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32;
@@ -324,8 +346,55 @@ impl FlowTable {
         if second == first {
             second ^= 1 & self.bucket_mask;
         }
-        let (a, b) = (first.min(second) * WAYS, first.max(second) * WAYS);
-        (a..a + WAYS).chain(if a == b { b..b } else { b..b + WAYS })
+        [first.min(second), first.max(second)]
+    }
+
+    /// Scans the tags of the flow's buckets (one cache line each) and reads the body of an
+    /// entry only where the tag matches.
+    fn find(&self, hash: u64, tag: u32, words: &[u64; 5], now: Second) -> Option<Hit> {
+        let [a, b] = self.buckets(hash);
+        let buckets = if a == b { &[a][..] } else { &[a, b][..] };
+        for &bucket in buckets {
+            let line = self.seqs.get(bucket)?;
+            for (way, seq) in line.0.iter().enumerate() {
+                // Relaxed: a filter only; `hit_at` validates with Acquire.
+                let seq = seq.load(Ordering::Relaxed);
+                if seq_tag(seq) == tag && seq & STATE_MASK == VALID {
+                    if let Some(hit) = self.hit_at(bucket * WAYS + way, tag, words, now) {
+                        return Some(hit);
+                    }
+                }
+            }
+        }
+        None
+    }
+
+    /// The `seq` word of entry `i` (in range: every caller's index comes from `candidates`
+    /// or was checked against the capacity).
+    fn seq(&self, i: usize) -> &AtomicU64 {
+        &self.seqs[i / WAYS].0[i % WAYS]
+    }
+
+    /// Reads entry `i` as one consistent whole, or `None` if it is not valid or changed while
+    /// being read.
+    fn read(&self, i: usize) -> Option<(u64, [u64; 5], u64, u64)> {
+        let body = self.bodies.get(i)?;
+        let seq = self.seq(i);
+        // Acquire: the key and value stores of the publication this load sees are visible.
+        let before = seq.load(Ordering::Acquire);
+        if before & STATE_MASK != VALID {
+            return None;
+        }
+        // Relaxed: validated by the second load of `seq` below.
+        let key = [0, 1, 2, 3, 4].map(|w| body.key[w].load(Ordering::Relaxed));
+        let value = body.value.load(Ordering::Relaxed);
+        let meta = body.meta.load(Ordering::Relaxed);
+        // Acquire fence: the word loads above are ordered before the re-read of `seq`, so a
+        // writer's claim that preceded any of them is seen below (Boehm, seqlocks, 2012).
+        fence(Ordering::Acquire);
+        // Relaxed: ordered by the fence above.
+        let after = seq.load(Ordering::Relaxed);
+        (before == after).then_some((before, key, value, meta))
     }
 
     fn expired(&self, meta: u64, now: Second) -> bool {
@@ -338,13 +407,11 @@ impl FlowTable {
     pub fn lookup(&self, key: &FlowKey, hash: u64, now: Second) -> Option<Hit> {
         let words = key_words(key);
         let tag = seq_tag(hash);
-        self.candidates(hash)
-            .find_map(|i| self.hit_at(i, tag, &words, now))
+        self.find(hash, tag, &words, now)
     }
 
     fn hit_at(&self, index: usize, tag: u32, words: &[u64; 5], now: Second) -> Option<Hit> {
-        let entry = self.entries.get(index)?;
-        let (seq, key, value, meta) = entry.read()?;
+        let (seq, key, value, meta) = self.read(index)?;
         if seq_tag(seq) != tag || key != *words || self.expired(meta, now) {
             return None;
         }
@@ -359,7 +426,7 @@ impl FlowTable {
     /// Records that the entry at `index` was seen at `now`, and moves it to `state` unless it
     /// is closing already (closing is final). A no-op when the entry changed in between.
     pub fn touch(&self, index: u32, now: Second, state: Option<FlowState>) {
-        let Some(entry) = self.entries.get(index as usize) else {
+        let Some(entry) = self.bodies.get(index as usize) else {
             return;
         };
         // Relaxed: the meta word is one value; a lost race leaves a still-valid meta.
@@ -396,13 +463,10 @@ impl FlowTable {
     ) -> Insert {
         let words = key_words(key);
         let tag = seq_tag(hash);
-        let candidates = self.candidates(hash);
-        if let Some(hit) = candidates
-            .clone()
-            .find_map(|i| self.hit_at(i, tag, &words, now))
-        {
+        if let Some(hit) = self.find(hash, tag, &words, now) {
             return Insert::Existing(hit);
         }
+        let candidates = self.candidates(hash);
         let Some(index) = self.claim(candidates.clone(), tag, now) else {
             return Insert::Full;
         };
@@ -419,46 +483,67 @@ impl FlowTable {
         tag: u32,
         now: Second,
     ) -> Option<usize> {
+        let try_claim = |i: usize, seq: u64| {
+            let claimed = seq_word(tag, (seq & COUNTER_MASK) + COUNTER_ONE, WRITING);
+            // Acquire on success: this writer's later stores follow the claim.
+            // Relaxed on failure: the entry is simply skipped.
+            self.seq(i)
+                .compare_exchange(seq, claimed, Ordering::Acquire, Ordering::Relaxed)
+                .is_ok()
+        };
         for _ in 0..2 {
-            let mut candidates: [(usize, u64, u8, Second); 2 * WAYS] =
-                [(0, 0, u8::MAX, 0); 2 * WAYS];
-            for (slot, i) in candidates.iter_mut().zip(entries.clone()) {
-                let entry = &self.entries[i];
-                // Acquire: pairs with the publication, so the meta read below is current.
-                let seq = entry.seq.load(Ordering::Acquire);
-                let meta = entry.meta.load(Ordering::Relaxed);
-                let rank = match seq & STATE_MASK {
-                    FREE => 0,
-                    VALID if self.expired(meta, now) => 1,
-                    VALID if meta_state(meta) != FlowState::Established => 2,
-                    _ => u8::MAX, // being written, or established and fresh
-                };
-                *slot = (i, seq, rank, meta_seen(meta));
+            let mut seen = [(0usize, 0u64); 2 * WAYS];
+            let mut n = 0;
+            for (slot, i) in seen.iter_mut().zip(entries.clone()) {
+                // Acquire: pairs with the publication, so a meta read below is current.
+                *slot = (i, self.seq(i).load(Ordering::Acquire));
+                n += 1;
             }
-            // The emptier bucket first ("least loaded of two choices": first fit into the
-            // first bucket overflowed 0.6% of inserts at half load), then the best rank.
-            let snapshot = candidates;
-            let used = |bucket: usize| {
-                snapshot
-                    .iter()
-                    .filter(|c| c.0 / WAYS == bucket && c.2 != 0)
-                    .count()
-            };
-            candidates.sort_by_key(|&(i, _, rank, seen)| (rank, used(i / WAYS), seen));
-            for (i, seq, rank, _) in candidates {
-                if rank == u8::MAX {
-                    break;
-                }
-                let claimed = seq_word(tag, (seq & COUNTER_MASK) + COUNTER_ONE, WRITING);
-                // Acquire on success: this writer's later stores follow the claim.
-                // Relaxed on failure: the entry is simply skipped.
-                if self.entries[i]
-                    .seq
-                    .compare_exchange(seq, claimed, Ordering::Acquire, Ordering::Relaxed)
-                    .is_ok()
-                {
+            let seen = &seen[..n];
+            // A free entry, in the emptier bucket first ("least loaded of two choices": first
+            // fit into the first bucket overflowed 0.6% of inserts at half load). Only the
+            // buckets' seq lines are read.
+            let first_bucket = seen[0].0 / WAYS;
+            let is_free = |&&(_, seq): &&(usize, u64)| seq & STATE_MASK == FREE;
+            let free_in_first = seen
+                .iter()
+                .filter(is_free)
+                .filter(|(i, _)| i / WAYS == first_bucket)
+                .count();
+            let free_in_second = seen.iter().filter(is_free).count() - free_in_first;
+            let second_first = free_in_second > free_in_first;
+            let mut free = seen.iter().filter(is_free).copied().collect::<FreeList>();
+            if second_first {
+                free.sort_by_key(|(i, _)| i / WAYS == first_bucket);
+            }
+            for &(i, seq) in free.as_slice() {
+                if try_claim(i, seq) {
                     return Some(i);
                 }
+            }
+            // Else an expired entry, else the least recently seen new or closing one.
+            let mut best: Option<(u8, Second, usize, u64)> = None;
+            for &(i, seq) in seen {
+                if seq & STATE_MASK != VALID {
+                    continue;
+                }
+                // Relaxed: ranking only; the claim CAS decides.
+                let meta = self.bodies[i].meta.load(Ordering::Relaxed);
+                let rank = if self.expired(meta, now) {
+                    (1, 0)
+                } else if meta_state(meta) != FlowState::Established {
+                    (2, meta_seen(meta))
+                } else {
+                    continue;
+                };
+                if best.is_none_or(|b| rank < (b.0, b.1)) {
+                    best = Some((rank.0, rank.1, i, seq));
+                }
+            }
+            match best {
+                Some((_, _, i, seq)) if try_claim(i, seq) => return Some(i),
+                Some(_) => continue, // lost the race for it: look again
+                None => return None,
             }
         }
         None
@@ -474,9 +559,10 @@ impl FlowTable {
         state: FlowState,
         now: Second,
     ) {
-        let entry = &self.entries[index];
+        let entry = &self.bodies[index];
+        let seq = self.seq(index);
         // Relaxed: this entry is ours since our claim; nobody else writes `seq` now.
-        let claimed = entry.seq.load(Ordering::Relaxed);
+        let claimed = seq.load(Ordering::Relaxed);
         // Release fence: a reader that sees any of the stores below also sees *writing*
         // on its second read of `seq` (Boehm's seqlock writer).
         fence(Ordering::Release);
@@ -489,9 +575,7 @@ impl FlowTable {
             .meta
             .store(meta_word(now, value.port, proto, state), Ordering::Relaxed);
         // Release: readers that see *valid* see the words above.
-        entry
-            .seq
-            .store((claimed & !STATE_MASK) | VALID, Ordering::Release);
+        seq.store((claimed & !STATE_MASK) | VALID, Ordering::Release);
     }
 
     /// After publishing at `mine`: keeps one entry per key in the flow's buckets (see the
@@ -513,9 +597,8 @@ impl FlowTable {
             if i == mine {
                 continue;
             }
-            let entry = &self.entries[i];
             // Acquire: pairs with the other insert's publication.
-            let seq = entry.seq.load(Ordering::Acquire);
+            let seq = self.seq(i).load(Ordering::Acquire);
             if seq_tag(seq) != tag {
                 continue;
             }
@@ -542,10 +625,10 @@ impl FlowTable {
 
     /// Frees our own entry.
     fn withdraw(&self, index: usize) {
-        let entry = &self.entries[index];
+        let seq_word_ref = self.seq(index);
         // Relaxed load: the entry is ours; Release store: a later claimer sees it free.
-        let seq = entry.seq.load(Ordering::Relaxed);
-        entry.seq.store(
+        let seq = seq_word_ref.load(Ordering::Relaxed);
+        seq_word_ref.store(
             seq_word(0, (seq & COUNTER_MASK) + COUNTER_ONE, FREE),
             Ordering::Release,
         );
@@ -555,20 +638,14 @@ impl FlowTable {
     fn withdraw_if(&self, index: usize, seq: u64) {
         let free = seq_word(0, (seq & COUNTER_MASK) + COUNTER_ONE, FREE);
         // Release on success: like any freeing; Relaxed on failure: it changed, leave it.
-        let _ = self.entries[index].seq.compare_exchange(
-            seq,
-            free,
-            Ordering::Release,
-            Ordering::Relaxed,
-        );
+        let _ = self
+            .seq(index)
+            .compare_exchange(seq, free, Ordering::Release, Ordering::Relaxed);
     }
 
     /// Removes the entry at `index` if it still holds `key`.
     pub fn remove(&self, index: u32, key: &FlowKey) {
-        let Some(entry) = self.entries.get(index as usize) else {
-            return;
-        };
-        if let Some((seq, words, _, _)) = entry.read() {
+        if let Some((seq, words, _, _)) = self.read(index as usize) {
             if words == key_words(key) {
                 self.withdraw_if(index as usize, seq);
             }
@@ -577,28 +654,25 @@ impl FlowTable {
 
     /// Every live entry, read consistently one by one (the table keeps changing meanwhile).
     pub fn iter(&self, now: Second) -> impl Iterator<Item = (FlowKey, Hit)> + '_ {
-        self.entries
-            .iter()
-            .enumerate()
-            .filter_map(move |(i, entry)| {
-                let (_, words, value, meta) = entry.read()?;
-                if self.expired(meta, now) {
-                    return None;
-                }
-                let hit = Hit {
-                    index: u32::try_from(i).unwrap_or(u32::MAX),
-                    value: value_from_word(value, meta),
-                    state: meta_state(meta),
-                    last_seen: meta_seen(meta),
-                };
-                Some((key_from_words(&words), hit))
-            })
+        (0..self.bodies.len()).filter_map(move |i| {
+            let (_, words, value, meta) = self.read(i)?;
+            if self.expired(meta, now) {
+                return None;
+            }
+            let hit = Hit {
+                index: u32::try_from(i).unwrap_or(u32::MAX),
+                value: value_from_word(value, meta),
+                state: meta_state(meta),
+                last_seen: meta_seen(meta),
+            };
+            Some((key_from_words(&words), hit))
+        })
     }
 }
 
 impl core::fmt::Debug for FlowTable {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        write!(f, "FlowTable({} entries)", self.entries.len())
+        write!(f, "FlowTable({} entries)", self.bodies.len())
     }
 }
 
@@ -622,9 +696,12 @@ mod tests {
     }
 
     #[test]
-    fn an_entry_is_one_cache_line() {
-        assert_eq!(core::mem::size_of::<Entry>(), 64);
-        assert_eq!(core::mem::align_of::<Entry>(), 64);
+    fn an_entry_takes_64_bytes_and_a_bucket_of_tags_one_cache_line() {
+        assert_eq!(core::mem::size_of::<SeqLine>(), 64);
+        assert_eq!(core::mem::align_of::<SeqLine>(), 64);
+        assert_eq!(core::mem::size_of::<Body>() + 8, 64);
+        let t = FlowTable::new(1024, Timeouts::default());
+        assert_eq!(t.memory_bytes(), t.capacity() * 64);
     }
 
     #[test]

@@ -1,0 +1,97 @@
+//! The flow table: lookup hit, lookup miss and insert of new flows, with 1 000, 100 000 and
+//! 1 000 000 live flows in a table sized for them (capacity twice the flows), one thread.
+
+use std::hint::black_box;
+
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use xlb_dataplane::lb::flow::{FlowState, FlowTable, FlowValue, Insert, Timeouts};
+use xlb_dataplane::lb::hash::flow_hash;
+use xlb_dataplane::packet::{key_addr, Family, FlowKey, IpProto};
+
+const BATCH: usize = 64;
+
+fn key(n: u32) -> FlowKey {
+    FlowKey::new(
+        Family::Ipv4,
+        IpProto::TCP,
+        (
+            key_addr(std::net::Ipv4Addr::from(0xc612_0000 | (n >> 16)).into()),
+            n as u16,
+        ),
+        (key_addr([198, 18, 64, 1].into()), 80),
+    )
+}
+
+/// A table holding `flows` established flows, and their keys with hashes.
+fn filled(flows: u32) -> (FlowTable, Vec<(FlowKey, u64)>) {
+    let table = FlowTable::new(flows as usize * 2, Timeouts::default());
+    let keys: Vec<(FlowKey, u64)> = (0..flows).map(|n| (key(n), flow_hash(&key(n)))).collect();
+    for (n, (k, h)) in keys.iter().enumerate() {
+        let v = FlowValue {
+            a: 1,
+            b: n as u32,
+            port: 0,
+        };
+        let _ = table.insert(k, *h, v, FlowState::Established, 0);
+    }
+    (table, keys)
+}
+
+fn flow_table(c: &mut Criterion) {
+    let mut group = c.benchmark_group("flow");
+    group.throughput(Throughput::Elements(BATCH as u64));
+    for flows in [1_000u32, 100_000, 1_000_000] {
+        let (table, keys) = filled(flows);
+        // Batches walk the keys with a stride, so large tables miss the cache as traffic does.
+        let mut at = 0usize;
+        group.bench_function(format!("hit/{flows}"), |b| {
+            b.iter(|| {
+                for _ in 0..BATCH {
+                    at = (at + 7919) % keys.len();
+                    let (k, h) = &keys[at];
+                    black_box(table.lookup(k, *h, 1));
+                }
+            });
+        });
+        let absent: Vec<(FlowKey, u64)> = (0..BATCH as u32)
+            .map(|i| {
+                let k = key(flows + 1 + i * 31);
+                (k, flow_hash(&k))
+            })
+            .collect();
+        group.bench_function(format!("miss/{flows}"), |b| {
+            b.iter(|| {
+                for (k, h) in &absent {
+                    black_box(table.lookup(k, *h, 1));
+                }
+            });
+        });
+        // New flows into the filled table (new state: they evict each other, never the
+        // established ones); a fresh batch of keys each iteration.
+        let mut next = flows + 10_000_000;
+        group.bench_function(format!("insert/{flows}"), |b| {
+            b.iter_batched(
+                || {
+                    next = next.wrapping_add(BATCH as u32);
+                    (0..BATCH as u32)
+                        .map(|i| {
+                            let k = key(next + i);
+                            (k, flow_hash(&k))
+                        })
+                        .collect::<Vec<_>>()
+                },
+                |batch| {
+                    for (k, h) in &batch {
+                        let r = table.insert(k, *h, FlowValue::default(), FlowState::New, 2);
+                        black_box(matches!(r, Insert::Inserted(_)));
+                    }
+                },
+                BatchSize::SmallInput,
+            );
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, flow_table);
+criterion_main!(benches);
