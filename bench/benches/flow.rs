@@ -53,6 +53,24 @@ fn flow_table(c: &mut Criterion) {
                 }
             });
         });
+        // The same, stage by stage as a worker runs a batch: prefetch all, then look up all.
+        // (A middle stage prefetching the matching bodies measured slower: 92 against 64 ns
+        // at 100 000 flows.)
+        let mut at = 0usize;
+        group.bench_function(format!("hit-batched/{flows}"), |b| {
+            b.iter(|| {
+                let mut batch = [0usize; BATCH];
+                for slot in &mut batch {
+                    at = (at + 7919) % keys.len();
+                    *slot = at;
+                    table.prefetch(keys[at].1);
+                }
+                for &i in &batch {
+                    let (k, h) = &keys[i];
+                    black_box(table.lookup(k, *h, 1));
+                }
+            });
+        });
         let absent: Vec<(FlowKey, u64)> = (0..BATCH as u32)
             .map(|i| {
                 let k = key(flows + 1 + i * 31);
