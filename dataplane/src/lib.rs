@@ -10,11 +10,16 @@
 //!   rewrite primitives with RFC 1624 incremental checksums. No unsafe, no allocation, no
 //!   sockets, threads or time.
 //!
+//! Unsafe: denied crate-wide; the only exception is `prefetch`, one target-feature
+//! intrinsic with its safety boundary documented there. `packet` and `lb` forbid it.
+//!
 //! Panic contract: no bytes received from the network can make this crate panic; property
 //! tests and the fuzz target in `fuzz/` hold it to that.
 
-#![forbid(unsafe_code)]
+// Unsafe code is denied everywhere but in `prefetch` (one intrinsic, reviewed).
+#![deny(unsafe_code)]
 
 pub mod lb;
 pub mod packet;
+mod prefetch;
 mod sync;

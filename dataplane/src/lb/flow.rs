@@ -404,20 +404,14 @@ impl FlowTable {
 
     /// Starts loading the tag lines of a flow's buckets, so that a lookup issued a little
     /// later finds them in cache. A batch prefetches all its flows first, then looks them up:
-    /// the loads overlap instead of each lookup waiting for its own.
+    /// the misses overlap instead of each lookup waiting for its own.
     #[inline]
     pub fn prefetch(&self, hash: u64) {
-        let [a, b] = self.buckets(hash);
-        // Relaxed: the values are not used; the loads only bring the lines into the cache.
-        let touched = self
-            .seqs
-            .get(a)
-            .map_or(0, |l| l.0[0].load(Ordering::Relaxed))
-            ^ self
-                .seqs
-                .get(b)
-                .map_or(0, |l| l.0[0].load(Ordering::Relaxed));
-        core::hint::black_box(touched);
+        for bucket in self.buckets(hash) {
+            if let Some(line) = self.seqs.get(bucket) {
+                crate::prefetch::prefetch_read(line);
+            }
+        }
     }
 
     /// Finds a live entry for `key` (whose flow hash is `hash`).

@@ -4,6 +4,8 @@
 //! alike ([`hash`]), the immutable service table the workers read ([`snapshot`]), and the
 //! lock-free flow table they share ([`flow`]). Must not know: sockets, threads, time sources, Kubernetes. No unsafe.
 
+#![forbid(unsafe_code)]
+
 pub mod flow;
 pub mod hash;
 pub mod maglev;

@@ -15,6 +15,8 @@
 //! checksums, classifying fragments and ICMP errors and recording the offsets the rewrite
 //! needs. etherparse stays in the benchmark crate as the contender and an agreement check.
 
+#![forbid(unsafe_code)]
+
 mod checksum;
 mod describe;
 mod key;
