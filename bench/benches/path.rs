@@ -116,6 +116,10 @@ fn established(c: &mut Criterion) {
                     *slot = Some((p, h));
                 }
             }
+            // Stage 1b: with the tag lines arriving, prefetch the matching entries.
+            for (_, h) in parsed.iter().flatten() {
+                table.prefetch_entry(*h);
+            }
             // Stage 2: flow lookup, backend, rewrite.
             for (buf, slot) in bufs.iter_mut().zip(parsed.iter_mut()) {
                 let Some((p, h)) = slot else { continue };

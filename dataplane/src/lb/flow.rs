@@ -207,6 +207,13 @@ impl FromIterator<(usize, u64)> for FreeList {
     }
 }
 
+/// Whether two keys in word form are equal: five XORs, where `==` on the arrays became a
+/// `memcmp` call (6% of the established path's samples).
+#[inline(always)]
+fn same_key(a: &[u64; 5], b: &[u64; 5]) -> bool {
+    a.iter().zip(b).fold(0, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
 /// The key in five words.
 fn key_words(key: &FlowKey) -> [u64; 5] {
     let half = |b: &[u8; 16], i: usize| {
@@ -414,6 +421,26 @@ impl FlowTable {
         }
     }
 
+    /// The second prefetch stage of a batch: with the tag lines in cache (after
+    /// [`Self::prefetch`]), prefetches the body of every entry whose tag matches the flow's.
+    #[inline]
+    pub fn prefetch_entry(&self, hash: u64) {
+        let tag = seq_tag(hash);
+        for bucket in self.buckets(hash) {
+            let Some(line) = self.seqs.get(bucket) else {
+                continue;
+            };
+            for (way, seq) in line.0.iter().enumerate() {
+                // Relaxed: a filter for a cache hint only.
+                if seq_tag(seq.load(Ordering::Relaxed)) == tag {
+                    if let Some(body) = self.bodies.get(bucket * WAYS + way) {
+                        crate::prefetch::prefetch_read(body);
+                    }
+                }
+            }
+        }
+    }
+
     /// Finds a live entry for `key` (whose flow hash is `hash`).
     #[must_use]
     pub fn lookup(&self, key: &FlowKey, hash: u64, now: Second) -> Option<Hit> {
@@ -424,7 +451,7 @@ impl FlowTable {
 
     fn hit_at(&self, index: usize, tag: u32, words: &[u64; 5], now: Second) -> Option<Hit> {
         let (seq, key, value, meta) = self.read(index)?;
-        if seq_tag(seq) != tag || key != *words || self.expired(meta, now) {
+        if seq_tag(seq) != tag || !same_key(&key, words) || self.expired(meta, now) {
             return None;
         }
         Some(Hit {
