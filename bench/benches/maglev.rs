@@ -10,8 +10,7 @@ use std::sync::Arc;
 
 use xlb_dataplane::lb::maglev::MaglevTable;
 use xlb_dataplane::lb::snapshot::{
-    Backend, BackendId, BackendState, NoBackend, Scheduler, Service, ServiceId, ServiceKey,
-    ServiceSpec, Snapshot,
+    Backend, BackendId, BackendState, Service, ServiceId, ServiceKey, ServiceSpec, Snapshot,
 };
 use xlb_dataplane::packet::{Endpoint, IpProto};
 
@@ -60,20 +59,17 @@ fn lookup(c: &mut Criterion) {
 fn snapshot_of(services: u32) -> Snapshot {
     let built = (0..services)
         .map(|n| {
-            let spec = ServiceSpec {
-                id: ServiceId(NonZeroU32::MIN.saturating_add(n)),
-                key: service_key(n),
-                backends: vec![Backend {
-                    id: BackendId(NonZeroU32::MIN),
-                    endpoint: Endpoint::new(Ipv4Addr::from(0xc613_0000 + n).into(), 8080),
-                    state: BackendState::Ready,
-                    weight: 1,
-                }],
-                scheduler: Scheduler::Maglev,
-                affinity_timeout: None,
-                no_backend: NoBackend::Reject,
-                table_size: None,
-            };
+            let backends = vec![Backend {
+                id: BackendId(NonZeroU32::MIN),
+                endpoint: Endpoint::new(Ipv4Addr::from(0xc613_0000 + n).into(), 8080),
+                state: BackendState::Ready,
+                weight: 1,
+            }];
+            let spec = ServiceSpec::new(
+                ServiceId(NonZeroU32::MIN.saturating_add(n)),
+                service_key(n),
+                backends,
+            );
             Arc::new(Service::new(spec).expect("valid Service"))
         })
         .collect();

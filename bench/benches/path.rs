@@ -18,8 +18,7 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use xlb_dataplane::lb::flow::{FlowState, FlowTable, FlowValue, Timeouts};
 use xlb_dataplane::lb::hash::flow_hash;
 use xlb_dataplane::lb::snapshot::{
-    Backend, BackendId, BackendState, NoBackend, Scheduler, Service, ServiceId, ServiceKey,
-    ServiceSpec, Snapshot,
+    Backend, BackendId, BackendState, Service, ServiceId, ServiceKey, ServiceSpec, Snapshot,
 };
 use xlb_dataplane::packet::builder::pkt;
 use xlb_dataplane::packet::{parse, set_destination, Endpoint, IpProto, Parsed};
@@ -36,18 +35,11 @@ fn snapshot() -> Snapshot {
             weight: 1,
         })
         .collect();
-    let spec = ServiceSpec {
-        id: ServiceId(NonZeroU32::MIN),
-        key: ServiceKey {
-            vip: Endpoint::new(VIP.into(), 80),
-            proto: IpProto::TCP,
-        },
-        backends,
-        scheduler: Scheduler::Maglev,
-        affinity_timeout: None,
-        no_backend: NoBackend::Reject,
-        table_size: None,
+    let key = ServiceKey {
+        vip: Endpoint::new(VIP.into(), 80),
+        proto: IpProto::TCP,
     };
+    let spec = ServiceSpec::new(ServiceId(NonZeroU32::MIN), key, backends);
     Snapshot::new(1, vec![Arc::new(Service::new(spec).expect("valid"))]).expect("one Service")
 }
 

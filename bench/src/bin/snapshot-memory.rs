@@ -7,8 +7,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use xlb_dataplane::lb::snapshot::{
-    Backend, BackendId, BackendState, NoBackend, Scheduler, Service, ServiceId, ServiceKey,
-    ServiceSpec, Snapshot,
+    Backend, BackendId, BackendState, Service, ServiceId, ServiceKey, ServiceSpec, Snapshot,
 };
 use xlb_dataplane::packet::{Endpoint, IpProto};
 
@@ -48,18 +47,11 @@ fn main() -> ExitCode {
                 }
             })
             .collect();
-        let spec = ServiceSpec {
-            id: ServiceId(NonZeroU32::MIN.saturating_add(n)),
-            key: ServiceKey {
-                vip,
-                proto: IpProto::TCP,
-            },
-            backends,
-            scheduler: Scheduler::Maglev,
-            affinity_timeout: None,
-            no_backend: NoBackend::Reject,
-            table_size: None,
+        let key = ServiceKey {
+            vip,
+            proto: IpProto::TCP,
         };
+        let spec = ServiceSpec::new(ServiceId(NonZeroU32::MIN.saturating_add(n)), key, backends);
         match Service::new(spec) {
             Ok(service) => built.push(Arc::new(service)),
             Err(e) => {

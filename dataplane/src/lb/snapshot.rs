@@ -114,6 +114,23 @@ pub struct ServiceSpec {
     pub table_size: Option<u32>,
 }
 
+impl ServiceSpec {
+    /// A Service with the defaults: Maglev, no session affinity, reject when no backend is
+    /// usable, automatic table size.
+    #[must_use]
+    pub fn new(id: ServiceId, key: ServiceKey, backends: Vec<Backend>) -> Self {
+        Self {
+            id,
+            key,
+            backends,
+            scheduler: Scheduler::default(),
+            affinity_timeout: None,
+            no_backend: NoBackend::default(),
+            table_size: None,
+        }
+    }
+}
+
 /// Why a snapshot cannot be built. The control plane keeps its previous snapshot.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SnapshotError {
@@ -340,18 +357,11 @@ mod tests {
     }
 
     fn spec(backends: Vec<Backend>) -> ServiceSpec {
-        ServiceSpec {
-            id: ServiceId(id(1)),
-            key: ServiceKey {
-                vip: Endpoint::new([198, 18, 64, 1].into(), 80),
-                proto: IpProto::TCP,
-            },
-            backends,
-            scheduler: Scheduler::Maglev,
-            affinity_timeout: None,
-            no_backend: NoBackend::Reject,
-            table_size: None,
-        }
+        let key = ServiceKey {
+            vip: Endpoint::new([198, 18, 64, 1].into(), 80),
+            proto: IpProto::TCP,
+        };
+        ServiceSpec::new(ServiceId(id(1)), key, backends)
     }
 
     #[test]
