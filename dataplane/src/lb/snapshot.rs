@@ -4,6 +4,9 @@
 //! afterwards. Services are shared between consecutive snapshots (`Arc`), so a snapshot that
 //! changes one Service rebuilds one Maglev table, not all of them.
 //!
+//! A Service picks a backend for a new flow with its [`Scheduler`] ([`Service::pick`]):
+//! Maglev (the default), random, round-robin or least-connections.
+//!
 //! Backends carry stable [`BackendId`]s (assigned by the control plane, the same for the same
 //! backend of a Service in every snapshot) so that the flow table can remember a flow's
 //! backend across snapshots and tell when that backend has left.
@@ -12,6 +15,8 @@ use std::num::NonZeroU32;
 use std::sync::Arc;
 
 use hashbrown::HashMap;
+
+use crate::sync::{AtomicU64, Ordering};
 
 use crate::packet::{Endpoint, FlowKey, IpProto};
 
@@ -177,6 +182,10 @@ pub struct Service {
     pickable: Box<[u16]>,
     /// Over `pickable`, for the Maglev scheduler; `None` when nothing is pickable.
     maglev: Option<MaglevTable>,
+    /// Round-robin position, shared by the workers.
+    turn: AtomicU64,
+    /// Live flows per pickable backend (same order as `pickable`), for least-connections.
+    live: Box<[AtomicU64]>,
 }
 
 impl Service {
@@ -219,10 +228,13 @@ impl Service {
                     .map_err(|e| SnapshotError::Maglev(spec.id, e))?,
             )
         };
+        let live = pickable.iter().map(|_| AtomicU64::new(0)).collect();
         Ok(Self {
             spec,
             pickable: pickable.into_boxed_slice(),
             maglev,
+            turn: AtomicU64::new(0),
+            live,
         })
     }
 
@@ -258,11 +270,76 @@ impl Service {
         self.spec.backends.get(usize::from(*index))
     }
 
+    /// Picks the backend for a new flow with the Service's scheduler, or `None` when no
+    /// backend takes new flows.
+    ///
+    /// `flow_hash` is the packet's [`super::hash::flow_hash`] (Maglev); `random` a fresh
+    /// random number from the worker (random). Round-robin and least-connections follow IPVS
+    /// `rr` and `lc`, and random follows kube-proxy's iptables mode: all three ignore weights
+    /// (weight 0 still excludes a backend).
+    #[inline]
+    #[must_use]
+    pub fn pick(&self, flow_hash: u64, random: u64) -> Option<&Backend> {
+        let n = self.pickable.len() as u64;
+        if n == 0 {
+            return None;
+        }
+        let slot = match self.spec.scheduler {
+            Scheduler::Maglev => return self.maglev_pick(flow_hash),
+            // The high 32 bits scaled to [0, n): no modulo bias worth a division.
+            Scheduler::Random => ((random >> 32) * n) >> 32,
+            // Relaxed: the counter only spreads picks; no other memory depends on it.
+            Scheduler::RoundRobin => self.turn.fetch_add(1, Ordering::Relaxed) % n,
+            Scheduler::LeastConnections => self
+                .live
+                .iter()
+                .enumerate()
+                // Relaxed: a momentary count is all least-connections promises.
+                .min_by_key(|(_, c)| c.load(Ordering::Relaxed))
+                .map_or(0, |(i, _)| i as u64),
+        };
+        let index = self.pickable.get(usize::try_from(slot).unwrap_or(0))?;
+        self.spec.backends.get(usize::from(*index))
+    }
+
+    /// Counts a flow that started on `backend` (for least-connections).
+    pub fn flow_started(&self, backend: BackendId) {
+        if let Some(count) = self.live_count(backend) {
+            // Relaxed: an independent counter.
+            count.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Counts a flow on `backend` that ended (closed, expired or evicted).
+    pub fn flow_ended(&self, backend: BackendId) {
+        if let Some(count) = self.live_count(backend) {
+            // Relaxed: an independent counter; never below zero.
+            let _ = count.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |c| c.checked_sub(1));
+        }
+    }
+
+    /// The live flows counted on `backend`, if it takes new flows.
+    #[must_use]
+    pub fn live_flows(&self, backend: BackendId) -> Option<u64> {
+        // Relaxed: a momentary reading.
+        self.live_count(backend).map(|c| c.load(Ordering::Relaxed))
+    }
+
+    fn live_count(&self, backend: BackendId) -> Option<&AtomicU64> {
+        let i = self
+            .spec
+            .backends
+            .binary_search_by_key(&backend, |b| b.id)
+            .ok()?;
+        let slot = self.pickable.iter().position(|&p| usize::from(p) == i)?;
+        self.live.get(slot)
+    }
+
     /// Approximate heap bytes this Service holds (backends, pick list, Maglev slots).
     #[must_use]
     pub fn heap_bytes(&self) -> usize {
         self.spec.backends.capacity() * core::mem::size_of::<Backend>()
-            + self.pickable.len() * 2
+            + self.pickable.len() * (2 + core::mem::size_of::<AtomicU64>())
             + self.maglev.as_ref().map_or(0, |m| m.slots().len() * 2)
     }
 }
@@ -404,6 +481,64 @@ mod tests {
             "its flows still find it"
         );
         assert!(s.backend(BackendId(id(9))).is_none());
+    }
+
+    fn with(scheduler: Scheduler, n: u8) -> Service {
+        let mut s = spec((1..=n).map(|i| backend(i, BackendState::Ready)).collect());
+        s.scheduler = scheduler;
+        Service::new(s).unwrap()
+    }
+
+    #[test]
+    fn round_robin_takes_the_backends_in_turn() {
+        let s = with(Scheduler::RoundRobin, 3);
+        let ids: Vec<u32> = (0..6).map(|_| s.pick(0, 0).unwrap().id.0.get()).collect();
+        assert_eq!(ids, vec![1, 2, 3, 1, 2, 3]);
+    }
+
+    #[test]
+    fn random_spreads_new_flows_evenly() {
+        let s = with(Scheduler::Random, 4);
+        let mut counts = [0u32; 4];
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        for _ in 0..40_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            counts[s.pick(0, x).unwrap().id.0.get() as usize - 1] += 1;
+        }
+        assert!(
+            counts.iter().all(|&c| (9_000..11_000).contains(&c)),
+            "{counts:?}"
+        );
+    }
+
+    #[test]
+    fn least_connections_picks_the_backend_with_fewest_live_flows() {
+        let s = with(Scheduler::LeastConnections, 3);
+        let b = |n: u32| BackendId(id(n));
+        s.flow_started(b(1));
+        s.flow_started(b(1));
+        s.flow_started(b(2));
+        assert_eq!(s.pick(0, 0).unwrap().id, b(3));
+        s.flow_started(b(3));
+        s.flow_started(b(3));
+        assert_eq!(s.pick(0, 0).unwrap().id, b(2));
+        s.flow_ended(b(1));
+        s.flow_ended(b(1));
+        s.flow_ended(b(1)); // never below zero
+        assert_eq!(s.live_flows(b(1)), Some(0));
+        assert_eq!(s.pick(0, 0).unwrap().id, b(1));
+    }
+
+    #[test]
+    fn maglev_pick_is_the_default_and_follows_the_flow_hash() {
+        let s = with(Scheduler::default(), 5);
+        for h in [1, 2, 3, u64::MAX] {
+            assert_eq!(s.pick(h, 0).map(|b| b.id), s.maglev_pick(h).map(|b| b.id));
+        }
+        let none = Service::new(spec(vec![backend(1, BackendState::Draining)])).unwrap();
+        assert!(none.pick(1, 1).is_none());
     }
 
     #[test]
