@@ -31,6 +31,7 @@ fn filled(flows: u32) -> (FlowTable, Vec<(FlowKey, u64)>) {
             a: 1,
             b: n as u32,
             port: 0,
+            reverse: false,
         };
         let _ = table.insert(k, *h, v, FlowState::Established, 0);
     }

@@ -79,6 +79,7 @@ fn established(c: &mut Criterion) {
             a: service.spec().id.0.get(),
             b: backend.id.0.get(),
             port: 0,
+            reverse: false,
         };
         let _ = table.insert(&p.key, h, value, FlowState::Established, 0);
     }

@@ -25,7 +25,11 @@ fn key(port: u16) -> FlowKey {
 }
 
 fn value(b: u32) -> FlowValue {
-    FlowValue { a: 7, b, port: 0 }
+    FlowValue {
+        a: 7,
+        b,
+        ..FlowValue::default()
+    }
 }
 
 fn one_bucket() -> Arc<FlowTable> {

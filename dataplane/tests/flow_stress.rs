@@ -33,6 +33,7 @@ fn value_of(n: u32) -> FlowValue {
         a: n.wrapping_mul(2_654_435_761),
         b: !n,
         port: (n % 65_521) as u16,
+        reverse: false,
     }
 }
 

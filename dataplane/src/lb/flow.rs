@@ -104,6 +104,8 @@ pub struct FlowValue {
     pub b: u32,
     /// A port the entry remembers (the SNAT source port), or zero.
     pub port: u16,
+    /// Whether the entry is a flow's reverse direction (replies), not its forward one.
+    pub reverse: bool,
 }
 
 /// A found entry.
@@ -267,17 +269,22 @@ fn value_from_word(word: u64, meta: u64) -> FlowValue {
         a: u32::try_from(word & 0xFFFF_FFFF).unwrap_or(0),
         b: u32::try_from(word >> 32).unwrap_or(0),
         port: meta_port(meta),
+        reverse: meta & REVERSE != 0,
     }
 }
 
-/// meta: last seen (32 bits) | SNAT port (16) | proto (8) | state (8).
-fn meta_word(last_seen: Second, port: u16, proto: IpProto, state: FlowState) -> u64 {
+/// The meta word's flag of a reverse entry (in the state byte).
+const REVERSE: u64 = 0x80;
+
+/// meta: last seen (32 bits) | SNAT port (16) | proto (8) | reverse flag and state (8).
+fn meta_word(last_seen: Second, port: u16, reverse: bool, proto: IpProto, state: FlowState) -> u64 {
     let state = match state {
         FlowState::New => 0u64,
         FlowState::Established => 1,
         FlowState::Closing => 2,
     };
-    u64::from(last_seen) << 32 | u64::from(port) << 16 | u64::from(proto.0) << 8 | state
+    let reverse = if reverse { REVERSE } else { 0 };
+    u64::from(last_seen) << 32 | u64::from(port) << 16 | u64::from(proto.0) << 8 | reverse | state
 }
 
 fn meta_seen(meta: u64) -> Second {
@@ -293,7 +300,7 @@ fn meta_proto(meta: u64) -> IpProto {
 }
 
 fn meta_state(meta: u64) -> FlowState {
-    match meta & 0xFF {
+    match meta & 0x7F {
         1 => FlowState::Established,
         2 => FlowState::Closing,
         _ => FlowState::New,
@@ -482,6 +489,7 @@ impl FlowTable {
         let new = meta_word(
             now.max(meta_seen(old)),
             meta_port(old),
+            old & REVERSE != 0,
             meta_proto(old),
             new_state,
         );
@@ -610,9 +618,10 @@ impl FlowTable {
             slot.store(*w, Ordering::Relaxed);
         }
         entry.value.store(value_word(value), Ordering::Relaxed);
-        entry
-            .meta
-            .store(meta_word(now, value.port, proto, state), Ordering::Relaxed);
+        entry.meta.store(
+            meta_word(now, value.port, value.reverse, proto, state),
+            Ordering::Relaxed,
+        );
         // Release: readers that see *valid* see the words above.
         seq.store((claimed & !STATE_MASK) | VALID, Ordering::Release);
     }
@@ -731,7 +740,11 @@ mod tests {
     }
 
     fn value(b: u32) -> FlowValue {
-        FlowValue { a: 1, b, port: 0 }
+        FlowValue {
+            a: 1,
+            b,
+            ..FlowValue::default()
+        }
     }
 
     #[test]
