@@ -2,10 +2,12 @@
 //!
 //! Owns: Maglev lookup tables ([`maglev`]), the hashes that every xlb instance must compute
 //! alike ([`hash`]), the immutable service table the workers read ([`snapshot`]), and the
-//! lock-free flow table they share ([`flow`]). Must not know: sockets, threads, time sources, Kubernetes. No unsafe.
+//! lock-free flow table they share ([`flow`]), and the per-packet
+//! decision that joins them ([`decide`]). Must not know: sockets, threads, time sources, Kubernetes. No unsafe.
 
 #![forbid(unsafe_code)]
 
+pub mod decide;
 pub mod flow;
 pub mod hash;
 pub mod maglev;

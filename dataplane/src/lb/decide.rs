@@ -1,0 +1,169 @@
+//! `decide()`: the one decision every packet needs, in pure code.
+//!
+//! From a snapshot, the flow table, a parsed packet and the time, it says what to do with the
+//! packet: forward it to a backend, un-NAT a backend's reply, reject a new flow, pass it to
+//! the kernel, or drop it with a reason. It records new flows (both directions) and ages the
+//! ones it sees. This is the source-preserving `dnat` mode: the destination becomes the
+//! backend, and replies, which route back through xlb, get the VIP back as their source.
+//!
+//! Backend changes, per the snapshot: a flow keeps a backend that is terminating or
+//! draining; a flow whose backend has left the Service is answered with a reset (TCP) or
+//! moved to a newly picked backend (UDP and ICMP: a stale UDP flow cannot outlive its
+//! backend).
+//!
+//! Known gaps, for the LB-core issue: snat mode, session affinity, the in-place building of
+//! reject packets, and fragments after the first (passed to the kernel: they carry no ports).
+
+use core::num::NonZeroU32;
+
+use crate::packet::{Class, Endpoint, FlowKey, IpProto, Parsed, TcpFlags};
+
+use super::flow::{FlowState, FlowTable, FlowValue, Insert, Second};
+use super::snapshot::{BackendId, NoBackend, Service, ServiceId, ServiceKey, Snapshot};
+
+/// What to do with a packet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Rewrite the destination to this backend and send it on.
+    Forward(Endpoint),
+    /// A backend's reply: rewrite the source to this VIP and send it on.
+    Reply(Endpoint),
+    /// Refuse: answer with a TCP reset or an ICMP port unreachable.
+    Reject,
+    /// Not for the load balancer: give it to the kernel.
+    Pass,
+    /// Drop it.
+    Drop(DecideDrop),
+}
+
+/// Why `decide()` drops a packet. Each has its counter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DecideDrop {
+    /// A new flow to a Service whose policy for "no usable backend" is drop.
+    NoBackend,
+    /// A reply of a flow whose Service has left the snapshot.
+    ServiceGone,
+}
+
+/// Decides what to do with one packet (see the module documentation).
+///
+/// `hash` is [`super::hash::flow_hash`] of `parsed.key`; `random` a fresh random number from
+/// the worker, for the random scheduler.
+pub fn decide(
+    snapshot: &Snapshot,
+    flows: &FlowTable,
+    parsed: &Parsed,
+    hash: u64,
+    now: Second,
+    random: u64,
+) -> Verdict {
+    match parsed.class {
+        Class::NotForUs(_) => return Verdict::Pass,
+        Class::Fragment(f) if !f.first => return Verdict::Pass,
+        Class::Ordinary | Class::Fragment(_) | Class::IcmpError(_) => {}
+    }
+    let key = &parsed.key;
+    let closing = parsed.tcp_flags.intersects(TcpFlags::FIN | TcpFlags::RST);
+    if let Some(hit) = flows.lookup(key, hash, now) {
+        let service = service_of(snapshot, hit.value.a);
+        if hit.value.reverse {
+            let Some(service) = service else {
+                return Verdict::Drop(DecideDrop::ServiceGone);
+            };
+            // A reply establishes the flow (its reverse entry points at its forward entry);
+            // an ICMP error travelling along it does not.
+            let state = match parsed.class {
+                Class::IcmpError(_) => None,
+                _ if closing => Some(FlowState::Closing),
+                _ => Some(FlowState::Established),
+            };
+            flows.touch(hit.index, now, state);
+            if state.is_some() {
+                flows.touch(hit.value.b, now, state);
+            }
+            return Verdict::Reply(service.spec().key.vip);
+        }
+        if let Some(service) = service {
+            let backend = NonZeroU32::new(hit.value.b).and_then(|b| service.backend(BackendId(b)));
+            if let Some(backend) = backend {
+                flows.touch(hit.index, now, closing.then_some(FlowState::Closing));
+                return Verdict::Forward(backend.endpoint);
+            }
+            // The backend left the Service.
+            flows.remove(hit.index, key);
+            if key.proto == IpProto::TCP {
+                return Verdict::Reject;
+            }
+        }
+    }
+    if let Class::IcmpError(_) = parsed.class {
+        // An error about a flow xlb does not know is the kernel's business.
+        return Verdict::Pass;
+    }
+    let Some(service) = snapshot.service(&ServiceKey::of_destination(key)) else {
+        return Verdict::Pass;
+    };
+    new_flow(service, flows, parsed, hash, now, random)
+}
+
+/// Picks a backend for a new flow and records both directions.
+fn new_flow(
+    service: &Service,
+    flows: &FlowTable,
+    parsed: &Parsed,
+    hash: u64,
+    now: Second,
+    random: u64,
+) -> Verdict {
+    let spec = service.spec();
+    let Some(backend) = service.pick(hash, random) else {
+        return match spec.no_backend {
+            NoBackend::Reject => Verdict::Reject,
+            NoBackend::Drop => Verdict::Drop(DecideDrop::NoBackend),
+        };
+    };
+    let key = &parsed.key;
+    let state = if parsed.tcp_flags.intersects(TcpFlags::FIN | TcpFlags::RST) {
+        FlowState::Closing
+    } else {
+        FlowState::New
+    };
+    let forward = FlowValue {
+        a: spec.id.0.get(),
+        b: backend.id.0.get(),
+        ..FlowValue::default()
+    };
+    match flows.insert(key, hash, forward, state, now) {
+        Insert::Inserted(index) => {
+            let reverse_key = FlowKey::new(
+                key.family,
+                key.proto,
+                (*backend.endpoint.key_addr(), backend.endpoint.port()),
+                (key.src_addr, key.src_port),
+            );
+            let reverse = FlowValue {
+                a: spec.id.0.get(),
+                b: index,
+                port: 0,
+                reverse: true,
+            };
+            let reverse_hash = super::hash::flow_hash(&reverse_key);
+            let _ = flows.insert(&reverse_key, reverse_hash, reverse, state, now);
+            service.flow_started(backend.id);
+            Verdict::Forward(backend.endpoint)
+        }
+        // Another worker recorded this flow first: follow its choice.
+        Insert::Existing(hit) => NonZeroU32::new(hit.value.b)
+            .and_then(|b| service.backend(BackendId(b)))
+            .map_or(Verdict::Forward(backend.endpoint), |b| {
+                Verdict::Forward(b.endpoint)
+            }),
+        // Not recorded (a racing insert, or a bucket full of established flows): this
+        // packet still goes to the pick; Maglev gives the next one the same backend.
+        Insert::Pending | Insert::Full => Verdict::Forward(backend.endpoint),
+    }
+}
+
+fn service_of(snapshot: &Snapshot, id: u32) -> Option<&Service> {
+    NonZeroU32::new(id).and_then(|id| snapshot.service_by_id(ServiceId(id)))
+}

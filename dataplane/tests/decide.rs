@@ -1,0 +1,289 @@
+//! `decide()` over real frames: new flows, established flows, replies, Services without
+//! backends, and backends that terminate or leave.
+
+mod common;
+
+use std::num::NonZeroU32;
+use std::sync::Arc;
+
+use common::*;
+use xlb_dataplane::lb::decide::{decide, DecideDrop, Verdict};
+use xlb_dataplane::lb::flow::{FlowState, FlowTable, Timeouts};
+use xlb_dataplane::lb::hash::flow_hash;
+use xlb_dataplane::lb::snapshot::{
+    Backend, BackendId, BackendState, NoBackend, Service, ServiceId, ServiceKey, ServiceSpec,
+    Snapshot,
+};
+use xlb_dataplane::packet::builder::pkt;
+use xlb_dataplane::packet::{parse, Endpoint, IpProto, Parsed};
+
+fn id(n: u32) -> NonZeroU32 {
+    NonZeroU32::new(n).unwrap()
+}
+
+fn backend(n: u8, state: BackendState) -> Backend {
+    Backend {
+        id: BackendId(id(u32::from(n))),
+        endpoint: Endpoint::new([198, 18, 128, n].into(), 8080),
+        state,
+        weight: 1,
+    }
+}
+
+fn service(proto: IpProto, backends: Vec<Backend>, no_backend: NoBackend) -> Arc<Service> {
+    let key = ServiceKey {
+        vip: Endpoint::new(VIP.into(), 80),
+        proto,
+    };
+    let mut spec = ServiceSpec::new(
+        ServiceId(id(if proto == IpProto::TCP { 1 } else { 2 })),
+        key,
+        backends,
+    );
+    spec.no_backend = no_backend;
+    Arc::new(Service::new(spec).unwrap())
+}
+
+fn snapshot(services: Vec<Arc<Service>>) -> Snapshot {
+    Snapshot::new(1, services).unwrap()
+}
+
+fn two_ready(proto: IpProto) -> Snapshot {
+    snapshot(vec![service(
+        proto,
+        vec![
+            backend(1, BackendState::Ready),
+            backend(2, BackendState::Ready),
+        ],
+        NoBackend::Reject,
+    )])
+}
+
+fn parsed(frame: &[u8]) -> (Parsed, u64) {
+    let p = parse(frame).unwrap();
+    let h = flow_hash(&p.key);
+    (p, h)
+}
+
+fn run(snap: &Snapshot, flows: &FlowTable, frame: &[u8], now: u32) -> Verdict {
+    let (p, h) = parsed(frame);
+    decide(snap, flows, &p, h, now, 12345)
+}
+
+fn table() -> FlowTable {
+    FlowTable::new(1024, Timeouts::default())
+}
+
+fn syn(port: u16) -> Vec<u8> {
+    pkt().ipv4(CLIENT, VIP).tcp(port, 80).syn().build()
+}
+
+#[test]
+fn a_syn_to_a_vip_is_forwarded_to_the_maglev_pick_and_recorded_both_ways() {
+    let snap = two_ready(IpProto::TCP);
+    let flows = table();
+    let (p, h) = parsed(&syn(40000));
+    let expected = snap
+        .service(&ServiceKey::of_destination(&p.key))
+        .unwrap()
+        .maglev_pick(h)
+        .unwrap()
+        .endpoint;
+    assert_eq!(
+        decide(&snap, &flows, &p, h, 10, 0),
+        Verdict::Forward(expected)
+    );
+    let entries: Vec<_> = flows.iter(10).collect();
+    assert_eq!(entries.len(), 2, "forward and reverse entries");
+    assert!(entries.iter().any(|(_, hit)| hit.value.reverse));
+}
+
+#[test]
+fn later_packets_of_a_flow_follow_it_and_replies_get_the_vip_back() {
+    let snap = two_ready(IpProto::TCP);
+    let flows = table();
+    let Verdict::Forward(to) = run(&snap, &flows, &syn(40000), 10) else {
+        panic!("not forwarded")
+    };
+    let ack = pkt().ipv4(CLIENT, VIP).tcp(40000, 80).ack().build();
+    assert_eq!(run(&snap, &flows, &ack, 11), Verdict::Forward(to));
+    let reply = pkt()
+        .ip(to.ip(), CLIENT.into())
+        .tcp(to.port(), 40000)
+        .syn()
+        .ack()
+        .build();
+    assert_eq!(
+        run(&snap, &flows, &reply, 12),
+        Verdict::Reply(Endpoint::new(VIP.into(), 80))
+    );
+    // The reply established the flow.
+    let (p, h) = parsed(&ack);
+    assert_eq!(
+        flows.lookup(&p.key, h, 12).unwrap().state,
+        FlowState::Established
+    );
+}
+
+#[test]
+fn traffic_to_other_addresses_and_unknown_icmp_errors_pass_to_the_kernel() {
+    let snap = two_ready(IpProto::TCP);
+    let flows = table();
+    let other = pkt().ipv4(CLIENT, ROUTER).tcp(40000, 22).syn().build();
+    assert_eq!(run(&snap, &flows, &other, 1), Verdict::Pass);
+    let other_port = pkt().ipv4(CLIENT, VIP).tcp(40000, 443).syn().build();
+    assert_eq!(run(&snap, &flows, &other_port, 1), Verdict::Pass);
+    let quote = pkt().ipv4(CLIENT, BACKEND).tcp(40000, 8080).ip_packet();
+    let error = pkt()
+        .ipv4(ROUTER, CLIENT)
+        .icmp(3, 4, [0, 0, 5, 0])
+        .payload(&quote)
+        .build();
+    assert_eq!(run(&snap, &flows, &error, 1), Verdict::Pass);
+    assert_eq!(flows.iter(1).count(), 0);
+}
+
+#[test]
+fn a_service_without_usable_backends_rejects_or_drops_by_policy() {
+    let flows = table();
+    let draining = vec![backend(1, BackendState::Draining)];
+    let reject = snapshot(vec![service(
+        IpProto::TCP,
+        draining.clone(),
+        NoBackend::Reject,
+    )]);
+    assert_eq!(run(&reject, &flows, &syn(1), 1), Verdict::Reject);
+    let drop = snapshot(vec![service(IpProto::TCP, draining, NoBackend::Drop)]);
+    assert_eq!(
+        run(&drop, &flows, &syn(1), 1),
+        Verdict::Drop(DecideDrop::NoBackend)
+    );
+    assert_eq!(flows.iter(1).count(), 0, "nothing recorded");
+}
+
+#[test]
+fn a_terminating_backend_keeps_its_flows_but_takes_no_new_ones() {
+    let flows = table();
+    let before = two_ready(IpProto::TCP);
+    let Verdict::Forward(to) = run(&before, &flows, &syn(40000), 1) else {
+        panic!()
+    };
+    let n = to
+        .ip()
+        .to_string()
+        .rsplit('.')
+        .next()
+        .unwrap()
+        .parse::<u8>()
+        .unwrap();
+    let other = 3 - n;
+    let after = snapshot(vec![service(
+        IpProto::TCP,
+        vec![
+            backend(n, BackendState::Terminating),
+            backend(other, BackendState::Ready),
+        ],
+        NoBackend::Reject,
+    )]);
+    let ack = pkt().ipv4(CLIENT, VIP).tcp(40000, 80).ack().build();
+    assert_eq!(run(&after, &flows, &ack, 2), Verdict::Forward(to));
+    for port in 1..50 {
+        let Verdict::Forward(new) = run(&after, &flows, &syn(port), 2) else {
+            panic!()
+        };
+        assert_ne!(new, to, "a new flow went to the terminating backend");
+    }
+}
+
+#[test]
+fn a_tcp_flow_whose_backend_left_is_reset_and_a_udp_flow_is_moved() {
+    // TCP: reset.
+    let flows = table();
+    let Verdict::Forward(to) = run(&two_ready(IpProto::TCP), &flows, &syn(40000), 1) else {
+        panic!()
+    };
+    let n: u8 = to
+        .ip()
+        .to_string()
+        .rsplit('.')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let without = |proto| {
+        snapshot(vec![service(
+            proto,
+            vec![backend(3 - n, BackendState::Ready)],
+            NoBackend::Reject,
+        )])
+    };
+    let ack = pkt().ipv4(CLIENT, VIP).tcp(40000, 80).ack().build();
+    assert_eq!(
+        run(&without(IpProto::TCP), &flows, &ack, 2),
+        Verdict::Reject
+    );
+
+    // UDP: the stale flow moves to a backend that exists.
+    let flows = table();
+    let query = |p| pkt().ipv4(CLIENT, VIP).udp(p, 80).payload(b"q").build();
+    let mut port = 1;
+    let stale = loop {
+        if let Verdict::Forward(to) = run(&two_ready(IpProto::UDP), &flows, &query(port), 1) {
+            if to == Endpoint::new([198, 18, 128, 1].into(), 8080) {
+                break port;
+            }
+        }
+        port += 1;
+    };
+    let only_two = snapshot(vec![service(
+        IpProto::UDP,
+        vec![backend(2, BackendState::Ready)],
+        NoBackend::Reject,
+    )]);
+    assert_eq!(
+        run(&only_two, &flows, &query(stale), 2),
+        Verdict::Forward(Endpoint::new([198, 18, 128, 2].into(), 8080))
+    );
+}
+
+#[test]
+fn a_reply_whose_service_left_is_dropped() {
+    let flows = table();
+    let Verdict::Forward(to) = run(&two_ready(IpProto::TCP), &flows, &syn(40000), 1) else {
+        panic!()
+    };
+    let empty = snapshot(Vec::new());
+    let reply = pkt()
+        .ip(to.ip(), CLIENT.into())
+        .tcp(to.port(), 40000)
+        .ack()
+        .build();
+    assert_eq!(
+        run(&empty, &flows, &reply, 2),
+        Verdict::Drop(DecideDrop::ServiceGone)
+    );
+}
+
+#[test]
+fn an_icmp_error_along_a_known_flow_follows_it() {
+    let snap = two_ready(IpProto::TCP);
+    let flows = table();
+    let Verdict::Forward(to) = run(&snap, &flows, &syn(40000), 1) else {
+        panic!()
+    };
+    // A router between xlb and the backend: the quoted packet is the DNATed SYN.
+    let quote = pkt()
+        .ip(CLIENT.into(), to.ip())
+        .tcp(40000, to.port())
+        .syn()
+        .ip_packet();
+    let error = pkt()
+        .ipv4(ROUTER, CLIENT)
+        .icmp(3, 4, [0, 0, 5, 0])
+        .payload(&quote)
+        .build();
+    assert_eq!(
+        run(&snap, &flows, &error, 2),
+        Verdict::Reply(Endpoint::new(VIP.into(), 80))
+    );
+}
