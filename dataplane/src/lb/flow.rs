@@ -139,8 +139,11 @@ const FREE: u64 = 0;
 const WRITING: u64 = 1;
 const VALID: u64 = 2;
 const STATE_MASK: u64 = 0b11;
-const COUNTER_ONE: u64 = 0b100;
-const COUNTER_MASK: u64 = 0xFFFF_FFFC;
+/// Set in the `seq` word of a valid entry that may be evicted (new or closing), so that an
+/// insert into a full bucket pair can choose a victim from the tag lines alone.
+const EVICTABLE: u64 = 0b100;
+const COUNTER_ONE: u64 = 0b1000;
+const COUNTER_MASK: u64 = 0xFFFF_FFF8;
 
 fn seq_word(tag: u32, counter: u64, state: u64) -> u64 {
     (u64::from(tag) << 32) | (counter & COUNTER_MASK) | state
@@ -494,9 +497,33 @@ impl FlowTable {
             new_state,
         );
         // Relaxed: a failure means someone else updated it, which is as good.
-        let _ = entry
+        let updated = entry
             .meta
-            .compare_exchange(old, new, Ordering::Relaxed, Ordering::Relaxed);
+            .compare_exchange(old, new, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok();
+        let protected = new_state == FlowState::Established;
+        if updated && protected != (meta_state(old) == FlowState::Established) {
+            self.set_evictable(index as usize, !protected);
+        }
+    }
+
+    /// Keeps the `seq` word's eviction hint in step with the entry's state. A reader racing
+    /// this sees the `seq` word change and misses once; this happens once or twice per flow.
+    fn set_evictable(&self, index: usize, evictable: bool) {
+        let seq = self.seq(index);
+        // Relaxed load: the CAS below only succeeds on the exact word seen.
+        let old = seq.load(Ordering::Relaxed);
+        if old & STATE_MASK != VALID {
+            return;
+        }
+        let new = if evictable {
+            old | EVICTABLE
+        } else {
+            old & !EVICTABLE
+        };
+        // Release on success: it stays a publication of the same words. Relaxed on failure:
+        // the entry changed, and its new owner set its own hint.
+        let _ = seq.compare_exchange(old, new, Ordering::Release, Ordering::Relaxed);
     }
 
     /// Inserts `key` -> `value` in `state` unless it is there already.
@@ -568,7 +595,20 @@ impl FlowTable {
                     return Some(i);
                 }
             }
-            // Else an expired entry, else the least recently seen new or closing one.
+            // Else a new or closing entry, chosen from the tag lines alone (the first one in
+            // way order): reading bodies to find the least recently seen made every insert
+            // into a full bucket pair wait on up to 16 cache misses (`make bench`
+            // decide/new-flow: 1193 ns per packet).
+            let evictable = seen
+                .iter()
+                .find(|(_, seq)| seq & STATE_MASK == VALID && seq & EVICTABLE != 0);
+            if let Some(&(i, seq)) = evictable {
+                if try_claim(i, seq) {
+                    return Some(i);
+                }
+                continue; // lost the race for it: look again
+            }
+            // Else an expired entry (established ones expire too: read their ages).
             let mut best: Option<(u8, Second, usize, u64)> = None;
             for &(i, seq) in seen {
                 if seq & STATE_MASK != VALID {
@@ -623,7 +663,15 @@ impl FlowTable {
             Ordering::Relaxed,
         );
         // Release: readers that see *valid* see the words above.
-        seq.store((claimed & !STATE_MASK) | VALID, Ordering::Release);
+        let hint = if state == FlowState::Established {
+            0
+        } else {
+            EVICTABLE
+        };
+        seq.store(
+            (claimed & !(STATE_MASK | EVICTABLE)) | hint | VALID,
+            Ordering::Release,
+        );
     }
 
     /// After publishing at `mine`: keeps one entry per key in the flow's buckets (see the
