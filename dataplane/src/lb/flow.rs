@@ -27,9 +27,10 @@
 //! ## Ageing and eviction
 //! Entries carry the second they were last seen and a state ([`FlowState`]). An entry past
 //! its state's timeout is invisible to lookups and free for reuse. When both buckets are
-//! full, an insert may evict the least recently seen entry that is [`FlowState::New`] or
-//! [`FlowState::Closing`], never an established one: a flood of new flows cannot push out
-//! established connections, it can only fail to be recorded (counted by the caller).
+//! full, an insert may evict an entry that is [`FlowState::New`] or [`FlowState::Closing`]
+//! (marked so in its `seq` word, so the choice needs no body read), never a fresh
+//! established one: a flood of new flows cannot push out established connections, it can
+//! only fail to be recorded (counted by the caller).
 //!
 //! `tests/flow_loom.rs` models two racing inserts of one flow, a lookup racing an insert, and
 //! a lookup racing an eviction (`make loom`). Loom cannot see: the real cost of the fences,
@@ -549,8 +550,8 @@ impl FlowTable {
     }
 
     /// Claims one of the `entries` (it is then *writing*, showing `tag` so that a racing
-    /// insert of the same flow can see it): a free one, else an expired one, else the least
-    /// recently seen evictable one.
+    /// insert of the same flow can see it): a free one, else a new or closing one, else an
+    /// expired one.
     fn claim(
         &self,
         entries: impl Iterator<Item = usize> + Clone,
