@@ -352,5 +352,12 @@ fn exercise(bytes: &[u8], a: u128, port: u16) {
         );
         let _ = set_destination(&mut frame, &mut q, &Endpoint::new(addr(!v6, a), port));
         let _ = Layers(&frame).to_string();
+        let mut answer = bytes.to_vec();
+        let _ = xlb_dataplane::packet::reject_with_tcp_reset(&mut answer, &p);
+        let mut room = bytes.to_vec();
+        room.resize(bytes.len() + 128, 0);
+        let _ = xlb_dataplane::packet::reject_with_port_unreachable(&mut room, bytes.len(), &p);
+        let _ =
+            xlb_dataplane::packet::reject_with_port_unreachable(&mut answer, bytes.len() / 2, &p);
     }
 }

@@ -2,8 +2,9 @@
 //!
 //! Owns: Ethernet II (one 802.1Q tag), IPv4 (options, fragments), IPv6 (extension headers,
 //! fragments), TCP, UDP, ICMP and ICMPv6 — parsing ([`parse`]), classification ([`Class`],
-//! [`DropReason`]), and in-place rewriting with incremental checksums ([`set_destination`],
-//! [`set_source`], [`set_ethernet`]).
+//! [`DropReason`]), in-place rewriting with incremental checksums ([`set_destination`],
+//! [`set_source`], [`set_ethernet`]), and in-place refusals ([`reject_with_tcp_reset`],
+//! [`reject_with_port_unreachable`]).
 //!
 //! Must not know: sockets, threads, time, Services or backends. It does not allocate; only the
 //! `test-util` builder does, and it is not compiled into the packet path.
@@ -21,6 +22,7 @@ mod checksum;
 mod describe;
 mod key;
 mod parse;
+mod reject;
 mod rewrite;
 mod wire;
 
@@ -34,6 +36,7 @@ pub use parse::{
     parse, ChecksumState, Class, DropReason, Fragment, IcmpError, IcmpErrorKind, Parsed,
     PassReason, MAX_FRAME_LEN, MAX_IPV6_EXTENSION_HEADERS,
 };
+pub use reject::{reject_with_port_unreachable, reject_with_tcp_reset};
 pub use rewrite::{set_destination, set_ethernet, set_source, RewriteError};
 pub use wire::{
     Family, IpProto, MacAddr, TcpFlags, ETHERNET_HEADER_LEN, ETHERTYPE_ARP, ETHERTYPE_IPV4,
