@@ -7,7 +7,7 @@ use std::num::NonZeroU32;
 use std::sync::Arc;
 
 use common::*;
-use xlb_dataplane::lb::decide::{decide, DecideDrop, Verdict};
+use xlb_dataplane::lb::decide::{decide, Counters, DecideDrop, Verdict};
 use xlb_dataplane::lb::flow::{FlowState, FlowTable, Timeouts};
 use xlb_dataplane::lb::hash::flow_hash;
 use xlb_dataplane::lb::snapshot::{
@@ -286,4 +286,36 @@ fn an_icmp_error_along_a_known_flow_follows_it() {
         run(&snap, &flows, &error, 2),
         Verdict::Reply(Endpoint::new(VIP.into(), 80))
     );
+}
+
+#[test]
+fn every_verdict_and_reason_has_its_counter() {
+    let mut c = Counters::default();
+    let to = Endpoint::new(BACKEND.into(), 8080);
+    for v in [
+        Verdict::Forward(to),
+        Verdict::Reply(to),
+        Verdict::Reject,
+        Verdict::Pass,
+    ] {
+        c.record(&v);
+    }
+    for reason in DecideDrop::ALL {
+        c.record(&Verdict::Drop(reason));
+    }
+    for reason in xlb_dataplane::packet::DropReason::ALL {
+        c.record_malformed(reason);
+    }
+    assert_eq!((c.forwarded, c.replied, c.rejected, c.passed), (1, 1, 1, 1));
+    assert!(c.dropped.iter().all(|&n| n == 1));
+    assert!(c.malformed.iter().all(|&n| n == 1));
+    // ALL lists every variant in declaration order, so `as usize` indexes it.
+    assert!(DecideDrop::ALL
+        .iter()
+        .enumerate()
+        .all(|(i, r)| *r as usize == i));
+    assert!(xlb_dataplane::packet::DropReason::ALL
+        .iter()
+        .enumerate()
+        .all(|(i, r)| *r as usize == i));
 }

@@ -11,8 +11,9 @@
 //! moved to a newly picked backend (UDP and ICMP: a stale UDP flow cannot outlive its
 //! backend).
 //!
-//! Known gaps, for the LB-core issue: snat mode, session affinity, the in-place building of
-//! reject packets, and fragments after the first (passed to the kernel: they carry no ports).
+//! Known gaps, for the LB-core issue: snat mode, session affinity, and fragments after the
+//! first (passed to the kernel: they carry no ports). A [`Verdict::Reject`] is answered with
+//! [`crate::packet::reject_with_tcp_reset`] or [`crate::packet::reject_with_port_unreachable`].
 
 use core::num::NonZeroU32;
 
@@ -38,11 +39,69 @@ pub enum Verdict {
 
 /// Why `decide()` drops a packet. Each has its counter.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u8)]
 pub enum DecideDrop {
     /// A new flow to a Service whose policy for "no usable backend" is drop.
     NoBackend,
     /// A reply of a flow whose Service has left the snapshot.
     ServiceGone,
+}
+
+impl DecideDrop {
+    /// Every reason, in counter order.
+    pub const ALL: [Self; 2] = [Self::NoBackend, Self::ServiceGone];
+}
+
+/// Per-worker counts of what happened to packets: each verdict, each drop reason of
+/// `decide()`, and each malformed-packet reason of the parser. Plain integers: a worker owns
+/// its counters and the admin side sums them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Counters {
+    /// Forwarded to a backend.
+    pub forwarded: u64,
+    /// Replies un-NATed.
+    pub replied: u64,
+    /// New flows refused.
+    pub rejected: u64,
+    /// Passed to the kernel.
+    pub passed: u64,
+    /// Dropped by `decide()`, by [`DecideDrop`] (index: position in [`DecideDrop::ALL`]).
+    pub dropped: [u64; DecideDrop::ALL.len()],
+    /// Malformed, by [`crate::packet::DropReason`] (index: position in its `ALL`).
+    pub malformed: [u64; crate::packet::DropReason::COUNT],
+}
+
+impl Default for Counters {
+    fn default() -> Self {
+        Self {
+            forwarded: 0,
+            replied: 0,
+            rejected: 0,
+            passed: 0,
+            dropped: [0; DecideDrop::ALL.len()],
+            malformed: [0; crate::packet::DropReason::COUNT],
+        }
+    }
+}
+
+impl Counters {
+    /// Counts a verdict.
+    #[inline]
+    pub fn record(&mut self, verdict: &Verdict) {
+        match verdict {
+            Verdict::Forward(_) => self.forwarded += 1,
+            Verdict::Reply(_) => self.replied += 1,
+            Verdict::Reject => self.rejected += 1,
+            Verdict::Pass => self.passed += 1,
+            Verdict::Drop(reason) => self.dropped[*reason as usize] += 1,
+        }
+    }
+
+    /// Counts a frame the parser rejected.
+    #[cold]
+    pub fn record_malformed(&mut self, reason: crate::packet::DropReason) {
+        self.malformed[reason as usize] += 1;
+    }
 }
 
 /// Decides what to do with one packet (see the module documentation).
