@@ -319,3 +319,83 @@ fn every_verdict_and_reason_has_its_counter() {
         .enumerate()
         .all(|(i, r)| *r as usize == i));
 }
+
+fn with_affinity(
+    scheduler: xlb_dataplane::lb::snapshot::Scheduler,
+    backends: Vec<Backend>,
+    timeout: u32,
+) -> Snapshot {
+    let key = ServiceKey {
+        vip: Endpoint::new(VIP.into(), 80),
+        proto: IpProto::TCP,
+    };
+    let mut spec = ServiceSpec::new(ServiceId(id(1)), key, backends);
+    spec.scheduler = scheduler;
+    spec.affinity_timeout = Some(timeout);
+    snapshot(vec![Arc::new(Service::new(spec).unwrap())])
+}
+
+fn forwarded(v: Verdict) -> Endpoint {
+    match v {
+        Verdict::Forward(to) => to,
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn session_affinity_keeps_a_client_on_one_backend_until_its_timeout() {
+    use xlb_dataplane::lb::snapshot::Scheduler;
+    let backends: Vec<Backend> = (1..=4).map(|n| backend(n, BackendState::Ready)).collect();
+    let snap = with_affinity(Scheduler::RoundRobin, backends.clone(), 100);
+    let flows = table();
+    let first = forwarded(run(&snap, &flows, &syn(1000), 10));
+    for port in 1001..1020 {
+        // Round-robin alone would rotate through all four.
+        assert_eq!(forwarded(run(&snap, &flows, &syn(port), 20)), first);
+    }
+    // Another client is not bound by it.
+    let other_client = pkt().ipv4(ROUTER, VIP).tcp(5000, 80).syn().build();
+    let _ = forwarded(run(&snap, &flows, &other_client, 20));
+    // Past the timeout (100 s after the last new flow), round-robin picks again.
+    let mut seen = std::collections::HashSet::new();
+    for (i, port) in (2000..2004).enumerate() {
+        seen.insert(forwarded(run(
+            &snap,
+            &flows,
+            &syn(port),
+            200 + 200 * i as u32,
+        )));
+    }
+    assert!(seen.len() > 1, "affinity outlived its timeout: {seen:?}");
+}
+
+#[test]
+fn session_affinity_lets_go_of_a_backend_that_stops_taking_new_flows() {
+    use xlb_dataplane::lb::snapshot::Scheduler;
+    let backends: Vec<Backend> = (1..=2).map(|n| backend(n, BackendState::Ready)).collect();
+    let flows = table();
+    let first = forwarded(run(
+        &with_affinity(Scheduler::Random, backends.clone(), 1000),
+        &flows,
+        &syn(1),
+        1,
+    ));
+    let n: u8 = first
+        .ip()
+        .to_string()
+        .rsplit('.')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let mut changed = backends;
+    changed[usize::from(n) - 1].state = BackendState::Terminating;
+    let after = with_affinity(Scheduler::Random, changed, 1000);
+    let next = forwarded(run(&after, &flows, &syn(2), 2));
+    assert_ne!(next, first);
+    assert_eq!(
+        forwarded(run(&after, &flows, &syn(3), 3)),
+        next,
+        "and sticks to the new one"
+    );
+}

@@ -11,7 +11,11 @@
 //! moved to a newly picked backend (UDP and ICMP: a stale UDP flow cannot outlive its
 //! backend).
 //!
-//! Known gaps, for the LB-core issue: snat mode, session affinity, and fragments after the
+//! Session affinity (`ClientIP`) sends a client's new flows to the backend of its previous
+//! one while that is younger than the Service's timeout and the backend still takes new
+//! flows; it works with every scheduler.
+//!
+//! Known gaps, for the LB-core issue: snat mode, and fragments after the
 //! first (passed to the kernel: they carry no ports). A [`Verdict::Reject`] is answered with
 //! [`crate::packet::reject_with_tcp_reset`] or [`crate::packet::reject_with_port_unreachable`].
 
@@ -19,8 +23,8 @@ use core::num::NonZeroU32;
 
 use crate::packet::{Class, Endpoint, FlowKey, IpProto, Parsed, TcpFlags};
 
-use super::flow::{FlowState, FlowTable, FlowValue, Insert, Second};
-use super::snapshot::{BackendId, NoBackend, Service, ServiceId, ServiceKey, Snapshot};
+use super::flow::{FlowState, FlowTable, FlowValue, Insert, Second, AFFINITY};
+use super::snapshot::{Backend, BackendId, NoBackend, Service, ServiceId, ServiceKey, Snapshot};
 
 /// What to do with a packet.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -175,7 +179,13 @@ fn new_flow(
     random: u64,
 ) -> Verdict {
     let spec = service.spec();
-    let Some(backend) = service.pick(hash, random) else {
+    let affinity = spec
+        .affinity_timeout
+        .map(|timeout| Affinity::of(service, parsed, timeout));
+    let remembered = affinity
+        .as_ref()
+        .and_then(|a| a.remembered(service, flows, now));
+    let Some(backend) = remembered.or_else(|| service.pick(hash, random)) else {
         return match spec.no_backend {
             NoBackend::Reject => Verdict::Reject,
             NoBackend::Drop => Verdict::Drop(DecideDrop::NoBackend),
@@ -192,6 +202,9 @@ fn new_flow(
         b: backend.id.0.get(),
         ..FlowValue::default()
     };
+    if let Some(affinity) = &affinity {
+        affinity.remember(service, flows, backend.id, now);
+    }
     match flows.insert(key, hash, forward, state, now) {
         Insert::Inserted(index) => {
             let reverse_key = FlowKey::new(
@@ -220,6 +233,69 @@ fn new_flow(
         // Not recorded (a racing insert, or a bucket full of established flows): this
         // packet still goes to the pick; Maglev gives the next one the same backend.
         Insert::Pending | Insert::Full => Verdict::Forward(backend.endpoint),
+    }
+}
+
+/// Session affinity by client address (Kubernetes `sessionAffinity: ClientIP`): the backend a
+/// client's last new flow to this Service went to, kept in the flow table under a key of the
+/// client address and the Service, and honoured while younger than the Service's timeout.
+struct Affinity {
+    key: FlowKey,
+    hash: u64,
+    timeout: Second,
+}
+
+impl Affinity {
+    fn of(service: &Service, parsed: &Parsed, timeout: u32) -> Self {
+        let vip = service.spec().key;
+        let key = FlowKey::new(
+            parsed.key.family,
+            AFFINITY,
+            (parsed.key.src_addr, u16::from(vip.proto.0)),
+            (*vip.vip.key_addr(), vip.vip.port()),
+        );
+        Self {
+            hash: super::hash::flow_hash(&key),
+            key,
+            timeout,
+        }
+    }
+
+    /// The remembered backend, if recent enough and still taking new flows.
+    fn remembered<'s>(
+        &self,
+        service: &'s Service,
+        flows: &FlowTable,
+        now: Second,
+    ) -> Option<&'s Backend> {
+        let hit = flows.lookup(&self.key, self.hash, now)?;
+        if now.saturating_sub(hit.last_seen) > self.timeout {
+            return None;
+        }
+        let backend = service.backend(BackendId(NonZeroU32::new(hit.value.b)?))?;
+        let pickable = service.pickable().iter().any(|&i| {
+            service.spec().backends.get(usize::from(i)).map(|b| b.id) == Some(backend.id)
+        });
+        pickable.then_some(backend)
+    }
+
+    /// Records `backend` as the client's, replacing an older record.
+    fn remember(&self, service: &Service, flows: &FlowTable, backend: BackendId, now: Second) {
+        let value = FlowValue {
+            a: service.spec().id.0.get(),
+            b: backend.0.get(),
+            ..FlowValue::default()
+        };
+        if let Insert::Existing(hit) =
+            flows.insert(&self.key, self.hash, value, FlowState::Established, now)
+        {
+            if hit.value == value {
+                flows.touch(hit.index, now, None);
+            } else {
+                flows.remove(hit.index, &self.key);
+                let _ = flows.insert(&self.key, self.hash, value, FlowState::Established, now);
+            }
+        }
     }
 }
 

@@ -86,6 +86,9 @@ impl Default for Timeouts {
 impl Timeouts {
     fn of(&self, proto: IpProto, state: FlowState) -> Second {
         match (proto, state) {
+            // Session-affinity records: kept for the longest timeout Kubernetes allows; the
+            // Service's own timeout is applied where they are read.
+            (AFFINITY, _) => 86_400,
             (IpProto::TCP, FlowState::New) => self.tcp_new,
             (IpProto::TCP, FlowState::Established) => self.tcp_established,
             (IpProto::TCP, FlowState::Closing) => self.tcp_closing,
@@ -93,6 +96,10 @@ impl Timeouts {
         }
     }
 }
+
+/// The protocol number of session-affinity records (an experimentation value, RFC 3692,
+/// which the parser never hands to the load balancer, so no real flow has it).
+pub const AFFINITY: IpProto = IpProto(0xFD);
 
 /// What an entry maps its key to. The meaning of the two halves is the caller's (the
 /// forward entry of a flow: Service and backend; the reverse entry: Service and the way of
