@@ -7,7 +7,7 @@ use std::num::NonZeroU32;
 use std::sync::Arc;
 
 use common::*;
-use xlb_dataplane::lb::decide::{decide, Counters, DecideDrop, Verdict};
+use xlb_dataplane::lb::decide::{decide, recount_live_flows, Counters, DecideDrop, Verdict};
 use xlb_dataplane::lb::flow::{FlowState, FlowTable, Timeouts};
 use xlb_dataplane::lb::hash::flow_hash;
 use xlb_dataplane::lb::snapshot::{
@@ -398,4 +398,34 @@ fn session_affinity_lets_go_of_a_backend_that_stops_taking_new_flows() {
         next,
         "and sticks to the new one"
     );
+}
+
+#[test]
+fn a_recount_gives_least_connections_the_live_flows_including_ended_ones() {
+    use xlb_dataplane::lb::snapshot::Scheduler;
+    let key = ServiceKey {
+        vip: Endpoint::new(VIP.into(), 80),
+        proto: IpProto::TCP,
+    };
+    let backends: Vec<Backend> = (1..=3).map(|n| backend(n, BackendState::Ready)).collect();
+    let mut spec = ServiceSpec::new(ServiceId(id(1)), key, backends);
+    spec.scheduler = Scheduler::LeastConnections;
+    let snap = snapshot(vec![Arc::new(Service::new(spec).unwrap())]);
+    let flows = table();
+    for port in 0..9 {
+        let _ = forwarded(run(&snap, &flows, &syn(port), 1));
+    }
+    let service = snap.service(&key).unwrap();
+    let live = |n: u32| service.live_flows(BackendId(id(n))).unwrap();
+    assert_eq!(
+        (live(1), live(2), live(3)),
+        (3, 3, 3),
+        "least-connections spreads evenly"
+    );
+    // Long after, every new TCP flow has expired (120 s): a recount sees none.
+    recount_live_flows(&snap, &flows, 1000);
+    assert_eq!((live(1), live(2), live(3)), (0, 0, 0));
+    // And at the time they were live, it counts them back.
+    recount_live_flows(&snap, &flows, 2);
+    assert_eq!(live(1) + live(2) + live(3), 9);
 }

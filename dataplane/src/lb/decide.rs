@@ -236,6 +236,26 @@ fn new_flow(
     }
 }
 
+/// Recounts the live flows of every backend from the flow table and stores the counts in the
+/// snapshot's Services, for least-connections. The control thread runs it periodically: flows
+/// that end by expiry or eviction are seen by no packet. Reads the whole table, off the
+/// packet path.
+pub fn recount_live_flows(snapshot: &Snapshot, flows: &FlowTable, now: Second) {
+    let mut counts: hashbrown::HashMap<(u32, u32), u64> = hashbrown::HashMap::new();
+    for (key, hit) in flows.iter(now) {
+        if !hit.value.reverse && key.proto != AFFINITY {
+            *counts.entry((hit.value.a, hit.value.b)).or_default() += 1;
+        }
+    }
+    for service in snapshot.services() {
+        let id = service.spec().id.0.get();
+        for backend in &service.spec().backends {
+            let n = counts.get(&(id, backend.id.0.get())).copied().unwrap_or(0);
+            service.set_live_flows(backend.id, n);
+        }
+    }
+}
+
 /// Session affinity by client address (Kubernetes `sessionAffinity: ClientIP`): the backend a
 /// client's last new flow to this Service went to, kept in the flow table under a key of the
 /// client address and the Service, and honoured while younger than the Service's timeout.

@@ -318,6 +318,15 @@ impl Service {
         }
     }
 
+    /// Sets the live flows counted on `backend` (a recount from the flow table, which also
+    /// catches flows that ended by expiry or eviction, which no packet reports).
+    pub fn set_live_flows(&self, backend: BackendId, flows: u64) {
+        if let Some(count) = self.live_count(backend) {
+            // Relaxed: an independent counter.
+            count.store(flows, Ordering::Relaxed);
+        }
+    }
+
     /// The live flows counted on `backend`, if it takes new flows.
     #[must_use]
     pub fn live_flows(&self, backend: BackendId) -> Option<u64> {
