@@ -15,7 +15,7 @@ use std::num::NonZeroU32;
 use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use xlb_dataplane::lb::decide::{decide, Verdict};
+use xlb_dataplane::lb::decide::{decide, Mode, Verdict};
 use xlb_dataplane::lb::flow::{FlowState, FlowTable, FlowValue, Timeouts};
 use xlb_dataplane::lb::hash::flow_hash;
 use xlb_dataplane::lb::snapshot::{
@@ -168,7 +168,7 @@ fn through_decide(c: &mut Criterion) {
         if name.starts_with("established") {
             for frame in &frames {
                 let p = parse(frame).expect("valid frame");
-                let _ = decide(&snapshot, &table, &p, flow_hash(&p.key), 0, 0);
+                let _ = decide(&snapshot, &table, &p, flow_hash(&p.key), 0, 0, Mode::Dnat);
             }
         }
         let mut at = 0usize;
@@ -191,7 +191,9 @@ fn through_decide(c: &mut Criterion) {
                     random ^= random << 13;
                     random ^= random >> 7;
                     random ^= random << 17;
-                    if let Verdict::Forward(to) = decide(&snapshot, &table, p, *h, 1, random) {
+                    if let Verdict::Forward(to) =
+                        decide(&snapshot, &table, p, *h, 1, random, Mode::Dnat)
+                    {
                         black_box(set_destination(buf, p, &to)).ok();
                     }
                 }

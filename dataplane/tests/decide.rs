@@ -7,7 +7,9 @@ use std::num::NonZeroU32;
 use std::sync::Arc;
 
 use common::*;
-use xlb_dataplane::lb::decide::{decide, recount_live_flows, Counters, DecideDrop, Verdict};
+use xlb_dataplane::lb::decide::{
+    decide, recount_live_flows, Counters, DecideDrop, Mode, SnatPool, Verdict,
+};
 use xlb_dataplane::lb::flow::{FlowState, FlowTable, Timeouts};
 use xlb_dataplane::lb::hash::flow_hash;
 use xlb_dataplane::lb::snapshot::{
@@ -67,7 +69,7 @@ fn parsed(frame: &[u8]) -> (Parsed, u64) {
 
 fn run(snap: &Snapshot, flows: &FlowTable, frame: &[u8], now: u32) -> Verdict {
     let (p, h) = parsed(frame);
-    decide(snap, flows, &p, h, now, 12345)
+    decide(snap, flows, &p, h, now, 12345, Mode::Dnat)
 }
 
 fn table() -> FlowTable {
@@ -90,7 +92,7 @@ fn a_syn_to_a_vip_is_forwarded_to_the_maglev_pick_and_recorded_both_ways() {
         .unwrap()
         .endpoint;
     assert_eq!(
-        decide(&snap, &flows, &p, h, 10, 0),
+        decide(&snap, &flows, &p, h, 10, 0, Mode::Dnat),
         Verdict::Forward(expected)
     );
     let entries: Vec<_> = flows.iter(10).collect();
@@ -428,4 +430,75 @@ fn a_recount_gives_least_connections_the_live_flows_including_ended_ones() {
     // And at the time they were live, it counts them back.
     recount_live_flows(&snap, &flows, 2);
     assert_eq!(live(1) + live(2) + live(3), 9);
+}
+
+#[test]
+fn snat_translates_the_source_and_brings_replies_back_to_the_client() {
+    let snap = two_ready(IpProto::TCP);
+    let flows = table();
+    let pool = SnatPool::new(Some(SNAT), None, 61000, 100);
+    let go = |frame: &[u8], now| {
+        let (p, h) = parsed(frame);
+        decide(&snap, &flows, &p, h, now, 0, Mode::Snat(&pool))
+    };
+    let Verdict::ForwardSnat { to, from } = go(&syn(40000), 1) else {
+        panic!("not translated")
+    };
+    assert_eq!(from.ip(), std::net::IpAddr::from(SNAT));
+    assert!((61000..61100).contains(&from.port()));
+    // Later packets keep the same translation.
+    let ack = pkt().ipv4(CLIENT, VIP).tcp(40000, 80).ack().build();
+    assert_eq!(go(&ack, 2), Verdict::ForwardSnat { to, from });
+    // The backend answers the xlb address; the reply goes back to the client from the VIP.
+    let reply = pkt()
+        .ip(to.ip(), from.ip())
+        .tcp(to.port(), from.port())
+        .syn()
+        .ack()
+        .build();
+    assert_eq!(
+        go(&reply, 3),
+        Verdict::ReplySnat {
+            from: Endpoint::new(VIP.into(), 80),
+            to: Endpoint::new(CLIENT.into(), 40000),
+        }
+    );
+    // Another flow gets another port.
+    let Verdict::ForwardSnat { from: other, .. } = go(&syn(40001), 4) else {
+        panic!()
+    };
+    assert_ne!(other.port(), from.port());
+    // A family without an snat address falls back to dnat.
+    let v6 = snapshot(vec![]);
+    let (p, h) = parsed(&pkt().ipv6(CLIENT6, VIP6).tcp(1, 80).syn().build());
+    assert_eq!(
+        decide(&v6, &flows, &p, h, 5, 0, Mode::Snat(&pool)),
+        Verdict::Pass
+    );
+}
+
+#[test]
+fn an_snat_reply_whose_forward_entry_expired_is_dropped() {
+    let snap = two_ready(IpProto::TCP);
+    let flows = table();
+    let pool = SnatPool::new(Some(SNAT), None, 61000, 100);
+    let (p, h) = parsed(&syn(40000));
+    let Verdict::ForwardSnat { to, from } = decide(&snap, &flows, &p, h, 1, 0, Mode::Snat(&pool))
+    else {
+        panic!()
+    };
+    let reply = pkt()
+        .ip(to.ip(), from.ip())
+        .tcp(to.port(), from.port())
+        .ack()
+        .build();
+    let (p, h) = parsed(&reply);
+    // The forward entry goes; the reverse one is still there (removed directly here).
+    let (fp, fh) = parsed(&syn(40000));
+    let hit = flows.lookup(&fp.key, fh, 2).unwrap();
+    flows.remove(hit.index, &fp.key);
+    assert_eq!(
+        decide(&snap, &flows, &p, h, 2, 0, Mode::Snat(&pool)),
+        Verdict::Drop(DecideDrop::FlowGone)
+    );
 }

@@ -15,7 +15,11 @@
 //! one while that is younger than the Service's timeout and the backend still takes new
 //! flows; it works with every scheduler.
 //!
-//! Known gaps, for the LB-core issue: snat mode, and fragments after the
+//! In snat mode ([`Mode::Snat`]) the source also becomes an xlb address and a port from the
+//! worker's [`SnatPool`], and replies (to that address and port) are translated back to the
+//! VIP and the client, whom only the forward entry knows.
+//!
+//! Known gaps, for the LB-core issue: fragments after the
 //! first (passed to the kernel: they carry no ports). A [`Verdict::Reject`] is answered with
 //! [`crate::packet::reject_with_tcp_reset`] or [`crate::packet::reject_with_port_unreachable`].
 
@@ -33,6 +37,22 @@ pub enum Verdict {
     Forward(Endpoint),
     /// A backend's reply: rewrite the source to this VIP and send it on.
     Reply(Endpoint),
+    /// snat mode: rewrite the destination to the backend `to` and the source to `from` (an
+    /// xlb address and port).
+    ForwardSnat {
+        /// The backend.
+        to: Endpoint,
+        /// The translated source.
+        from: Endpoint,
+    },
+    /// snat mode: a backend's reply; rewrite the source to the VIP `from` and the destination
+    /// to the client `to`.
+    ReplySnat {
+        /// The VIP.
+        from: Endpoint,
+        /// The client.
+        to: Endpoint,
+    },
     /// Refuse: answer with a TCP reset or an ICMP port unreachable.
     Reject,
     /// Not for the load balancer: give it to the kernel.
@@ -49,11 +69,68 @@ pub enum DecideDrop {
     NoBackend,
     /// A reply of a flow whose Service has left the snapshot.
     ServiceGone,
+    /// An snat reply whose forward entry (which knows the client) has gone.
+    FlowGone,
+}
+
+/// How flows are translated.
+#[derive(Clone, Copy, Debug)]
+pub enum Mode<'a> {
+    /// Source-preserving: only the destination changes; replies must route back through xlb.
+    Dnat,
+    /// Full NAT: the source also becomes an xlb address and port, so replies come back to
+    /// xlb in any topology.
+    Snat(&'a SnatPool),
+}
+
+/// The source addresses and ports of snat mode, one pool per worker (its own port range, so
+/// that workers never hand out the same port).
+#[derive(Debug)]
+pub struct SnatPool {
+    v4: Option<[u8; 16]>,
+    v6: Option<[u8; 16]>,
+    first_port: u16,
+    ports: u16,
+    next: crate::sync::AtomicU64,
+}
+
+impl SnatPool {
+    /// A pool translating to `v4` and `v6` (either may be absent: that family is then not
+    /// translated) with ports `first_port .. first_port + ports`.
+    #[must_use]
+    pub fn new(
+        v4: Option<core::net::Ipv4Addr>,
+        v6: Option<core::net::Ipv6Addr>,
+        first_port: u16,
+        ports: u16,
+    ) -> Self {
+        Self {
+            v4: v4.map(|a| crate::packet::key_addr(a.into())),
+            v6: v6.map(|a| crate::packet::key_addr(a.into())),
+            first_port,
+            ports: ports.max(1),
+            next: crate::sync::AtomicU64::new(0),
+        }
+    }
+
+    fn addr(&self, family: crate::packet::Family) -> Option<[u8; 16]> {
+        match family {
+            crate::packet::Family::Ipv4 => self.v4,
+            crate::packet::Family::Ipv6 => self.v6,
+        }
+    }
+
+    fn next_port(&self) -> u16 {
+        // Relaxed: the counter only spreads ports; collisions are checked in the flow table.
+        let n = self.next.fetch_add(1, crate::sync::Ordering::Relaxed);
+        let offset = u16::try_from(n % u64::from(self.ports)).unwrap_or(0);
+        self.first_port.wrapping_add(offset)
+    }
 }
 
 impl DecideDrop {
     /// Every reason, in counter order.
-    pub const ALL: [Self; 2] = [Self::NoBackend, Self::ServiceGone];
+    pub const ALL: [Self; 3] = [Self::NoBackend, Self::ServiceGone, Self::FlowGone];
 }
 
 /// Per-worker counts of what happened to packets: each verdict, each drop reason of
@@ -93,8 +170,8 @@ impl Counters {
     #[inline]
     pub fn record(&mut self, verdict: &Verdict) {
         match verdict {
-            Verdict::Forward(_) => self.forwarded += 1,
-            Verdict::Reply(_) => self.replied += 1,
+            Verdict::Forward(_) | Verdict::ForwardSnat { .. } => self.forwarded += 1,
+            Verdict::Reply(_) | Verdict::ReplySnat { .. } => self.replied += 1,
             Verdict::Reject => self.rejected += 1,
             Verdict::Pass => self.passed += 1,
             Verdict::Drop(reason) => self.dropped[*reason as usize] += 1,
@@ -119,6 +196,7 @@ pub fn decide(
     hash: u64,
     now: Second,
     random: u64,
+    mode: Mode<'_>,
 ) -> Verdict {
     match parsed.class {
         Class::NotForUs(_) => return Verdict::Pass,
@@ -140,17 +218,34 @@ pub fn decide(
                 _ if closing => Some(FlowState::Closing),
                 _ => Some(FlowState::Established),
             };
+            let vip = service.spec().key.vip;
+            let client = if hit.value.port == 0 {
+                None
+            } else {
+                // snat: the client is known only to the forward entry.
+                let Some(forward) = flows.key_at(hit.value.b, now) else {
+                    return Verdict::Drop(DecideDrop::FlowGone);
+                };
+                Some(Endpoint::from_key_form(
+                    key.family,
+                    forward.src_addr,
+                    forward.src_port,
+                ))
+            };
             flows.touch(hit.index, now, state);
             if state.is_some() {
                 flows.touch(hit.value.b, now, state);
             }
-            return Verdict::Reply(service.spec().key.vip);
+            return match client {
+                Some(to) => Verdict::ReplySnat { from: vip, to },
+                None => Verdict::Reply(vip),
+            };
         }
         if let Some(service) = service {
             let backend = NonZeroU32::new(hit.value.b).and_then(|b| service.backend(BackendId(b)));
             if let Some(backend) = backend {
                 flows.touch(hit.index, now, closing.then_some(FlowState::Closing));
-                return Verdict::Forward(backend.endpoint);
+                return forward_verdict(backend.endpoint, mode, key, hit.value.port);
             }
             // The backend left the Service.
             flows.remove(hit.index, key);
@@ -166,7 +261,22 @@ pub fn decide(
     let Some(service) = snapshot.service(&ServiceKey::of_destination(key)) else {
         return Verdict::Pass;
     };
-    new_flow(service, flows, parsed, hash, now, random)
+    new_flow(service, flows, parsed, hash, now, random, mode)
+}
+
+/// The forward verdict for a flow translated to `backend`, with `snat_port` as its source
+/// port in snat mode (0: not translated).
+fn forward_verdict(backend: Endpoint, mode: Mode<'_>, key: &FlowKey, snat_port: u16) -> Verdict {
+    match mode {
+        Mode::Snat(pool) if snat_port != 0 => match pool.addr(key.family) {
+            Some(addr) => Verdict::ForwardSnat {
+                to: backend,
+                from: Endpoint::from_key_form(key.family, addr, snat_port),
+            },
+            None => Verdict::Forward(backend),
+        },
+        _ => Verdict::Forward(backend),
+    }
 }
 
 /// Picks a backend for a new flow and records both directions.
@@ -177,6 +287,7 @@ fn new_flow(
     hash: u64,
     now: Second,
     random: u64,
+    mode: Mode<'_>,
 ) -> Verdict {
     let spec = service.spec();
     let affinity = spec
@@ -197,43 +308,66 @@ fn new_flow(
     } else {
         FlowState::New
     };
+    // In snat mode the flow's source becomes an xlb address and a port whose reverse key
+    // (backend -> that address and port) is not taken.
+    let snat = match mode {
+        Mode::Snat(pool) => pool.addr(key.family).and_then(|addr| {
+            (0..4).map(|_| pool.next_port()).find_map(|port| {
+                let reverse = reverse_key(key, &backend.endpoint, addr, port);
+                let taken = flows.lookup(&reverse, super::hash::flow_hash(&reverse), now);
+                taken.is_none().then_some((addr, port))
+            })
+        }),
+        Mode::Dnat => None,
+    };
+    let (back_addr, back_port, snat_port) = match snat {
+        Some((addr, port)) => (addr, port, port),
+        None => (key.src_addr, key.src_port, 0),
+    };
     let forward = FlowValue {
         a: spec.id.0.get(),
         b: backend.id.0.get(),
-        ..FlowValue::default()
+        port: snat_port,
+        reverse: false,
     };
     if let Some(affinity) = &affinity {
         affinity.remember(service, flows, backend.id, now);
     }
     match flows.insert(key, hash, forward, state, now) {
         Insert::Inserted(index) => {
-            let reverse_key = FlowKey::new(
-                key.family,
-                key.proto,
-                (*backend.endpoint.key_addr(), backend.endpoint.port()),
-                (key.src_addr, key.src_port),
-            );
+            let reverse_key = reverse_key(key, &backend.endpoint, back_addr, back_port);
             let reverse = FlowValue {
                 a: spec.id.0.get(),
                 b: index,
-                port: 0,
+                port: snat_port,
                 reverse: true,
             };
             let reverse_hash = super::hash::flow_hash(&reverse_key);
             let _ = flows.insert(&reverse_key, reverse_hash, reverse, state, now);
             service.flow_started(backend.id);
-            Verdict::Forward(backend.endpoint)
+            forward_verdict(backend.endpoint, mode, key, snat_port)
         }
         // Another worker recorded this flow first: follow its choice.
-        Insert::Existing(hit) => NonZeroU32::new(hit.value.b)
-            .and_then(|b| service.backend(BackendId(b)))
-            .map_or(Verdict::Forward(backend.endpoint), |b| {
-                Verdict::Forward(b.endpoint)
-            }),
+        Insert::Existing(hit) => {
+            let chosen = NonZeroU32::new(hit.value.b)
+                .and_then(|b| service.backend(BackendId(b)))
+                .map_or(backend.endpoint, |b| b.endpoint);
+            forward_verdict(chosen, mode, key, hit.value.port)
+        }
         // Not recorded (a racing insert, or a bucket full of established flows): this
         // packet still goes to the pick; Maglev gives the next one the same backend.
-        Insert::Pending | Insert::Full => Verdict::Forward(backend.endpoint),
+        Insert::Pending | Insert::Full => forward_verdict(backend.endpoint, mode, key, snat_port),
     }
+}
+
+/// The key of a flow's replies: from the backend to the flow's (translated) source.
+fn reverse_key(key: &FlowKey, backend: &Endpoint, to_addr: [u8; 16], to_port: u16) -> FlowKey {
+    FlowKey::new(
+        key.family,
+        key.proto,
+        (*backend.key_addr(), backend.port()),
+        (to_addr, to_port),
+    )
 }
 
 /// Recounts the live flows of every backend from the flow table and stores the counts in the

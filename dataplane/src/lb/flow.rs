@@ -480,6 +480,13 @@ impl FlowTable {
         })
     }
 
+    /// The key of the live entry at `index` (a reverse entry's way to its forward entry).
+    #[must_use]
+    pub fn key_at(&self, index: u32, now: Second) -> Option<FlowKey> {
+        let (_, words, _, meta) = self.read(index as usize)?;
+        (!self.expired(meta, now)).then(|| key_from_words(&words))
+    }
+
     /// Records that the entry at `index` was seen at `now`, and moves it to `state` unless it
     /// is closing already (closing is final). A no-op when the entry changed in between.
     pub fn touch(&self, index: u32, now: Second, state: Option<FlowState>) {
