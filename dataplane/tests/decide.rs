@@ -468,12 +468,24 @@ fn snat_translates_the_source_and_brings_replies_back_to_the_client() {
         panic!()
     };
     assert_ne!(other.port(), from.port());
-    // A family without an snat address falls back to dnat.
-    let v6 = snapshot(vec![]);
+    // A family without an snat address (this pool has no IPv6 one) is translated as dnat.
+    let backend6 = Backend {
+        id: BackendId(id(1)),
+        endpoint: Endpoint::new(BACKEND6.into(), 8080),
+        state: BackendState::Ready,
+        weight: 1,
+    };
+    let key6 = ServiceKey {
+        vip: Endpoint::new(VIP6.into(), 80),
+        proto: IpProto::TCP,
+    };
+    let v6 = snapshot(vec![Arc::new(
+        Service::new(ServiceSpec::new(ServiceId(id(6)), key6, vec![backend6])).unwrap(),
+    )]);
     let (p, h) = parsed(&pkt().ipv6(CLIENT6, VIP6).tcp(1, 80).syn().build());
     assert_eq!(
         decide(&v6, &flows, &p, h, 5, 0, Mode::Snat(&pool)),
-        Verdict::Pass
+        Verdict::Forward(backend6.endpoint)
     );
 }
 
