@@ -1,5 +1,6 @@
 //! The flow table: lookup hit, lookup miss and insert of new flows, with 1 000, 100 000 and
-//! 1 000 000 live flows in a table sized for them (capacity twice the flows), one thread.
+//! 1 000 000 live flows in a table sized for them (capacity twice the flows), one thread; and
+//! hits and inserts at 100 000 flows with a second thread working the same table.
 
 use std::hint::black_box;
 
@@ -112,5 +113,63 @@ fn flow_table(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, flow_table);
+/// Hits and inserts on one thread while a second thread does the same on the same table (the
+/// two cores of this machine): the cost of sharing, cache lines moving between cores.
+fn two_threads(c: &mut Criterion) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let mut group = c.benchmark_group("flow-2threads");
+    group.throughput(Throughput::Elements(BATCH as u64));
+    let flows = 100_000u32;
+    let (table, keys) = filled(flows);
+    let table = Arc::new(table);
+    let keys = Arc::new(keys);
+    let stop = Arc::new(AtomicBool::new(false));
+    let other = {
+        let (table, keys, stop) = (Arc::clone(&table), Arc::clone(&keys), Arc::clone(&stop));
+        std::thread::spawn(move || {
+            let mut at = 1usize;
+            let mut next = 50_000_000u32;
+            while !stop.load(Ordering::Relaxed) {
+                at = (at + 104_729) % keys.len();
+                let (k, h) = &keys[at];
+                black_box(table.lookup(k, *h, 1));
+                next = next.wrapping_add(1);
+                let fresh = key(next);
+                let _ = table.insert(
+                    &fresh,
+                    flow_hash(&fresh),
+                    FlowValue::default(),
+                    FlowState::New,
+                    2,
+                );
+            }
+        })
+    };
+    let mut at = 0usize;
+    group.bench_function("hit/100000", |b| {
+        b.iter(|| {
+            for _ in 0..BATCH {
+                at = (at + 7919) % keys.len();
+                let (k, h) = &keys[at];
+                black_box(table.lookup(k, *h, 1));
+            }
+        });
+    });
+    let mut next = 10_000_000u32;
+    group.bench_function("insert/100000", |b| {
+        b.iter(|| {
+            for _ in 0..BATCH {
+                next = next.wrapping_add(1);
+                let k = key(next);
+                black_box(table.insert(&k, flow_hash(&k), FlowValue::default(), FlowState::New, 2));
+            }
+        });
+    });
+    group.finish();
+    stop.store(true, Ordering::Relaxed);
+    let _ = other.join();
+}
+
+criterion_group!(benches, flow_table, two_threads);
 criterion_main!(benches);
