@@ -138,10 +138,7 @@ fn established(c: &mut Criterion) {
 /// million distinct flows streamed through a table of 256 Ki entries, so every packet is a
 /// miss that picks, inserts both directions and evicts older new flows).
 ///
-/// Measured (this VM): 308 ns per packet established (decide has no body-prefetch stage
-/// yet), 1193 ns per new flow (0.8 Mpps against the 8 Mpps). perf-free diagnosis: a
-/// full bucket pair makes every claim read up to 16 entry bodies to find a victim; an age and
-/// state hint in the seq line would let it choose from the tag lines alone.
+/// Both prefetch stages run before `decide()`, as in the hand-built path above.
 fn through_decide(c: &mut Criterion) {
     let snapshot = snapshot();
     let mut group = c.benchmark_group("decide");
@@ -185,6 +182,9 @@ fn through_decide(c: &mut Criterion) {
                         table.prefetch(h);
                         *slot = Some((p, h));
                     }
+                }
+                for (_, h) in parsed.iter().flatten() {
+                    table.prefetch_entry(*h);
                 }
                 for (buf, slot) in bufs.iter_mut().zip(parsed.iter_mut()) {
                     let Some((p, h)) = slot else { continue };
