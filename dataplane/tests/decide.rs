@@ -72,6 +72,11 @@ fn run(snap: &Snapshot, flows: &FlowTable, frame: &[u8], now: u32) -> Verdict {
     decide(snap, flows, &p, h, now, 12345, Mode::Dnat)
 }
 
+/// The backend number `n` of an endpoint 198.18.128.n (see `backend`).
+fn backend_number(e: &Endpoint) -> u8 {
+    e.key_addr()[3]
+}
+
 fn table() -> FlowTable {
     FlowTable::new(1024, Timeouts::default())
 }
@@ -170,14 +175,7 @@ fn a_terminating_backend_keeps_its_flows_but_takes_no_new_ones() {
     let Verdict::Forward(to) = run(&before, &flows, &syn(40000), 1) else {
         panic!()
     };
-    let n = to
-        .ip()
-        .to_string()
-        .rsplit('.')
-        .next()
-        .unwrap()
-        .parse::<u8>()
-        .unwrap();
+    let n = backend_number(&to);
     let other = 3 - n;
     let after = snapshot(vec![service(
         IpProto::TCP,
@@ -204,14 +202,7 @@ fn a_tcp_flow_whose_backend_left_is_reset_and_a_udp_flow_is_moved() {
     let Verdict::Forward(to) = run(&two_ready(IpProto::TCP), &flows, &syn(40000), 1) else {
         panic!()
     };
-    let n: u8 = to
-        .ip()
-        .to_string()
-        .rsplit('.')
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let n: u8 = backend_number(&to);
     let without = |proto| {
         snapshot(vec![service(
             proto,
@@ -382,14 +373,7 @@ fn session_affinity_lets_go_of_a_backend_that_stops_taking_new_flows() {
         &syn(1),
         1,
     ));
-    let n: u8 = first
-        .ip()
-        .to_string()
-        .rsplit('.')
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let n: u8 = backend_number(&first);
     let mut changed = backends;
     changed[usize::from(n) - 1].state = BackendState::Terminating;
     let after = with_affinity(Scheduler::Random, changed, 1000);

@@ -204,7 +204,7 @@ pub fn decide(
         Class::Ordinary | Class::Fragment(_) | Class::IcmpError(_) => {}
     }
     let key = &parsed.key;
-    let closing = parsed.tcp_flags.intersects(TcpFlags::FIN | TcpFlags::RST);
+    let closing = closes(parsed);
     if let Some(hit) = flows.lookup(key, hash, now) {
         let service = service_of(snapshot, hit.value.a);
         if hit.value.reverse {
@@ -242,8 +242,7 @@ pub fn decide(
             };
         }
         if let Some(service) = service {
-            let backend = NonZeroU32::new(hit.value.b).and_then(|b| service.backend(BackendId(b)));
-            if let Some(backend) = backend {
+            if let Some(backend) = backend_of(service, hit.value.b) {
                 flows.touch(hit.index, now, closing.then_some(FlowState::Closing));
                 return forward_verdict(backend.endpoint, mode, key, hit.value.port);
             }
@@ -303,7 +302,7 @@ fn new_flow(
         };
     };
     let key = &parsed.key;
-    let state = if parsed.tcp_flags.intersects(TcpFlags::FIN | TcpFlags::RST) {
+    let state = if closes(parsed) {
         FlowState::Closing
     } else {
         FlowState::New
@@ -349,9 +348,7 @@ fn new_flow(
         }
         // Another worker recorded this flow first: follow its choice.
         Insert::Existing(hit) => {
-            let chosen = NonZeroU32::new(hit.value.b)
-                .and_then(|b| service.backend(BackendId(b)))
-                .map_or(backend.endpoint, |b| b.endpoint);
+            let chosen = backend_of(service, hit.value.b).map_or(backend.endpoint, |b| b.endpoint);
             forward_verdict(chosen, mode, key, hit.value.port)
         }
         // Not recorded (a racing insert, or a bucket full of established flows): this
@@ -426,11 +423,7 @@ impl Affinity {
         if now.saturating_sub(hit.last_seen) > self.timeout {
             return None;
         }
-        let backend = service.backend(BackendId(NonZeroU32::new(hit.value.b)?))?;
-        let pickable = service.pickable().iter().any(|&i| {
-            service.spec().backends.get(usize::from(i)).map(|b| b.id) == Some(backend.id)
-        });
-        pickable.then_some(backend)
+        backend_of(service, hit.value.b).filter(|b| service.takes_new_flows(b.id))
     }
 
     /// Records `backend` as the client's, replacing an older record.
@@ -455,4 +448,14 @@ impl Affinity {
 
 fn service_of(snapshot: &Snapshot, id: u32) -> Option<&Service> {
     NonZeroU32::new(id).and_then(|id| snapshot.service_by_id(ServiceId(id)))
+}
+
+/// The backend a flow entry names (its id as the entry stores it), if still in the Service.
+fn backend_of(service: &Service, id: u32) -> Option<&Backend> {
+    NonZeroU32::new(id).and_then(|id| service.backend(BackendId(id)))
+}
+
+/// Whether the packet ends its flow (FIN or RST).
+fn closes(parsed: &Parsed) -> bool {
+    parsed.tcp_flags.intersects(TcpFlags::FIN | TcpFlags::RST)
 }

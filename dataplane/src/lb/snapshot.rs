@@ -334,14 +334,24 @@ impl Service {
         self.live_count(backend).map(|c| c.load(Ordering::Relaxed))
     }
 
+    /// Whether `backend` takes new flows (is among the pickable ones).
+    #[must_use]
+    pub fn takes_new_flows(&self, backend: BackendId) -> bool {
+        self.pickable_slot(backend).is_some()
+    }
+
     fn live_count(&self, backend: BackendId) -> Option<&AtomicU64> {
+        self.live.get(self.pickable_slot(backend)?)
+    }
+
+    /// The position of `backend` in `pickable`.
+    fn pickable_slot(&self, backend: BackendId) -> Option<usize> {
         let i = self
             .spec
             .backends
             .binary_search_by_key(&backend, |b| b.id)
             .ok()?;
-        let slot = self.pickable.iter().position(|&p| usize::from(p) == i)?;
-        self.live.get(slot)
+        self.pickable.iter().position(|&p| usize::from(p) == i)
     }
 
     /// Approximate heap bytes this Service holds (backends, pick list, Maglev slots).
