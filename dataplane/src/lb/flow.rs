@@ -190,36 +190,6 @@ impl Body {
     }
 }
 
-/// Free entries found in a flow's buckets (at most two buckets' worth), without allocating.
-struct FreeList {
-    items: [(usize, u64); 2 * WAYS],
-    len: usize,
-}
-
-impl FreeList {
-    fn as_slice(&self) -> &[(usize, u64)] {
-        &self.items[..self.len]
-    }
-
-    fn sort_by_key<K: Ord>(&mut self, f: impl FnMut(&(usize, u64)) -> K) {
-        self.items[..self.len].sort_by_key(f);
-    }
-}
-
-impl FromIterator<(usize, u64)> for FreeList {
-    fn from_iter<I: IntoIterator<Item = (usize, u64)>>(iter: I) -> Self {
-        let mut list = Self {
-            items: [(0, 0); 2 * WAYS],
-            len: 0,
-        };
-        for (slot, item) in list.items.iter_mut().zip(iter) {
-            *slot = item;
-            list.len += 1;
-        }
-        list
-    }
-}
-
 /// Whether two keys in word form are equal: five XORs, where `==` on the arrays became a
 /// `memcmp` call (6% of the established path's samples).
 #[inline(always)]
@@ -594,18 +564,21 @@ impl FlowTable {
             // buckets' seq lines are read.
             let first_bucket = seen[0].0 / WAYS;
             let is_free = |&&(_, seq): &&(usize, u64)| seq & STATE_MASK == FREE;
-            let free_in_first = seen
-                .iter()
-                .filter(is_free)
-                .filter(|(i, _)| i / WAYS == first_bucket)
-                .count();
+            let in_first = |&&(i, _): &&(usize, u64)| i / WAYS == first_bucket;
+            let free_in_first = seen.iter().filter(is_free).filter(in_first).count();
             let free_in_second = seen.iter().filter(is_free).count() - free_in_first;
             let second_first = free_in_second > free_in_first;
-            let mut free = seen.iter().filter(is_free).copied().collect::<FreeList>();
-            if second_first {
-                free.sort_by_key(|(i, _)| i / WAYS == first_bucket);
-            }
-            for &(i, seq) in free.as_slice() {
+            // The preferred bucket's free entries, then the other's.
+            let free = seen
+                .iter()
+                .filter(is_free)
+                .filter(|e| in_first(e) != second_first)
+                .chain(
+                    seen.iter()
+                        .filter(is_free)
+                        .filter(|e| in_first(e) == second_first),
+                );
+            for &(i, seq) in free {
                 if try_claim(i, seq) {
                     return Some(i);
                 }
@@ -757,7 +730,7 @@ impl FlowTable {
     /// Removes the entry at `index` if it still holds `key`.
     pub fn remove(&self, index: u32, key: &FlowKey) {
         if let Some((seq, words, _, _)) = self.read(index as usize) {
-            if words == key_words(key) {
+            if same_key(&words, &key_words(key)) {
                 self.withdraw_if(index as usize, seq);
             }
         }
