@@ -44,15 +44,13 @@ fn snapshot() -> Snapshot {
     Snapshot::new(1, vec![Arc::new(Service::new(spec).expect("valid"))]).expect("one Service")
 }
 
-fn established(c: &mut Criterion) {
-    let flows = 100_000u32;
-    let snapshot = snapshot();
-    let table = FlowTable::new(flows as usize * 2, Timeouts::default());
-    // One frame per flow, contiguous like a UMEM, in random flow order: the frames stream
-    // through memory in sequence as a NIC fills them, the flow table is hit at random.
-    let frames: Vec<[u8; 64]> = (0..flows)
+/// One frame per flow, contiguous like a UMEM, in a random flow order (an exact permutation):
+/// the frames stream through memory in sequence as a NIC fills them, the flow table is hit at
+/// random.
+fn umem_frames(flows: u32) -> Vec<[u8; 64]> {
+    (0..flows)
         .map(|i| {
-            let n = i.wrapping_mul(2_654_435_761) % flows;
+            let n = u32::try_from(u64::from(i) * 2_654_435_761 % u64::from(flows)).unwrap_or(0);
             let client = Ipv4Addr::from(0xc612_0000 | (n >> 16));
             let frame = pkt()
                 .ipv4(client, VIP)
@@ -64,7 +62,39 @@ fn established(c: &mut Criterion) {
             out.copy_from_slice(&frame);
             out
         })
-        .collect();
+        .collect()
+}
+
+/// The stages before the decision, as a worker runs them on a batch: copy the next 64 frames
+/// into the batch's buffers (the network's part), parse and hash each and prefetch its flow
+/// buckets, then prefetch the entries whose tags match.
+fn receive(
+    frames: &[[u8; 64]],
+    at: &mut usize,
+    bufs: &mut [[u8; 64]; BATCH],
+    table: &FlowTable,
+) -> [Option<(Parsed, u64)>; BATCH] {
+    let mut parsed: [Option<(Parsed, u64)>; BATCH] = [None; BATCH];
+    for (buf, slot) in bufs.iter_mut().zip(parsed.iter_mut()) {
+        *at = (*at + 1) % frames.len();
+        *buf = frames[*at];
+        if let Ok(p) = parse(buf) {
+            let h = flow_hash(&p.key);
+            table.prefetch(h);
+            *slot = Some((p, h));
+        }
+    }
+    for (_, h) in parsed.iter().flatten() {
+        table.prefetch_entry(*h);
+    }
+    parsed
+}
+
+fn established(c: &mut Criterion) {
+    let flows = 100_000u32;
+    let snapshot = snapshot();
+    let table = FlowTable::new(flows as usize * 2, Timeouts::default());
+    let frames = umem_frames(flows);
     // Every flow established on the backend Maglev picks for it.
     let service = snapshot
         .service(&ServiceKey {
@@ -94,27 +124,12 @@ fn established(c: &mut Criterion) {
     let mut group = c.benchmark_group("path");
     group.throughput(Throughput::Elements(BATCH as u64));
     let mut at = 0usize;
-    // The batch's frame buffers, as a worker's UMEM frames: each iteration copies the next 64
-    // frames in (the network's part), then runs the stages on them in place.
+    // The batch's frame buffers, as a worker's UMEM frames.
     let mut bufs = [[0u8; 64]; BATCH];
     group.bench_function("established/100000", |b| {
         b.iter(|| {
-            // Stage 1: parse, hash, prefetch.
-            let mut parsed: [Option<(Parsed, u64)>; BATCH] = [None; BATCH];
-            for (buf, slot) in bufs.iter_mut().zip(parsed.iter_mut()) {
-                at = (at + 1) % frames.len();
-                *buf = frames[at];
-                if let Ok(p) = parse(buf) {
-                    let h = flow_hash(&p.key);
-                    table.prefetch(h);
-                    *slot = Some((p, h));
-                }
-            }
-            // Stage 1b: with the tag lines arriving, prefetch the matching entries.
-            for (_, h) in parsed.iter().flatten() {
-                table.prefetch_entry(*h);
-            }
-            // Stage 2: flow lookup, backend, rewrite.
+            let mut parsed = receive(&frames, &mut at, &mut bufs, &table);
+            // Then: flow lookup, backend, rewrite.
             for (buf, slot) in bufs.iter_mut().zip(parsed.iter_mut()) {
                 let Some((p, h)) = slot else { continue };
                 let Some(hit) = table.lookup(&p.key, *h, 1) else {
@@ -148,20 +163,7 @@ fn through_decide(c: &mut Criterion) {
         ("new-flow", 1_000_000, 1 << 18),
     ] {
         let table = FlowTable::new(capacity, Timeouts::default());
-        let frames: Vec<[u8; 64]> = (0..flows)
-            .map(|n| {
-                let client = Ipv4Addr::from(0xc612_0000 | (n >> 16));
-                let frame = pkt()
-                    .ipv4(client, VIP)
-                    .tcp(n as u16, 80)
-                    .ack()
-                    .pad_to(64)
-                    .build();
-                let mut out = [0u8; 64];
-                out.copy_from_slice(&frame);
-                out
-            })
-            .collect();
+        let frames = umem_frames(flows);
         if name.starts_with("established") {
             for frame in &frames {
                 let p = parse(frame).expect("valid frame");
@@ -173,19 +175,7 @@ fn through_decide(c: &mut Criterion) {
         let mut random = 0x9e37_79b9_7f4a_7c15u64;
         group.bench_function(name, |b| {
             b.iter(|| {
-                let mut parsed: [Option<(Parsed, u64)>; BATCH] = [None; BATCH];
-                for (buf, slot) in bufs.iter_mut().zip(parsed.iter_mut()) {
-                    at = (at + 1) % frames.len();
-                    *buf = frames[at];
-                    if let Ok(p) = parse(buf) {
-                        let h = flow_hash(&p.key);
-                        table.prefetch(h);
-                        *slot = Some((p, h));
-                    }
-                }
-                for (_, h) in parsed.iter().flatten() {
-                    table.prefetch_entry(*h);
-                }
+                let mut parsed = receive(&frames, &mut at, &mut bufs, &table);
                 for (buf, slot) in bufs.iter_mut().zip(parsed.iter_mut()) {
                     let Some((p, h)) = slot else { continue };
                     random ^= random << 13;
