@@ -10,8 +10,14 @@
 //!   rewrite primitives with RFC 1624 incremental checksums. No unsafe, no allocation, no
 //!   sockets, threads or time.
 //!
-//! Unsafe: denied crate-wide; the only exception is `prefetch`, one target-feature
-//! intrinsic with its safety boundary documented there. `packet` and `lb` forbid it.
+//! * [`worker`]: the batch poll loop, generic over a packet I/O trait; per-worker counters;
+//!   next hops.
+//! * [`xsk`]: AF_XDP sockets and UMEM over xsk-rs, the XDP filter (`bpf/filter.c`, built
+//!   by build.rs), and `MemRing`, the in-memory I/O tests run the worker over.
+//!
+//! Unsafe: denied crate-wide; the exceptions are `prefetch` (one target-feature intrinsic)
+//! and `xsk` (libbpf/libxdp calls and AF_XDP rings), each with its safety boundary
+//! documented there. `packet` and `lb` forbid it.
 //!
 //! Panic contract: no bytes received from the network can make this crate panic; property
 //! tests and the fuzz target in `fuzz/` hold it to that.
@@ -23,3 +29,5 @@ pub mod lb;
 pub mod packet;
 mod prefetch;
 mod sync;
+pub mod worker;
+pub mod xsk;

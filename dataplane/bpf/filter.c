@@ -1,0 +1,223 @@
+// SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
+//
+// xlb's XDP filter. It is not the load balancer: it only decides, per packet, whether xlb
+// handles it (redirect to the AF_XDP socket of the receiving queue) or the kernel does
+// (XDP_PASS). xlb handles:
+//   * traffic to a Service: destination (address, port, protocol) in `steer` as a
+//     destination entry (ICMP echo to a VIP: port 0);
+//   * the replies of its flows: a source (address, port, protocol) in `steer` as a source
+//     entry (backends, in dnat mode), or a destination address in `steer` with port 0 and
+//     the any-port flag (xlb's own SNAT addresses, in snat mode);
+//   * ICMP errors that quote such a packet (PMTU and unreachables of NATed flows).
+// Everything else — ARP, neighbour discovery, the node's own traffic, IPv4 fragments after
+// the first, IPv6 fragments — goes to the kernel. The control thread keeps `steer` in step
+// with each snapshot; `xsks` holds one AF_XDP socket per receive queue.
+//
+// Built by dataplane/build.rs with `clang -target bpf`; no libbpf headers needed.
+
+#include <linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/in.h>
+#include <linux/ip.h>
+#include <linux/ipv6.h>
+
+#define SEC(name) __attribute__((section(name), used))
+#define __uint(name, val) int (*name)[val]
+#define __type(name, val) typeof(val) *name
+#define always_inline inline __attribute__((always_inline))
+
+static void *(*bpf_map_lookup_elem)(void *map, const void *key) = (void *)BPF_FUNC_map_lookup_elem;
+static long (*bpf_redirect_map)(void *map, __u64 key, __u64 flags) = (void *)BPF_FUNC_redirect_map;
+
+// Must match dataplane/src/xsk/filter.rs (`SteerKey`).
+struct steer_key {
+	__u8 addr[16];  // IPv4: the first four bytes, the rest zero
+	__u16 port;     // network order; 0 for ICMP echo and for any-port entries
+	__u8 proto;     // IPPROTO_TCP, IPPROTO_UDP, IPPROTO_ICMP, IPPROTO_ICMPV6
+	__u8 flags;     // STEER_*
+};
+#define STEER_SOURCE 1   // match the packet's source (a backend's reply)
+#define STEER_IPV6 2
+#define STEER_ANY_PORT 4 // match the destination address alone (an SNAT address)
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1 << 20);
+	__type(key, struct steer_key);
+	__type(value, __u8);
+} steer SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_XSKMAP);
+	__uint(max_entries, 256);
+	__type(key, __u32);
+	__type(value, __u32);
+} xsks SEC(".maps");
+
+// Counters: [0] redirected, [1] passed.
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 2);
+	__type(key, __u32);
+	__type(value, __u64);
+} stats SEC(".maps");
+
+struct ports {
+	__u16 src;
+	__u16 dst;
+};
+
+static always_inline int lookup(struct steer_key *key)
+{
+	return bpf_map_lookup_elem(&steer, key) != 0;
+}
+
+// Whether (addr, port, proto) matches as a destination or, with STEER_SOURCE, a source.
+static always_inline int match(const __u8 *addr, int len, __u16 port, __u8 proto, __u8 flags)
+{
+	struct steer_key key = {};
+	__builtin_memcpy(key.addr, addr, 4);
+	if (len == 16)
+		__builtin_memcpy(key.addr + 4, addr + 4, 12);
+	key.port = port;
+	key.proto = proto;
+	key.flags = flags;
+	if (lookup(&key))
+		return 1;
+	if (flags & STEER_SOURCE)
+		return 0;
+	key.port = 0;
+	key.flags = flags | STEER_ANY_PORT;
+	return lookup(&key);
+}
+
+static always_inline int is_icmp_error(__u8 proto, __u8 type)
+{
+	if (proto == IPPROTO_ICMP)
+		return type == 3 || type == 11 || type == 12;
+	return type >= 1 && type <= 4; // ICMPv6: unreachable, too big, time exceeded, param
+}
+
+// The quoted packet of an ICMP error: xlb's if its destination is a backend (an error about
+// a forwarded packet) or its source is a Service or SNAT address (about a reply).
+static always_inline int quoted_is_ours(void *q, void *end, int v6)
+{
+	__u8 proto;
+	__u8 *src, *dst;
+	int alen, hlen;
+	__u8 fam = v6 ? STEER_IPV6 : 0;
+
+	if (!v6) {
+		struct iphdr *ip = q;
+		if ((void *)(ip + 1) > end)
+			return 0;
+		hlen = ip->ihl * 4;
+		if (hlen < 20)
+			return 0;
+		proto = ip->protocol;
+		src = (__u8 *)&ip->saddr;
+		dst = (__u8 *)&ip->daddr;
+		alen = 4;
+	} else {
+		struct ipv6hdr *ip6 = q;
+		if ((void *)(ip6 + 1) > end)
+			return 0;
+		hlen = sizeof(*ip6);
+		proto = ip6->nexthdr;
+		src = (__u8 *)&ip6->saddr;
+		dst = (__u8 *)&ip6->daddr;
+		alen = 16;
+	}
+	if (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
+		return 0;
+	// The mask bounds the offset for the verifier (an IHL is at most 60 bytes).
+	struct ports *p = q + (hlen & 0x3c);
+	if ((void *)(p + 1) > end)
+		return 0;
+	return match(dst, alen, p->dst, proto, fam | STEER_SOURCE) ||
+	       match(src, alen, p->src, proto, fam);
+}
+
+static always_inline int steer_l4(void *l4, void *end, __u8 proto, __u8 *src, __u8 *dst,
+				  int alen, int v6)
+{
+	__u8 fam = v6 ? STEER_IPV6 : 0;
+
+	if (proto == IPPROTO_TCP || proto == IPPROTO_UDP) {
+		struct ports *p = l4;
+		if ((void *)(p + 1) > end)
+			return 0;
+		return match(dst, alen, p->dst, proto, fam) ||
+		       match(src, alen, p->src, proto, fam | STEER_SOURCE);
+	}
+	if (proto == IPPROTO_ICMP || proto == IPPROTO_ICMPV6) {
+		__u8 *icmp = l4;
+		if ((void *)(icmp + 8) > end)
+			return 0;
+		if (is_icmp_error(proto, icmp[0]))
+			return quoted_is_ours(icmp + 8, end, v6);
+		// Echo request to a VIP, or an echo reply from a backend.
+		return match(dst, alen, 0, proto, fam) ||
+		       match(src, alen, 0, proto, fam | STEER_SOURCE);
+	}
+	return 0;
+}
+
+static always_inline int decide(struct xdp_md *ctx)
+{
+	void *data = (void *)(long)ctx->data;
+	void *end = (void *)(long)ctx->data_end;
+	struct ethhdr *eth = data;
+	void *l3 = eth + 1;
+	__u16 type;
+
+	if ((void *)(eth + 1) > end)
+		return 0;
+	type = eth->h_proto;
+	if (type == __builtin_bswap16(ETH_P_8021Q)) {
+		__u16 *vlan = l3;
+		if ((void *)(vlan + 2) > end)
+			return 0;
+		type = vlan[1];
+		l3 = vlan + 2;
+	}
+	if (type == __builtin_bswap16(ETH_P_IP)) {
+		struct iphdr *ip = l3;
+		if ((void *)(ip + 1) > end || ip->ihl < 5)
+			return 0;
+		// Fragments after the first carry no ports: the kernel reassembles them.
+		if (ip->frag_off & __builtin_bswap16(0x1fff))
+			return 0;
+		return steer_l4(l3 + ip->ihl * 4, end, ip->protocol, (__u8 *)&ip->saddr,
+				(__u8 *)&ip->daddr, 4, 0);
+	}
+	if (type == __builtin_bswap16(ETH_P_IPV6)) {
+		struct ipv6hdr *ip6 = l3;
+		if ((void *)(ip6 + 1) > end)
+			return 0;
+		return steer_l4(ip6 + 1, end, ip6->nexthdr, (__u8 *)&ip6->saddr,
+				(__u8 *)&ip6->daddr, 16, 1);
+	}
+	return 0;
+}
+
+SEC("xdp")
+int xlb_filter(struct xdp_md *ctx)
+{
+	__u32 slot = 1;
+	int ours = decide(ctx);
+	long action = XDP_PASS;
+
+	if (ours) {
+		// XDP_PASS when no socket is bound to this queue: the kernel keeps working.
+		action = bpf_redirect_map(&xsks, ctx->rx_queue_index, XDP_PASS);
+		if (action == XDP_REDIRECT)
+			slot = 0;
+	}
+	__u64 *count = bpf_map_lookup_elem(&stats, &slot);
+	if (count)
+		*count += 1;
+	return action;
+}
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";

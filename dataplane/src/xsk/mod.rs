@@ -1,0 +1,345 @@
+//! AF_XDP I/O: the UMEM, one AF_XDP socket per (port, queue), the XDP filter that feeds them,
+//! and [`MemRing`], the in-memory stand-in the worker's tests run over.
+//!
+//! # Safety boundary
+//! This is the one module with unsafe code beyond `prefetch` (libxdp/libbpf calls and
+//! xsk-rs's unsafe ring operations). The invariants:
+//! * Every frame descriptor [`XskIo`] handles belongs to its own UMEM: it is one of the
+//!   descriptors `Umem::new` returned, or one the kernel handed back on a ring of a socket
+//!   bound to that UMEM. No other constructor of descriptors exists here.
+//! * A frame is in exactly one place at a time: the free pool, a fill ring, the kernel's
+//!   receive path, the worker's hands (between `receive` and `transmit`/`recycle`), a
+//!   transmit ring, or the completion ring. Only the worker's hands touch its bytes, through
+//!   [`PacketIo::with_frame`] with `&mut` of the descriptor, so no two borrows of one frame
+//!   coexist and the kernel never writes a frame the worker reads.
+//! * Every produce onto a ring is clamped to the ring's free slots (xsk-rs produces all or
+//!   nothing), so no frame leaves the pool without reaching a ring.
+//! * The filter's maps are written only with the key and value types `bpf/filter.c` declares.
+//!
+//! Adding a way to build a descriptor, to read a frame outside `with_frame`, or a map of
+//! another type needs review against this list.
+
+#![allow(unsafe_code)]
+
+mod filter;
+mod mem;
+
+use std::ffi::CString;
+use std::num::NonZeroU32;
+use std::os::fd::AsRawFd;
+use std::time::Duration;
+
+use xsk_rs::config::{
+    BindFlags, FrameSize, Interface, LibxdpFlags, QueueSize, SocketConfig, UmemConfig,
+};
+use xsk_rs::{CompQueue, FillQueue, FrameDesc, RxQueue, TxQueue, Umem};
+
+use crate::worker::PacketIo;
+
+pub use filter::{raise_memlock_limit, FilterError, SteerKey, XdpFilter, XdpMode};
+pub use mem::{MemDesc, MemRing};
+
+/// How a worker's sockets are set up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct XskConfig {
+    /// Descriptors per ring (a power of two).
+    pub ring_size: u32,
+    /// Bytes per UMEM frame (2048 or 4096).
+    pub frame_size: u32,
+    /// Bind in zero-copy mode (fails on devices without it, such as veth) instead of copy.
+    pub zero_copy: bool,
+    /// Let the kernel sleep and be woken (XDP_USE_NEED_WAKEUP).
+    pub need_wakeup: bool,
+}
+
+impl Default for XskConfig {
+    fn default() -> Self {
+        Self {
+            ring_size: 2048,
+            frame_size: 4096,
+            zero_copy: false,
+            need_wakeup: true,
+        }
+    }
+}
+
+/// Why a worker's sockets could not be opened.
+#[derive(Debug)]
+pub enum XskError {
+    /// No interface by that name.
+    NoSuchInterface(String),
+    /// A ring or frame size is not allowed.
+    BadConfig(String),
+    /// The UMEM could not be created (memory, privilege).
+    Umem(String),
+    /// The socket could not be bound (queue busy, no privilege, zero-copy unsupported).
+    Socket {
+        /// The interface.
+        interface: String,
+        /// The queue.
+        queue: u32,
+        /// Why.
+        reason: String,
+    },
+    /// The XDP filter refused the socket.
+    Filter(FilterError),
+}
+
+impl core::fmt::Display for XskError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Self::NoSuchInterface(name) => write!(f, "no interface named {name:?}"),
+            Self::BadConfig(why) => write!(f, "bad AF_XDP configuration: {why}"),
+            Self::Umem(why) => write!(f, "cannot create the UMEM: {why}"),
+            Self::Socket {
+                interface,
+                queue,
+                reason,
+            } => write!(
+                f,
+                "cannot bind an AF_XDP socket to {interface} queue {queue}: {reason} \
+                 (is another program bound there, or is this not run as root?)"
+            ),
+            Self::Filter(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl std::error::Error for XskError {}
+
+/// The interface index of `name`.
+///
+/// # Errors
+/// [`XskError::NoSuchInterface`] when there is none.
+pub fn interface_index(name: &str) -> Result<u32, XskError> {
+    let c = CString::new(name).map_err(|_| XskError::NoSuchInterface(name.to_owned()))?;
+    // SAFETY: `c` is a valid NUL-terminated string for the duration of the call.
+    let index = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    if index == 0 {
+        return Err(XskError::NoSuchInterface(name.to_owned()));
+    }
+    Ok(index)
+}
+
+struct Port {
+    tx: TxQueue,
+    rx: RxQueue,
+    fill: FillQueue,
+    completion: CompQueue,
+    queued: bool,
+}
+
+/// One worker's AF_XDP sockets: one per port on the worker's queue, all over one UMEM, so
+/// forwarding from a port to another moves a descriptor, not bytes.
+pub struct XskIo {
+    umem: Umem,
+    ports: Vec<Port>,
+    free: Vec<FrameDesc>,
+    scratch: Vec<FrameDesc>,
+    poll_fds: Vec<libc::pollfd>,
+    /// Copy mode transmits only inside sendto(): kick after every loop that queued frames.
+    kick_always: bool,
+}
+
+impl core::fmt::Debug for XskIo {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("XskIo")
+            .field("ports", &self.ports.len())
+            .field("free", &self.free.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl XskIo {
+    /// Opens a socket on `queue` of each interface in `interfaces` and binds it into the
+    /// filter's socket map (the filter must be attached to each interface by the caller).
+    ///
+    /// # Errors
+    /// See [`XskError`].
+    pub fn open(
+        interfaces: &[String],
+        queue: u32,
+        config: &XskConfig,
+        filter: &XdpFilter,
+    ) -> Result<Self, XskError> {
+        let bad = |e: &dyn core::fmt::Display| XskError::BadConfig(e.to_string());
+        let ring = QueueSize::new(config.ring_size).map_err(|e| bad(&e))?;
+        let frame_size = FrameSize::new(config.frame_size).map_err(|e| bad(&e))?;
+        let umem_config = UmemConfig::builder()
+            .frame_size(frame_size)
+            .fill_queue_size(ring)
+            .comp_queue_size(ring)
+            .build()
+            .map_err(|e| bad(&e))?;
+        let ports_n = u32::try_from(interfaces.len().max(1)).unwrap_or(1);
+        // Per port: a full fill ring and a full transmit ring in flight.
+        let frames = NonZeroU32::new(ports_n.saturating_mul(config.ring_size).saturating_mul(2))
+            .ok_or_else(|| XskError::BadConfig("no frames".into()))?;
+        raise_memlock_limit();
+        let (umem, free) =
+            Umem::new(umem_config, frames, false).map_err(|e| XskError::Umem(e.to_string()))?;
+        let mut bind = if config.zero_copy {
+            BindFlags::XDP_ZEROCOPY
+        } else {
+            BindFlags::XDP_COPY
+        };
+        if config.need_wakeup {
+            bind |= BindFlags::XDP_USE_NEED_WAKEUP;
+        }
+        let socket_config = SocketConfig::builder()
+            .rx_queue_size(ring)
+            .tx_queue_size(ring)
+            .libxdp_flags(LibxdpFlags::XSK_LIBXDP_FLAGS_INHIBIT_PROG_LOAD)
+            .bind_flags(bind)
+            .build();
+        let mut ports = Vec::with_capacity(interfaces.len());
+        for name in interfaces {
+            interface_index(name)?;
+            let interface: Interface = name
+                .parse()
+                .map_err(|_| XskError::NoSuchInterface(name.clone()))?;
+            let socket_error = |reason: String| XskError::Socket {
+                interface: name.clone(),
+                queue,
+                reason,
+            };
+            // SAFETY: each (interface, queue) pair is bound once from this UMEM, and the
+            // libxdp program load is inhibited, as xsk-rs requires for a shared UMEM.
+            let (tx, rx, rings) =
+                unsafe { xsk_rs::Socket::new(socket_config, &umem, &interface, queue) }
+                    .map_err(|e| socket_error(e.to_string()))?;
+            let (fill, completion) =
+                rings.ok_or_else(|| socket_error("no fill and completion rings".into()))?;
+            filter
+                .bind_socket(queue, rx.fd().as_raw_fd())
+                .map_err(XskError::Filter)?;
+            ports.push(Port {
+                tx,
+                rx,
+                fill,
+                completion,
+                queued: false,
+            });
+        }
+        let poll_fds = ports
+            .iter()
+            .map(|p| libc::pollfd {
+                fd: p.rx.fd().as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect();
+        let mut io = Self {
+            umem,
+            ports,
+            scratch: vec![FrameDesc::default(); config.ring_size as usize],
+            free,
+            poll_fds,
+            kick_always: !config.zero_copy,
+        };
+        io.refill();
+        Ok(io)
+    }
+
+    /// Frames in the free pool (for tests of the frame accounting).
+    #[must_use]
+    pub fn free_frames(&self) -> usize {
+        self.free.len()
+    }
+
+    fn refill(&mut self) {
+        let ports = self.ports.len().max(1);
+        for port in &mut self.ports {
+            // Share the pool between the ports' fill rings.
+            let want = u32::try_from(self.free.len().div_ceil(ports)).unwrap_or(u32::MAX);
+            let n = (port.fill.nb_free(want).min(want) as usize).min(self.free.len());
+            if n > 0 {
+                let from = self.free.len() - n;
+                // SAFETY: the descriptors come from the free pool of this UMEM, and `n` is
+                // clamped to the ring's free slots, so all of them are produced.
+                let produced = unsafe { port.fill.produce(&self.free[from..]) };
+                if produced == n {
+                    self.free.truncate(from);
+                }
+            }
+            if port.fill.needs_wakeup() {
+                let _ = port.fill.wakeup(port.rx.fd_mut(), 0);
+            }
+        }
+    }
+}
+
+impl PacketIo for XskIo {
+    type Desc = FrameDesc;
+
+    fn port_count(&self) -> usize {
+        self.ports.len()
+    }
+
+    fn receive(&mut self, port: usize, descs: &mut [FrameDesc]) -> usize {
+        let Some(port) = self.ports.get_mut(port) else {
+            return 0;
+        };
+        // SAFETY: the ring is of a socket bound to this UMEM, so the descriptors it yields
+        // name frames of this UMEM, now in the worker's hands.
+        unsafe { port.rx.consume(descs) }
+    }
+
+    fn with_frame<R>(
+        &mut self,
+        desc: &mut FrameDesc,
+        f: impl FnOnce(&mut [u8], usize) -> (usize, R),
+    ) -> R {
+        let len = desc.lengths().data();
+        // SAFETY: `desc` names a frame of this UMEM in the worker's hands (received and not
+        // yet transmitted or recycled), and the `&mut` borrow of it is the only access.
+        let mut data = unsafe { self.umem.data_mut(desc) };
+        // Open the whole frame for refusals that grow the packet, then set the final length.
+        data.cursor().set_pos(usize::MAX);
+        let (new_len, out) = f(data.contents_mut(), len);
+        data.cursor().set_pos(new_len);
+        out
+    }
+
+    fn transmit(&mut self, port: usize, descs: &[FrameDesc]) -> usize {
+        let Some(port) = self.ports.get_mut(port) else {
+            return 0;
+        };
+        let want = u32::try_from(descs.len()).unwrap_or(u32::MAX);
+        let n = port.tx.nb_free(want).min(want) as usize;
+        if n == 0 {
+            return 0;
+        }
+        // SAFETY: the frames are of this UMEM and in the worker's hands; `n` is clamped to the
+        // ring's free slots so every one of them is produced.
+        let produced = unsafe { port.tx.produce(&descs[..n]) };
+        port.queued |= produced > 0;
+        produced
+    }
+
+    fn recycle(&mut self, descs: &[FrameDesc]) {
+        self.free.extend_from_slice(descs);
+    }
+
+    fn flush(&mut self) {
+        for port in &mut self.ports {
+            if port.queued && (self.kick_always || port.tx.needs_wakeup()) {
+                // EAGAIN/EBUSY: the kernel is still sending; the next loop kicks again.
+                let _ = port.tx.wakeup();
+            }
+            port.queued = false;
+            // SAFETY: the completion ring belongs to a socket of this UMEM; the frames it
+            // returns were transmitted by us and go back to the free pool.
+            let n = unsafe { port.completion.consume(&mut self.scratch) };
+            self.free.extend_from_slice(&self.scratch[..n]);
+        }
+        self.refill();
+    }
+
+    fn wait(&mut self, timeout: Duration) {
+        let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+        let n = libc::nfds_t::try_from(self.poll_fds.len()).unwrap_or(0);
+        // SAFETY: `poll_fds` is a live array of `n` pollfd structs that poll may write.
+        let _ = unsafe { libc::poll(self.poll_fds.as_mut_ptr(), n, ms) };
+    }
+}

@@ -1,0 +1,240 @@
+//! The worker loop over in-memory rings: what goes in on the client port comes out on the
+//! backend port rewritten (and back), refusals leave by the port they came in by, unresolved
+//! next hops are counted and reported, and no frame of the pool is ever lost.
+
+mod common;
+
+use std::num::NonZeroU32;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use common::*;
+use xlb_dataplane::lb::flow::{FlowTable, Timeouts};
+use xlb_dataplane::lb::snapshot::{
+    Backend, BackendId, BackendState, Service, ServiceId, ServiceKey, ServiceSpec, Snapshot,
+};
+use xlb_dataplane::packet::builder::pkt;
+use xlb_dataplane::packet::{key_addr, parse, Endpoint, Family, IpProto, MacAddr};
+use xlb_dataplane::worker::{
+    Clock, NextHop, NextHops, Shared, Tables, Unresolved, Worker, WorkerStats, BATCH,
+};
+use xlb_dataplane::xsk::{MemDesc, MemRing};
+
+const CLIENT_PORT: usize = 0;
+const BACKEND_PORT: usize = 1;
+const FRAMES: u32 = 512;
+
+fn service(backends: &[u8]) -> Arc<Service> {
+    let backends = backends
+        .iter()
+        .map(|&n| Backend {
+            id: BackendId(NonZeroU32::new(u32::from(n)).unwrap()),
+            endpoint: Endpoint::new([198, 18, 128, n].into(), 8080),
+            state: BackendState::Ready,
+            weight: 1,
+        })
+        .collect();
+    let key = ServiceKey {
+        vip: Endpoint::new(VIP.into(), 80),
+        proto: IpProto::TCP,
+    };
+    Arc::new(
+        Service::new(ServiceSpec::new(
+            ServiceId(NonZeroU32::new(1).unwrap()),
+            key,
+            backends,
+        ))
+        .unwrap(),
+    )
+}
+
+fn hops(backends: &[u8]) -> NextHops {
+    let client = NextHop {
+        port: CLIENT_PORT as u16,
+        src_mac: NODE_MAC,
+        dst_mac: CLIENT_MAC,
+    };
+    let mut hosts = vec![(Family::Ipv4, key_addr(CLIENT.into()), client)];
+    for &n in backends {
+        hosts.push((
+            Family::Ipv4,
+            key_addr([198, 18, 128, n].into()),
+            NextHop {
+                port: BACKEND_PORT as u16,
+                src_mac: NODE_OUT_MAC,
+                dst_mac: MacAddr([2, 0, 0, 0, 2, n]),
+            },
+        ));
+    }
+    NextHops::new(hosts, Vec::new())
+}
+
+struct Rig {
+    io: MemRing,
+    worker: Worker<MemDesc>,
+    unresolved: Arc<Unresolved>,
+    stats: Arc<WorkerStats>,
+}
+
+fn rig(services: Vec<Arc<Service>>, hops: NextHops) -> Rig {
+    let tables = Tables {
+        snapshot: Arc::new(Snapshot::new(1, services).unwrap()),
+        hops,
+    };
+    let unresolved = Arc::new(Unresolved::new(16));
+    let shared = Shared {
+        tables: Arc::new(ArcSwap::from_pointee(tables)),
+        flows: Arc::new(FlowTable::new(4096, Timeouts::default())),
+        clock: Clock::start(),
+        unresolved: Arc::clone(&unresolved),
+    };
+    let stats = Arc::new(WorkerStats::default());
+    Rig {
+        io: MemRing::new(2, FRAMES, 2048, 4096),
+        worker: Worker::new(shared, 2, None, Arc::clone(&stats), 7),
+        unresolved,
+        stats,
+    }
+}
+
+fn syn(port: u16) -> Vec<u8> {
+    pkt()
+        .eth(CLIENT_MAC, NODE_MAC)
+        .ipv4(CLIENT, VIP)
+        .tcp(port, 80)
+        .syn()
+        .build()
+}
+
+#[test]
+fn a_syn_leaves_by_the_backend_port_rewritten_and_its_reply_returns_with_the_vip() {
+    let mut rig = rig(vec![service(&[1, 2])], hops(&[1, 2]));
+    assert!(rig.io.inject(CLIENT_PORT, &syn(40000)));
+    assert_eq!(rig.worker.poll(&mut rig.io), 1);
+    let out = rig.io.transmitted(BACKEND_PORT);
+    assert_eq!(out.len(), 1);
+    let p = parse(&out[0]).unwrap();
+    let backend = p.key.dst_addr[3];
+    assert!(backend == 1 || backend == 2);
+    assert_eq!(p.key.dst_port, 8080);
+    assert_eq!(p.key.src_ip(), std::net::IpAddr::from(CLIENT));
+    assert_eq!(
+        &out[0][..6],
+        &[2, 0, 0, 0, 2, backend],
+        "next hop MAC of the backend"
+    );
+    assert_eq!(&out[0][6..12], &NODE_OUT_MAC.0, "the egress port's own MAC");
+
+    let reply = pkt()
+        .eth(MacAddr([2, 0, 0, 0, 2, backend]), NODE_OUT_MAC)
+        .ipv4([198, 18, 128, backend].into(), CLIENT)
+        .tcp(8080, 40000)
+        .syn()
+        .ack()
+        .build();
+    assert!(rig.io.inject(BACKEND_PORT, &reply));
+    rig.worker.poll(&mut rig.io);
+    let back = rig.io.transmitted(CLIENT_PORT);
+    assert_eq!(back.len(), 1);
+    let p = parse(&back[0]).unwrap();
+    assert_eq!(p.key.src_ip(), std::net::IpAddr::from(VIP));
+    assert_eq!(p.key.src_port, 80);
+    assert_eq!(&back[0][..6], &CLIENT_MAC.0);
+    assert_eq!(
+        rig.io.free_frames(),
+        FRAMES as usize,
+        "every frame back in the pool"
+    );
+    let c = rig.stats.load();
+    assert_eq!(
+        (c.decide.forwarded, c.decide.replied, c.io.received),
+        (1, 1, 2)
+    );
+}
+
+#[test]
+fn a_service_without_backends_is_answered_by_a_reset_out_of_the_client_port() {
+    let mut rig = rig(vec![service(&[])], hops(&[]));
+    rig.io.inject(CLIENT_PORT, &syn(40001));
+    rig.worker.poll(&mut rig.io);
+    let out = rig.io.transmitted(CLIENT_PORT);
+    assert_eq!(out.len(), 1);
+    let p = parse(&out[0]).unwrap();
+    assert_eq!(p.key.src_ip(), std::net::IpAddr::from(VIP));
+    assert!(p.tcp_flags.contains(xlb_dataplane::packet::TcpFlags::RST));
+    assert_eq!(&out[0][..6], &CLIENT_MAC.0, "Ethernet addresses swapped");
+    assert_eq!(rig.worker.counters().decide.rejected, 1);
+}
+
+#[test]
+fn a_backend_without_a_next_hop_is_counted_reported_and_not_sent() {
+    let mut rig = rig(vec![service(&[1])], hops(&[]));
+    rig.io.inject(CLIENT_PORT, &syn(40002));
+    rig.worker.poll(&mut rig.io);
+    assert!(rig.io.transmitted(BACKEND_PORT).is_empty());
+    assert_eq!(rig.worker.counters().io.no_next_hop, 1);
+    let (family, addr) = rig
+        .unresolved
+        .pop()
+        .expect("reported to the control thread");
+    assert_eq!(
+        (family, addr),
+        (Family::Ipv4, key_addr([198, 18, 128, 1].into()))
+    );
+    assert_eq!(rig.io.free_frames(), FRAMES as usize);
+}
+
+#[test]
+fn malformed_frames_and_traffic_not_for_xlb_are_counted_and_dropped() {
+    let mut rig = rig(vec![service(&[1])], hops(&[1]));
+    rig.io.inject(CLIENT_PORT, &syn(40004)[..20]);
+    let other = pkt()
+        .eth(CLIENT_MAC, NODE_MAC)
+        .ipv4(CLIENT, ROUTER)
+        .tcp(1, 22)
+        .syn()
+        .build();
+    rig.io.inject(CLIENT_PORT, &other);
+    rig.worker.poll(&mut rig.io);
+    let c = rig.worker.counters();
+    assert_eq!(c.decide.malformed.iter().sum::<u64>(), 1);
+    assert_eq!(c.decide.passed, 1);
+    assert!(rig.io.transmitted(BACKEND_PORT).is_empty());
+    assert_eq!(rig.io.free_frames(), FRAMES as usize);
+}
+
+#[test]
+fn a_full_transmit_ring_drops_the_excess_without_losing_frames() {
+    let mut rig = rig(vec![service(&[1])], hops(&[1]));
+    rig.io = MemRing::new(2, FRAMES, 2048, 10);
+    for port in 0..BATCH as u16 {
+        assert!(rig.io.inject(CLIENT_PORT, &syn(30000 + port)));
+    }
+    assert_eq!(rig.worker.poll(&mut rig.io), BATCH);
+    assert_eq!(rig.io.transmitted(BACKEND_PORT).len(), 10);
+    assert_eq!(rig.worker.counters().io.tx_ring_full, BATCH as u64 - 10);
+    assert_eq!(rig.io.free_frames(), FRAMES as usize);
+}
+
+#[test]
+fn a_new_snapshot_is_picked_up_on_the_next_loop() {
+    let tables = Arc::new(ArcSwap::from_pointee(Tables::empty()));
+    let shared = Shared {
+        tables: Arc::clone(&tables),
+        flows: Arc::new(FlowTable::new(4096, Timeouts::default())),
+        clock: Clock::start(),
+        unresolved: Arc::new(Unresolved::new(4)),
+    };
+    let mut worker = Worker::new(shared, 2, None, Arc::new(WorkerStats::default()), 1);
+    let mut io = MemRing::new(2, FRAMES, 2048, 4096);
+    io.inject(CLIENT_PORT, &syn(40003));
+    worker.poll(&mut io);
+    assert_eq!(worker.counters().decide.passed, 1, "no Service yet");
+    tables.store(Arc::new(Tables {
+        snapshot: Arc::new(Snapshot::new(2, vec![service(&[1])]).unwrap()),
+        hops: hops(&[1]),
+    }));
+    io.inject(CLIENT_PORT, &syn(40003));
+    worker.poll(&mut io);
+    assert_eq!(io.transmitted(BACKEND_PORT).len(), 1);
+}
