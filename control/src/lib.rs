@@ -11,5 +11,12 @@
 
 #![forbid(unsafe_code)]
 
+pub mod admin;
+pub mod admin_client;
+pub mod config;
+pub mod daemon;
+pub mod explain;
 pub mod inspect;
 pub mod maglev_report;
+pub mod netlink;
+pub mod translate;

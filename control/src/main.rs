@@ -2,11 +2,18 @@
 
 use std::io::Read as _;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 use xlb_control::inspect::{self, InputError, Rewrites};
-use xlb_control::maglev_report;
+use xlb_control::{admin_client, daemon, explain, maglev_report};
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
 
 /// xlb: a packet-level load balancer for Kubernetes Service VIPs.
 #[derive(Parser)]
@@ -39,6 +46,51 @@ enum Command {
         eth_dst: Option<String>,
         /// The frame in hex; '-' or nothing reads it from standard input.
         hex: Vec<String>,
+    },
+    /// Run the load balancer with a configuration file (as root).
+    Run {
+        /// The YAML configuration (see deploy/examples/xlb.yaml).
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// Log format.
+        #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+        log_format: LogFormat,
+    },
+    /// Check a configuration file and say what it defines.
+    Check {
+        /// The YAML configuration.
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Say which backend a flow gets and why, computed by the workers' own code.
+    Explain {
+        /// The YAML configuration.
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// tcp or udp.
+        protocol: String,
+        /// The client's address and port.
+        source: SocketAddr,
+        /// The Service's address and port.
+        destination: SocketAddr,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a running xlb's counters (its /metrics).
+    Status {
+        /// The admin API's address.
+        #[arg(long, default_value = "127.0.0.1:9901")]
+        admin: SocketAddr,
+    },
+    /// Print a running xlb's flows (its /flows, as JSON).
+    Flows {
+        /// The admin API's address.
+        #[arg(long, default_value = "127.0.0.1:9901")]
+        admin: SocketAddr,
+        /// At most this many.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
     },
     /// Show each backend's share of a Maglev table and, with --remove, how many flows move.
     Maglev {
@@ -77,6 +129,48 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<(), InputError> {
     match cli.command {
+        Command::Run { config, log_format } => {
+            let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+            let builder = tracing_subscriber::fmt()
+                .with_env_filter(filter)
+                .with_writer(std::io::stderr);
+            match log_format {
+                LogFormat::Text => builder.init(),
+                LogFormat::Json => builder.json().init(),
+            }
+            daemon::run(&config).map_err(InputError)?;
+        }
+        Command::Check { config } => {
+            print!("{}", explain::check(&config).map_err(InputError)?);
+        }
+        Command::Explain {
+            config,
+            protocol,
+            source,
+            destination,
+            json,
+        } => {
+            let e =
+                explain::explain(&config, &protocol, source, destination).map_err(InputError)?;
+            if json {
+                println!("{}", e.to_json());
+            } else {
+                println!("{}", e.text);
+            }
+        }
+        Command::Status { admin } => {
+            print!(
+                "{}",
+                admin_client::get(admin, "/metrics").map_err(InputError)?
+            );
+        }
+        Command::Flows { admin, limit } => {
+            println!(
+                "{}",
+                admin_client::get(admin, &format!("/flows?limit={limit}")).map_err(InputError)?
+            );
+        }
         Command::Decode { hex } => {
             let frame = read_frame(&hex)?;
             println!("{}", inspect::decode(&frame));

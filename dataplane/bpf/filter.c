@@ -47,12 +47,22 @@ struct {
 	__type(value, __u8);
 } steer SEC(".maps");
 
+// AF_XDP sockets: slot = port_base[ingress ifindex] + receive queue. Each port has its own
+// range of XSK_QUEUES slots, because a socket is bound to one (device, queue) pair.
+#define XSK_QUEUES 64
 struct {
 	__uint(type, BPF_MAP_TYPE_XSKMAP);
-	__uint(max_entries, 256);
+	__uint(max_entries, 64 * XSK_QUEUES);
 	__type(key, __u32);
 	__type(value, __u32);
 } xsks SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 64);
+	__type(key, __u32);
+	__type(value, __u32);
+} port_base SEC(".maps");
 
 // Counters: [0] redirected, [1] passed.
 struct {
@@ -208,11 +218,15 @@ int xlb_filter(struct xdp_md *ctx)
 	int ours = decide(ctx);
 	long action = XDP_PASS;
 
-	if (ours) {
-		// XDP_PASS when no socket is bound to this queue: the kernel keeps working.
-		action = bpf_redirect_map(&xsks, ctx->rx_queue_index, XDP_PASS);
-		if (action == XDP_REDIRECT)
-			slot = 0;
+	if (ours && ctx->rx_queue_index < XSK_QUEUES) {
+		__u32 ifindex = ctx->ingress_ifindex;
+		__u32 *base = bpf_map_lookup_elem(&port_base, &ifindex);
+		// XDP_PASS when no socket is bound to this port and queue: the kernel keeps working.
+		if (base) {
+			action = bpf_redirect_map(&xsks, *base + ctx->rx_queue_index, XDP_PASS);
+			if (action == XDP_REDIRECT)
+				slot = 0;
+		}
 	}
 	__u64 *count = bpf_map_lookup_elem(&stats, &slot);
 	if (count)

@@ -36,7 +36,7 @@ pub struct Route {
 }
 
 /// The next-hop table of one snapshot.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct NextHops {
     hosts: HashMap<(Family, [u8; 16]), NextHop>,
     /// Longest prefix first.

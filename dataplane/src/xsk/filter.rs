@@ -80,6 +80,9 @@ pub struct SteerKey {
     flags: u8,
 }
 
+/// Socket slots per port in the `xsks` map (`XSK_QUEUES` in `bpf/filter.c`).
+const XSK_QUEUES: u32 = 64;
+
 const STEER_SOURCE: u8 = 1;
 const STEER_IPV6: u8 = 2;
 const STEER_ANY_PORT: u8 = 4;
@@ -130,6 +133,7 @@ pub struct XdpFilter {
     program: RawFd,
     steer: RawFd,
     xsks: RawFd,
+    port_base: RawFd,
     stats: RawFd,
     attached: Vec<(u32, XdpMode)>,
     steered: HashSet<SteerKey>,
@@ -164,6 +168,7 @@ impl XdpFilter {
             program,
             steer,
             xsks,
+            port_base: -1,
             stats,
             attached: Vec::new(),
             steered: HashSet::new(),
@@ -186,6 +191,7 @@ impl XdpFilter {
         this.steer = this.map_fd(c"steer")?;
         this.xsks = this.map_fd(c"xsks")?;
         this.stats = this.map_fd(c"stats")?;
+        this.port_base = this.map_fd(c"port_base")?;
         Ok(this)
     }
 
@@ -226,14 +232,26 @@ impl XdpFilter {
         Ok(())
     }
 
-    /// Sends what the filter steers on receive queue `queue` to the AF_XDP socket `fd`.
+    /// Sends what the filter steers on receive queue `queue` of port `ifindex` to the AF_XDP
+    /// socket `fd`. `slot` numbers the port among xlb's ports (0..64); queues go up to 63.
     ///
     /// # Errors
-    /// [`FilterError::Map`] when the kernel refuses the socket.
-    pub fn bind_socket(&self, queue: u32, fd: RawFd) -> Result<(), FilterError> {
-        let value = u32::try_from(fd)
-            .map_err(|_| FilterError::Map(io::Error::from(io::ErrorKind::InvalidInput)))?;
-        update(self.xsks, &queue, &value)
+    /// [`FilterError::Map`] when the kernel refuses the socket or the numbers are too large.
+    pub fn bind_socket(
+        &self,
+        ifindex: u32,
+        slot: u32,
+        queue: u32,
+        fd: RawFd,
+    ) -> Result<(), FilterError> {
+        let invalid = || FilterError::Map(io::Error::from(io::ErrorKind::InvalidInput));
+        if slot >= 64 || queue >= XSK_QUEUES {
+            return Err(invalid());
+        }
+        let value = u32::try_from(fd).map_err(|_| invalid())?;
+        let base = slot * XSK_QUEUES;
+        update(self.port_base, &ifindex, &base)?;
+        update(self.xsks, &(base + queue), &value)
     }
 
     /// Makes the `steer` map hold exactly `wanted`: adds what is missing, removes the rest.

@@ -193,8 +193,8 @@ impl XskIo {
             .bind_flags(bind)
             .build();
         let mut ports = Vec::with_capacity(interfaces.len());
-        for name in interfaces {
-            interface_index(name)?;
+        for (slot, name) in interfaces.iter().enumerate() {
+            let ifindex = interface_index(name)?;
             let interface: Interface = name
                 .parse()
                 .map_err(|_| XskError::NoSuchInterface(name.clone()))?;
@@ -211,7 +211,12 @@ impl XskIo {
             let (fill, completion) =
                 rings.ok_or_else(|| socket_error("no fill and completion rings".into()))?;
             filter
-                .bind_socket(queue, rx.fd().as_raw_fd())
+                .bind_socket(
+                    ifindex,
+                    u32::try_from(slot).unwrap_or(u32::MAX),
+                    queue,
+                    rx.fd().as_raw_fd(),
+                )
                 .map_err(XskError::Filter)?;
             ports.push(Port {
                 tx,
@@ -245,6 +250,26 @@ impl XskIo {
     #[must_use]
     pub fn free_frames(&self) -> usize {
         self.free.len()
+    }
+
+    /// The kernel's per-socket statistics of each port, as text (for logs at stop).
+    #[must_use]
+    pub fn statistics(&self) -> Vec<String> {
+        self.ports
+            .iter()
+            .map(|p| match p.rx.fd().xdp_statistics() {
+                Ok(s) => format!(
+                    "rx_dropped {} rx_invalid {} rx_ring_full {} fill_empty {} tx_invalid {} tx_empty {}",
+                    s.rx_dropped(),
+                    s.rx_invalid_descs(),
+                    s.rx_ring_full(),
+                    s.rx_fill_ring_empty_descs(),
+                    s.tx_invalid_descs(),
+                    s.tx_ring_empty_descs()
+                ),
+                Err(e) => format!("no statistics: {e}"),
+            })
+            .collect()
     }
 
     fn refill(&mut self) {

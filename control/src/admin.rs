@@ -1,0 +1,249 @@
+//! The admin HTTP API, served on the control thread's runtime (127.0.0.1:9901 by default):
+//! `/metrics` (Prometheus text), `/healthz`, `/services` and `/flows?limit=N` (JSON).
+//!
+//! A deliberately small GET-only HTTP/1.1 responder (one request per connection): the API is
+//! four read-only documents for local tools and scrapers, and this keeps an HTTP framework
+//! out of the binary until the Kubernetes issue brings hyper in anyway.
+//!
+//! Must not know: packet bytes; it reads what workers published.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use xlb_dataplane::lb::decide::DecideDrop;
+use xlb_dataplane::lb::flow::FlowTable;
+use xlb_dataplane::packet::DropReason;
+use xlb_dataplane::worker::{Clock, Tables, WorkerCounters, WorkerStats};
+
+/// What the admin API reads.
+#[derive(Debug)]
+pub struct AdminState {
+    /// The published tables.
+    pub tables: Arc<ArcSwap<Tables>>,
+    /// The flow table.
+    pub flows: Arc<FlowTable>,
+    /// The workers' time base.
+    pub clock: Clock,
+    /// Each worker's published counters.
+    pub workers: Vec<Arc<WorkerStats>>,
+    /// The live snapshot's generation.
+    pub generation: AtomicU64,
+    /// How long the last snapshot took from file change to live, in seconds.
+    pub last_sync_seconds: ArcSwap<f64>,
+    /// The XDP filter's (redirected, passed) counts.
+    pub filter_counts: ArcSwap<(u64, u64)>,
+}
+
+/// Serves the API on `listener` until the runtime stops.
+pub async fn serve(listener: tokio::net::TcpListener, state: Arc<AdminState>) {
+    loop {
+        let Ok((mut stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let state = Arc::clone(&state);
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 4096];
+            let n = match tokio::time::timeout(
+                std::time::Duration::from_secs(5),
+                stream.read(&mut buf),
+            )
+            .await
+            {
+                Ok(Ok(n)) => n,
+                _ => return,
+            };
+            let request = String::from_utf8_lossy(&buf[..n]);
+            let (status, kind, body) = respond(&request, &state);
+            let head = format!(
+                "HTTP/1.1 {status}\r\ncontent-type: {kind}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = stream.write_all(head.as_bytes()).await;
+            let _ = stream.write_all(body.as_bytes()).await;
+        });
+    }
+}
+
+/// The status line, content type and body for a raw request.
+#[must_use]
+pub fn respond(request: &str, state: &AdminState) -> (&'static str, &'static str, String) {
+    let mut words = request.split_whitespace();
+    let (Some(method), Some(target)) = (words.next(), words.next()) else {
+        return ("400 Bad Request", "text/plain", "bad request\n".into());
+    };
+    if method != "GET" {
+        return ("405 Method Not Allowed", "text/plain", "GET only\n".into());
+    }
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    match path {
+        "/healthz" => ("200 OK", "text/plain", "ok\n".into()),
+        "/metrics" => ("200 OK", "text/plain; version=0.0.4", metrics(state)),
+        "/services" => ("200 OK", "application/json", services(state)),
+        "/flows" => {
+            let limit = query
+                .split('&')
+                .find_map(|kv| kv.strip_prefix("limit="))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(100);
+            ("200 OK", "application/json", flows(state, limit))
+        }
+        _ => ("404 Not Found", "text/plain", "not found\n".into()),
+    }
+}
+
+/// A per-worker counter series: name, help, and how to read it.
+type Series = (&'static str, &'static str, fn(&WorkerCounters) -> u64);
+
+fn metrics(state: &AdminState) -> String {
+    let mut out = String::new();
+    let workers: Vec<WorkerCounters> = state.workers.iter().map(|w| w.load()).collect();
+    let series: [Series; 10] = [
+        ("xlb_received_packets_total", "Frames received", |c| {
+            c.io.received
+        }),
+        (
+            "xlb_transmitted_packets_total",
+            "Frames queued for transmission",
+            |c| c.io.transmitted,
+        ),
+        (
+            "xlb_forwarded_packets_total",
+            "Packets forwarded to a backend",
+            |c| c.decide.forwarded,
+        ),
+        (
+            "xlb_replied_packets_total",
+            "Backend replies un-NATed",
+            |c| c.decide.replied,
+        ),
+        (
+            "xlb_rejected_packets_total",
+            "New flows refused (RST or ICMP)",
+            |c| c.decide.rejected,
+        ),
+        (
+            "xlb_passed_packets_total",
+            "Packets not for xlb (dropped: AF_XDP cannot pass)",
+            |c| c.decide.passed,
+        ),
+        (
+            "xlb_tx_ring_full_drops_total",
+            "Drops on a full transmit ring",
+            |c| c.io.tx_ring_full,
+        ),
+        (
+            "xlb_no_next_hop_drops_total",
+            "Drops for an unresolved next hop",
+            |c| c.io.no_next_hop,
+        ),
+        (
+            "xlb_rewrite_failed_drops_total",
+            "Drops where a verdict could not be applied",
+            |c| c.io.rewrite_failed,
+        ),
+        (
+            "xlb_busy_polls_total",
+            "Worker loops that found work",
+            |c| c.io.busy_polls,
+        ),
+    ];
+    for (name, help, get) in series {
+        let _ = writeln!(out, "# HELP {name} {help}.\n# TYPE {name} counter");
+        for (i, c) in workers.iter().enumerate() {
+            let _ = writeln!(out, "{name}{{worker=\"{i}\"}} {}", get(c));
+        }
+    }
+    let _ = writeln!(out, "# HELP xlb_dropped_packets_total Drops by reason.\n# TYPE xlb_dropped_packets_total counter");
+    for (i, c) in workers.iter().enumerate() {
+        for (r, reason) in DecideDrop::ALL.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "xlb_dropped_packets_total{{worker=\"{i}\",reason=\"{reason:?}\"}} {}",
+                c.decide.dropped[r]
+            );
+        }
+        for (r, reason) in DropReason::ALL.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "xlb_dropped_packets_total{{worker=\"{i}\",reason=\"{reason:?}\"}} {}",
+                c.decide.malformed[r]
+            );
+        }
+    }
+    let now = state.clock.now();
+    let live = state.flows.iter(now).count();
+    let (redirected, passed) = **state.filter_counts.load();
+    let _ = writeln!(out, "# HELP xlb_flow_entries Live flow table entries (two per connection).\n# TYPE xlb_flow_entries gauge\nxlb_flow_entries {live}");
+    let _ = writeln!(out, "# HELP xlb_flow_capacity Flow table entries in all.\n# TYPE xlb_flow_capacity gauge\nxlb_flow_capacity {}", state.flows.capacity());
+    // Relaxed: a gauge read on its own.
+    let _ = writeln!(out, "# HELP xlb_snapshot_generation The live snapshot's generation.\n# TYPE xlb_snapshot_generation gauge\nxlb_snapshot_generation {}", state.generation.load(Ordering::Relaxed));
+    let _ = writeln!(out, "# HELP xlb_sync_seconds Time from the last source change to its snapshot being live.\n# TYPE xlb_sync_seconds gauge\nxlb_sync_seconds {}", **state.last_sync_seconds.load());
+    let _ = writeln!(out, "# HELP xlb_filter_packets_total Packets seen by the XDP filter.\n# TYPE xlb_filter_packets_total counter\nxlb_filter_packets_total{{action=\"redirect\"}} {redirected}\nxlb_filter_packets_total{{action=\"pass\"}} {passed}");
+    out
+}
+
+fn services(state: &AdminState) -> String {
+    let tables = state.tables.load();
+    let list: Vec<_> = tables
+        .snapshot
+        .services()
+        .map(|s| {
+            let spec = s.spec();
+            let backends: Vec<_> = spec
+                .backends
+                .iter()
+                .map(|b| {
+                    json!({
+                        "address": b.endpoint.ip().to_string(),
+                        "port": b.endpoint.port(),
+                        "state": format!("{:?}", b.state),
+                        "weight": b.weight,
+                        "live_flows": s.live_flows(b.id),
+                    })
+                })
+                .collect();
+            json!({
+                "vip": spec.key.vip.ip().to_string(),
+                "port": spec.key.vip.port(),
+                "protocol": proto_name(spec.key.proto.0),
+                "scheduler": format!("{:?}", spec.scheduler),
+                "backends": backends,
+            })
+        })
+        .collect();
+    json!({ "generation": tables.snapshot.generation(), "services": list }).to_string()
+}
+
+fn flows(state: &AdminState, limit: usize) -> String {
+    let now = state.clock.now();
+    let list: Vec<_> = state
+        .flows
+        .iter(now)
+        .take(limit)
+        .map(|(key, hit)| {
+            json!({
+                "protocol": proto_name(key.proto.0),
+                "source": format!("{}", std::net::SocketAddr::new(key.src_ip(), key.src_port)),
+                "destination": format!("{}", std::net::SocketAddr::new(key.dst_ip(), key.dst_port)),
+                "direction": if hit.value.reverse { "reply" } else { "forward" },
+                "state": format!("{:?}", hit.state),
+                "idle_seconds": now.saturating_sub(hit.last_seen),
+            })
+        })
+        .collect();
+    json!({ "flows": list }).to_string()
+}
+
+fn proto_name(p: u8) -> String {
+    match p {
+        6 => "tcp".into(),
+        17 => "udp".into(),
+        1 => "icmp".into(),
+        58 => "icmpv6".into(),
+        other => other.to_string(),
+    }
+}

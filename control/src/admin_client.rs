@@ -1,0 +1,35 @@
+//! The client side of the admin API, for `xlb status` and `xlb flows`: one GET, the body back.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+
+/// GETs `path` from the admin API at `admin` and returns the body.
+///
+/// # Errors
+/// A message when xlb is not running there or answers with an error status.
+pub fn get(admin: SocketAddr, path: &str) -> Result<String, String> {
+    let unreachable = |e: std::io::Error| {
+        format!("cannot reach xlb's admin API at {admin}: {e} (is `xlb run` running?)")
+    };
+    let mut stream =
+        TcpStream::connect_timeout(&admin, Duration::from_secs(2)).map_err(unreachable)?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(unreachable)?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nhost: {admin}\r\nconnection: close\r\n\r\n"
+    )
+    .map_err(unreachable)?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).map_err(unreachable)?;
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .ok_or("a malformed answer from the admin API")?;
+    let status = head.lines().next().unwrap_or_default();
+    if !status.contains(" 200 ") {
+        return Err(format!("admin API: {status}"));
+    }
+    Ok(body.to_owned())
+}

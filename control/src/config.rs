@@ -1,0 +1,395 @@
+//! The file source: xlb's YAML configuration, parsed and validated.
+//!
+//! Owns: the schema (documented with a commented example in `deploy/examples/xlb.yaml`),
+//! parse errors that name the line, column and field, and semantic checks that name the field
+//! path. It produces a [`Config`]; turning its Services into a snapshot is `translate`'s job.
+//!
+//! Must not know: packet bytes, workers, the kernel.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+
+use serde::Deserialize;
+
+/// The whole file.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The ports (network interfaces) xlb serves.
+    pub interfaces: Vec<String>,
+    /// `dnat` (source-preserving, the default) or `snat`.
+    #[serde(default)]
+    pub mode: ModeConfig,
+    /// snat mode: the addresses and ports replaced sources get.
+    #[serde(default)]
+    pub snat: Option<SnatConfig>,
+    /// The cores to run workers on, one worker each (default: core 0).
+    #[serde(default = "default_cores")]
+    pub cores: Vec<usize>,
+    /// The first receive queue; worker i serves queue `queue + i` of every interface.
+    #[serde(default)]
+    pub queue: u32,
+    /// How the XDP filter is attached: `native` (driver) or `skb` (generic).
+    #[serde(default)]
+    pub xdp_mode: XdpModeConfig,
+    /// Bind AF_XDP sockets in zero-copy mode (not available on veth).
+    #[serde(default)]
+    pub zero_copy: bool,
+    /// Flow table entries (two per connection).
+    #[serde(default = "default_flow_capacity")]
+    pub flow_capacity: usize,
+    /// Where the admin HTTP server listens.
+    #[serde(default = "default_admin")]
+    pub admin: SocketAddr,
+    /// The Services.
+    #[serde(default)]
+    pub services: Vec<ServiceConfig>,
+}
+
+/// Forwarding mode.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ModeConfig {
+    /// Destination NAT only; replies must route back through xlb.
+    #[default]
+    Dnat,
+    /// Source and destination NAT; replies come back to xlb in any topology.
+    Snat,
+}
+
+/// How the XDP filter is attached.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum XdpModeConfig {
+    /// In the driver.
+    #[default]
+    Native,
+    /// Generic, after skb allocation.
+    Skb,
+}
+
+/// snat mode's source addresses and ports.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SnatConfig {
+    /// The IPv4 source address (needed for IPv4 Services).
+    #[serde(default)]
+    pub ipv4: Option<std::net::Ipv4Addr>,
+    /// The IPv6 source address (needed for IPv6 Services).
+    #[serde(default)]
+    pub ipv6: Option<std::net::Ipv6Addr>,
+    /// The first source port (default 1024).
+    #[serde(default = "default_first_port")]
+    pub first_port: u16,
+    /// The last source port (default 65535). Workers split the range.
+    #[serde(default = "default_last_port")]
+    pub last_port: u16,
+}
+
+/// One Service: a VIP with its ports and backends.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceConfig {
+    /// A name for logs and the admin API.
+    pub name: String,
+    /// The virtual IP.
+    pub vip: IpAddr,
+    /// Its ports.
+    pub ports: Vec<PortConfig>,
+    /// Its backends.
+    #[serde(default)]
+    pub backends: Vec<BackendConfig>,
+    /// `maglev` (default), `random`, `round-robin` or `least-connections`.
+    #[serde(default)]
+    pub scheduler: SchedulerConfig,
+    /// Session affinity by client address.
+    #[serde(default)]
+    pub session_affinity: Option<AffinityConfig>,
+    /// What a new flow gets when no backend can take it: `reject` (default) or `drop`.
+    #[serde(default)]
+    pub no_backend: NoBackendConfig,
+    /// An explicit Maglev table size (a prime between 251 and 131071).
+    #[serde(default)]
+    pub table_size: Option<u32>,
+}
+
+/// One port of a Service.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PortConfig {
+    /// The Service port.
+    pub port: u16,
+    /// `tcp` (default) or `udp`.
+    #[serde(default)]
+    pub protocol: ProtocolConfig,
+    /// The backends' port (default: the Service port).
+    #[serde(default)]
+    pub target_port: Option<u16>,
+}
+
+/// A transport protocol.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum ProtocolConfig {
+    /// TCP.
+    #[default]
+    Tcp,
+    /// UDP.
+    Udp,
+}
+
+/// One backend.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct BackendConfig {
+    /// Its address.
+    pub address: IpAddr,
+    /// Relative share of new flows (default 1; 0 takes none).
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+    /// `ready` (default), `terminating` or `draining`.
+    #[serde(default)]
+    pub state: BackendStateConfig,
+}
+
+/// A backend's condition.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendStateConfig {
+    /// Takes new flows.
+    #[default]
+    Ready,
+    /// Keeps its flows; takes new ones only when nothing is ready.
+    Terminating,
+    /// Keeps its flows, takes no new ones.
+    Draining,
+}
+
+/// A scheduler.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum SchedulerConfig {
+    /// Maglev consistent hashing.
+    #[default]
+    Maglev,
+    /// Uniformly at random.
+    Random,
+    /// In turn.
+    RoundRobin,
+    /// Fewest live flows.
+    LeastConnections,
+}
+
+/// Session affinity.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct AffinityConfig {
+    /// How long a client sticks to its backend after its last flow (default 10800 s, as
+    /// Kubernetes).
+    #[serde(default = "default_affinity")]
+    pub timeout_seconds: u32,
+}
+
+/// The answer for "no usable backend".
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum NoBackendConfig {
+    /// TCP reset or ICMP port unreachable.
+    #[default]
+    Reject,
+    /// Silence.
+    Drop,
+}
+
+fn default_cores() -> Vec<usize> {
+    vec![0]
+}
+fn default_flow_capacity() -> usize {
+    1 << 20
+}
+fn default_admin() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9901))
+}
+fn default_first_port() -> u16 {
+    1024
+}
+fn default_last_port() -> u16 {
+    65535
+}
+fn default_weight() -> u32 {
+    1
+}
+fn default_affinity() -> u32 {
+    10_800
+}
+
+/// Why a configuration is refused. The message names where.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigError(pub String);
+
+impl core::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl Config {
+    /// Reads and validates the file at `path`.
+    ///
+    /// # Errors
+    /// A [`ConfigError`] naming the file and where in it.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError(format!("{}: {e}", path.display())))?;
+        Self::parse(&text).map_err(|e| ConfigError(format!("{}: {e}", path.display())))
+    }
+
+    /// Parses and validates YAML text.
+    ///
+    /// # Errors
+    /// A [`ConfigError`]: syntax and schema errors give the field path, line and column;
+    /// semantic errors the field path.
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let config: Self = serde_yaml_ng::from_str(text).map_err(|e| ConfigError(e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let fail = |msg: String| Err(ConfigError(msg));
+        if self.interfaces.is_empty() {
+            return fail("interfaces: at least one interface is needed".into());
+        }
+        if self.cores.is_empty() {
+            return fail("cores: at least one core is needed".into());
+        }
+        if self.flow_capacity < 1024 {
+            return fail("flow_capacity: at least 1024 entries".into());
+        }
+        if self.mode == ModeConfig::Snat {
+            let Some(snat) = &self.snat else {
+                return fail("snat: mode snat needs an snat section with an address".into());
+            };
+            if snat.ipv4.is_none() && snat.ipv6.is_none() {
+                return fail("snat: give ipv4, ipv6 or both".into());
+            }
+            if snat.first_port == 0 || snat.first_port > snat.last_port {
+                return fail("snat.first_port: must be non-zero and at most last_port".into());
+            }
+        }
+        let mut seen = std::collections::HashMap::new();
+        for (i, service) in self.services.iter().enumerate() {
+            let at = format!("services[{i}] ({})", service.name);
+            if service.ports.is_empty() {
+                return fail(format!("{at}.ports: at least one port"));
+            }
+            for (j, port) in service.ports.iter().enumerate() {
+                if port.port == 0 || port.target_port == Some(0) {
+                    return fail(format!("{at}.ports[{j}]: port 0 is not a Service port"));
+                }
+                if let Some(first) =
+                    seen.insert((service.vip, port.port, port.protocol), at.clone())
+                {
+                    return fail(format!(
+                        "{at}.ports[{j}]: {}:{} {:?} is already a port of {first}",
+                        service.vip, port.port, port.protocol
+                    ));
+                }
+            }
+            for (j, backend) in service.backends.iter().enumerate() {
+                if backend.address.is_ipv4() != service.vip.is_ipv4() {
+                    return fail(format!(
+                        "{at}.backends[{j}].address: {} is not of the VIP's family",
+                        backend.address
+                    ));
+                }
+            }
+            if let Some(size) = service.table_size {
+                if !(251..=131_071).contains(&size) {
+                    return fail(format!("{at}.table_size: {size} is outside 251..=131071"));
+                }
+            }
+            if self.mode == ModeConfig::Snat {
+                let snat = self.snat.as_ref();
+                let has = if service.vip.is_ipv4() {
+                    snat.and_then(|s| s.ipv4).is_some()
+                } else {
+                    snat.and_then(|s| s.ipv6).is_some()
+                };
+                if !has {
+                    return fail(format!("{at}.vip: snat has no address of this family"));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = "
+interfaces: [xlb-c, xlb-b]
+services:
+  - name: web
+    vip: 198.18.64.1
+    ports:
+      - { port: 80, target_port: 8080 }
+      - { port: 53, protocol: udp }
+    backends:
+      - { address: 198.18.128.1 }
+      - { address: 198.18.128.2, weight: 3, state: terminating }
+    scheduler: least-connections
+    session_affinity: {}
+";
+
+    #[test]
+    fn a_good_file_parses_with_its_defaults() {
+        let c = Config::parse(GOOD).unwrap();
+        assert_eq!(c.mode, ModeConfig::Dnat);
+        assert_eq!(c.cores, vec![0]);
+        let s = &c.services[0];
+        assert_eq!(s.ports[1].protocol, ProtocolConfig::Udp);
+        assert_eq!(s.backends[1].state, BackendStateConfig::Terminating);
+        assert_eq!(s.session_affinity.unwrap().timeout_seconds, 10_800);
+        assert_eq!(s.scheduler, SchedulerConfig::LeastConnections);
+    }
+
+    #[test]
+    fn an_unknown_value_names_the_field_and_the_line() {
+        let bad = GOOD.replace("protocol: udp", "protocol: sctp");
+        let e = Config::parse(&bad).unwrap_err().0;
+        assert!(e.contains("services[0].ports[1].protocol"), "{e}");
+        assert!(e.contains("line 8"), "{e}");
+    }
+
+    #[test]
+    fn an_unknown_field_is_refused_not_ignored() {
+        let bad = GOOD.replace("scheduler:", "schedular:");
+        let e = Config::parse(&bad).unwrap_err().0;
+        assert!(e.contains("schedular"), "{e}");
+    }
+
+    #[test]
+    fn a_backend_of_the_other_family_is_refused_with_its_path() {
+        let bad = GOOD.replace("198.18.128.2", "2001:2::2");
+        let e = Config::parse(&bad).unwrap_err().0;
+        assert!(e.contains("services[0] (web).backends[1].address"), "{e}");
+    }
+
+    #[test]
+    fn a_port_given_twice_is_refused() {
+        let bad = GOOD.replace("{ port: 53, protocol: udp }", "{ port: 80 }");
+        let e = Config::parse(&bad).unwrap_err().0;
+        assert!(e.contains("already a port"), "{e}");
+    }
+
+    #[test]
+    fn snat_mode_without_an_address_is_refused() {
+        let bad = format!("mode: snat\n{GOOD}");
+        assert!(Config::parse(&bad).unwrap_err().0.contains("snat"));
+    }
+}

@@ -1,0 +1,336 @@
+//! `xlb run`: starts the dataplane from a configuration file and keeps it in step.
+//!
+//! Owns the process's lifecycle: load and attach the XDP filter, open one worker's AF_XDP
+//! sockets per core and pin the worker there, then run the control loop on a tokio runtime
+//! on the calling thread (never on a worker core): watch the file and publish a new snapshot
+//! when it changes (an invalid edit keeps the last good one, logged), keep next hops in step
+//! with the kernel's neighbours and routes, resolve what workers reported unresolved, recount
+//! live flows for least-connections, serve the admin API, and on SIGINT or SIGTERM stop the
+//! workers and detach the filter.
+//!
+//! Must not know: packet bytes (workers and the dataplane own them).
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use tracing::{info, warn};
+use xlb_dataplane::lb::decide::{recount_live_flows, SnatPool};
+use xlb_dataplane::lb::flow::{FlowTable, Timeouts};
+use xlb_dataplane::worker::{Clock, Shared, Tables, Unresolved, Worker, WorkerStats};
+use xlb_dataplane::xsk::{XdpFilter, XdpMode, XskConfig, XskIo};
+
+use crate::admin::{self, AdminState};
+use crate::config::{Config, ModeConfig, XdpModeConfig};
+use crate::netlink::{self, Port};
+use crate::translate::{steer_keys, translate, Ids};
+
+/// How often next hops are re-read and unresolved addresses resolved.
+const HOPS_PERIOD: Duration = Duration::from_millis(200);
+/// How often the configuration file is checked for changes.
+const FILE_PERIOD: Duration = Duration::from_secs(1);
+
+/// Runs xlb until SIGINT or SIGTERM.
+///
+/// # Errors
+/// A message for anything that stops the start: a bad file, a missing interface, a busy
+/// queue, missing privileges.
+pub fn run(path: &Path) -> Result<(), String> {
+    let config = Config::load(path).map_err(|e| e.to_string())?;
+    let ports = config
+        .interfaces
+        .iter()
+        .map(|name| Port::lookup(name))
+        .collect::<Result<Vec<_>, _>>()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the control runtime: {e}"))?;
+
+    let mut filter = XdpFilter::load()
+        .map_err(|e| format!("{e} (xlb needs root or CAP_BPF + CAP_NET_ADMIN)"))?;
+    let mode = match config.xdp_mode {
+        XdpModeConfig::Native => XdpMode::Native,
+        XdpModeConfig::Skb => XdpMode::Skb,
+    };
+    for port in &ports {
+        filter
+            .attach(port.ifindex, mode)
+            .map_err(|e| format!("{}: {e}", port.name))?;
+        info!(interface = %port.name, ?mode, "XDP filter attached");
+    }
+
+    let mut ids = Ids::default();
+    let snapshot = Arc::new(translate(&config, &mut ids, 1).map_err(|e| e.to_string())?);
+    // The netlink socket registers with the runtime's reactor as it is created.
+    let _context = runtime.enter();
+    let (connection, handle, _) =
+        rtnetlink::new_connection().map_err(|e| format!("cannot open netlink: {e}"))?;
+    let view = runtime.block_on(async {
+        tokio::spawn(connection);
+        netlink::read(&handle, &ports).await
+    })?;
+    let tables = Arc::new(ArcSwap::from_pointee(Tables {
+        snapshot: Arc::clone(&snapshot),
+        hops: view.next_hops(&ports),
+    }));
+    filter
+        .sync(&steer_keys(&snapshot, &config))
+        .map_err(|e| e.to_string())?;
+
+    let shared = Shared {
+        tables: Arc::clone(&tables),
+        flows: Arc::new(FlowTable::new(config.flow_capacity, Timeouts::default())),
+        clock: Clock::start(),
+        unresolved: Arc::new(Unresolved::new(1024)),
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let xsk_config = XskConfig {
+        zero_copy: config.zero_copy,
+        ..XskConfig::default()
+    };
+    let mut workers = Vec::new();
+    let mut stats = Vec::new();
+    let interfaces: Vec<String> = ports.iter().map(|p| p.name.clone()).collect();
+    for (i, &core) in config.cores.iter().enumerate() {
+        let queue = config.queue + u32::try_from(i).unwrap_or(0);
+        let mut io =
+            XskIo::open(&interfaces, queue, &xsk_config, &filter).map_err(|e| e.to_string())?;
+        let worker_stats = Arc::new(WorkerStats::default());
+        stats.push(Arc::clone(&worker_stats));
+        let snat = snat_pool(&config, i);
+        let mut worker = Worker::new(
+            shared.clone(),
+            ports.len(),
+            snat,
+            worker_stats,
+            0x9e37_79b9 + i as u64,
+        );
+        let stop = Arc::clone(&stop);
+        let thread = std::thread::Builder::new()
+            .name(format!("xlb-worker-{i}"))
+            .spawn(move || {
+                if !core_affinity::set_for_current(core_affinity::CoreId { id: core }) {
+                    warn!(core, "cannot pin the worker; it runs unpinned");
+                }
+                // Relaxed: the flag is the only thing communicated; the join orders the rest.
+                worker.run(&mut io, || stop.load(Ordering::Relaxed));
+                for (port, stats) in io.statistics().iter().enumerate() {
+                    info!(worker = i, port, %stats, "AF_XDP socket statistics at stop");
+                }
+            })
+            .map_err(|e| format!("cannot start worker {i}: {e}"))?;
+        info!(worker = i, core, queue, "worker started");
+        workers.push(thread);
+    }
+
+    let admin_state = Arc::new(AdminState {
+        tables: Arc::clone(&tables),
+        flows: Arc::clone(&shared.flows),
+        clock: shared.clock,
+        workers: stats,
+        generation: std::sync::atomic::AtomicU64::new(1),
+        last_sync_seconds: ArcSwap::from_pointee(0.0),
+        filter_counts: ArcSwap::from_pointee((0, 0)),
+    });
+    let mut control = Control {
+        path: path.to_owned(),
+        config,
+        ids,
+        ports,
+        handle,
+        filter,
+        shared,
+        admin: Arc::clone(&admin_state),
+        file_stamp: file_stamp(path),
+        generation: 1,
+    };
+    let result = runtime.block_on(control.serve());
+    // Relaxed: see the worker's load.
+    stop.store(true, Ordering::Relaxed);
+    for thread in workers {
+        let _ = thread.join();
+    }
+    // Dropping `control` drops the filter, which detaches it from every port.
+    drop(control);
+    info!("stopped; XDP filter detached");
+    result
+}
+
+fn snat_pool(config: &Config, worker: usize) -> Option<SnatPool> {
+    if config.mode != ModeConfig::Snat {
+        return None;
+    }
+    let snat = config.snat.as_ref()?;
+    // Each worker its own slice of the port range, so workers never hand out the same port.
+    let workers = u32::try_from(config.cores.len().max(1)).unwrap_or(1);
+    let range = u32::from(snat.last_port) - u32::from(snat.first_port) + 1;
+    let share = (range / workers).max(1);
+    let first = u32::from(snat.first_port) + share * u32::try_from(worker).unwrap_or(0);
+    Some(SnatPool::new(
+        snat.ipv4,
+        snat.ipv6,
+        u16::try_from(first).unwrap_or(u16::MAX),
+        u16::try_from(share).unwrap_or(u16::MAX),
+    ))
+}
+
+fn file_stamp(path: &Path) -> Option<(std::time::SystemTime, u64)> {
+    let meta = std::fs::metadata(path).ok()?;
+    Some((meta.modified().ok()?, meta.len()))
+}
+
+struct Control {
+    path: PathBuf,
+    config: Config,
+    ids: Ids,
+    ports: Vec<Port>,
+    handle: rtnetlink::Handle,
+    filter: XdpFilter,
+    shared: Shared,
+    admin: Arc<AdminState>,
+    file_stamp: Option<(std::time::SystemTime, u64)>,
+    generation: u64,
+}
+
+impl Control {
+    async fn serve(&mut self) -> Result<(), String> {
+        let listener = tokio::net::TcpListener::bind(self.config.admin)
+            .await
+            .map_err(|e| {
+                format!(
+                    "cannot listen on {} for the admin API: {e}",
+                    self.config.admin
+                )
+            })?;
+        info!(address = %self.config.admin, "admin API listening");
+        tokio::spawn(admin::serve(listener, Arc::clone(&self.admin)));
+        let mut hops_tick = tokio::time::interval(HOPS_PERIOD);
+        let mut file_tick = tokio::time::interval(FILE_PERIOD);
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .map_err(|e| format!("cannot watch SIGTERM: {e}"))?;
+        loop {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => { info!("SIGINT: stopping"); return Ok(()); }
+                _ = term.recv() => { info!("SIGTERM: stopping"); return Ok(()); }
+                _ = hops_tick.tick() => self.refresh_hops().await,
+                _ = file_tick.tick() => {
+                    self.reload_if_changed();
+                    recount_live_flows(&self.shared.tables.load().snapshot, &self.shared.flows, self.shared.clock.now());
+                    self.admin.filter_counts.store(Arc::new(self.filter.counts()));
+                }
+            }
+        }
+    }
+
+    /// Re-reads neighbours and routes, asks the kernel to resolve what workers reported, and
+    /// publishes new tables when the next hops changed.
+    async fn refresh_hops(&mut self) {
+        let view = match netlink::read(&self.handle, &self.ports).await {
+            Ok(view) => view,
+            Err(e) => {
+                warn!(error = %e, "cannot read neighbours and routes; keeping the last ones");
+                return;
+            }
+        };
+        let current = self.shared.tables.load();
+        let mut wanted = Vec::new();
+        while let Some((family, addr)) = self.shared.unresolved.pop() {
+            wanted.push((family, addr));
+        }
+        // Backends are resolved before their first packet, not on it.
+        for service in current.snapshot.services() {
+            for backend in &service.spec().backends {
+                let e = backend.endpoint;
+                if current.hops.lookup(e.family(), e.key_addr()).is_none() {
+                    wanted.push((e.family(), *e.key_addr()));
+                }
+            }
+        }
+        let mut asked = HashSet::new();
+        for (family, addr) in wanted {
+            let ip = xlb_dataplane::packet::Endpoint::from_key_form(family, addr, 0).ip();
+            if !asked.insert(ip) {
+                continue;
+            }
+            match view.resolution_target(ip) {
+                Some((port, neighbour)) => {
+                    let ifindex = self.ports[port].ifindex;
+                    if let Err(e) = netlink::resolve(&self.handle, ifindex, neighbour).await {
+                        warn!(%ip, %neighbour, error = %e, "cannot ask the kernel to resolve");
+                    }
+                }
+                None => warn!(%ip, "no route through xlb's interfaces; packets to it are dropped"),
+            }
+        }
+        let hops = view.next_hops(&self.ports);
+        if current.hops != hops {
+            self.shared.tables.store(Arc::new(Tables {
+                snapshot: Arc::clone(&current.snapshot),
+                hops,
+            }));
+        }
+    }
+
+    /// Applies an edited file as a new snapshot; an invalid edit keeps the last good one.
+    fn reload_if_changed(&mut self) {
+        let stamp = file_stamp(&self.path);
+        if stamp == self.file_stamp {
+            return;
+        }
+        self.file_stamp = stamp;
+        let started = Instant::now();
+        let config = match Config::load(&self.path) {
+            Ok(config) => config,
+            Err(e) => {
+                warn!(error = %e, "configuration edit refused; keeping the last good snapshot");
+                return;
+            }
+        };
+        if config.interfaces != self.config.interfaces
+            || config.cores != self.config.cores
+            || config.mode != self.config.mode
+        {
+            warn!("interfaces, cores and mode take effect at the next start; Services are applied now");
+        }
+        let snapshot = match translate(&config, &mut self.ids, self.generation + 1) {
+            Ok(s) => Arc::new(s),
+            Err(e) => {
+                warn!(error = %e, "configuration edit refused; keeping the last good snapshot");
+                return;
+            }
+        };
+        // Steer new keys before the snapshot that uses them, remove old ones after.
+        let mut keys = steer_keys(&snapshot, &self.config);
+        let old = steer_keys(&self.shared.tables.load().snapshot, &self.config);
+        keys.extend(old.iter().copied());
+        if let Err(e) = self.filter.sync(&keys) {
+            warn!(error = %e, "cannot update the XDP filter");
+        }
+        let current = self.shared.tables.load();
+        self.shared.tables.store(Arc::new(Tables {
+            snapshot: Arc::clone(&snapshot),
+            hops: current.hops.clone(),
+        }));
+        if let Err(e) = self.filter.sync(&steer_keys(&snapshot, &self.config)) {
+            warn!(error = %e, "cannot update the XDP filter");
+        }
+        self.generation += 1;
+        let seconds = started.elapsed().as_secs_f64();
+        // Relaxed: a gauge read on its own.
+        self.admin
+            .generation
+            .store(self.generation, Ordering::Relaxed);
+        self.admin.last_sync_seconds.store(Arc::new(seconds));
+        self.config.services = config.services;
+        info!(
+            generation = self.generation,
+            services = snapshot.len(),
+            seconds,
+            "snapshot published"
+        );
+    }
+}

@@ -1,0 +1,126 @@
+//! `xlb check` and `xlb explain`: what a configuration defines, and which backend a flow gets
+//! and why, computed by the workers' own `decide()` over a real frame, with no kernel.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::Path;
+
+use xlb_dataplane::lb::decide::{decide, Mode, Verdict};
+use xlb_dataplane::lb::flow::{FlowTable, Timeouts};
+use xlb_dataplane::lb::hash::flow_hash;
+use xlb_dataplane::lb::snapshot::ServiceKey;
+use xlb_dataplane::packet::builder::pkt;
+use xlb_dataplane::packet::parse;
+
+use crate::config::Config;
+use crate::translate::{translate, Ids};
+
+/// Checks the file and summarises it.
+///
+/// # Errors
+/// The configuration error, naming where.
+pub fn check(path: &Path) -> Result<String, String> {
+    let config = Config::load(path).map_err(|e| e.to_string())?;
+    let snapshot = translate(&config, &mut Ids::default(), 1).map_err(|e| e.to_string())?;
+    let backends: usize = snapshot.services().map(|s| s.spec().backends.len()).sum();
+    let mut out = format!(
+        "{}: ok — {:?} mode on {}, {} Service ports, {} backends\n",
+        path.display(),
+        config.mode,
+        config.interfaces.join(", "),
+        snapshot.len(),
+        backends
+    );
+    for s in &config.services {
+        let _ = writeln!(
+            out,
+            "  {} {} ports {:?} backends {}",
+            s.name,
+            s.vip,
+            s.ports.iter().map(|p| p.port).collect::<Vec<_>>(),
+            s.backends.len()
+        );
+    }
+    Ok(out)
+}
+
+/// The answer of `xlb explain`.
+#[derive(Debug)]
+pub struct Explanation {
+    /// The backend picked, if any.
+    pub backend: Option<SocketAddr>,
+    /// What happened, for people.
+    pub text: String,
+    /// The verdict's name.
+    pub verdict: String,
+    /// The flow hash.
+    pub hash: u64,
+}
+
+impl Explanation {
+    /// As JSON: at least `{"backend": "ADDR:PORT"}` (null when none).
+    #[must_use]
+    pub fn to_json(&self) -> String {
+        serde_json::json!({
+            "backend": self.backend.map(|b| b.to_string()),
+            "verdict": self.verdict,
+            "hash": format!("{:016x}", self.hash),
+            "explanation": self.text,
+        })
+        .to_string()
+    }
+}
+
+/// Which backend a new flow `source` → `destination` over `protocol` gets.
+///
+/// # Errors
+/// A bad file, protocol or address mix.
+pub fn explain(
+    path: &Path,
+    protocol: &str,
+    source: SocketAddr,
+    destination: SocketAddr,
+) -> Result<Explanation, String> {
+    let config = Config::load(path).map_err(|e| e.to_string())?;
+    let snapshot = translate(&config, &mut Ids::default(), 1).map_err(|e| e.to_string())?;
+    if source.is_ipv4() != destination.is_ipv4() {
+        return Err("source and destination must be of one address family".into());
+    }
+    let builder = pkt().ip(source.ip(), destination.ip());
+    let frame = match protocol {
+        "tcp" => builder.tcp(source.port(), destination.port()).syn().build(),
+        "udp" => builder.udp(source.port(), destination.port()).build(),
+        other => return Err(format!("protocol {other:?}: tcp or udp")),
+    };
+    let parsed = parse(&frame).map_err(|e| format!("{e:?}"))?;
+    let hash = flow_hash(&parsed.key);
+    let flows = FlowTable::new(1024, Timeouts::default());
+    let verdict = decide(&snapshot, &flows, &parsed, hash, 0, 0, Mode::Dnat);
+    let service = snapshot.service(&ServiceKey::of_destination(&parsed.key));
+    let (backend, text) = match (verdict, service) {
+        (Verdict::Forward(to), Some(s)) => {
+            let spec = s.spec();
+            let ready = spec.backends.iter().filter(|b| s.takes_new_flows(b.id)).count();
+            (
+                Some(SocketAddr::new(to.ip(), to.port())),
+                format!(
+                    "{destination}/{protocol} is a Service with {} backends ({ready} taking new flows); \
+                     scheduler {:?}; flow hash {hash:016x} picks {}:{}",
+                    spec.backends.len(),
+                    spec.scheduler,
+                    to.ip(),
+                    to.port()
+                ),
+            )
+        }
+        (Verdict::Reject, _) => (None, format!("{destination}/{protocol} has no usable backend: the flow is refused (TCP reset or ICMP unreachable)")),
+        (Verdict::Drop(reason), _) => (None, format!("{destination}/{protocol}: dropped ({reason:?})")),
+        _ => (None, format!("{destination}/{protocol} is not a Service: the kernel handles it")),
+    };
+    Ok(Explanation {
+        backend,
+        text,
+        verdict: format!("{verdict:?}"),
+        hash,
+    })
+}

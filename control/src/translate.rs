@@ -1,0 +1,219 @@
+//! Desired state → `Snapshot`: the pure translation every source ends in.
+//!
+//! Owns: turning configured Services into the dataplane's `ServiceSpec`s with ids that stay
+//! the same across reloads (flows remember ids, so a reload must not renumber), and the set of
+//! keys the XDP filter must steer to xlb for a snapshot.
+//!
+//! Must not know: where the desired state came from, packets, the kernel.
+
+use std::collections::{HashMap, HashSet};
+use std::num::NonZeroU32;
+use std::sync::Arc;
+
+use xlb_dataplane::lb::snapshot::{
+    Backend, BackendId, BackendState, NoBackend, Scheduler, Service, ServiceId, ServiceKey,
+    ServiceSpec, Snapshot,
+};
+use xlb_dataplane::packet::{key_addr, Endpoint, Family, IpProto};
+use xlb_dataplane::xsk::SteerKey;
+
+use crate::config::{
+    BackendStateConfig, Config, ConfigError, ModeConfig, NoBackendConfig, ProtocolConfig,
+    SchedulerConfig,
+};
+
+/// Stable ids for Services and backends, kept across translations.
+#[derive(Debug, Default)]
+pub struct Ids {
+    services: HashMap<ServiceKey, ServiceId>,
+    backends: HashMap<(Endpoint, IpProto), BackendId>,
+    next_service: u32,
+    next_backend: u32,
+}
+
+impl Ids {
+    fn service(&mut self, key: ServiceKey) -> ServiceId {
+        let next = &mut self.next_service;
+        *self.services.entry(key).or_insert_with(|| {
+            *next += 1;
+            ServiceId(NonZeroU32::new(*next).unwrap_or(NonZeroU32::MIN))
+        })
+    }
+
+    fn backend(&mut self, endpoint: Endpoint, proto: IpProto) -> BackendId {
+        let next = &mut self.next_backend;
+        *self.backends.entry((endpoint, proto)).or_insert_with(|| {
+            *next += 1;
+            BackendId(NonZeroU32::new(*next).unwrap_or(NonZeroU32::MIN))
+        })
+    }
+}
+
+/// The protocol number of a configured protocol.
+#[must_use]
+pub fn proto(p: ProtocolConfig) -> IpProto {
+    match p {
+        ProtocolConfig::Tcp => IpProto::TCP,
+        ProtocolConfig::Udp => IpProto::UDP,
+    }
+}
+
+/// Builds the snapshot numbered `generation` for `config`'s Services.
+///
+/// # Errors
+/// A [`ConfigError`] naming the Service the dataplane refused (a table size that is not a
+/// prime, say).
+pub fn translate(config: &Config, ids: &mut Ids, generation: u64) -> Result<Snapshot, ConfigError> {
+    let mut services = Vec::new();
+    for (i, s) in config.services.iter().enumerate() {
+        for port in &s.ports {
+            let proto = proto(port.protocol);
+            let key = ServiceKey {
+                vip: Endpoint::new(s.vip, port.port),
+                proto,
+            };
+            let target = port.target_port.unwrap_or(port.port);
+            let backends = s
+                .backends
+                .iter()
+                .map(|b| {
+                    let endpoint = Endpoint::new(b.address, target);
+                    Backend {
+                        id: ids.backend(endpoint, proto),
+                        endpoint,
+                        state: match b.state {
+                            BackendStateConfig::Ready => BackendState::Ready,
+                            BackendStateConfig::Terminating => BackendState::Terminating,
+                            BackendStateConfig::Draining => BackendState::Draining,
+                        },
+                        weight: b.weight,
+                    }
+                })
+                .collect();
+            let mut spec = ServiceSpec::new(ids.service(key), key, backends);
+            spec.scheduler = match s.scheduler {
+                SchedulerConfig::Maglev => Scheduler::Maglev,
+                SchedulerConfig::Random => Scheduler::Random,
+                SchedulerConfig::RoundRobin => Scheduler::RoundRobin,
+                SchedulerConfig::LeastConnections => Scheduler::LeastConnections,
+            };
+            spec.affinity_timeout = s.session_affinity.map(|a| a.timeout_seconds);
+            spec.no_backend = match s.no_backend {
+                NoBackendConfig::Reject => NoBackend::Reject,
+                NoBackendConfig::Drop => NoBackend::Drop,
+            };
+            spec.table_size = s.table_size;
+            let service = Service::new(spec)
+                .map_err(|e| ConfigError(format!("services[{i}] ({}): {e}", s.name)))?;
+            services.push(Arc::new(service));
+        }
+    }
+    Snapshot::new(generation, services).map_err(|e| ConfigError(e.to_string()))
+}
+
+/// What the XDP filter must steer to xlb for `snapshot` in `config`'s mode: traffic to each
+/// Service, and the replies of its flows (from backends in dnat mode, to the SNAT addresses in
+/// snat mode).
+#[must_use]
+pub fn steer_keys(snapshot: &Snapshot, config: &Config) -> HashSet<SteerKey> {
+    let mut keys = HashSet::new();
+    let mut protos = HashSet::new();
+    for service in snapshot.services() {
+        let spec = service.spec();
+        keys.insert(SteerKey::destination(&spec.key.vip, spec.key.proto));
+        protos.insert(spec.key.proto);
+        if config.mode == ModeConfig::Dnat {
+            for backend in &spec.backends {
+                keys.insert(SteerKey::source(&backend.endpoint, spec.key.proto));
+            }
+        }
+    }
+    if let (ModeConfig::Snat, Some(snat)) = (config.mode, &config.snat) {
+        for proto in protos {
+            if let Some(v4) = snat.ipv4 {
+                keys.insert(SteerKey::any_port(Family::Ipv4, key_addr(v4.into()), proto));
+            }
+            if let Some(v6) = snat.ipv6 {
+                keys.insert(SteerKey::any_port(Family::Ipv6, key_addr(v6.into()), proto));
+            }
+        }
+    }
+    keys
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TWO: &str = "
+interfaces: [a]
+services:
+  - name: web
+    vip: 198.18.64.1
+    ports: [{ port: 80, target_port: 8080 }, { port: 53, protocol: udp }]
+    backends: [{ address: 198.18.128.1 }, { address: 198.18.128.2 }]
+";
+
+    #[test]
+    fn each_port_of_a_service_becomes_a_dataplane_service_with_its_target_port() {
+        let config = Config::parse(TWO).unwrap();
+        let snap = translate(&config, &mut Ids::default(), 1).unwrap();
+        assert_eq!(snap.len(), 2);
+        let web = snap
+            .service(&ServiceKey {
+                vip: Endpoint::new([198, 18, 64, 1].into(), 80),
+                proto: IpProto::TCP,
+            })
+            .unwrap();
+        assert!(web
+            .spec()
+            .backends
+            .iter()
+            .all(|b| b.endpoint.port() == 8080));
+    }
+
+    #[test]
+    fn ids_survive_a_reload_that_reorders_and_adds() {
+        let mut ids = Ids::default();
+        let first = translate(&Config::parse(TWO).unwrap(), &mut ids, 1).unwrap();
+        let reordered = TWO.replace(
+            "[{ address: 198.18.128.1 }, { address: 198.18.128.2 }]",
+            "[{ address: 198.18.128.3 }, { address: 198.18.128.2 }, { address: 198.18.128.1 }]",
+        );
+        let second = translate(&Config::parse(&reordered).unwrap(), &mut ids, 2).unwrap();
+        for s in first.services() {
+            let again = second.service(&s.spec().key).unwrap();
+            assert_eq!(again.spec().id, s.spec().id);
+            for b in &s.spec().backends {
+                let same = again
+                    .spec()
+                    .backends
+                    .iter()
+                    .find(|x| x.endpoint == b.endpoint)
+                    .unwrap();
+                assert_eq!(same.id, b.id);
+            }
+        }
+    }
+
+    #[test]
+    fn dnat_steers_vips_and_backend_replies_and_snat_steers_its_address() {
+        let config = Config::parse(TWO).unwrap();
+        let snap = translate(&config, &mut Ids::default(), 1).unwrap();
+        let keys = steer_keys(&snap, &config);
+        assert_eq!(
+            keys.len(),
+            2 + 4,
+            "two Service keys, two backends on two protocols"
+        );
+        let snat = format!("mode: snat\nsnat: {{ ipv4: 198.18.64.100 }}\n{TWO}");
+        let config = Config::parse(&snat).unwrap();
+        let keys = steer_keys(&snap, &config);
+        assert!(keys.contains(&SteerKey::any_port(
+            Family::Ipv4,
+            key_addr([198, 18, 64, 100].into()),
+            IpProto::UDP
+        )));
+        assert_eq!(keys.len(), 2 + 2, "no backend keys in snat mode");
+    }
+}
