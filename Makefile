@@ -4,7 +4,9 @@
 
 SHELL := /bin/bash
 CARGO ?= cargo
-APT_PACKAGES := clang llvm libelf-dev zlib1g-dev pkg-config m4 iproute2 ethtool
+# clang/llvm: the XDP filter; libelf, zlib, libpcap, pkg-config, m4: libxdp and libbpf, which
+# xsk-rs builds from source; iproute2, ethtool, python3: the netns demo and its test peers.
+APT_PACKAGES := clang llvm libelf-dev zlib1g-dev libpcap-dev pkg-config m4 iproute2 ethtool python3
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 XLB := target/release/xlb
 FRAMES := deploy/examples/frames
@@ -33,20 +35,15 @@ toolchain:
 build: deps toolchain
 	$(CARGO) build --release --workspace
 
-# What exists today is the packet layer: the demo translates sample frames with the same code
-# the workers will run, and prints each before and after, layer by layer.
+# xlb balancing real TCP and UDP traffic between network namespaces it creates and removes:
+# a client, the node running `xlb run`, three backends (see deploy/demo/netns-demo.sh). Then
+# `xlb explain` says, without a kernel, which backend a flow gets and why.
 demo: build
-	@echo "== xlb demo: the packet layer (parse, NAT rewrite, incremental checksums)"
-	@echo "== The AF_XDP dataplane that forwards real traffic is not built yet; these are frames, not a network."
+	@echo "== xlb demo: real traffic through xlb in network namespaces (needs root)"
+	$(SUDO) bash deploy/demo/netns-demo.sh $(XLB)
 	@echo
-	@echo "-- 1. A TCP SYN from a client to the Service VIP 198.18.64.1:80, DNATed to backend 198.18.128.2:8080"
-	$(XLB) rewrite --dst 198.18.128.2:8080 --eth-src 02:00:00:00:01:02 --eth-dst 02:00:00:00:02:02 $$(cat $(FRAMES)/tcp-syn-to-vip.hex)
-	@echo
-	@echo "-- 2. A UDP datagram whose sender left only the pseudo-header checksum (veth tx offload): it leaves complete"
-	$(XLB) rewrite --dst 198.18.128.2:5353 $$(cat $(FRAMES)/udp-partial-checksum.hex)
-	@echo
-	@echo "-- 3. A router's 'fragmentation needed' about a DNATed segment: outer and quoted headers are un-NATed"
-	$(XLB) rewrite --src 198.18.64.1:80 $$(cat $(FRAMES)/icmp-frag-needed.hex)
+	@echo "== xlb explain: which backend a flow gets, computed by the workers' own code"
+	$(XLB) explain --config deploy/examples/xlb.yaml tcp 198.18.0.1:40000 198.18.64.1:80
 
 lint: deps toolchain
 	$(CARGO) fmt --all --check

@@ -59,3 +59,48 @@ fn decode_names_the_drop_reason_of_a_short_frame() {
     assert!(ok, "{stderr}");
     assert!(stdout.contains("drop  EthernetTruncated"), "{stdout}");
 }
+
+const EXAMPLE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/examples/xlb.yaml");
+
+#[test]
+fn the_example_configuration_checks_clean() {
+    let (ok, out, err) = xlb(&["check", "--config", EXAMPLE]);
+    assert!(ok, "{err}");
+    assert!(out.contains("ok"), "{out}");
+}
+
+#[test]
+fn explain_json_names_one_of_the_services_ready_backends() {
+    let (ok, out, err) = xlb(&[
+        "explain",
+        "--json",
+        "--config",
+        EXAMPLE,
+        "tcp",
+        "198.18.0.1:40000",
+        "198.18.64.1:80",
+    ]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let backend = v["backend"].as_str().unwrap();
+    assert!(
+        ["198.18.129.1:8080", "198.18.130.1:8080"].contains(&backend),
+        "a ready backend on the target port, not the terminating one: {backend}"
+    );
+}
+
+#[test]
+fn check_refuses_a_bad_value_naming_its_field_and_line() {
+    let bad = std::env::temp_dir().join(format!("xlb-bad-{}.yaml", std::process::id()));
+    let text = std::fs::read_to_string(EXAMPLE)
+        .unwrap()
+        .replace("weight: 2", "weight: -2");
+    std::fs::write(&bad, text).unwrap();
+    let (ok, _, err) = xlb(&["check", "--config", bad.to_str().unwrap()]);
+    let _ = std::fs::remove_file(&bad);
+    assert!(!ok);
+    assert!(
+        err.contains("services[0].backends[1].weight") && err.contains("line 34"),
+        "{err}"
+    );
+}

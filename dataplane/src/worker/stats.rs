@@ -4,7 +4,8 @@
 
 use crate::lb::decide::{Counters, DecideDrop};
 use crate::packet::DropReason;
-use crate::sync::{AtomicU64, Ordering};
+// std's atomics, not `crate::sync`'s: these counters are not part of the loom models.
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// What a worker counts beyond `decide()`'s verdicts: its I/O and the packets it had to drop
 /// after a verdict.
