@@ -46,16 +46,25 @@ pub async fn serve(listener: tokio::net::TcpListener, state: Arc<AdminState>) {
         };
         let state = Arc::clone(&state);
         tokio::spawn(async move {
-            let mut buf = vec![0u8; 4096];
-            let n = match tokio::time::timeout(
-                std::time::Duration::from_secs(5),
-                stream.read(&mut buf),
-            )
-            .await
-            {
-                Ok(Ok(n)) => n,
-                _ => return,
+            // Read the request head (up to 8 KiB, 5 s): closing with unread bytes would reset
+            // the connection before the client reads the answer.
+            let mut buf = vec![0u8; 8192];
+            let mut n = 0;
+            let head = async {
+                while n < buf.len() && !buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buf[n..]).await {
+                        Ok(0) | Err(_) => return false,
+                        Ok(k) => n += k,
+                    }
+                }
+                true
             };
+            if !matches!(
+                tokio::time::timeout(std::time::Duration::from_secs(5), head).await,
+                Ok(true)
+            ) {
+                return;
+            }
             let request = String::from_utf8_lossy(&buf[..n]);
             let (status, kind, body) = respond(&request, &state);
             let head = format!(

@@ -24,40 +24,17 @@ XLB_PID=
 
 say() { [ "$QUIET" = --quiet ] || echo "$@"; }
 
+source "$(dirname "$0")/topology.sh"
+
 cleanup() {
   set +e
   [ -n "$XLB_PID" ] && kill -TERM "$XLB_PID" 2>/dev/null && wait "$XLB_PID" 2>/dev/null
-  for ns in $(ip netns list | awk '{print $1}' | grep "^$P-"); do
-    ip netns pids "$ns" 2>/dev/null | xargs -r kill -9 2>/dev/null
-    ip netns del "$ns"
-  done
+  topology_down "$P"
   rm -rf "$WORK"
 }
 trap cleanup EXIT
 
-in_ns() { local ns=$1; shift; ip netns exec "$ns" "$@"; }
-
-ip netns add "$NODE"; ip netns add "$CLIENT"
-in_ns "$NODE" sysctl -qw net.ipv4.ip_forward=0
-in_ns "$NODE" ip link set lo up; in_ns "$CLIENT" ip link set lo up
-
-# client <-> node
-ip link add c0 netns "$CLIENT" type veth peer name n0 netns "$NODE"
-in_ns "$CLIENT" ip addr add 198.18.0.1/24 dev c0
-in_ns "$NODE" ip addr add 198.18.0.254/24 dev n0
-in_ns "$CLIENT" ip link set c0 up; in_ns "$NODE" ip link set n0 up
-in_ns "$CLIENT" ip route add default via 198.18.0.254
-IFACES=n0
-for i in $(seq 1 $BACKENDS); do
-  ns=$P-b$i net=198.18.$((128 + i))
-  ip netns add "$ns"; in_ns "$ns" ip link set lo up
-  ip link add b0 netns "$ns" type veth peer name n$i netns "$NODE"
-  in_ns "$ns" ip addr add "$net.1/24" dev b0
-  in_ns "$NODE" ip addr add "$net.254/24" dev n$i
-  in_ns "$ns" ip link set b0 up; in_ns "$NODE" ip link set n$i up
-  in_ns "$ns" ip route add default via "$net.254"
-  IFACES="$IFACES, n$i"
-done
+topology_up "$P" "$BACKENDS"
 
 cat > "$WORK/xlb.yaml" <<YAML
 interfaces: [$IFACES]
@@ -95,8 +72,8 @@ threading.Thread(target=udp, daemon=True).start()
 tcp()
 PY
 for i in $(seq 1 $BACKENDS); do
-  # In a subshell, so that this shell does not report the servers' end at cleanup.
-  (in_ns "$P-b$i" timeout 120 python3 "$WORK/backend.py" "backend-$i" &)
+  # Detached (setsid), so that this shell does not report the servers' end at cleanup.
+  setsid -f ip netns exec "$P-b$i" timeout 120 python3 "$WORK/backend.py" "backend-$i" >/dev/null 2>&1
 done
 
 say "== starting xlb in $NODE on $IFACES"

@@ -1,5 +1,6 @@
 //! AF_XDP I/O: the UMEM, one AF_XDP socket per (port, queue), the XDP filter that feeds them,
-//! and [`MemRing`], the in-memory stand-in the worker's tests run over.
+//! [`XskSender`] (the generator's transmit-only socket), and [`MemRing`], the in-memory
+//! stand-in the worker's tests run over.
 //!
 //! # Safety boundary
 //! This is the one module with unsafe code beyond `prefetch` (libxdp/libbpf calls and
@@ -23,6 +24,7 @@
 
 mod filter;
 mod mem;
+mod sender;
 
 use std::ffi::CString;
 use std::num::NonZeroU32;
@@ -38,6 +40,11 @@ use crate::worker::PacketIo;
 
 pub use filter::{raise_memlock_limit, FilterError, SteerKey, XdpFilter, XdpMode};
 pub use mem::{MemDesc, MemRing};
+pub use sender::XskSender;
+
+/// Frames the kernel transmits per sendto() in copy mode (`MAX_PER_SOCKET_BUDGET` in
+/// net/xdp/xsk.c).
+const COPY_MODE_TX_BUDGET: usize = 32;
 
 /// How a worker's sockets are set up.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -126,7 +133,8 @@ struct Port {
     rx: RxQueue,
     fill: FillQueue,
     completion: CompQueue,
-    queued: bool,
+    /// Frames queued on the transmit ring since the last kick.
+    queued: usize,
 }
 
 /// One worker's AF_XDP sockets: one per port on the worker's queue, all over one UMEM, so
@@ -223,7 +231,7 @@ impl XskIo {
                 rx,
                 fill,
                 completion,
-                queued: false,
+                queued: 0,
             });
         }
         let poll_fds = ports
@@ -338,7 +346,7 @@ impl PacketIo for XskIo {
         // SAFETY: the frames are of this UMEM and in the worker's hands; `n` is clamped to the
         // ring's free slots so every one of them is produced.
         let produced = unsafe { port.tx.produce(&descs[..n]) };
-        port.queued |= produced > 0;
+        port.queued += produced;
         produced
     }
 
@@ -348,11 +356,17 @@ impl PacketIo for XskIo {
 
     fn flush(&mut self) {
         for port in &mut self.ports {
-            if port.queued && (self.kick_always || port.tx.needs_wakeup()) {
-                // EAGAIN/EBUSY: the kernel is still sending; the next loop kicks again.
+            if self.kick_always {
+                // Copy mode sends at most COPY_MODE_TX_BUDGET frames per sendto(): kick once
+                // per budget, or the ring fills and the worker drops what does not fit.
+                for _ in 0..port.queued.div_ceil(COPY_MODE_TX_BUDGET) {
+                    // EAGAIN/EBUSY: the kernel is still sending; the next loop kicks again.
+                    let _ = port.tx.wakeup();
+                }
+            } else if port.queued > 0 && port.tx.needs_wakeup() {
                 let _ = port.tx.wakeup();
             }
-            port.queued = false;
+            port.queued = 0;
             // SAFETY: the completion ring belongs to a socket of this UMEM; the frames it
             // returns were transmitted by us and go back to the free pool.
             let n = unsafe { port.completion.consume(&mut self.scratch) };

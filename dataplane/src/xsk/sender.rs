@@ -1,0 +1,153 @@
+//! `XskSender`: a transmit-only AF_XDP socket for the traffic generator. Frames are written
+//! once, then sent over and over: a completed frame keeps its bytes, and its length (which
+//! xsk-rs resets on completion) is set again before it is reused.
+
+use std::num::NonZeroU32;
+
+use xsk_rs::config::{
+    BindFlags, FrameSize, Interface, LibxdpFlags, QueueSize, SocketConfig, UmemConfig,
+};
+use xsk_rs::{CompQueue, FrameDesc, RxQueue, TxQueue, Umem};
+
+use super::{interface_index, raise_memlock_limit, XskConfig, XskError};
+
+/// A transmit-only AF_XDP socket over its own UMEM of pre-written frames.
+pub struct XskSender {
+    umem: Umem,
+    tx: TxQueue,
+    completion: CompQueue,
+    /// Kept so the socket stays whole; nothing is ever steered to it.
+    _rx: RxQueue,
+    free: Vec<FrameDesc>,
+    /// Each frame's length, by frame number (address / frame size).
+    lengths: Vec<usize>,
+    frame_size: usize,
+    scratch: Vec<FrameDesc>,
+    kick_always: bool,
+}
+
+impl core::fmt::Debug for XskSender {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("XskSender")
+            .field("free", &self.free.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl XskSender {
+    /// Opens a sender on `queue` of `interface` with `frames` frames, each written by
+    /// `write(i, buf)`, which returns the frame's length.
+    ///
+    /// # Errors
+    /// See [`XskError`].
+    pub fn open(
+        interface: &str,
+        queue: u32,
+        config: &XskConfig,
+        frames: u32,
+        mut write: impl FnMut(usize, &mut [u8]) -> usize,
+    ) -> Result<Self, XskError> {
+        let bad = |e: &dyn core::fmt::Display| XskError::BadConfig(e.to_string());
+        interface_index(interface)?;
+        let ring = QueueSize::new(config.ring_size).map_err(|e| bad(&e))?;
+        let frame_size = FrameSize::new(config.frame_size).map_err(|e| bad(&e))?;
+        let umem_config = UmemConfig::builder()
+            .frame_size(frame_size)
+            .fill_queue_size(ring)
+            .comp_queue_size(ring)
+            .build()
+            .map_err(|e| bad(&e))?;
+        let count =
+            NonZeroU32::new(frames).ok_or_else(|| XskError::BadConfig("no frames".into()))?;
+        raise_memlock_limit();
+        let (umem, mut free) =
+            Umem::new(umem_config, count, false).map_err(|e| XskError::Umem(e.to_string()))?;
+        let mut bind = if config.zero_copy {
+            BindFlags::XDP_ZEROCOPY
+        } else {
+            BindFlags::XDP_COPY
+        };
+        if config.need_wakeup {
+            bind |= BindFlags::XDP_USE_NEED_WAKEUP;
+        }
+        let socket_config = SocketConfig::builder()
+            .rx_queue_size(ring)
+            .tx_queue_size(ring)
+            .libxdp_flags(LibxdpFlags::XSK_LIBXDP_FLAGS_INHIBIT_PROG_LOAD)
+            .bind_flags(bind)
+            .build();
+        let name: Interface = interface
+            .parse()
+            .map_err(|_| XskError::NoSuchInterface(interface.to_owned()))?;
+        // SAFETY: the (interface, queue) pair is bound once from this new UMEM, with the
+        // libxdp program load inhibited.
+        let (tx, rx, rings) = unsafe { xsk_rs::Socket::new(socket_config, &umem, &name, queue) }
+            .map_err(|e| XskError::Socket {
+                interface: interface.to_owned(),
+                queue,
+                reason: e.to_string(),
+            })?;
+        let (_fill, completion) = rings.ok_or_else(|| XskError::Socket {
+            interface: interface.to_owned(),
+            queue,
+            reason: "no fill and completion rings".into(),
+        })?;
+        let frame_size = config.frame_size as usize;
+        let mut lengths = vec![0; frames as usize];
+        for (i, desc) in free.iter_mut().enumerate() {
+            // SAFETY: the descriptor is one `Umem::new` just returned, held by nobody else;
+            // the kernel has seen none of them yet.
+            let mut data = unsafe { umem.data_mut(desc) };
+            data.cursor().set_pos(usize::MAX);
+            let len = write(i, data.contents_mut());
+            data.cursor().set_pos(len);
+            lengths[desc.addr() / frame_size] = len;
+        }
+        Ok(Self {
+            umem,
+            tx,
+            completion,
+            _rx: rx,
+            free,
+            lengths,
+            frame_size,
+            scratch: vec![FrameDesc::default(); config.ring_size as usize],
+            kick_always: !config.zero_copy,
+        })
+    }
+
+    /// Queues up to `max` frames for transmission, kicks the kernel, and takes completed
+    /// frames back. Returns how many frames were queued.
+    pub fn send(&mut self, max: usize) -> usize {
+        // SAFETY: the completion ring is this socket's; its frames are ours and done.
+        let done = unsafe { self.completion.consume(&mut self.scratch) };
+        for desc in &mut self.scratch[..done] {
+            // Completion reset the length to 0; the bytes are still the ones written at open.
+            let len = self.lengths[desc.addr() / self.frame_size];
+            // SAFETY: the frame has just come back on the completion ring: the kernel is done
+            // with it and only this `&mut` reaches it.
+            unsafe { self.umem.data_mut(desc) }.cursor().set_pos(len);
+        }
+        self.free.extend_from_slice(&self.scratch[..done]);
+        let want = u32::try_from(max.min(self.free.len())).unwrap_or(u32::MAX);
+        let n = self.tx.nb_free(want).min(want) as usize;
+        let mut queued = 0;
+        if n > 0 {
+            let from = self.free.len() - n;
+            // SAFETY: the frames come from this UMEM's free pool, and `n` is clamped to the
+            // ring's free slots, so all are produced.
+            queued = unsafe { self.tx.produce(&self.free[from..]) };
+            self.free.truncate(self.free.len() - queued);
+        }
+        if queued > 0 || self.tx.needs_wakeup() || self.kick_always {
+            let _ = self.tx.wakeup();
+        }
+        queued
+    }
+
+    /// Frames not in flight.
+    #[must_use]
+    pub fn free_frames(&self) -> usize {
+        self.free.len()
+    }
+}
