@@ -56,13 +56,6 @@ pub fn run(path: &Path) -> Result<(), String> {
         XdpModeConfig::Native => XdpMode::Native,
         XdpModeConfig::Skb => XdpMode::Skb,
     };
-    for port in &ports {
-        filter
-            .attach(port.ifindex, mode)
-            .map_err(|e| format!("{}: {e}", port.name))?;
-        info!(interface = %port.name, ?mode, "XDP filter attached");
-    }
-
     let mut ids = Ids::default();
     let snapshot = Arc::new(translate(&config, &mut ids, 1).map_err(|e| e.to_string())?);
     // The netlink socket registers with the runtime's reactor as it is created.
@@ -92,13 +85,31 @@ pub fn run(path: &Path) -> Result<(), String> {
         zero_copy: config.zero_copy,
         ..XskConfig::default()
     };
+    // Everything that can fail for lack of a resource (a busy queue, a taken admin port) comes
+    // before the filter is attached, so a failed start never disturbs a running xlb.
+    let interfaces: Vec<String> = ports.iter().map(|p| p.name.clone()).collect();
+    let mut sockets = Vec::new();
+    for i in 0..config.cores.len() {
+        let queue = config.queue + u32::try_from(i).unwrap_or(0);
+        sockets.push(
+            XskIo::open(&interfaces, queue, &xsk_config, &filter).map_err(|e| e.to_string())?,
+        );
+    }
+    let listener = std::net::TcpListener::bind(config.admin)
+        .and_then(|l| l.set_nonblocking(true).map(|()| l))
+        .and_then(tokio::net::TcpListener::from_std)
+        .map_err(|e| format!("cannot listen on {} for the admin API: {e}", config.admin))?;
+    for port in &ports {
+        filter
+            .attach(port.ifindex, mode)
+            .map_err(|e| format!("{}: {e}", port.name))?;
+        info!(interface = %port.name, ?mode, "XDP filter attached");
+    }
+
     let mut workers = Vec::new();
     let mut stats = Vec::new();
-    let interfaces: Vec<String> = ports.iter().map(|p| p.name.clone()).collect();
-    for (i, &core) in config.cores.iter().enumerate() {
+    for (i, (&core, mut io)) in config.cores.iter().zip(sockets).enumerate() {
         let queue = config.queue + u32::try_from(i).unwrap_or(0);
-        let mut io =
-            XskIo::open(&interfaces, queue, &xsk_config, &filter).map_err(|e| e.to_string())?;
         let worker_stats = Arc::new(WorkerStats::default());
         stats.push(Arc::clone(&worker_stats));
         let snat = snat_pool(&config, i);
@@ -148,7 +159,7 @@ pub fn run(path: &Path) -> Result<(), String> {
         file_stamp: file_stamp(path),
         generation: 1,
     };
-    let result = runtime.block_on(control.serve());
+    let result = runtime.block_on(control.serve(listener));
     // Relaxed: see the worker's load.
     stop.store(true, Ordering::Relaxed);
     for thread in workers {
@@ -197,15 +208,7 @@ struct Control {
 }
 
 impl Control {
-    async fn serve(&mut self) -> Result<(), String> {
-        let listener = tokio::net::TcpListener::bind(self.config.admin)
-            .await
-            .map_err(|e| {
-                format!(
-                    "cannot listen on {} for the admin API: {e}",
-                    self.config.admin
-                )
-            })?;
+    async fn serve(&mut self, listener: tokio::net::TcpListener) -> Result<(), String> {
         info!(address = %self.config.admin, "admin API listening");
         tokio::spawn(admin::serve(listener, Arc::clone(&self.admin)));
         let mut hops_tick = tokio::time::interval(HOPS_PERIOD);

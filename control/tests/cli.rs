@@ -104,3 +104,14 @@ fn check_refuses_a_bad_value_naming_its_field_and_line() {
         "{err}"
     );
 }
+
+#[test]
+fn run_with_a_missing_interface_is_a_clear_error_not_a_panic() {
+    let config = std::env::temp_dir().join(format!("xlb-noif-{}.yaml", std::process::id()));
+    std::fs::write(&config, "interfaces: [xlbnope0]\nservices: []\n").unwrap();
+    let (ok, _, err) = xlb(&["run", "--config", config.to_str().unwrap()]);
+    let _ = std::fs::remove_file(&config);
+    assert!(!ok);
+    assert!(err.contains("no interface named \"xlbnope0\""), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}

@@ -1,29 +1,37 @@
 #!/usr/bin/env bash
-# xlb balancing real TCP and UDP traffic between network namespaces, end to end.
+# xlb balancing real TCP and UDP traffic, IPv4 and IPv6, between network namespaces.
 #
-#   client ns  198.18.0.1 ──veth── node ns (xlb on n0, n1, n2, n3) ──veth── backend ns 1..3
-#                                                                     198.18.(128+i).1
-# The node's kernel does not forward (ip_forward=0): every packet between the client and the
-# backends crosses xlb. Service 198.18.64.1 (tcp/80 -> 8080, udp/53 -> 5353) has three
-# backends; 198.18.64.2 tcp/80 has none and is refused with a reset.
+#   client ns ──veth── node ns (xlb on n0..n3) ──veth── backend ns 1..3   (deploy/demo/topology.sh)
 #
-# Usage: netns-demo.sh XLB_BINARY [--quiet]. Exits non-zero if any check fails. Everything it
-# creates (namespaces, veths, the XDP program) is removed on exit, failure included. Traffic
-# stays inside the namespaces and is bounded: 30 TCP connections, 30 UDP datagrams, 1 s
-# timeouts, and `timeout` around every step.
+# The node's kernel does not forward: every packet between the client and the backends crosses
+# xlb. Service 198.18.64.1 and 2001:2:0:40::1 (tcp/80 -> 8080, udp/53 -> 5353) has three
+# backends; 198.18.64.2 tcp/80 has none and is refused with a reset. Each backend answers with
+# its name and the source address it saw: the client's in dnat mode, xlb's SNAT address in
+# snat mode. Then, unless --quick: an edit of the file that removes a backend is applied live,
+# an invalid edit is refused while traffic goes on, and after `kill -9` a new xlb replaces the
+# leftover XDP program and forwards again. Finally SIGTERM must detach the XDP program.
+#
+# Usage: netns-demo.sh XLB_BINARY [--quiet] [--quick]; MODE=dnat|snat and XDP_MODE=native|skb
+# in the environment (default dnat, native). Exits non-zero if any check fails. Everything it
+# creates (namespaces, veths, XDP programs, processes) is removed on exit, failure included.
+# Traffic stays inside the namespaces and is bounded: at most 30 connections and 30 datagrams
+# per step, 3 s timeouts, and `timeout` around every step.
 set -euo pipefail
 
-XLB=${1:?usage: netns-demo.sh XLB_BINARY}
-XLB=$(realpath "$XLB")
-QUIET=${2:-}
+XLB=$(realpath "${1:?usage: netns-demo.sh XLB_BINARY [--quiet] [--quick]}")
+shift
+QUIET= QUICK=
+for arg in "$@"; do
+  case $arg in --quiet) QUIET=1 ;; --quick) QUICK=1 ;; *) echo "unknown argument $arg" >&2; exit 2 ;; esac
+done
+MODE=${MODE:-dnat} XDP_MODE=${XDP_MODE:-native}
 P=xlbd$$                     # a prefix unique to this run
 NODE=$P-node CLIENT=$P-client
 BACKENDS=3
 WORK=$(mktemp -d)
 XLB_PID=
 
-say() { [ "$QUIET" = --quiet ] || echo "$@"; }
-
+say() { [ -n "$QUIET" ] || echo "$@"; }
 source "$(dirname "$0")/topology.sh"
 
 cleanup() {
@@ -33,99 +41,160 @@ cleanup() {
   rm -rf "$WORK"
 }
 trap cleanup EXIT
+fail() {
+  echo "FAILED: $*" >&2
+  [ -f "$WORK/client.out" ] && cat "$WORK/client.out" >&2
+  in_ns "$NODE" "$XLB" status 2>/dev/null | grep -v '^#' | grep -v ' 0$' >&2 || true
+  if [ -n "$XLB_PID" ]; then kill -TERM "$XLB_PID"; wait "$XLB_PID" || true; XLB_PID=; fi
+  sed 's/\x1b\[[0-9;]*m//g' "$WORK/xlb.log" >&2
+  exit 1
+}
 
 topology_up "$P" "$BACKENDS"
 
-cat > "$WORK/xlb.yaml" <<YAML
-interfaces: [$IFACES]
-mode: dnat
-cores: [0]
-xdp_mode: native
-admin: 127.0.0.1:9901
-services:
-  - name: web
-    vip: 198.18.64.1
-    ports:
-      - { port: 80, protocol: tcp, target_port: 8080 }
-      - { port: 53, protocol: udp, target_port: 5353 }
-    backends:
-$(for i in $(seq 1 $BACKENDS); do echo "      - { address: 198.18.$((128 + i)).1 }"; done)
-  - name: empty
-    vip: 198.18.64.2
-    ports: [{ port: 80 }]
-YAML
+# config BACKEND_NUMBERS...: writes the configuration with these backends.
+config() {
+  {
+    echo "interfaces: [$IFACES]"
+    echo "mode: $MODE"
+    [ "$MODE" = snat ] && echo "snat: { ipv4: 198.18.64.100, ipv6: '2001:2:0:40::100' }"
+    echo "cores: [0]"
+    echo "xdp_mode: $XDP_MODE"
+    echo "services:"
+    for vip in 198.18.64.1 "'2001:2:0:40::1'"; do
+      echo "  - name: web-$([ "$vip" = 198.18.64.1 ] && echo v4 || echo v6)"
+      echo "    vip: $vip"
+      echo "    ports: [{ port: 80, target_port: 8080 }, { port: 53, protocol: udp, target_port: 5353 }]"
+      echo "    backends:"
+      for i in "$@"; do
+        if [ "$vip" = 198.18.64.1 ]; then echo "      - { address: 198.18.$((128 + i)).1 }"
+        else echo "      - { address: '2001:2:0:$((80 + i))::1' }"; fi
+      done
+    done
+    echo "  - { name: empty, vip: 198.18.64.2, ports: [{ port: 80 }] }"
+  } > "$WORK/xlb.yaml.new"
+  mv "$WORK/xlb.yaml.new" "$WORK/xlb.yaml"
+}
 
-# Backends: answer each TCP connection and each UDP datagram with their own name.
+start_xlb() {
+  ip netns exec "$NODE" "$XLB" run --config "$WORK/xlb.yaml" >/dev/null 2>>"$WORK/xlb.log" &
+  XLB_PID=$!
+  for _ in $(seq 1 100); do
+    in_ns "$NODE" "$XLB" status >/dev/null 2>&1 && return 0
+    kill -0 "$XLB_PID" 2>/dev/null || { XLB_PID=; fail "xlb exited at start"; }
+    sleep 0.1
+  done
+  fail "xlb's admin API did not come up"
+}
+
+# Backends: answer each TCP connection and each UDP datagram with their name and the address
+# they saw the packet come from (IPv4 and IPv6: the sockets are dual-stack).
 cat > "$WORK/backend.py" <<'PY'
 import socket, sys, threading
-name = sys.argv[1].encode()
+name = sys.argv[1]
+def seen(addr):
+    return addr[0].removeprefix("::ffff:")
 def tcp():
-    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind(("0.0.0.0", 8080)); s.listen(64)
+    s = socket.socket(socket.AF_INET6); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("::", 8080)); s.listen(64)
     while True:
-        c, _ = s.accept(); c.sendall(name + b"\n"); c.close()
+        c, peer = s.accept(); c.sendall(f"{name} {seen(peer)}\n".encode()); c.close()
 def udp():
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("0.0.0.0", 5353))
+    s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM); s.bind(("::", 5353))
     while True:
-        _, peer = s.recvfrom(2048); s.sendto(name, peer)
+        _, peer = s.recvfrom(2048); s.sendto(f"{name} {seen(peer)}".encode(), peer)
 threading.Thread(target=udp, daemon=True).start()
 tcp()
 PY
 for i in $(seq 1 $BACKENDS); do
   # Detached (setsid), so that this shell does not report the servers' end at cleanup.
-  setsid -f ip netns exec "$P-b$i" timeout 120 python3 "$WORK/backend.py" "backend-$i" >/dev/null 2>&1
+  setsid -f ip netns exec "$P-b$i" timeout 300 python3 "$WORK/backend.py" "backend-$i" >/dev/null 2>&1
 done
 
-say "== starting xlb in $NODE on $IFACES"
-ip netns exec "$NODE" "$XLB" run --config "$WORK/xlb.yaml" 2>"$WORK/xlb.log" &
-XLB_PID=$!
-for _ in $(seq 1 100); do
-  in_ns "$NODE" "$XLB" status >/dev/null 2>&1 && break
-  kill -0 "$XLB_PID" 2>/dev/null || { cat "$WORK/xlb.log"; echo "xlb exited at start" >&2; exit 1; }
-  sleep 0.1
-done
-sleep 0.5
-
+# The client: N connections and N datagrams to the VIP of each family; checks every answer
+# came from the VIP, that the backend saw the expected source, and which backends answered.
 cat > "$WORK/client.py" <<'PY'
-import collections, errno, socket, sys
-tcp, udp, lost = collections.Counter(), collections.Counter(), 0
-for i in range(30):
-    s = socket.create_connection(("198.18.64.1", 80), timeout=3)
-    tcp[s.recv(64).decode().strip()] += 1; s.close()
-for i in range(30):
-    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.settimeout(1)
-    u.bind(("198.18.0.1", 20000 + i))
-    u.sendto(b"hi", ("198.18.64.1", 53))
+import collections, socket, sys
+n, expect_v4, expect_v6, want = int(sys.argv[1]), sys.argv[2], sys.argv[3], set(sys.argv[4].split(","))
+ok = True
+for vip, family, seen_src, base in (("198.18.64.1", socket.AF_INET, expect_v4, 20000),
+                                    ("2001:2:0:40::1", socket.AF_INET6, expect_v6, 30000)):
+    tcp, udp, lost, bad = collections.Counter(), collections.Counter(), 0, []
+    for i in range(n):
+        s = socket.create_connection((vip, 80), timeout=3)
+        name, src = s.recv(128).decode().split(); s.close()
+        tcp[name] += 1
+        if src != seen_src: bad.append(src)
+    for i in range(n):
+        u = socket.socket(family, socket.SOCK_DGRAM); u.settimeout(1)
+        u.bind(("", base + i + 100 * (sys.argv[5] == "again")))
+        u.sendto(b"hi", (vip, 53))
+        try:
+            data, peer = u.recvfrom(128)
+            if peer[0] != vip or peer[1] != 53: bad.append(f"reply from {peer}")
+            name, src = data.decode().split(); udp[name] += 1
+            if src != seen_src: bad.append(src)
+        except socket.timeout:
+            lost += 1
+    print(vip, "tcp", dict(sorted(tcp.items())), "udp", dict(sorted(udp.items())), "lost", lost,
+          "backends saw", seen_src if not bad else bad[:3])
+    ok &= sum(tcp.values()) == n and lost <= n // 10 and not bad
+    ok &= set(tcp) == want and set(udp) <= want and len(udp) >= min(2, len(want))
+if sys.argv[5] != "again":
     try:
-        data, peer = u.recvfrom(64)
-        assert peer == ("198.18.64.1", 53), peer
-        udp[data.decode()] += 1
-    except socket.timeout:
-        lost += 1
-try:
-    socket.create_connection(("198.18.64.2", 80), timeout=1); refused = "no"
-except ConnectionRefusedError:
-    refused = "yes"
-print("tcp", dict(sorted(tcp.items())))
-print("udp", dict(sorted(udp.items())), "lost", lost)
-print("refused", refused)
-ok = sum(tcp.values()) == 30 and len(tcp) >= 2 and sum(udp.values()) >= 28 and len(udp) >= 2 and refused == "yes"
+        socket.create_connection(("198.18.64.2", 80), timeout=3); print("refused no"); ok = False
+    except ConnectionRefusedError:
+        print("refused yes")
 sys.exit(0 if ok else 1)
 PY
-say "== client: 30 TCP connections and 30 UDP datagrams to 198.18.64.1, one connection to 198.18.64.2"
-if ! in_ns "$CLIENT" timeout 60 python3 "$WORK/client.py" > "$WORK/client.out"; then
-  cat "$WORK/client.out"; in_ns "$NODE" "$XLB" status | grep -v '^#' | grep -v ' 0$'
-  kill -TERM "$XLB_PID"; wait "$XLB_PID" || true; XLB_PID=; cat "$WORK/xlb.log"
-  echo "FAILED: traffic through xlb" >&2; exit 1
-fi
+if [ "$MODE" = snat ]; then SEEN4=198.18.64.100 SEEN6=2001:2:0:40::100; else SEEN4=198.18.0.1 SEEN6=2001:2::1; fi
+# traffic N BACKENDS_EXPECTED [again]
+traffic() {
+  in_ns "$CLIENT" timeout 90 python3 "$WORK/client.py" "$1" "$SEEN4" "$SEEN6" "$2" "${3:-first}" > "$WORK/client.out" 2>&1
+}
+
+config 1 2 3
+say "== starting xlb ($MODE mode, $XDP_MODE XDP) in $NODE on $IFACES"
+start_xlb
+say "== client: 30 TCP connections and 30 UDP datagrams to each VIP (IPv4 and IPv6)"
+traffic 30 backend-1,backend-2,backend-3 || fail "traffic through xlb"
 say "$(cat "$WORK/client.out")"
 say "== xlb counters (non-zero)"
 say "$(in_ns "$NODE" "$XLB" status | grep -v '^#' | grep -v ' 0$')"
 say "== a few flows"
-say "$(in_ns "$NODE" "$XLB" flows --limit 4)"
-kill -TERM "$XLB_PID"; wait "$XLB_PID" || true; XLB_PID=
-if in_ns "$NODE" ip link show n0 | grep -q xdp; then
-  echo "FAILED: the XDP program is still attached after SIGTERM" >&2; exit 1
+say "$(in_ns "$NODE" "$XLB" flows --limit 3)"
+
+if [ -z "$QUICK" ]; then
+  say "== edit: backend-3 removed from the file; xlb applies it live"
+  config 1 2
+  sleep 2.5
+  traffic 20 backend-1,backend-2 again || fail "traffic after removing a backend"
+  say "$(cat "$WORK/client.out")"
+  say "== edit: an invalid file; xlb keeps the last good snapshot"
+  echo "services: [ { name: broken, vip: not-an-address } ]" > "$WORK/xlb.yaml"
+  sleep 2.5
+  grep -q "configuration edit refused" "$WORK/xlb.log" || fail "the invalid edit was not reported"
+  traffic 20 backend-1,backend-2 again || fail "traffic after an invalid edit"
+  say "$(grep "configuration edit refused" "$WORK/xlb.log" | tail -1 | sed 's/\x1b\[[0-9;]*m//g' | cut -c1-160)"
+  say "== kill -9, then a new xlb replaces the leftover XDP program"
+  config 1 2 3
+  kill -9 "$XLB_PID"; wait "$XLB_PID" 2>/dev/null || true; XLB_PID=
+  in_ns "$NODE" ip link show n0 | grep -q xdp || fail "no leftover program to replace after kill -9"
+  start_xlb
+  traffic 30 backend-1,backend-2,backend-3 again || fail "traffic after a restart over a leftover program"
+  say "$(cat "$WORK/client.out")"
+  say "== a second xlb on the same ports and queue fails clearly and disturbs nothing"
+  if in_ns "$NODE" timeout 20 "$XLB" run --config "$WORK/xlb.yaml" > /dev/null 2> "$WORK/second.log"; then
+    fail "a second xlb started on a busy queue"
+  fi
+  grep -q "cannot bind an AF_XDP socket" "$WORK/second.log" || { cat "$WORK/second.log" >&2; fail "the busy queue was not named"; }
+  say "$(sed 's/\x1b\[[0-9;]*m//g' "$WORK/second.log" | tail -1 | cut -c1-200)"
+  traffic 30 backend-1,backend-2,backend-3 again || fail "traffic after a second xlb was refused"
 fi
+
+kill -TERM "$XLB_PID"; wait "$XLB_PID" || true; XLB_PID=
+for i in $(seq 0 $BACKENDS); do
+  if in_ns "$NODE" ip link show "n$i" | grep -q xdp; then fail "an XDP program is still attached to n$i after SIGTERM"; fi
+done
 say "== xlb stopped on SIGTERM and detached its XDP program"
-echo "netns demo: ok"
+echo "netns demo ($MODE, $XDP_MODE): ok"
