@@ -187,6 +187,10 @@ fn metrics(state: &AdminState) -> String {
     let live = state.flows.iter(now).count();
     let (redirected, passed) = **state.filter_counts.load();
     let _ = writeln!(out, "# HELP xlb_flow_entries Live flow table entries (two per connection).\n# TYPE xlb_flow_entries gauge\nxlb_flow_entries {live}");
+    let _ = writeln!(out, "# HELP xlb_flow_evictions_total Live new or closing flows evicted for new ones.\n# TYPE xlb_flow_evictions_total counter\nxlb_flow_evictions_total {}", state.flows.evictions());
+    let _ = writeln!(out, "# HELP xlb_flow_table_full_total New flows not recorded: both buckets held live established flows.\n# TYPE xlb_flow_table_full_total counter\nxlb_flow_table_full_total {}", state.flows.full_inserts());
+    let _ = writeln!(out, "# HELP xlb_flow_evictions_total Live new or closing flows evicted for new ones.\n# TYPE xlb_flow_evictions_total counter\nxlb_flow_evictions_total {}", state.flows.evictions());
+    let _ = writeln!(out, "# HELP xlb_flow_table_full_total New flows not recorded: both buckets held live established flows.\n# TYPE xlb_flow_table_full_total counter\nxlb_flow_table_full_total {}", state.flows.full_inserts());
     let _ = writeln!(out, "# HELP xlb_flow_capacity Flow table entries in all.\n# TYPE xlb_flow_capacity gauge\nxlb_flow_capacity {}", state.flows.capacity());
     // Relaxed: a gauge read on its own.
     let _ = writeln!(out, "# HELP xlb_snapshot_generation The live snapshot's generation.\n# TYPE xlb_snapshot_generation gauge\nxlb_snapshot_generation {}", state.generation.load(Ordering::Relaxed));
@@ -254,5 +258,78 @@ fn proto_name(p: u8) -> String {
         1 => "icmp".into(),
         58 => "icmpv6".into(),
         other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use xlb_dataplane::lb::flow::{FlowState, FlowValue, Timeouts};
+    use xlb_dataplane::lb::hash::flow_hash;
+    use xlb_dataplane::packet::{Family, FlowKey, IpProto};
+
+    fn state() -> AdminState {
+        let flows = FlowTable::new(1024, Timeouts::default());
+        for port in 0..3u16 {
+            let key = FlowKey::new(
+                Family::Ipv4,
+                IpProto::UDP,
+                (
+                    [198, 18, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+                    1000 + port,
+                ),
+                ([198, 18, 64, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0], 53),
+            );
+            let value = FlowValue {
+                a: 1,
+                b: 1,
+                port: 0,
+                reverse: false,
+            };
+            let _ = flows.insert(&key, flow_hash(&key), value, FlowState::New, 0);
+        }
+        AdminState {
+            tables: Arc::new(ArcSwap::from_pointee(Tables::empty())),
+            flows: Arc::new(flows),
+            clock: Clock::start(),
+            workers: vec![Arc::new(WorkerStats::default())],
+            generation: AtomicU64::new(7),
+            last_sync_seconds: ArcSwap::from_pointee(0.5),
+            filter_counts: ArcSwap::from_pointee((3, 4)),
+        }
+    }
+
+    #[test]
+    fn health_metrics_and_unknown_paths_get_their_statuses() {
+        let s = state();
+        assert_eq!(respond("GET /healthz HTTP/1.1\r\n\r\n", &s).0, "200 OK");
+        assert_eq!(respond("GET /nope HTTP/1.1\r\n\r\n", &s).0, "404 Not Found");
+        assert_eq!(
+            respond("POST /healthz HTTP/1.1\r\n\r\n", &s).0,
+            "405 Method Not Allowed"
+        );
+        assert_eq!(respond("", &s).0, "400 Bad Request");
+        let (_, kind, body) = respond("GET /metrics HTTP/1.1\r\n\r\n", &s);
+        assert!(kind.starts_with("text/plain"));
+        for line in [
+            "xlb_received_packets_total{worker=\"0\"} 0",
+            "xlb_snapshot_generation 7",
+            "xlb_filter_packets_total{action=\"pass\"} 4",
+            "xlb_flow_entries 3",
+        ] {
+            assert!(body.contains(line), "{line} missing from\n{body}");
+        }
+    }
+
+    #[test]
+    fn flows_honours_its_limit_and_is_json() {
+        let s = state();
+        let (_, _, body) = respond("GET /flows?limit=2 HTTP/1.1\r\n\r\n", &s);
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["flows"].as_array().unwrap().len(), 2);
+        assert_eq!(v["flows"][0]["protocol"], "udp");
+        let (_, _, body) = respond("GET /services HTTP/1.1\r\n\r\n", &s);
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["services"].as_array().unwrap().len(), 0);
     }
 }

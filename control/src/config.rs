@@ -35,6 +35,9 @@ pub struct Config {
     /// Bind AF_XDP sockets in zero-copy mode (not available on veth).
     #[serde(default)]
     pub zero_copy: bool,
+    /// Preferred busy polling of the AF_XDP sockets (for cores dedicated to workers).
+    #[serde(default)]
+    pub busy_poll: bool,
     /// Flow table entries (two per connection).
     #[serde(default = "default_flow_capacity")]
     pub flow_capacity: usize,

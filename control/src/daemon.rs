@@ -83,6 +83,7 @@ pub fn run(path: &Path) -> Result<(), String> {
     let stop = Arc::new(AtomicBool::new(false));
     let xsk_config = XskConfig {
         zero_copy: config.zero_copy,
+        busy_poll: config.busy_poll,
         ..XskConfig::default()
     };
     // Everything that can fail for lack of a resource (a busy queue, a taken admin port) comes

@@ -92,15 +92,17 @@ fn explain_json_names_one_of_the_services_ready_backends() {
 #[test]
 fn check_refuses_a_bad_value_naming_its_field_and_line() {
     let bad = std::env::temp_dir().join(format!("xlb-bad-{}.yaml", std::process::id()));
-    let text = std::fs::read_to_string(EXAMPLE)
-        .unwrap()
-        .replace("weight: 2", "weight: -2");
-    std::fs::write(&bad, text).unwrap();
+    let example = std::fs::read_to_string(EXAMPLE).unwrap();
+    let line = 1 + example
+        .lines()
+        .position(|l| l.contains("weight: 2"))
+        .unwrap();
+    std::fs::write(&bad, example.replace("weight: 2", "weight: -2")).unwrap();
     let (ok, _, err) = xlb(&["check", "--config", bad.to_str().unwrap()]);
     let _ = std::fs::remove_file(&bad);
     assert!(!ok);
     assert!(
-        err.contains("services[0].backends[1].weight") && err.contains("line 34"),
+        err.contains("services[0].backends[1].weight") && err.contains(&format!("line {line} ")),
         "{err}"
     );
 }

@@ -11,8 +11,8 @@
 # an invalid edit is refused while traffic goes on, and after `kill -9` a new xlb replaces the
 # leftover XDP program and forwards again. Finally SIGTERM must detach the XDP program.
 #
-# Usage: netns-demo.sh XLB_BINARY [--quiet] [--quick]; MODE=dnat|snat and XDP_MODE=native|skb
-# in the environment (default dnat, native). Exits non-zero if any check fails. Everything it
+# Usage: netns-demo.sh XLB_BINARY [--quiet] [--quick]; MODE=dnat|snat, XDP_MODE=native|skb and
+# BUSY_POLL=false|true in the environment (default dnat, native, false). Exits non-zero if any check fails. Everything it
 # creates (namespaces, veths, XDP programs, processes) is removed on exit, failure included.
 # Traffic stays inside the namespaces and is bounded: at most 30 connections and 30 datagrams
 # per step, 3 s timeouts, and `timeout` around every step.
@@ -60,6 +60,7 @@ config() {
     [ "$MODE" = snat ] && echo "snat: { ipv4: 198.18.64.100, ipv6: '2001:2:0:40::100' }"
     echo "cores: [0]"
     echo "xdp_mode: $XDP_MODE"
+    echo "busy_poll: ${BUSY_POLL:-false}"
     echo "services:"
     for vip in 198.18.64.1 "'2001:2:0:40::1'"; do
       echo "  - name: web-$([ "$vip" = 198.18.64.1 ] && echo v4 || echo v6)"

@@ -294,6 +294,10 @@ pub struct FlowTable {
     bodies: Box<[Body]>,
     bucket_mask: usize,
     timeouts: Timeouts,
+    /// Live (not yet expired) new or closing entries taken for another flow.
+    evictions: AtomicU64,
+    /// Inserts that found no entry to take.
+    full: AtomicU64,
 }
 
 impl FlowTable {
@@ -307,7 +311,25 @@ impl FlowTable {
             bodies: (0..buckets * WAYS).map(|_| Body::new()).collect(),
             bucket_mask: buckets - 1,
             timeouts,
+            evictions: AtomicU64::new(0),
+            full: AtomicU64::new(0),
         }
+    }
+
+    /// Live new or closing entries evicted for other flows so far. The counters are shared
+    /// by all workers but touched only when a bucket pair is full, so they cost nothing in
+    /// ordinary operation.
+    #[must_use]
+    pub fn evictions(&self) -> u64 {
+        // Relaxed: a statistic read on its own.
+        self.evictions.load(Ordering::Relaxed)
+    }
+
+    /// Inserts refused because both candidate buckets held only live established flows.
+    #[must_use]
+    pub fn full_inserts(&self) -> u64 {
+        // Relaxed: a statistic read on its own.
+        self.full.load(Ordering::Relaxed)
     }
 
     /// The number of entries.
@@ -592,6 +614,9 @@ impl FlowTable {
                 .find(|(_, seq)| seq & STATE_MASK == VALID && seq & EVICTABLE != 0);
             if let Some(&(i, seq)) = evictable {
                 if try_claim(i, seq) {
+                    // Relaxed: a statistic (an expired entry may be counted too: the tag line
+                    // does not carry ages).
+                    self.evictions.fetch_add(1, Ordering::Relaxed);
                     return Some(i);
                 }
                 continue; // lost the race for it: look again
@@ -616,9 +641,19 @@ impl FlowTable {
                 }
             }
             match best {
-                Some((_, _, i, seq)) if try_claim(i, seq) => return Some(i),
+                Some((rank, _, i, seq)) if try_claim(i, seq) => {
+                    if rank == 2 {
+                        // Relaxed: a statistic.
+                        self.evictions.fetch_add(1, Ordering::Relaxed);
+                    }
+                    return Some(i);
+                }
                 Some(_) => continue, // lost the race for it: look again
-                None => return None,
+                None => {
+                    // Relaxed: a statistic.
+                    self.full.fetch_add(1, Ordering::Relaxed);
+                    return None;
+                }
             }
         }
         None
@@ -868,6 +903,7 @@ mod tests {
             Insert::Full
         );
         assert!(keys.iter().all(|k| t.lookup(k, flow_hash(k), 10).is_some()));
+        assert_eq!((t.full_inserts(), t.evictions()), (1, 0));
 
         // With one of them new again (closing), the flood takes its place.
         let hit = t.lookup(&keys[2], flow_hash(&keys[2]), 10).unwrap();
@@ -878,6 +914,7 @@ mod tests {
         ));
         assert!(t.lookup(&keys[2], flow_hash(&keys[2]), 11).is_none());
         assert!(t.lookup(&keys[0], flow_hash(&keys[0]), 11).is_some());
+        assert_eq!((t.full_inserts(), t.evictions()), (1, 1));
     }
 
     #[test]

@@ -27,6 +27,7 @@ mod mem;
 mod sender;
 
 use std::ffi::CString;
+use std::io;
 use std::num::NonZeroU32;
 use std::os::fd::AsRawFd;
 use std::time::Duration;
@@ -57,6 +58,9 @@ pub struct XskConfig {
     pub zero_copy: bool,
     /// Let the kernel sleep and be woken (XDP_USE_NEED_WAKEUP).
     pub need_wakeup: bool,
+    /// Preferred busy polling (SO_PREFER_BUSY_POLL): the worker drives the device's receive
+    /// from its own loop instead of interrupts; for a core dedicated to a worker.
+    pub busy_poll: bool,
 }
 
 impl Default for XskConfig {
@@ -66,6 +70,7 @@ impl Default for XskConfig {
             frame_size: 4096,
             zero_copy: false,
             need_wakeup: true,
+            busy_poll: false,
         }
     }
 }
@@ -114,6 +119,29 @@ impl core::fmt::Display for XskError {
 
 impl std::error::Error for XskError {}
 
+/// Sets preferred busy polling on an AF_XDP socket: 20 µs of polling, 64 frames a poll.
+fn prefer_busy_poll(fd: std::os::fd::RawFd) -> io::Result<()> {
+    // SO_PREFER_BUSY_POLL, SO_BUSY_POLL and SO_BUSY_POLL_BUDGET of <asm-generic/socket.h>.
+    for (option, value) in [(69, 1), (libc::SO_BUSY_POLL, 20), (70, 64)] {
+        let value: libc::c_int = value;
+        let len = libc::socklen_t::try_from(core::mem::size_of::<libc::c_int>()).unwrap_or(4);
+        // SAFETY: `value` lives across the call and `len` is its size; setsockopt only reads it.
+        let rc = unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                option,
+                core::ptr::from_ref(&value).cast(),
+                len,
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
 /// The interface index of `name`.
 ///
 /// # Errors
@@ -147,6 +175,8 @@ pub struct XskIo {
     poll_fds: Vec<libc::pollfd>,
     /// Copy mode transmits only inside sendto(): kick after every loop that queued frames.
     kick_always: bool,
+    /// Drive receive with a zero-timeout poll per port per loop (busy polling).
+    busy_poll: bool,
 }
 
 impl core::fmt::Debug for XskIo {
@@ -218,6 +248,10 @@ impl XskIo {
                     .map_err(|e| socket_error(e.to_string()))?;
             let (fill, completion) =
                 rings.ok_or_else(|| socket_error("no fill and completion rings".into()))?;
+            if config.busy_poll {
+                prefer_busy_poll(rx.fd().as_raw_fd())
+                    .map_err(|e| socket_error(format!("busy polling: {e}")))?;
+            }
             filter
                 .bind_socket(
                     ifindex,
@@ -249,6 +283,7 @@ impl XskIo {
             free,
             poll_fds,
             kick_always: !config.zero_copy,
+            busy_poll: config.busy_poll,
         };
         io.refill();
         Ok(io)
@@ -371,6 +406,10 @@ impl PacketIo for XskIo {
             // returns were transmitted by us and go back to the free pool.
             let n = unsafe { port.completion.consume(&mut self.scratch) };
             self.free.extend_from_slice(&self.scratch[..n]);
+            if self.busy_poll {
+                // With SO_PREFER_BUSY_POLL, this is what runs the device's receive.
+                let _ = port.rx.poll(0);
+            }
         }
         self.refill();
     }
