@@ -256,7 +256,9 @@ impl Config {
     /// semantic errors the field path.
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
         let config: Self = serde_yaml_ng::from_str(text).map_err(|e| ConfigError(e.to_string()))?;
-        config.validate()?;
+        config
+            .validate()
+            .map_err(|e| ConfigError(with_line(text, &e.0)))?;
         Ok(config)
     }
 
@@ -273,7 +275,7 @@ impl Config {
         }
         if self.mode == ModeConfig::Snat {
             let Some(snat) = &self.snat else {
-                return fail("snat: mode snat needs an snat section with an address".into());
+                return fail("mode: snat needs an snat section with an address".into());
             };
             if snat.ipv4.is_none() && snat.ipv6.is_none() {
                 return fail("snat: give ipv4, ipv6 or both".into());
@@ -330,6 +332,52 @@ impl Config {
     }
 }
 
+/// Adds the line a semantic error is about: the `services` item it names, or the top-level
+/// field it starts with (serde's own errors carry their line already).
+fn with_line(text: &str, message: &str) -> String {
+    let line = if let Some(rest) = message.strip_prefix("services[") {
+        rest.split(']')
+            .next()
+            .and_then(|i| i.parse::<usize>().ok())
+            .and_then(|i| service_line(text, i))
+    } else {
+        let field = message.split(['.', ':']).next().unwrap_or_default();
+        text.lines()
+            .position(|l| l.starts_with(field) && l[field.len()..].starts_with(':'))
+            .map(|i| i + 1)
+    };
+    match line {
+        Some(line) => format!("{message} (line {line})"),
+        None => message.to_owned(),
+    }
+}
+
+/// The line of the `index`-th item of the top-level `services` list (block style).
+fn service_line(text: &str, index: usize) -> Option<usize> {
+    let lines: Vec<&str> = text.lines().collect();
+    let start = lines.iter().position(|l| l.starts_with("services:"))?;
+    let mut indent = None;
+    let mut seen = 0;
+    for (n, line) in lines.iter().enumerate().skip(start + 1) {
+        let trimmed = line.trim_start();
+        if trimmed.is_empty() || trimmed.starts_with('#') {
+            continue;
+        }
+        let depth = line.len() - trimmed.len();
+        if depth == 0 {
+            break;
+        }
+        if trimmed.starts_with("- ") && indent.is_none_or(|d| d == depth) {
+            indent = Some(depth);
+            if seen == index {
+                return Some(n + 1);
+            }
+            seen += 1;
+        }
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -377,10 +425,23 @@ services:
     }
 
     #[test]
-    fn a_backend_of_the_other_family_is_refused_with_its_path() {
+    fn a_backend_of_the_other_family_is_refused_with_its_path_and_line() {
         let bad = GOOD.replace("198.18.128.2", "2001:2::2");
         let e = Config::parse(&bad).unwrap_err().0;
         assert!(e.contains("services[0] (web).backends[1].address"), "{e}");
+        assert!(e.ends_with("(line 4)"), "the Service's line: {e}");
+    }
+
+    #[test]
+    fn a_semantic_error_in_a_later_service_names_that_services_line() {
+        let two = format!("{GOOD}  - name: api\n    vip: 198.18.64.9\n    ports: []\n");
+        let e = Config::parse(&two).unwrap_err().0;
+        assert!(
+            e.contains("services[1] (api).ports") && e.ends_with("(line 14)"),
+            "{e}"
+        );
+        let e = Config::parse(&format!("mode: snat\n{GOOD}")).unwrap_err().0;
+        assert!(e.ends_with("(line 1)"), "{e}");
     }
 
     #[test]
