@@ -117,3 +117,39 @@ fn run_with_a_missing_interface_is_a_clear_error_not_a_panic() {
     assert!(err.contains("no interface named \"xlbnope0\""), "{err}");
     assert!(!err.contains("panicked"), "{err}");
 }
+
+#[test]
+fn run_without_privilege_is_a_clear_error_not_a_panic() {
+    let config = std::env::temp_dir().join(format!("xlb-lo-{}.yaml", std::process::id()));
+    std::fs::write(&config, "interfaces: [lo]\nservices: []\n").unwrap();
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout == b"0\n")
+        .unwrap_or(false);
+    // As root, drop to nobody for this one run; otherwise this already is the unprivileged case.
+    let mut command = if root {
+        let mut c = Command::new("setpriv");
+        c.args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            env!("CARGO_BIN_EXE_xlb"),
+        ]);
+        c
+    } else {
+        Command::new(env!("CARGO_BIN_EXE_xlb"))
+    };
+    let out = command
+        .args(["run", "--config", config.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_file(&config);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("cannot load the XDP filter") && err.contains("needs root"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+}

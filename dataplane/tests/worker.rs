@@ -238,3 +238,59 @@ fn a_new_snapshot_is_picked_up_on_the_next_loop() {
     worker.poll(&mut io);
     assert_eq!(io.transmitted(BACKEND_PORT).len(), 1);
 }
+
+#[test]
+fn in_snat_mode_the_backend_sees_the_snat_address_and_the_reply_finds_the_client() {
+    let tables = Tables {
+        snapshot: Arc::new(Snapshot::new(1, vec![service(&[1])]).unwrap()),
+        hops: hops(&[1]),
+    };
+    let shared = Shared {
+        tables: Arc::new(ArcSwap::from_pointee(tables)),
+        flows: Arc::new(FlowTable::new(4096, Timeouts::default())),
+        clock: Clock::start(),
+        unresolved: Arc::new(Unresolved::new(4)),
+    };
+    let pool = xlb_dataplane::lb::decide::SnatPool::new(Some(SNAT), None, 40000, 100);
+    let mut worker = Worker::new(shared, 2, Some(pool), Arc::new(WorkerStats::default()), 3);
+    let mut io = MemRing::new(2, FRAMES, 2048, 4096);
+    io.inject(CLIENT_PORT, &syn(50000));
+    worker.poll(&mut io);
+    let out = io.transmitted(BACKEND_PORT);
+    assert_eq!(out.len(), 1);
+    let p = parse(&out[0]).unwrap();
+    assert_eq!(
+        p.key.src_ip(),
+        std::net::IpAddr::from(SNAT),
+        "the source is xlb's"
+    );
+    let snat_port = p.key.src_port;
+    assert!(
+        (40000..40100).contains(&snat_port),
+        "from the worker's range: {snat_port}"
+    );
+
+    let reply = pkt()
+        .eth(MacAddr([2, 0, 0, 0, 2, 1]), NODE_OUT_MAC)
+        .ipv4([198, 18, 128, 1].into(), SNAT)
+        .tcp(8080, snat_port)
+        .syn()
+        .ack()
+        .build();
+    io.inject(BACKEND_PORT, &reply);
+    worker.poll(&mut io);
+    let back = io.transmitted(CLIENT_PORT);
+    assert_eq!(back.len(), 1);
+    let p = parse(&back[0]).unwrap();
+    assert_eq!(
+        (
+            p.key.src_ip(),
+            p.key.src_port,
+            p.key.dst_ip(),
+            p.key.dst_port
+        ),
+        (VIP.into(), 80, CLIENT.into(), 50000),
+        "the reply comes from the VIP to the client's own port"
+    );
+    assert_eq!(io.free_frames(), FRAMES as usize);
+}
