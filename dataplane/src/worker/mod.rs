@@ -30,7 +30,7 @@ use crate::lb::hash::flow_hash;
 use crate::lb::snapshot::Snapshot;
 use crate::packet::{
     parse, reject_with_port_unreachable, reject_with_tcp_reset, set_destination, set_ethernet,
-    set_source, Family, IpProto, RewriteError,
+    set_source, DropReason, Family, IpProto, Parsed, RewriteError,
 };
 
 pub use hops::{NextHop, NextHops, Route};
@@ -138,6 +138,8 @@ pub struct Worker<D> {
     counters: WorkerCounters,
     random: u64,
     rx: Vec<D>,
+    /// Stage 1's result for each frame of the batch being processed.
+    parsed: Vec<Result<(Parsed, u64), DropReason>>,
     tx: Vec<Vec<D>>,
     drops: Vec<D>,
 }
@@ -167,6 +169,7 @@ impl<D: Copy + Default> Worker<D> {
             counters: WorkerCounters::default(),
             random: seed | 1,
             rx: vec![D::default(); BATCH],
+            parsed: vec![Err(DropReason::EthernetTruncated); BATCH],
             tx: (0..ports)
                 .map(|_| Vec::with_capacity(BATCH * ports))
                 .collect(),
@@ -198,8 +201,30 @@ impl<D: Copy + Default> Worker<D> {
             let n = io.receive(port, &mut self.rx);
             received += n;
             let ingress = u16::try_from(port).unwrap_or(u16::MAX);
-            for desc in &mut self.rx[..n] {
-                let out = io.with_frame(desc, |buf, len| ctx.process(buf, len, ingress));
+            let (descs, parsed) = (&mut self.rx[..n], &mut self.parsed[..n]);
+            // Stage 1: parse and hash every frame, and start fetching its flow buckets.
+            for (desc, slot) in descs.iter_mut().zip(parsed.iter_mut()) {
+                *slot = io.with_frame(desc, |buf, len| (len, classify(buf, len)));
+                if let Ok((_, hash)) = slot {
+                    ctx.flows.prefetch(*hash);
+                }
+            }
+            // Stage 2: the buckets' tag lines have had time to arrive; fetch the matching
+            // entries' bodies.
+            for (_, hash) in parsed.iter().flatten() {
+                ctx.flows.prefetch_entry(*hash);
+            }
+            // Stage 3: decide, rewrite, pick the next hop.
+            for (desc, slot) in descs.iter_mut().zip(parsed.iter()) {
+                let out = match slot {
+                    Ok((p, hash)) => {
+                        io.with_frame(desc, |buf, len| ctx.process(buf, len, *p, *hash, ingress))
+                    }
+                    Err(reason) => {
+                        ctx.counters.decide.record_malformed(*reason);
+                        Out::Drop
+                    }
+                };
                 match out {
                     Out::Transmit(p) => match self.tx.get_mut(usize::from(p)) {
                         Some(queue) => queue.push(*desc),
@@ -267,6 +292,15 @@ impl<D> core::fmt::Debug for Worker<D> {
     }
 }
 
+/// Stage 1 for one frame: its parse and flow hash, or why it is malformed.
+#[inline]
+fn classify(buf: &[u8], len: usize) -> Result<(Parsed, u64), DropReason> {
+    let frame = buf.get(..len).ok_or(DropReason::EthernetTruncated)?;
+    let parsed = parse(frame)?;
+    let hash = flow_hash(&parsed.key);
+    Ok((parsed, hash))
+}
+
 /// The per-loop view one packet is processed with.
 struct Context<'a> {
     tables: &'a Tables,
@@ -279,22 +313,21 @@ struct Context<'a> {
 }
 
 impl Context<'_> {
-    /// Decides and applies the verdict to the frame in `buf[..len]`, which arrived on
-    /// `ingress`. Returns the frame's new length and where it goes.
+    /// Decides and applies the verdict to the frame in `buf[..len]`, parsed as `parsed` with
+    /// flow hash `hash`, which arrived on `ingress`. Returns the frame's new length and where
+    /// it goes.
     #[inline]
-    fn process(&mut self, buf: &mut [u8], len: usize, ingress: u16) -> (usize, Out) {
+    fn process(
+        &mut self,
+        buf: &mut [u8],
+        len: usize,
+        mut parsed: Parsed,
+        hash: u64,
+        ingress: u16,
+    ) -> (usize, Out) {
         let Some(frame) = buf.get_mut(..len) else {
-            self.counters.io.rewrite_failed += 1;
-            return (len, Out::Drop);
+            return self.failed(len);
         };
-        let mut parsed = match parse(frame) {
-            Ok(parsed) => parsed,
-            Err(reason) => {
-                self.counters.decide.record_malformed(reason);
-                return (len, Out::Drop);
-            }
-        };
-        let hash = flow_hash(&parsed.key);
         let random = self.next_random();
         let verdict = decide(
             &self.tables.snapshot,
