@@ -48,7 +48,7 @@ measure() {
   local label=$1 dst=$2 rx0 rx1 b10 b11 ba0 ba1 t0 t1
   rx0=$(rx); b10=$(busy cpu1); ba0=$(busy cpu); t0=$(date +%s.%N)
   in_ns "$CLIENT" "$PKTGEN" --interface c0 --dst-mac "$N0_MAC" --src 198.18.0.1:10000 \
-    --dst "$dst" --flows 1024 --size 60 --seconds "$SECONDS_PER_RUN" --core 0 --json > "$WORK/gen.json"
+    --dst "$dst" --ports 1024 --size 60 --quiet --seconds "$SECONDS_PER_RUN" --core 0 --json > "$WORK/gen.json"
   sleep 0.2
   rx1=$(rx); b11=$(busy cpu1); ba1=$(busy cpu); t1=$(date +%s.%N)
   python3 - "$label" "$rx0" "$rx1" "$b10" "$b11" "$ba0" "$ba1" "$t0" "$t1" "$WORK/gen.json" <<'PY'

@@ -1,25 +1,52 @@
 //! xlb-pktgen: the traffic generator's frame streams.
 //!
-//! Layer: uses `xlb_dataplane::packet` (and, later, `xlb_dataplane::xsk`); knows nothing of
-//! the load balancer. A [`Stream`] turns one template frame into a sequence of frames whose
-//! source address and port walk a range of flows — few long flows or a new flow per packet —
-//! by rewriting the template in place with the dataplane's incremental-checksum primitives,
-//! so each frame costs a copy and a few additions, never a checksum over the payload.
-//!
-//! The AF_XDP sender and receiver, rates, sizes and latency arrive with the pktgen issue.
+//! Layer: uses `xlb_dataplane::packet` and `xlb_dataplane::xsk`; knows nothing of the load
+//! balancer. A [`Stream`] turns one template frame into a sequence of frames over a range of
+//! flows — destinations (addresses × ports) fastest, then source ports, then source addresses
+//! — by rewriting the template in place with the dataplane's incremental-checksum primitives,
+//! so each frame costs a copy and a few additions, never a checksum over the payload. Few long
+//! flows: a small range cycled; a new flow per packet: a range larger than the run.
 
 use std::net::IpAddr;
 
-use xlb_dataplane::packet::{parse, set_source, DropReason, Endpoint, Parsed, RewriteError};
+use xlb_dataplane::packet::{
+    parse, set_destination, set_source, DropReason, Endpoint, Parsed, RewriteError,
+};
 
-/// Which flows a stream cycles through: `sources` consecutive source addresses times
-/// `ports` consecutive source ports, starting at the template's own.
+/// Which flows a stream cycles through, each range consecutive from the template's own
+/// address or port.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FlowRange {
     /// How many source addresses (at least 1).
     pub sources: u32,
     /// How many source ports (1 to 65 536 minus the template's port).
     pub ports: u32,
+    /// How many destination addresses (at least 1).
+    pub destinations: u32,
+    /// How many destination ports (at least 1).
+    pub dst_ports: u32,
+}
+
+impl FlowRange {
+    /// `sources` addresses × `ports` source ports to one destination.
+    #[must_use]
+    pub fn sources(sources: u32, ports: u32) -> Self {
+        Self {
+            sources,
+            ports,
+            destinations: 1,
+            dst_ports: 1,
+        }
+    }
+
+    /// How many distinct flows the range holds.
+    #[must_use]
+    pub fn flows(&self) -> u64 {
+        u64::from(self.sources)
+            * u64::from(self.ports)
+            * u64::from(self.destinations)
+            * u64::from(self.dst_ports)
+    }
 }
 
 /// Why a stream cannot be made.
@@ -38,10 +65,28 @@ pub enum StreamError {
 pub struct Stream {
     template: Vec<u8>,
     parsed: Parsed,
-    base_addr: IpAddr,
-    base_port: u16,
+    src: (IpAddr, u16),
+    dst: (IpAddr, u16),
     range: FlowRange,
     next: u64,
+    step: u64,
+}
+
+fn addr_fits(base: IpAddr, count: u32) -> bool {
+    match base {
+        IpAddr::V4(a) => u64::from(a.to_bits()) + u64::from(count) <= 1 << 32,
+        IpAddr::V6(a) => a.to_bits().checked_add(u128::from(count)).is_some(),
+    }
+}
+
+fn addr_plus(base: IpAddr, step: u64) -> IpAddr {
+    match base {
+        IpAddr::V4(a) => {
+            let bits = u64::from(a.to_bits()) + step;
+            IpAddr::V4(u32::try_from(bits).unwrap_or(u32::MAX).into())
+        }
+        IpAddr::V6(a) => IpAddr::V6((a.to_bits() + u128::from(step)).into()),
+    }
 }
 
 impl Stream {
@@ -51,33 +96,39 @@ impl Stream {
     /// See [`StreamError`].
     pub fn new(template: Vec<u8>, range: FlowRange) -> Result<Self, StreamError> {
         let parsed = parse(&template).map_err(StreamError::BadTemplate)?;
-        let base_addr = parsed.key.src_ip();
-        let base_port = parsed.key.src_port;
-        let ports_fit = u32::from(base_port) + range.ports <= 1 << 16;
-        let addrs_fit = match base_addr {
-            IpAddr::V4(a) => u64::from(a.to_bits()) + u64::from(range.sources) <= 1 << 32,
-            IpAddr::V6(a) => a.to_bits().checked_add(u128::from(range.sources)).is_some(),
-        };
-        if range.sources == 0 || range.ports == 0 || !ports_fit || !addrs_fit {
+        let src = (parsed.key.src_ip(), parsed.key.src_port);
+        let dst = (parsed.key.dst_ip(), parsed.key.dst_port);
+        let fits = u32::from(src.1) + range.ports <= 1 << 16
+            && u32::from(dst.1) + range.dst_ports <= 1 << 16
+            && addr_fits(src.0, range.sources)
+            && addr_fits(dst.0, range.destinations);
+        if range.flows() == 0 || !fits {
             return Err(StreamError::BadRange);
         }
         let stream = Self {
             template,
             parsed,
-            base_addr,
-            base_port,
+            src,
+            dst,
             range,
             next: 0,
+            step: 1,
         };
         // Prove once that the template can be rewritten, so `next_into` cannot fail.
         let mut probe = stream.template.clone();
-        set_source(
-            &mut probe,
-            &mut stream.parsed.clone(),
-            &Endpoint::new(base_addr, base_port),
-        )
-        .map_err(StreamError::NotTranslatable)?;
+        let mut parsed = stream.parsed;
+        set_source(&mut probe, &mut parsed, &Endpoint::new(src.0, src.1))
+            .and_then(|()| set_destination(&mut probe, &mut parsed, &Endpoint::new(dst.0, dst.1)))
+            .map_err(StreamError::NotTranslatable)?;
         Ok(stream)
+    }
+
+    /// This stream's share when `of` senders split it: flows `index`, `index + of`, ...
+    #[must_use]
+    pub fn share(mut self, index: u64, of: u64) -> Self {
+        self.next = index;
+        self.step = of.max(1);
+        self
     }
 
     /// The length of every frame of the stream.
@@ -91,22 +142,27 @@ impl Stream {
     pub fn next_into(&mut self, buf: &mut [u8]) -> Option<usize> {
         let frame = buf.get_mut(..self.template.len())?;
         frame.copy_from_slice(&self.template);
-        let flows = u64::from(self.range.sources) * u64::from(self.range.ports);
-        let index = self.next % flows;
-        self.next = self.next.wrapping_add(1);
-        let port_step = u16::try_from(index % u64::from(self.range.ports)).unwrap_or(0);
-        let addr_step = index / u64::from(self.range.ports);
-        let addr = match self.base_addr {
-            IpAddr::V4(a) => {
-                let bits = u64::from(a.to_bits()) + addr_step;
-                IpAddr::V4(u32::try_from(bits).unwrap_or(u32::MAX).into())
-            }
-            IpAddr::V6(a) => IpAddr::V6((a.to_bits() + u128::from(addr_step)).into()),
+        let r = &self.range;
+        let mut index = self.next % r.flows();
+        self.next = self.next.wrapping_add(self.step);
+        let mut take = |n: u32| {
+            let part = index % u64::from(n);
+            index /= u64::from(n);
+            part
         };
+        let dst_addr = take(r.destinations);
+        let dst_port = take(r.dst_ports);
+        let src_port = take(r.ports);
+        let src_addr = take(r.sources);
+        let port = |base: u16, step: u64| base.wrapping_add(u16::try_from(step).unwrap_or(0));
         let mut parsed = self.parsed;
-        // `new` proved the template rewritable and the range in bounds.
-        let to = Endpoint::new(addr, self.base_port.wrapping_add(port_step));
-        set_source(frame, &mut parsed, &to).ok()?;
+        // `new` proved the template rewritable and the ranges in bounds.
+        let from = Endpoint::new(addr_plus(self.src.0, src_addr), port(self.src.1, src_port));
+        let to = Endpoint::new(addr_plus(self.dst.0, dst_addr), port(self.dst.1, dst_port));
+        set_source(frame, &mut parsed, &from).ok()?;
+        if r.destinations > 1 || r.dst_ports > 1 {
+            set_destination(frame, &mut parsed, &to).ok()?;
+        }
         Some(frame.len())
     }
 }
@@ -127,14 +183,7 @@ mod tests {
 
     #[test]
     fn a_stream_walks_ports_then_addresses_and_wraps() {
-        let mut stream = Stream::new(
-            template(),
-            FlowRange {
-                sources: 2,
-                ports: 3,
-            },
-        )
-        .unwrap();
+        let mut stream = Stream::new(template(), FlowRange::sources(2, 3)).unwrap();
         let mut buf = [0; 128];
         let mut keys = Vec::new();
         for _ in 0..7 {
@@ -162,40 +211,59 @@ mod tests {
 
     #[test]
     fn a_range_past_the_last_port_is_refused() {
-        let err = Stream::new(
-            template(),
-            FlowRange {
-                sources: 1,
-                ports: 60000,
-            },
-        )
-        .unwrap_err();
+        let err = Stream::new(template(), FlowRange::sources(1, 60000)).unwrap_err();
         assert_eq!(err, StreamError::BadRange);
     }
 
     #[test]
     fn a_malformed_template_is_refused() {
-        let err = Stream::new(
-            vec![0; 10],
-            FlowRange {
-                sources: 1,
-                ports: 1,
-            },
-        )
-        .unwrap_err();
+        let err = Stream::new(vec![0; 10], FlowRange::sources(1, 1)).unwrap_err();
         assert_eq!(err, StreamError::BadTemplate(DropReason::EthernetTruncated));
     }
 
     #[test]
     fn a_short_buffer_gets_no_frame() {
-        let mut stream = Stream::new(
-            template(),
-            FlowRange {
-                sources: 1,
-                ports: 1,
-            },
-        )
-        .unwrap();
+        let mut stream = Stream::new(template(), FlowRange::sources(1, 1)).unwrap();
         assert_eq!(stream.next_into(&mut [0; 10]), None);
+    }
+
+    #[test]
+    fn destinations_walk_fastest_and_shares_split_the_flows() {
+        let range = FlowRange {
+            sources: 1,
+            ports: 2,
+            destinations: 3,
+            dst_ports: 1,
+        };
+        let keys = |mut stream: Stream, n: usize| -> Vec<String> {
+            let mut buf = [0; 128];
+            (0..n)
+                .map(|_| {
+                    let len = stream.next_into(&mut buf).unwrap();
+                    assert!(!Layers(&buf[..len]).to_string().contains("BAD"));
+                    let key = parse(&buf[..len]).unwrap().key;
+                    format!("{}>{}", key.src_port, key.dst_ip())
+                })
+                .collect()
+        };
+        let all = keys(Stream::new(template(), range).unwrap(), 6);
+        assert_eq!(
+            all,
+            [
+                "10000>198.18.64.1",
+                "10000>198.18.64.2",
+                "10000>198.18.64.3",
+                "10001>198.18.64.1",
+                "10001>198.18.64.2",
+                "10001>198.18.64.3"
+            ]
+        );
+        let first = keys(Stream::new(template(), range).unwrap().share(0, 2), 3);
+        let second = keys(Stream::new(template(), range).unwrap().share(1, 2), 3);
+        let mut both: Vec<String> = first.into_iter().chain(second).collect();
+        both.sort();
+        let mut want = all.clone();
+        want.sort();
+        assert_eq!(both, want, "two shares cover the flows once");
     }
 }

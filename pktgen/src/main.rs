@@ -1,11 +1,15 @@
-//! `xlb-pktgen`: sends UDP or TCP frames over a range of flows from an AF_XDP socket as fast
-//! as it can, for a bounded time and count, and reports packets per second.
+//! `xlb-pktgen`: sends UDP, TCP SYN or TCP ACK frames (IPv4 or IPv6) over ranges of flows from
+//! AF_XDP sockets, on one or more cores, as fast as possible or at a rate, for a bounded time
+//! and count, and reports what it sent: a live line on stderr, a summary or `--json` on stdout.
 //!
-//! This is the generator the end-to-end benchmark drives; the receiver, rates, IMIX and
-//! latency belong to the pktgen issue.
+//! Few long flows: the frames are written once and sent over and over. `--new-flows`: every
+//! frame is rewritten just before it is queued, so each packet is a new flow (until the range,
+//! `--sources` × `--ports` × destinations, wraps).
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, ValueEnum};
@@ -21,49 +25,65 @@ enum Kind {
     TcpAck,
 }
 
-/// Send frames from an AF_XDP socket as fast as possible.
+/// Send frames from AF_XDP sockets.
 #[derive(Parser)]
 #[command(version, about)]
 struct Cli {
     /// The interface to send on.
     #[arg(long)]
     interface: String,
-    /// Its queue.
-    #[arg(long, default_value_t = 0)]
-    queue: u32,
     /// Ethernet source address (default: the interface's).
     #[arg(long)]
     src_mac: Option<String>,
     /// Ethernet destination address (the next hop).
     #[arg(long)]
     dst_mac: String,
-    /// Source address and first source port.
+    /// First source address and port.
     #[arg(long)]
     src: SocketAddr,
-    /// Destination address and port.
+    /// First destination address and port.
     #[arg(long)]
     dst: SocketAddr,
     /// What to send.
     #[arg(long, value_enum, default_value_t = Kind::Udp)]
     kind: Kind,
-    /// Distinct flows (consecutive source ports).
+    /// Consecutive source addresses.
+    #[arg(long, default_value_t = 1)]
+    sources: u32,
+    /// Consecutive source ports.
     #[arg(long, default_value_t = 1024)]
-    flows: u32,
-    /// Frame size in bytes (without the FCS), at least the headers.
-    #[arg(long, default_value_t = 60)]
-    size: usize,
+    ports: u32,
+    /// Consecutive destination addresses.
+    #[arg(long, default_value_t = 1)]
+    destinations: u32,
+    /// Consecutive destination ports.
+    #[arg(long, default_value_t = 1)]
+    dst_ports: u32,
+    /// Rewrite every frame before sending it: a new flow per packet.
+    #[arg(long)]
+    new_flows: bool,
+    /// Frame size in bytes without the FCS (at least the headers), or "imix" (7:4:1 of 60,
+    /// 590 and 1514 bytes).
+    #[arg(long, default_value = "60")]
+    size: String,
+    /// Packets per second over all cores (default: as fast as possible).
+    #[arg(long)]
+    rate: Option<f64>,
     /// Stop after this many seconds (at most 600).
     #[arg(long, default_value_t = 5.0)]
     seconds: f64,
-    /// Stop after this many packets.
+    /// Stop after this many packets (over all cores).
     #[arg(long, default_value_t = u64::MAX)]
     count: u64,
-    /// Pin to this core.
-    #[arg(long)]
-    core: Option<usize>,
+    /// The cores to send from, one socket each, on queues 0, 1, ... of the interface.
+    #[arg(long, value_delimiter = ',', default_value = "0")]
+    cores: Vec<usize>,
     /// Print the summary as JSON.
     #[arg(long)]
     json: bool,
+    /// No live progress line.
+    #[arg(long)]
+    quiet: bool,
 }
 
 fn mac(text: &str) -> Result<MacAddr, String> {
@@ -77,10 +97,25 @@ fn mac(text: &str) -> Result<MacAddr, String> {
         .map_err(|_| format!("{text:?} is not a MAC address"))
 }
 
-fn run(cli: &Cli) -> Result<(), String> {
-    if !(0.0..=600.0).contains(&cli.seconds) {
-        return Err("--seconds: 0 to 600".into());
+/// The frame sizes, one per frame slot in turn.
+fn sizes(spec: &str) -> Result<Vec<usize>, String> {
+    if spec == "imix" {
+        let mut v = vec![60; 7];
+        v.extend([590; 4]);
+        v.push(1514);
+        return Ok(v);
     }
+    let size: usize = spec
+        .parse()
+        .map_err(|_| format!("--size {spec:?}: a number or imix"))?;
+    if !(60..=3000).contains(&size) {
+        return Err("--size: 60 to 3000 bytes".into());
+    }
+    Ok(vec![size])
+}
+
+/// One stream per distinct frame size.
+fn streams(cli: &Cli, sizes: &[usize]) -> Result<Vec<Stream>, String> {
     let src_mac = match &cli.src_mac {
         Some(m) => mac(m)?,
         None => mac(
@@ -90,80 +125,192 @@ fn run(cli: &Cli) -> Result<(), String> {
         )?,
     };
     let dst_mac = mac(&cli.dst_mac)?;
-    let base = pkt().eth(src_mac, dst_mac).ip(cli.src.ip(), cli.dst.ip());
-    let headers = match cli.kind {
-        Kind::Udp => base
-            .clone()
-            .udp(cli.src.port(), cli.dst.port())
-            .build()
-            .len(),
-        Kind::TcpSyn | Kind::TcpAck => base
-            .clone()
-            .tcp(cli.src.port(), cli.dst.port())
-            .build()
-            .len(),
+    let range = FlowRange {
+        sources: cli.sources,
+        ports: cli.ports,
+        destinations: cli.destinations,
+        dst_ports: cli.dst_ports,
     };
-    let payload = vec![0x78u8; cli.size.saturating_sub(headers)];
-    let template = match cli.kind {
-        Kind::Udp => base
-            .udp(cli.src.port(), cli.dst.port())
-            .payload(&payload)
-            .build(),
-        Kind::TcpSyn => base
-            .tcp(cli.src.port(), cli.dst.port())
-            .syn()
-            .payload(&payload)
-            .build(),
-        Kind::TcpAck => base
-            .tcp(cli.src.port(), cli.dst.port())
-            .ack()
-            .payload(&payload)
-            .build(),
-    };
-    let mut stream = Stream::new(
-        template,
-        FlowRange {
-            sources: 1,
-            ports: cli.flows.max(1),
-        },
-    )
-    .map_err(|e| format!("cannot build the frames: {e:?}"))?;
-    if let Some(core) = cli.core {
-        if !core_affinity::set_for_current(core_affinity::CoreId { id: core }) {
-            return Err(format!("cannot pin to core {core}"));
-        }
+    let mut distinct: Vec<usize> = sizes.to_vec();
+    distinct.dedup();
+    distinct.sort_unstable();
+    distinct.dedup();
+    distinct
+        .iter()
+        .map(|&size| {
+            let base = pkt().eth(src_mac, dst_mac).ip(cli.src.ip(), cli.dst.ip());
+            let (sp, dp) = (cli.src.port(), cli.dst.port());
+            let build = |payload: &[u8]| match cli.kind {
+                Kind::Udp => base.clone().udp(sp, dp).payload(payload).build(),
+                Kind::TcpSyn => base.clone().tcp(sp, dp).syn().payload(payload).build(),
+                Kind::TcpAck => base.clone().tcp(sp, dp).ack().payload(payload).build(),
+            };
+            let headers = build(&[]).len();
+            let template = build(&vec![0x78u8; size.saturating_sub(headers)]);
+            Stream::new(template, range).map_err(|e| format!("cannot build the frames: {e:?}"))
+        })
+        .collect()
+}
+
+struct Shared {
+    sent: AtomicU64,
+    stop: AtomicBool,
+}
+
+fn sender(
+    cli: &Cli,
+    index: usize,
+    core: usize,
+    sizes: &[usize],
+    shared: &Shared,
+    started: Instant,
+) -> Result<(), String> {
+    if !core_affinity::set_for_current(core_affinity::CoreId { id: core }) {
+        return Err(format!("cannot pin to core {core}"));
     }
+    let of = cli.cores.len() as u64;
+    let mut streams: Vec<Stream> = streams(cli, sizes)?
+        .into_iter()
+        .map(|s| s.share(index as u64, of))
+        .collect();
+    let distinct: Vec<usize> = {
+        let mut d = sizes.to_vec();
+        d.sort_unstable();
+        d.dedup();
+        d
+    };
+    let slot_stream: Vec<usize> = sizes
+        .iter()
+        .map(|s| distinct.iter().position(|d| d == s).unwrap_or(0))
+        .collect();
     let config = XskConfig::default();
     let frames = config.ring_size * 2;
-    let mut sender = XskSender::open(&cli.interface, cli.queue, &config, frames, |_, buf| {
-        stream.next_into(buf).unwrap_or(0)
+    let queue = u32::try_from(index).unwrap_or(0);
+    let mut sender = XskSender::open(&cli.interface, queue, &config, frames, |i, buf| {
+        streams[slot_stream[i % slot_stream.len()]]
+            .next_into(buf)
+            .unwrap_or(0)
     })
     .map_err(|e| e.to_string())?;
-    let deadline = Duration::from_secs_f64(cli.seconds);
-    let started = Instant::now();
+    let per_core_rate = cli.rate.map(|r| r / of as f64);
+    let per_core_count = cli.count / of + u64::from((index as u64) < cli.count % of);
     let mut sent = 0u64;
-    while sent < cli.count && started.elapsed() < deadline {
-        let left = usize::try_from(cli.count - sent)
+    let mut slot = 0usize;
+    // Relaxed: a stop flag and statistics; nothing else is communicated through them.
+    while !shared.stop.load(Ordering::Relaxed) && sent < per_core_count {
+        let mut budget = usize::try_from(per_core_count - sent)
             .unwrap_or(usize::MAX)
             .min(64);
-        sent += sender.send(left) as u64;
+        if let Some(rate) = per_core_rate {
+            let allowed = (started.elapsed().as_secs_f64() * rate) as u64;
+            budget = budget.min(usize::try_from(allowed.saturating_sub(sent)).unwrap_or(0));
+            if budget == 0 {
+                std::hint::spin_loop();
+                continue;
+            }
+        }
+        let n = if cli.new_flows {
+            sender.send_with(budget, |buf| {
+                let s = slot_stream[slot % slot_stream.len()];
+                slot = slot.wrapping_add(1);
+                streams[s].next_into(buf).unwrap_or(0)
+            })
+        } else {
+            sender.send(budget)
+        };
+        sent += n as u64;
+        shared.sent.fetch_add(n as u64, Ordering::Relaxed);
     }
-    let elapsed = started.elapsed().as_secs_f64();
     // Let the last frames leave before the socket closes.
     for _ in 0..100 {
         sender.send(0);
     }
+    Ok(())
+}
+
+fn run(cli: &Cli) -> Result<(), String> {
+    if !(0.0..=600.0).contains(&cli.seconds) {
+        return Err("--seconds: 0 to 600".into());
+    }
+    if cli.rate.is_some_and(|r| r.is_nan() || r <= 0.0) {
+        return Err("--rate: a positive number of packets per second".into());
+    }
+    let sizes = sizes(&cli.size)?;
+    streams(cli, &sizes)?; // check the arguments before starting anything
+    let shared = Arc::new(Shared {
+        sent: AtomicU64::new(0),
+        stop: AtomicBool::new(false),
+    });
+    let started = Instant::now();
+    let deadline = Duration::from_secs_f64(cli.seconds);
+    let mean_size = sizes.iter().sum::<usize>() as f64 / sizes.len() as f64;
+    let result = std::thread::scope(|scope| {
+        let handles: Vec<_> = cli
+            .cores
+            .iter()
+            .enumerate()
+            .map(|(i, &core)| {
+                let (shared, sizes) = (&shared, &sizes);
+                scope.spawn(move || sender(cli, i, core, sizes, shared, started))
+            })
+            .collect();
+        let mut last = (Instant::now(), 0u64);
+        while started.elapsed() < deadline && !handles.iter().all(|h| h.is_finished()) {
+            std::thread::sleep(Duration::from_millis(100));
+            let now = Instant::now();
+            if now.duration_since(last.0) >= Duration::from_secs(1) {
+                // Relaxed: statistics.
+                let sent = shared.sent.load(Ordering::Relaxed);
+                let pps = (sent - last.1) as f64 / now.duration_since(last.0).as_secs_f64();
+                if !cli.quiet {
+                    eprint!(
+                        "\r{:6.1} s  {:>12} packets  {:7.3} Mpps  {:6.2} Gbit/s ",
+                        started.elapsed().as_secs_f64(),
+                        sent,
+                        pps / 1e6,
+                        pps * (mean_size + 24.0) * 8.0 / 1e9
+                    );
+                }
+                last = (now, sent);
+            }
+        }
+        // Relaxed: the join orders the rest.
+        shared.stop.store(true, Ordering::Relaxed);
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err("a sender thread failed".into()))
+            })
+            .collect::<Result<Vec<()>, String>>()
+    });
+    if !cli.quiet {
+        eprintln!();
+    }
+    result?;
+    let elapsed = started.elapsed().as_secs_f64();
+    let sent = shared.sent.load(Ordering::Relaxed);
     let pps = sent as f64 / elapsed;
+    let held = cli.rate.map(|r| pps / r);
     if cli.json {
-        println!(
-            "{}",
-            serde_json::json!({ "sent": sent, "seconds": elapsed, "pps": pps })
-        );
+        let summary = serde_json::json!({
+            "sent": sent,
+            "seconds": elapsed,
+            "pps": pps,
+            "pps_per_core": pps / cli.cores.len() as f64,
+            "gbps": pps * (mean_size + 24.0) * 8.0 / 1e9,
+            "rate_held": held,
+        });
+        println!("{summary}");
     } else {
-        println!(
+        print!(
             "sent {sent} packets in {elapsed:.2} s: {:.3} Mpps",
             pps / 1e6
         );
+        match held {
+            Some(h) => println!(" ({:.1}% of the rate asked)", h * 100.0),
+            None => println!(),
+        }
     }
     Ok(())
 }

@@ -145,6 +145,35 @@ impl XskSender {
         queued
     }
 
+    /// Like [`XskSender::send`], but `write` rewrites each frame just before it is queued
+    /// (and returns its length): a new flow per packet, a timestamp.
+    pub fn send_with(&mut self, max: usize, mut write: impl FnMut(&mut [u8]) -> usize) -> usize {
+        // SAFETY: the completion ring is this socket's; its frames are ours and done.
+        let done = unsafe { self.completion.consume(&mut self.scratch) };
+        self.free.extend_from_slice(&self.scratch[..done]);
+        let want = u32::try_from(max.min(self.free.len())).unwrap_or(u32::MAX);
+        let n = self.tx.nb_free(want).min(want) as usize;
+        let mut queued = 0;
+        if n > 0 {
+            let from = self.free.len() - n;
+            for desc in &mut self.free[from..] {
+                // SAFETY: a free frame of this UMEM (never queued, or back from completion):
+                // neither the kernel nor anyone else reaches it while this `&mut` lives.
+                let mut data = unsafe { self.umem.data_mut(desc) };
+                data.cursor().set_pos(usize::MAX);
+                let len = write(data.contents_mut());
+                data.cursor().set_pos(len);
+            }
+            // SAFETY: as in `send`: this UMEM's free frames, clamped to the free slots.
+            queued = unsafe { self.tx.produce(&self.free[from..]) };
+            self.free.truncate(self.free.len() - queued);
+        }
+        if queued > 0 || self.tx.needs_wakeup() || self.kick_always {
+            let _ = self.tx.wakeup();
+        }
+        queued
+    }
+
     /// Frames not in flight.
     #[must_use]
     pub fn free_frames(&self) -> usize {
