@@ -7,11 +7,13 @@ CARGO ?= cargo
 # clang/llvm: the XDP filter; libelf, zlib, libpcap, pkg-config, m4: libxdp and libbpf, which
 # xsk-rs builds from source; iproute2, ethtool, python3: the netns demo and its test peers.
 APT_PACKAGES := clang llvm libelf-dev zlib1g-dev libpcap-dev pkg-config m4 iproute2 ethtool python3
+# What the end-to-end benchmark adds: kube-proxy's kernel dataplanes and conntrack's tool.
+BENCH_PACKAGES := iptables nftables conntrack
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 XLB := target/release/xlb
 FRAMES := deploy/examples/frames
 
-.PHONY: all deps toolchain build demo test lint loom bench
+.PHONY: all deps toolchain build demo test lint loom bench bench-e2e
 
 all: build
 
@@ -67,3 +69,13 @@ test: lint
 bench: deps toolchain
 	$(CARGO) bench -p xlb-bench
 	$(CARGO) run -q --release -p xlb-bench --bin bench-summary
+
+# xlb against kube-proxy-shaped iptables and nftables rules and a bare AF_XDP forwarder, in one
+# run, in namespaces (needs root); writes bench/results/e2e.{md,svg,json}. SERVICES and SECONDS
+# narrow it, e.g. `make bench-e2e SERVICES=1,1000 SECONDS=3`.
+SERVICES ?= 1,1000,10000,100000
+SECONDS ?= 4
+bench-e2e: deps toolchain
+	@$(MAKE) --no-print-directory deps APT_PACKAGES="$(BENCH_PACKAGES)"
+	$(CARGO) build --release -p xlb-control -p xlb-pktgen -p xlb-bench --bins
+	$(SUDO) python3 bench/e2e.py --services $(SERVICES) --seconds $(SECONDS)
