@@ -47,7 +47,7 @@ busy() { awk -v c="$1" '$1 == c { print $2 + $3 + $4 + $7 + $8 + $9 }' /proc/sta
 measure() {
   local label=$1 dst=$2 rx0 rx1 b10 b11 ba0 ba1 t0 t1
   rx0=$(rx); b10=$(busy cpu1); ba0=$(busy cpu); t0=$(date +%s.%N)
-  in_ns "$CLIENT" "$PKTGEN" --interface c0 --dst-mac "$N0_MAC" --src 198.18.0.1:10000 \
+  in_ns "$CLIENT" "$PKTGEN" send --interface c0 --dst-mac "$N0_MAC" --src 198.18.0.1:10000 \
     --dst "$dst" --ports 1024 --size 60 --quiet --seconds "$SECONDS_PER_RUN" --core 0 --json > "$WORK/gen.json"
   sleep 0.2
   rx1=$(rx); b11=$(busy cpu1); ba1=$(busy cpu); t1=$(date +%s.%N)

@@ -145,7 +145,7 @@ def xlb_config(svcs, mode, ifaces):
     by_vip = {}
     for vip, port in svcs:
         by_vip.setdefault(vip, []).append(port)
-    lines = [f"interfaces: [{ifaces}]", f"mode: {mode}", "cores: [1]", "flow_capacity: 4194304"]
+    lines = [f"interfaces: [{ifaces}]", f"mode: {mode}", "cores: [1]"]
     if mode == "snat":
         lines.append("snat: { ipv4: 198.18.64.100 }")
     lines.append("services:")
@@ -183,7 +183,7 @@ def generate(n_vips, per_vip, pattern, seconds, n0_mac):
         flows = f"--destinations {n_vips} --dst-ports {per_vip} --ports {max(1, math.ceil(4096 / (n_vips * per_vip)))} --src 198.18.0.1:10000"
     else:
         flows = f"--destinations {n_vips} --dst-ports {per_vip} --sources 200 --ports 60000 --new-flows --src 198.18.0.2:1024"
-    cmd = ns("client", f"{PKTGEN} --interface c0 --dst-mac {n0_mac} --dst 198.19.0.1:80 {flows} "
+    cmd = ns("client", f"{PKTGEN} send --interface c0 --dst-mac {n0_mac} --dst 198.19.0.1:80 {flows} "
                        f"--size 60 --seconds {seconds} --cores 0 --json --quiet")
     rx0, (c10, a0) = delivered(), busy()
     gen = json.loads(sh(cmd, capture=True))
@@ -195,17 +195,22 @@ def generate(n_vips, per_vip, pattern, seconds, n0_mac):
             "all_ns": (a1 - a0) * per, "offered_pps": gen["pps"]}
 
 
-def kernel_setup(kind, svcs, masquerade, work):
+class InstallTimeout(Exception):
+    """The rules did not install within the allowed time."""
+
+
+def kernel_setup(kind, svcs, masquerade, work, limit):
     sh(ns("node", "sysctl -qw net.ipv4.ip_forward=1"))
     sh(ns("node", "sh -c 'echo 2 > /sys/class/net/n0/queues/rx-0/rps_cpus'"))
     path = os.path.join(work, f"{kind}.rules")
     with open(path, "w") as f:
         f.write(iptables_rules(svcs, masquerade) if kind == "iptables" else nft_rules(svcs, masquerade))
     t0 = time.time()
-    if kind == "iptables":
-        sh(ns("node", f"iptables-legacy-restore < {path}"))
-    else:
-        sh(ns("node", f"nft -f {path}"))
+    cmd = f"iptables-legacy-restore < {path}" if kind == "iptables" else f"nft -f {path}"
+    try:
+        sh(ns("node", cmd), timeout=limit)
+    except subprocess.TimeoutExpired as e:
+        raise InstallTimeout() from e
     return time.time() - t0
 
 
@@ -251,6 +256,8 @@ def main():
     ap.add_argument("--seconds", type=float, default=4)
     ap.add_argument("--contenders", default="iptables,nftables,bare,xlb")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench/results"))
+    ap.add_argument("--install-timeout", type=float, default=900,
+                    help="seconds a rule install may take before the contender is reported as not installed")
     args = ap.parse_args()
     counts = [int(x) for x in args.services.split(",")]
     contenders = args.contenders.split(",")
@@ -273,7 +280,18 @@ def main():
                         continue
                     proc = None
                     if who in ("iptables", "nftables"):
-                        install = kernel_setup(who, svcs, mode == "snat", work)
+                        try:
+                            install = kernel_setup(who, svcs, mode == "snat", work, args.install_timeout)
+                        except InstallTimeout:
+                            for pattern in ("established", "new-flow"):
+                                row = {"contender": who, "mode": mode, "services": n, "pattern": pattern,
+                                       "install_s": f"> {args.install_timeout:.0f} (not installed)",
+                                       "delivered_pps": 0.0, "core1_ns": 0.0, "all_ns": 0.0, "offered_pps": 0.0}
+                                results.append(row)
+                                print(json.dumps(row), flush=True)
+                            write_results(results, args.out, args.seconds)
+                            kernel_teardown(who)
+                            continue
                     elif who == "bare":
                         b_mac = sh(ns("b1", "cat /sys/class/net/b0/address"), capture=True).strip()
                         bare_seconds = 2 * (args.seconds + 3)
@@ -293,6 +311,7 @@ def main():
                                "install_s": round(install, 3), **{k: round(v, 1) for k, v in g.items()}}
                         results.append(row)
                         print(json.dumps(row), flush=True)
+                        write_results(results, args.out, args.seconds)
                         sh(ns("node", "conntrack -F"), check=False, capture=True)
                     if who in ("iptables", "nftables"):
                         kernel_teardown(who)
@@ -300,7 +319,6 @@ def main():
                         stop(proc)
     finally:
         topology("down")
-    write_results(results, args.out, args.seconds)
 
 
 def machine():
@@ -331,6 +349,9 @@ def write_results(results, out, seconds):
         "|---:|---|---|---|---:|---:|---:|---:|---:|",
     ]
     for r in results:
+        if not r["delivered_pps"]:
+            lines.append(f"| {r['services']} | {r['mode']} | {r['pattern']} | {r['contender']} | - | - | - | - | {r['install_s']} |")
+            continue
         lines.append(f"| {r['services']} | {r['mode']} | {r['pattern']} | {r['contender']} | {r['delivered_pps']:,.0f} | "
                      f"{r['core1_ns']:,.0f} | {r['all_ns']:,.0f} | {r['offered_pps']:,.0f} | {r['install_s']} |")
     lines += ["", "![delivered pps](e2e.svg)", ""]

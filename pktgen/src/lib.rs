@@ -167,6 +167,83 @@ impl Stream {
     }
 }
 
+/// What `--latency` writes at the start of a UDP payload: when the frame was queued and which
+/// frame of which sender it is, so that the receiver can measure latency and loss.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Stamp {
+    /// Nanoseconds since the Unix epoch (both ends share the host's clock).
+    pub sent_ns: u64,
+    /// The sender's frame counter.
+    pub seq: u32,
+    /// Which sender (core index).
+    pub sender: u16,
+}
+
+/// Marks a stamped payload.
+const STAMP_MAGIC: u16 = 0x786c; // "xl"
+/// Bytes a stamp takes at the start of the payload.
+pub const STAMP_LEN: usize = 16;
+
+impl Stamp {
+    fn bytes(&self) -> [u8; STAMP_LEN] {
+        let mut b = [0u8; STAMP_LEN];
+        b[..8].copy_from_slice(&self.sent_ns.to_be_bytes());
+        b[8..12].copy_from_slice(&self.seq.to_be_bytes());
+        b[12..14].copy_from_slice(&self.sender.to_be_bytes());
+        b[14..16].copy_from_slice(&STAMP_MAGIC.to_be_bytes());
+        b
+    }
+
+    /// Writes the stamp into a UDP frame's payload and updates its checksum incrementally.
+    /// Returns false (and leaves the frame alone) for a frame that is not UDP or is too short.
+    pub fn write(&self, frame: &mut [u8]) -> bool {
+        let Ok(parsed) = parse(frame) else {
+            return false;
+        };
+        if parsed.key.proto != xlb_dataplane::packet::IpProto::UDP {
+            return false;
+        }
+        let l4 = usize::from(parsed.l4_offset);
+        let at = l4 + xlb_dataplane::packet::UDP_HEADER_LEN;
+        let Some(old) = frame
+            .get(at..at + STAMP_LEN)
+            .and_then(|b| <[u8; STAMP_LEN]>::try_from(b).ok())
+        else {
+            return false;
+        };
+        let new = self.bytes();
+        frame[at..at + STAMP_LEN].copy_from_slice(&new);
+        let csum = u16::from_be_bytes([frame[l4 + 6], frame[l4 + 7]]);
+        // IPv4 UDP without a checksum stays without one.
+        if csum != 0 || parsed.key.family == xlb_dataplane::packet::Family::Ipv6 {
+            let mut updated = xlb_dataplane::packet::CsumDelta::new()
+                .swap(&old, &new)
+                .apply(csum);
+            if updated == 0 {
+                updated = 0xFFFF; // a computed zero is sent as all ones (RFC 768)
+            }
+            frame[l4 + 6..l4 + 8].copy_from_slice(&updated.to_be_bytes());
+        }
+        true
+    }
+
+    /// Reads the stamp of a received UDP frame, if it has one.
+    #[must_use]
+    pub fn read(frame: &[u8]) -> Option<Self> {
+        let parsed = parse(frame).ok()?;
+        let at = usize::from(parsed.l4_offset) + xlb_dataplane::packet::UDP_HEADER_LEN;
+        let b = frame.get(at..at + STAMP_LEN)?;
+        if u16::from_be_bytes([b[14], b[15]]) != STAMP_MAGIC {
+            return None;
+        }
+        Some(Self {
+            sent_ns: u64::from_be_bytes(b[..8].try_into().ok()?),
+            seq: u32::from_be_bytes(b[8..12].try_into().ok()?),
+            sender: u16::from_be_bytes([b[12], b[13]]),
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -265,5 +342,36 @@ mod tests {
         let mut want = all.clone();
         want.sort();
         assert_eq!(both, want, "two shares cover the flows once");
+    }
+
+    #[test]
+    fn a_stamp_reads_back_and_keeps_the_udp_checksum_valid() {
+        for frame in [
+            template(),
+            pkt()
+                .ipv6("2001:2::1".parse().unwrap(), "2001:2::2".parse().unwrap())
+                .udp(1, 2)
+                .payload(&[0; 32])
+                .build(),
+        ] {
+            let mut frame = frame;
+            let stamp = Stamp {
+                sent_ns: 0x0123_4567_89ab_cdef,
+                seq: 77,
+                sender: 1,
+            };
+            assert!(stamp.write(&mut frame));
+            assert_eq!(Stamp::read(&frame), Some(stamp));
+            assert!(
+                !Layers(&frame).to_string().contains("BAD"),
+                "{}",
+                Layers(&frame)
+            );
+        }
+    }
+
+    #[test]
+    fn a_frame_without_a_stamp_reads_none() {
+        assert_eq!(Stamp::read(&template()), None);
     }
 }

@@ -1,10 +1,16 @@
-//! `xlb-pktgen`: sends UDP, TCP SYN or TCP ACK frames (IPv4 or IPv6) over ranges of flows from
-//! AF_XDP sockets, on one or more cores, as fast as possible or at a rate, for a bounded time
-//! and count, and reports what it sent: a live line on stderr, a summary or `--json` on stdout.
+//! `xlb-pktgen send`: sends UDP, TCP SYN or TCP ACK frames (IPv4 or IPv6) over ranges of flows
+//! from AF_XDP sockets, on one or more cores, as fast as possible or at a rate, for a bounded
+//! time and count, and reports what it sent: a live line on stderr, a summary or `--json` on
+//! stdout.
 //!
 //! Few long flows: the frames are written once and sent over and over. `--new-flows`: every
 //! frame is rewritten just before it is queued, so each packet is a new flow (until the range,
-//! `--sources` × `--ports` × destinations, wraps).
+//! `--sources` × `--ports` × destinations, wraps). `--latency`: every UDP frame carries the
+//! time it was queued, its sender and its number.
+//!
+//! `xlb-pktgen receive`: counts the UDP packets to one address and port on an interface (over
+//! xlb's XDP filter and an AF_XDP socket), and from the stamps reports loss and latency
+//! percentiles (an HDR histogram).
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -15,8 +21,94 @@ use std::time::{Duration, Instant};
 use clap::{Parser, ValueEnum};
 use xlb_dataplane::packet::builder::pkt;
 use xlb_dataplane::packet::MacAddr;
+use xlb_dataplane::packet::{Endpoint, IpProto};
+use xlb_dataplane::worker::PacketIo;
+use xlb_dataplane::xsk::{interface_index, SteerKey, XdpFilter, XdpMode, XskIo};
 use xlb_dataplane::xsk::{XskConfig, XskSender};
-use xlb_pktgen::{FlowRange, Stream};
+use xlb_pktgen::{FlowRange, Stamp, Stream};
+
+/// Nanoseconds since the Unix epoch: the clock both ends of a latency run share.
+fn now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+}
+
+fn receive(r: &Receive) -> Result<(), String> {
+    if !(0.0..=600.0).contains(&r.seconds) {
+        return Err("--seconds: 0 to 600".into());
+    }
+    let mut filter = XdpFilter::load().map_err(|e| e.to_string())?;
+    let ports = [r.interface.clone()];
+    let mut io =
+        XskIo::open(&ports, 0, &XskConfig::default(), &filter).map_err(|e| e.to_string())?;
+    let key = SteerKey::destination(&Endpoint::new(r.listen.ip(), r.listen.port()), IpProto::UDP);
+    filter.sync(&[key].into()).map_err(|e| e.to_string())?;
+    filter
+        .attach(
+            interface_index(&r.interface).map_err(|e| e.to_string())?,
+            XdpMode::Native,
+        )
+        .map_err(|e| e.to_string())?;
+    let mut histogram = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)
+        .map_err(|e| e.to_string())?;
+    let mut descs = vec![Default::default(); 64];
+    let (mut received, mut stamped) = (0u64, 0u64);
+    // Per sender: frames seen and the highest number seen.
+    let mut senders: std::collections::HashMap<u16, (u64, u32)> = std::collections::HashMap::new();
+    let started = Instant::now();
+    let mut first: Option<Instant> = None;
+    let mut last = Instant::now();
+    while started.elapsed() < Duration::from_secs_f64(r.seconds) {
+        let n = io.receive(0, &mut descs);
+        if n == 0 {
+            if first.is_some() && last.elapsed() > Duration::from_secs(1) {
+                break;
+            }
+            io.flush();
+            io.wait(Duration::from_millis(10));
+            continue;
+        }
+        let now = now_ns();
+        last = Instant::now();
+        first.get_or_insert(last);
+        for desc in &mut descs[..n] {
+            if let Some(stamp) =
+                io.with_frame(desc, |buf, len| (len, buf.get(..len).and_then(Stamp::read)))
+            {
+                stamped += 1;
+                let _ = histogram.record(now.saturating_sub(stamp.sent_ns).max(1));
+                let entry = senders.entry(stamp.sender).or_insert((0, 0));
+                entry.0 += 1;
+                entry.1 = entry.1.max(stamp.seq);
+            }
+        }
+        received += n as u64;
+        io.recycle(&descs[..n]);
+        io.flush();
+    }
+    let span = first.map_or(0.0, |f| last.duration_since(f).as_secs_f64());
+    let expected: u64 = senders.values().map(|&(_, max)| u64::from(max) + 1).sum();
+    let lost = expected.saturating_sub(stamped);
+    let us = |q: f64| histogram.value_at_quantile(q) as f64 / 1e3;
+    if r.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "received": received, "stamped": stamped, "lost": lost,
+                "loss": if expected > 0 { lost as f64 / expected as f64 } else { 0.0 },
+                "pps": if span > 0.0 { received as f64 / span } else { 0.0 },
+                "latency_us": { "p50": us(0.5), "p99": us(0.99), "p999": us(0.999), "max": histogram.max() as f64 / 1e3 },
+            })
+        );
+    } else {
+        println!(
+            "received {received} packets ({stamped} stamped), lost {lost}; latency p50 {:.1} us, p99 {:.1} us, p99.9 {:.1} us",
+            us(0.5), us(0.99), us(0.999)
+        );
+    }
+    Ok(())
+}
 
 #[derive(Clone, Copy, ValueEnum)]
 enum Kind {
@@ -25,9 +117,35 @@ enum Kind {
     TcpAck,
 }
 
-/// Send frames from AF_XDP sockets.
+/// AF_XDP traffic generator and receiver.
 #[derive(Parser)]
 #[command(version, about)]
+enum Command {
+    /// Send frames.
+    Send(Cli),
+    /// Count and time stamped frames.
+    Receive(Receive),
+}
+
+/// What `receive` listens to.
+#[derive(Parser)]
+struct Receive {
+    /// The interface to receive on (queue 0).
+    #[arg(long)]
+    interface: String,
+    /// The UDP address and port to take.
+    #[arg(long)]
+    listen: SocketAddr,
+    /// Stop after this many seconds (at most 600), or after one idle second once traffic came.
+    #[arg(long, default_value_t = 10.0)]
+    seconds: f64,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Send frames from AF_XDP sockets.
+#[derive(Parser)]
 struct Cli {
     /// The interface to send on.
     #[arg(long)]
@@ -62,6 +180,9 @@ struct Cli {
     /// Rewrite every frame before sending it: a new flow per packet.
     #[arg(long)]
     new_flows: bool,
+    /// Stamp every UDP frame with its send time, sender and number (for `receive`).
+    #[arg(long)]
+    latency: bool,
     /// Frame size in bytes without the FCS (at least the headers), or "imix" (7:4:1 of 60,
     /// 590 and 1514 bytes).
     #[arg(long, default_value = "60")]
@@ -78,6 +199,10 @@ struct Cli {
     /// The cores to send from, one socket each, on queues 0, 1, ... of the interface.
     #[arg(long, value_delimiter = ',', default_value = "0")]
     cores: Vec<usize>,
+    /// Bind the sockets in zero-copy mode (needs a driver with AF_XDP zero-copy; veth has
+    /// none) instead of copy mode.
+    #[arg(long)]
+    zero_copy: bool,
     /// Print the summary as JSON.
     #[arg(long)]
     json: bool,
@@ -164,7 +289,7 @@ fn sender(
     sizes: &[usize],
     shared: &Shared,
     started: Instant,
-) -> Result<(), String> {
+) -> Result<Instant, String> {
     if !core_affinity::set_for_current(core_affinity::CoreId { id: core }) {
         return Err(format!("cannot pin to core {core}"));
     }
@@ -183,7 +308,10 @@ fn sender(
         .iter()
         .map(|s| distinct.iter().position(|d| d == s).unwrap_or(0))
         .collect();
-    let config = XskConfig::default();
+    let config = XskConfig {
+        zero_copy: cli.zero_copy,
+        ..XskConfig::default()
+    };
     let frames = config.ring_size * 2;
     let queue = u32::try_from(index).unwrap_or(0);
     let mut sender = XskSender::open(&cli.interface, queue, &config, frames, |i, buf| {
@@ -196,6 +324,7 @@ fn sender(
     let per_core_count = cli.count / of + u64::from((index as u64) < cli.count % of);
     let mut sent = 0u64;
     let mut slot = 0usize;
+    let mut stamped = 0u32;
     // Relaxed: a stop flag and statistics; nothing else is communicated through them.
     while !shared.stop.load(Ordering::Relaxed) && sent < per_core_count {
         let mut budget = usize::try_from(per_core_count - sent)
@@ -209,11 +338,25 @@ fn sender(
                 continue;
             }
         }
-        let n = if cli.new_flows {
+        let n = if cli.new_flows || cli.latency {
             sender.send_with(budget, |buf| {
                 let s = slot_stream[slot % slot_stream.len()];
                 slot = slot.wrapping_add(1);
-                streams[s].next_into(buf).unwrap_or(0)
+                // The stream cycles through its range: with a small range, the same flows as
+                // the frames written at open.
+                let len = streams[s].next_into(buf).unwrap_or(0);
+                if cli.latency {
+                    if let Some(frame) = buf.get_mut(..len) {
+                        let stamp = Stamp {
+                            sent_ns: now_ns(),
+                            seq: stamped,
+                            sender: index as u16,
+                        };
+                        stamped = stamped.wrapping_add(1);
+                        stamp.write(frame);
+                    }
+                }
+                len
             })
         } else {
             sender.send(budget)
@@ -221,11 +364,12 @@ fn sender(
         sent += n as u64;
         shared.sent.fetch_add(n as u64, Ordering::Relaxed);
     }
+    let done = Instant::now();
     // Let the last frames leave before the socket closes.
     for _ in 0..100 {
         sender.send(0);
     }
-    Ok(())
+    Ok(done)
 }
 
 fn run(cli: &Cli) -> Result<(), String> {
@@ -256,7 +400,7 @@ fn run(cli: &Cli) -> Result<(), String> {
             .collect();
         let mut last = (Instant::now(), 0u64);
         while started.elapsed() < deadline && !handles.iter().all(|h| h.is_finished()) {
-            std::thread::sleep(Duration::from_millis(100));
+            std::thread::sleep(Duration::from_millis(20));
             let now = Instant::now();
             if now.duration_since(last.0) >= Duration::from_secs(1) {
                 // Relaxed: statistics.
@@ -282,13 +426,14 @@ fn run(cli: &Cli) -> Result<(), String> {
                 h.join()
                     .unwrap_or_else(|_| Err("a sender thread failed".into()))
             })
-            .collect::<Result<Vec<()>, String>>()
+            .collect::<Result<Vec<Instant>, String>>()
     });
     if !cli.quiet {
         eprintln!();
     }
-    result?;
-    let elapsed = started.elapsed().as_secs_f64();
+    // The time the senders took, not the time this thread noticed they were done.
+    let finished = result?.into_iter().max().unwrap_or_else(Instant::now);
+    let elapsed = finished.duration_since(started).as_secs_f64();
     let sent = shared.sent.load(Ordering::Relaxed);
     let pps = sent as f64 / elapsed;
     let held = cli.rate.map(|r| pps / r);
@@ -316,7 +461,11 @@ fn run(cli: &Cli) -> Result<(), String> {
 }
 
 fn main() -> ExitCode {
-    match run(&Cli::parse()) {
+    let result = match Command::parse() {
+        Command::Send(cli) => run(&cli),
+        Command::Receive(r) => receive(&r),
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("xlb-pktgen: {e}");
