@@ -75,7 +75,8 @@ bench: deps toolchain
 # narrow it, e.g. `make bench-e2e SERVICES=1,1000 SECONDS=3`.
 SERVICES ?= 1,1000,10000,100000
 SECONDS ?= 4
+INSTALL_TIMEOUT ?= 900
 bench-e2e: deps toolchain
 	@$(MAKE) --no-print-directory deps APT_PACKAGES="$(BENCH_PACKAGES)"
 	$(CARGO) build --release -p xlb-control -p xlb-pktgen -p xlb-bench --bins
-	$(SUDO) python3 bench/e2e.py --services $(SERVICES) --seconds $(SECONDS)
+	$(SUDO) python3 bench/e2e.py --services $(SERVICES) --seconds $(SECONDS) --install-timeout $(INSTALL_TIMEOUT)
