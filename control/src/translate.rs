@@ -21,6 +21,7 @@ use crate::config::{
     BackendStateConfig, Config, ConfigError, ModeConfig, NoBackendConfig, ProtocolConfig,
     SchedulerConfig,
 };
+use crate::desired::DesiredService;
 
 /// Stable ids for Services and backends, kept across translations.
 #[derive(Debug, Default)]
@@ -64,49 +65,57 @@ pub fn proto(p: ProtocolConfig) -> IpProto {
 /// A [`ConfigError`] naming the Service the dataplane refused (a table size that is not a
 /// prime, say).
 pub fn translate(config: &Config, ids: &mut Ids, generation: u64) -> Result<Snapshot, ConfigError> {
-    let mut services = Vec::new();
-    for (i, s) in config.services.iter().enumerate() {
-        for port in &s.ports {
-            let proto = proto(port.protocol);
-            let key = ServiceKey {
-                vip: Endpoint::new(s.vip, port.port),
-                proto,
-            };
-            let target = port.target_port.unwrap_or(port.port);
-            let backends = s
-                .backends
-                .iter()
-                .map(|b| {
-                    let endpoint = Endpoint::new(b.address, target);
-                    Backend {
-                        id: ids.backend(endpoint, proto),
-                        endpoint,
-                        state: match b.state {
-                            BackendStateConfig::Ready => BackendState::Ready,
-                            BackendStateConfig::Terminating => BackendState::Terminating,
-                            BackendStateConfig::Draining => BackendState::Draining,
-                        },
-                        weight: b.weight,
-                    }
-                })
-                .collect();
-            let mut spec = ServiceSpec::new(ids.service(key), key, backends);
-            spec.scheduler = match s.scheduler {
-                SchedulerConfig::Maglev => Scheduler::Maglev,
-                SchedulerConfig::Random => Scheduler::Random,
-                SchedulerConfig::RoundRobin => Scheduler::RoundRobin,
-                SchedulerConfig::LeastConnections => Scheduler::LeastConnections,
-            };
-            spec.affinity_timeout = s.session_affinity.map(|a| a.timeout_seconds);
-            spec.no_backend = match s.no_backend {
-                NoBackendConfig::Reject => NoBackend::Reject,
-                NoBackendConfig::Drop => NoBackend::Drop,
-            };
-            spec.table_size = s.table_size;
-            let service = Service::new(spec)
-                .map_err(|e| ConfigError(format!("services[{i}] ({}): {e}", s.name)))?;
-            services.push(Arc::new(service));
-        }
+    translate_desired(&config.desired(), ids, generation)
+}
+
+/// Builds the snapshot numbered `generation` for a desired state, from any source.
+///
+/// # Errors
+/// A [`ConfigError`] naming the Service the dataplane refused.
+pub fn translate_desired(
+    desired: &[DesiredService],
+    ids: &mut Ids,
+    generation: u64,
+) -> Result<Snapshot, ConfigError> {
+    let mut services = Vec::with_capacity(desired.len());
+    for d in desired {
+        let proto = proto(d.protocol);
+        let key = ServiceKey {
+            vip: Endpoint::new(d.vip, d.port),
+            proto,
+        };
+        let backends = d
+            .backends
+            .iter()
+            .map(|b| {
+                let endpoint = Endpoint::new(b.address, b.port);
+                Backend {
+                    id: ids.backend(endpoint, proto),
+                    endpoint,
+                    state: match b.state {
+                        BackendStateConfig::Ready => BackendState::Ready,
+                        BackendStateConfig::Terminating => BackendState::Terminating,
+                        BackendStateConfig::Draining => BackendState::Draining,
+                    },
+                    weight: b.weight,
+                }
+            })
+            .collect();
+        let mut spec = ServiceSpec::new(ids.service(key), key, backends);
+        spec.scheduler = match d.scheduler {
+            SchedulerConfig::Maglev => Scheduler::Maglev,
+            SchedulerConfig::Random => Scheduler::Random,
+            SchedulerConfig::RoundRobin => Scheduler::RoundRobin,
+            SchedulerConfig::LeastConnections => Scheduler::LeastConnections,
+        };
+        spec.affinity_timeout = d.affinity_timeout;
+        spec.no_backend = match d.no_backend {
+            NoBackendConfig::Reject => NoBackend::Reject,
+            NoBackendConfig::Drop => NoBackend::Drop,
+        };
+        spec.table_size = d.table_size;
+        let service = Service::new(spec).map_err(|e| ConfigError(format!("{}: {e}", d.name)))?;
+        services.push(Arc::new(service));
     }
     Snapshot::new(generation, services).map_err(|e| ConfigError(e.to_string()))
 }

@@ -1,0 +1,309 @@
+//! Kubernetes objects (shaped as the API serves them) translated to desired state with
+//! kube-proxy's semantics: one fixture per rule.
+
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use serde_json::{json, Value};
+use xlb_control::config::{BackendStateConfig, ProtocolConfig, SchedulerConfig};
+use xlb_control::kubernetes::{translate, NodeContext, Translation};
+
+fn service(name: &str, spec: Value) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": { "name": name, "namespace": "default", "resourceVersion": "1" },
+        "spec": spec,
+    })
+}
+
+fn slice(service: &str, name: &str, family: &str, ports: Value, endpoints: Value) -> Value {
+    json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": { "name": name, "namespace": "default",
+                      "labels": { "kubernetes.io/service-name": service } },
+        "addressType": family, "ports": ports, "endpoints": endpoints,
+    })
+}
+
+fn run(services: Vec<Value>, slices: Vec<Value>) -> Translation {
+    let services: Vec<Service> = services
+        .into_iter()
+        .map(|v| serde_json::from_value(v).unwrap())
+        .collect();
+    let slices: Vec<EndpointSlice> = slices
+        .into_iter()
+        .map(|v| serde_json::from_value(v).unwrap())
+        .collect();
+    let node = NodeContext {
+        name: "node-a".into(),
+        zone: Some("zone-1".into()),
+    };
+    translate(&services, &slices, &node)
+}
+
+fn web() -> Value {
+    service(
+        "web",
+        json!({
+            "type": "ClusterIP", "clusterIP": "198.18.64.1", "clusterIPs": ["198.18.64.1"],
+            "ports": [{ "name": "http", "protocol": "TCP", "port": 80, "targetPort": "http" }],
+        }),
+    )
+}
+
+fn ep(addr: &str, node: &str, zone: &str, ready: bool, serving: bool, terminating: bool) -> Value {
+    json!({ "addresses": [addr], "nodeName": node, "zone": zone,
+            "conditions": { "ready": ready, "serving": serving, "terminating": terminating } })
+}
+
+#[test]
+fn named_target_ports_resolve_per_slice_and_endpoints_merge_without_duplicates() {
+    let t = run(
+        vec![web()],
+        vec![
+            slice(
+                "web",
+                "web-a",
+                "IPv4",
+                json!([{ "name": "http", "protocol": "TCP", "port": 8080 }]),
+                json!([
+                    ep("198.18.129.1", "node-a", "zone-1", true, true, false),
+                    ep("198.18.129.2", "node-b", "zone-2", true, true, false)
+                ]),
+            ),
+            slice(
+                "web",
+                "web-b",
+                "IPv4",
+                json!([{ "name": "http", "protocol": "TCP", "port": 9090 }]),
+                json!([ep("198.18.129.3", "node-b", "zone-2", true, true, false)]),
+            ),
+            // The same endpoint in a second slice (as during a slice rebalance): once only.
+            slice(
+                "web",
+                "web-c",
+                "IPv4",
+                json!([{ "name": "http", "protocol": "TCP", "port": 8080 }]),
+                json!([ep("198.18.129.1", "node-a", "zone-1", true, true, false)]),
+            ),
+        ],
+    );
+    assert_eq!(t.services.len(), 1);
+    let s = &t.services[0];
+    assert_eq!(
+        (s.vip.to_string(), s.port, s.protocol),
+        ("198.18.64.1".into(), 80, ProtocolConfig::Tcp)
+    );
+    let mut backends: Vec<String> = s
+        .backends
+        .iter()
+        .map(|b| format!("{}:{}", b.address, b.port))
+        .collect();
+    backends.sort();
+    assert_eq!(
+        backends,
+        [
+            "198.18.129.1:8080",
+            "198.18.129.2:8080",
+            "198.18.129.3:9090"
+        ]
+    );
+}
+
+#[test]
+fn headless_externalname_and_other_proxies_services_are_ignored() {
+    let mut other = web();
+    other["metadata"]["labels"] =
+        json!({ "service.kubernetes.io/service-proxy-name": "someone-else" });
+    let t = run(
+        vec![
+            service(
+                "headless",
+                json!({ "clusterIP": "None", "ports": [{ "port": 80 }] }),
+            ),
+            service(
+                "ext",
+                json!({ "type": "ExternalName", "externalName": "example.org" }),
+            ),
+            other,
+        ],
+        vec![],
+    );
+    assert!(t.services.is_empty(), "{:?}", t.services);
+}
+
+#[test]
+fn dual_stack_load_balancer_and_external_ips_each_get_their_family_of_endpoints() {
+    let svc = json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": { "name": "web", "namespace": "default" },
+        "spec": { "type": "LoadBalancer", "clusterIP": "198.18.64.1",
+                  "clusterIPs": ["198.18.64.1", "2001:2:0:40::1"], "externalIPs": ["198.18.65.1"],
+                  "ports": [{ "name": "dns", "protocol": "UDP", "port": 53 }] },
+        "status": { "loadBalancer": { "ingress": [{ "ip": "198.18.66.1" }] } },
+    });
+    let t = run(
+        vec![svc],
+        vec![
+            slice(
+                "web",
+                "v4",
+                "IPv4",
+                json!([{ "name": "dns", "protocol": "UDP", "port": 5353 }]),
+                json!([ep("198.18.129.1", "node-a", "zone-1", true, true, false)]),
+            ),
+            slice(
+                "web",
+                "v6",
+                "IPv6",
+                json!([{ "name": "dns", "protocol": "UDP", "port": 5353 }]),
+                json!([ep("2001:2:0:81::1", "node-a", "zone-1", true, true, false)]),
+            ),
+        ],
+    );
+    let mut vips: Vec<String> = t
+        .services
+        .iter()
+        .map(|s| format!("{} {}", s.vip, s.backends[0].address))
+        .collect();
+    vips.sort();
+    assert_eq!(
+        vips,
+        [
+            "198.18.64.1 198.18.129.1",
+            "198.18.65.1 198.18.129.1",
+            "198.18.66.1 198.18.129.1",
+            "2001:2:0:40::1 2001:2:0:81::1",
+        ]
+    );
+    assert!(t.services.iter().all(|s| s.protocol == ProtocolConfig::Udp));
+}
+
+#[test]
+fn ready_endpoints_take_flows_serving_terminating_ones_keep_them_and_others_are_left_out() {
+    let t = run(
+        vec![web()],
+        vec![slice(
+            "web",
+            "w",
+            "IPv4",
+            json!([{ "name": "http", "protocol": "TCP", "port": 8080 }]),
+            json!([ep("198.18.129.1", "n", "z", true, true, false),
+                          ep("198.18.129.2", "n", "z", false, true, true),
+                          ep("198.18.129.3", "n", "z", false, false, true),
+                          ep("198.18.129.4", "n", "z", false, false, false),
+                          { "addresses": ["198.18.129.5"] }]),
+        )],
+    );
+    let states: Vec<(String, BackendStateConfig)> = t.services[0]
+        .backends
+        .iter()
+        .map(|b| (b.address.to_string(), b.state))
+        .collect();
+    assert_eq!(
+        states,
+        [
+            ("198.18.129.1".into(), BackendStateConfig::Ready),
+            ("198.18.129.2".into(), BackendStateConfig::Terminating),
+            // No conditions: the API's meaning of unset is ready.
+            ("198.18.129.5".into(), BackendStateConfig::Ready),
+        ]
+    );
+}
+
+#[test]
+fn sctp_is_reported_as_unsupported_not_silently_dropped() {
+    let svc = service(
+        "sctp",
+        json!({ "clusterIP": "198.18.64.9",
+        "ports": [{ "name": "s", "protocol": "SCTP", "port": 9 }, { "name": "t", "protocol": "TCP", "port": 10 }] }),
+    );
+    let t = run(vec![svc], vec![]);
+    assert_eq!(t.services.len(), 1, "the TCP port still is");
+    assert_eq!(t.warnings[0].kind, "unsupported-protocol");
+    assert!(t.warnings[0].message.contains("SCTP"));
+    assert_eq!(
+        t.services[0].backends.len(),
+        0,
+        "no endpoints: refused per policy"
+    );
+}
+
+#[test]
+fn internal_traffic_policy_local_keeps_only_this_nodes_endpoints_even_if_none() {
+    let mut svc = web();
+    svc["spec"]["internalTrafficPolicy"] = json!("Local");
+    let slices = |on: &str| {
+        vec![slice(
+            "web",
+            "w",
+            "IPv4",
+            json!([{ "name": "http", "protocol": "TCP", "port": 8080 }]),
+            json!([
+                ep("198.18.129.1", on, "zone-1", true, true, false),
+                ep("198.18.129.2", "node-b", "zone-1", true, true, false)
+            ]),
+        )]
+    };
+    let t = run(vec![svc.clone()], slices("node-a"));
+    assert_eq!(t.services[0].backends.len(), 1);
+    assert_eq!(
+        t.services[0].backends[0].address.to_string(),
+        "198.18.129.1"
+    );
+    let t = run(vec![svc], slices("node-c"));
+    assert!(
+        t.services[0].backends.is_empty(),
+        "no local endpoint: none, as kube-proxy does"
+    );
+}
+
+#[test]
+fn prefer_same_zone_falls_back_to_all_when_the_zone_has_no_ready_endpoint() {
+    let mut svc = web();
+    svc["spec"]["trafficDistribution"] = json!("PreferSameZone");
+    let make = |zone_of_first: &str| {
+        vec![slice(
+            "web",
+            "w",
+            "IPv4",
+            json!([{ "name": "http", "protocol": "TCP", "port": 8080 }]),
+            json!([
+                ep("198.18.129.1", "node-b", zone_of_first, true, true, false),
+                ep("198.18.129.2", "node-c", "zone-2", true, true, false)
+            ]),
+        )]
+    };
+    let t = run(vec![svc.clone()], make("zone-1"));
+    assert_eq!(t.services[0].backends.len(), 1, "only zone-1's");
+    let t = run(vec![svc], make("zone-3"));
+    assert_eq!(
+        t.services[0].backends.len(),
+        2,
+        "nothing in zone-1: everyone"
+    );
+}
+
+#[test]
+fn client_ip_affinity_and_annotations_are_honoured_and_bad_values_warned() {
+    let mut svc = web();
+    svc["spec"]["sessionAffinity"] = json!("ClientIP");
+    svc["spec"]["sessionAffinityConfig"] = json!({ "clientIP": { "timeoutSeconds": 600 } });
+    svc["metadata"]["annotations"] =
+        json!({ "xlb.io/scheduler": "least-connections", "xlb.io/maglev-table-size": "65537" });
+    let t = run(vec![svc.clone()], vec![]);
+    let s = &t.services[0];
+    assert_eq!(
+        (s.affinity_timeout, s.scheduler, s.table_size),
+        (Some(600), SchedulerConfig::LeastConnections, Some(65537))
+    );
+    assert!(t.warnings.is_empty());
+    svc["metadata"]["annotations"] =
+        json!({ "xlb.io/scheduler": "fastest", "xlb.io/maglev-table-size": "1000" });
+    let t = run(vec![svc], vec![]);
+    assert_eq!(
+        (t.services[0].scheduler, t.services[0].table_size),
+        (SchedulerConfig::Maglev, None)
+    );
+    assert_eq!(t.warnings.len(), 2);
+    assert!(t.warnings.iter().all(|w| w.kind == "bad-annotation"));
+}
