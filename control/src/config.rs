@@ -156,7 +156,7 @@ pub struct BackendConfig {
 }
 
 /// A backend's condition.
-#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq, Hash)]
 #[serde(rename_all = "lowercase")]
 pub enum BackendStateConfig {
     /// Takes new flows.
@@ -169,7 +169,7 @@ pub enum BackendStateConfig {
 }
 
 /// A scheduler.
-#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq, Hash)]
 #[serde(rename_all = "kebab-case")]
 pub enum SchedulerConfig {
     /// Maglev consistent hashing.
@@ -194,7 +194,7 @@ pub struct AffinityConfig {
 }
 
 /// The answer for "no usable backend".
-#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq, Hash)]
 #[serde(rename_all = "lowercase")]
 pub enum NoBackendConfig {
     /// TCP reset or ICMP port unreachable.

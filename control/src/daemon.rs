@@ -26,7 +26,7 @@ use xlb_dataplane::xsk::{XdpFilter, XdpMode, XskConfig, XskIo};
 use crate::admin::{self, AdminState};
 use crate::config::{Config, ModeConfig, XdpModeConfig};
 use crate::netlink::{self, Port};
-use crate::translate::{steer_keys, translate, Ids};
+use crate::translate::{steer_keys, translate, Builder};
 
 /// How often next hops are re-read and unresolved addresses resolved.
 const HOPS_PERIOD: Duration = Duration::from_millis(200);
@@ -56,7 +56,7 @@ pub fn run(path: &Path) -> Result<(), String> {
         XdpModeConfig::Native => XdpMode::Native,
         XdpModeConfig::Skb => XdpMode::Skb,
     };
-    let mut ids = Ids::default();
+    let mut ids = Builder::default();
     let snapshot = Arc::new(translate(&config, &mut ids, 1).map_err(|e| e.to_string())?);
     // The netlink socket registers with the runtime's reactor as it is created.
     let _context = runtime.enter();
@@ -198,7 +198,7 @@ fn file_stamp(path: &Path) -> Option<(std::time::SystemTime, u64)> {
 struct Control {
     path: PathBuf,
     config: Config,
-    ids: Ids,
+    ids: Builder,
     ports: Vec<Port>,
     handle: rtnetlink::Handle,
     filter: XdpFilter,

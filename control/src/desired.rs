@@ -9,7 +9,7 @@ use std::net::IpAddr;
 use crate::config::{BackendStateConfig, Config, NoBackendConfig, ProtocolConfig, SchedulerConfig};
 
 /// One Service (VIP, port, protocol) and its backends.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct DesiredService {
     /// Where it came from, for logs and errors (`services[2] (web)`, `default/web:http`).
     pub name: String,
@@ -32,7 +32,7 @@ pub struct DesiredService {
 }
 
 /// One backend of a [`DesiredService`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct DesiredBackend {
     /// Its address.
     pub address: IpAddr,

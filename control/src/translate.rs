@@ -1,7 +1,9 @@
 //! Desired state → `Snapshot`: the pure translation every source ends in.
 //!
-//! Owns: turning configured Services into the dataplane's `ServiceSpec`s with ids that stay
-//! the same across reloads (flows remember ids, so a reload must not renumber), and the set of
+//! Owns: turning desired Services into the dataplane's `Service`s with ids that stay the same
+//! across reloads (flows remember ids, so a reload must not renumber), incrementally: a
+//! Service whose desired state did not change keeps its built `Service` (Maglev table and live
+//! flow counts included), so an update costs in proportion to what changed. Also the set of
 //! keys the XDP filter must steer to xlb for a snapshot.
 //!
 //! Must not know: where the desired state came from, packets, the kernel.
@@ -23,16 +25,33 @@ use crate::config::{
 };
 use crate::desired::DesiredService;
 
-/// Stable ids for Services and backends, kept across translations.
+/// What one build did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BuildStats {
+    /// Services reused from the previous build unchanged.
+    pub reused: usize,
+    /// Services built anew.
+    pub built: usize,
+}
+
+/// Builds snapshots from desired states, keeping ids stable and reusing unchanged Services.
 #[derive(Debug, Default)]
-pub struct Ids {
+pub struct Builder {
     services: HashMap<ServiceKey, ServiceId>,
     backends: HashMap<(Endpoint, IpProto), BackendId>,
     next_service: u32,
     next_backend: u32,
+    built: HashMap<DesiredService, Arc<Service>>,
+    last: BuildStats,
 }
 
-impl Ids {
+impl Builder {
+    /// What the last build did.
+    #[must_use]
+    pub fn last_build(&self) -> BuildStats {
+        self.last
+    }
+
     fn service(&mut self, key: ServiceKey) -> ServiceId {
         let next = &mut self.next_service;
         *self.services.entry(key).or_insert_with(|| {
@@ -64,60 +83,84 @@ pub fn proto(p: ProtocolConfig) -> IpProto {
 /// # Errors
 /// A [`ConfigError`] naming the Service the dataplane refused (a table size that is not a
 /// prime, say).
-pub fn translate(config: &Config, ids: &mut Ids, generation: u64) -> Result<Snapshot, ConfigError> {
-    translate_desired(&config.desired(), ids, generation)
+pub fn translate(
+    config: &Config,
+    builder: &mut Builder,
+    generation: u64,
+) -> Result<Snapshot, ConfigError> {
+    translate_desired(&config.desired(), builder, generation)
 }
 
-/// Builds the snapshot numbered `generation` for a desired state, from any source.
+/// Builds the snapshot numbered `generation` for a desired state, from any source, reusing
+/// the Services whose desired state is unchanged since the previous build.
 ///
 /// # Errors
 /// A [`ConfigError`] naming the Service the dataplane refused.
 pub fn translate_desired(
     desired: &[DesiredService],
-    ids: &mut Ids,
+    builder: &mut Builder,
     generation: u64,
 ) -> Result<Snapshot, ConfigError> {
     let mut services = Vec::with_capacity(desired.len());
+    let mut kept = HashMap::with_capacity(desired.len());
+    let mut stats = BuildStats::default();
     for d in desired {
-        let proto = proto(d.protocol);
-        let key = ServiceKey {
-            vip: Endpoint::new(d.vip, d.port),
-            proto,
+        let service = match builder.built.get(d) {
+            Some(service) => {
+                stats.reused += 1;
+                Arc::clone(service)
+            }
+            None => {
+                stats.built += 1;
+                Arc::new(build(d, builder)?)
+            }
         };
-        let backends = d
-            .backends
-            .iter()
-            .map(|b| {
-                let endpoint = Endpoint::new(b.address, b.port);
-                Backend {
-                    id: ids.backend(endpoint, proto),
-                    endpoint,
-                    state: match b.state {
-                        BackendStateConfig::Ready => BackendState::Ready,
-                        BackendStateConfig::Terminating => BackendState::Terminating,
-                        BackendStateConfig::Draining => BackendState::Draining,
-                    },
-                    weight: b.weight,
-                }
-            })
-            .collect();
-        let mut spec = ServiceSpec::new(ids.service(key), key, backends);
-        spec.scheduler = match d.scheduler {
-            SchedulerConfig::Maglev => Scheduler::Maglev,
-            SchedulerConfig::Random => Scheduler::Random,
-            SchedulerConfig::RoundRobin => Scheduler::RoundRobin,
-            SchedulerConfig::LeastConnections => Scheduler::LeastConnections,
-        };
-        spec.affinity_timeout = d.affinity_timeout;
-        spec.no_backend = match d.no_backend {
-            NoBackendConfig::Reject => NoBackend::Reject,
-            NoBackendConfig::Drop => NoBackend::Drop,
-        };
-        spec.table_size = d.table_size;
-        let service = Service::new(spec).map_err(|e| ConfigError(format!("{}: {e}", d.name)))?;
-        services.push(Arc::new(service));
+        kept.insert(d.clone(), Arc::clone(&service));
+        services.push(service);
     }
-    Snapshot::new(generation, services).map_err(|e| ConfigError(e.to_string()))
+    let snapshot = Snapshot::new(generation, services).map_err(|e| ConfigError(e.to_string()))?;
+    builder.built = kept;
+    builder.last = stats;
+    Ok(snapshot)
+}
+
+fn build(d: &DesiredService, ids: &mut Builder) -> Result<Service, ConfigError> {
+    let proto = proto(d.protocol);
+    let key = ServiceKey {
+        vip: Endpoint::new(d.vip, d.port),
+        proto,
+    };
+    let backends = d
+        .backends
+        .iter()
+        .map(|b| {
+            let endpoint = Endpoint::new(b.address, b.port);
+            Backend {
+                id: ids.backend(endpoint, proto),
+                endpoint,
+                state: match b.state {
+                    BackendStateConfig::Ready => BackendState::Ready,
+                    BackendStateConfig::Terminating => BackendState::Terminating,
+                    BackendStateConfig::Draining => BackendState::Draining,
+                },
+                weight: b.weight,
+            }
+        })
+        .collect();
+    let mut spec = ServiceSpec::new(ids.service(key), key, backends);
+    spec.scheduler = match d.scheduler {
+        SchedulerConfig::Maglev => Scheduler::Maglev,
+        SchedulerConfig::Random => Scheduler::Random,
+        SchedulerConfig::RoundRobin => Scheduler::RoundRobin,
+        SchedulerConfig::LeastConnections => Scheduler::LeastConnections,
+    };
+    spec.affinity_timeout = d.affinity_timeout;
+    spec.no_backend = match d.no_backend {
+        NoBackendConfig::Reject => NoBackend::Reject,
+        NoBackendConfig::Drop => NoBackend::Drop,
+    };
+    spec.table_size = d.table_size;
+    Service::new(spec).map_err(|e| ConfigError(format!("{}: {e}", d.name)))
 }
 
 /// What the XDP filter must steer to xlb for `snapshot` in `config`'s mode: traffic to each
@@ -166,7 +209,7 @@ services:
     #[test]
     fn each_port_of_a_service_becomes_a_dataplane_service_with_its_target_port() {
         let config = Config::parse(TWO).unwrap();
-        let snap = translate(&config, &mut Ids::default(), 1).unwrap();
+        let snap = translate(&config, &mut Builder::default(), 1).unwrap();
         assert_eq!(snap.len(), 2);
         let web = snap
             .service(&ServiceKey {
@@ -183,7 +226,7 @@ services:
 
     #[test]
     fn ids_survive_a_reload_that_reorders_and_adds() {
-        let mut ids = Ids::default();
+        let mut ids = Builder::default();
         let first = translate(&Config::parse(TWO).unwrap(), &mut ids, 1).unwrap();
         let reordered = TWO.replace(
             "[{ address: 198.18.128.1 }, { address: 198.18.128.2 }]",
@@ -206,9 +249,44 @@ services:
     }
 
     #[test]
+    fn an_unchanged_service_is_reused_and_only_the_changed_one_is_built() {
+        let mut builder = Builder::default();
+        let config = Config::parse(TWO).unwrap();
+        let first = translate(&config, &mut builder, 1).unwrap();
+        assert_eq!(
+            builder.last_build(),
+            BuildStats {
+                reused: 0,
+                built: 2
+            }
+        );
+        // The UDP port gets a new target port; the TCP port is untouched.
+        let edited = TWO.replace(
+            "{ port: 53, protocol: udp }",
+            "{ port: 53, protocol: udp, target_port: 5353 }",
+        );
+        let second = translate(&Config::parse(&edited).unwrap(), &mut builder, 2).unwrap();
+        assert_eq!(
+            builder.last_build(),
+            BuildStats {
+                reused: 1,
+                built: 1
+            }
+        );
+        let tcp = ServiceKey {
+            vip: Endpoint::new([198, 18, 64, 1].into(), 80),
+            proto: IpProto::TCP,
+        };
+        assert!(
+            std::ptr::eq(first.service(&tcp).unwrap(), second.service(&tcp).unwrap()),
+            "the same built Service"
+        );
+    }
+
+    #[test]
     fn dnat_steers_vips_and_backend_replies_and_snat_steers_its_address() {
         let config = Config::parse(TWO).unwrap();
-        let snap = translate(&config, &mut Ids::default(), 1).unwrap();
+        let snap = translate(&config, &mut Builder::default(), 1).unwrap();
         let keys = steer_keys(&snap, &config);
         assert_eq!(
             keys.len(),
