@@ -32,8 +32,8 @@ pub struct AdminState {
     pub workers: Vec<Arc<WorkerStats>>,
     /// The live snapshot's generation.
     pub generation: AtomicU64,
-    /// How long the last snapshot took from file change to live, in seconds.
-    pub last_sync_seconds: ArcSwap<f64>,
+    /// Time from a source change being seen to its snapshot being live.
+    pub sync_seconds: crate::histogram::Histogram,
     /// The XDP filter's (redirected, passed) counts.
     pub filter_counts: ArcSwap<(u64, u64)>,
 }
@@ -192,7 +192,11 @@ fn metrics(state: &AdminState) -> String {
     let _ = writeln!(out, "# HELP xlb_flow_capacity Flow table entries in all.\n# TYPE xlb_flow_capacity gauge\nxlb_flow_capacity {}", state.flows.capacity());
     // Relaxed: a gauge read on its own.
     let _ = writeln!(out, "# HELP xlb_snapshot_generation The live snapshot's generation.\n# TYPE xlb_snapshot_generation gauge\nxlb_snapshot_generation {}", state.generation.load(Ordering::Relaxed));
-    let _ = writeln!(out, "# HELP xlb_sync_seconds Time from the last source change to its snapshot being live.\n# TYPE xlb_sync_seconds gauge\nxlb_sync_seconds {}", **state.last_sync_seconds.load());
+    state.sync_seconds.write(
+        &mut out,
+        "xlb_sync_duration_seconds",
+        "Time from a source change being seen to its snapshot being live.",
+    );
     let _ = writeln!(out, "# HELP xlb_filter_packets_total Packets seen by the XDP filter.\n# TYPE xlb_filter_packets_total counter\nxlb_filter_packets_total{{action=\"redirect\"}} {redirected}\nxlb_filter_packets_total{{action=\"pass\"}} {passed}");
     out
 }
@@ -292,7 +296,7 @@ mod tests {
             clock: Clock::start(),
             workers: vec![Arc::new(WorkerStats::default())],
             generation: AtomicU64::new(7),
-            last_sync_seconds: ArcSwap::from_pointee(0.5),
+            sync_seconds: crate::histogram::Histogram::default(),
             filter_counts: ArcSwap::from_pointee((3, 4)),
         }
     }

@@ -145,7 +145,7 @@ pub fn run(path: &Path) -> Result<(), String> {
         clock: shared.clock,
         workers: stats,
         generation: std::sync::atomic::AtomicU64::new(1),
-        last_sync_seconds: ArcSwap::from_pointee(0.0),
+        sync_seconds: crate::histogram::Histogram::default(),
         filter_counts: ArcSwap::from_pointee((0, 0)),
     });
     let mut control = Control {
@@ -328,7 +328,7 @@ impl Control {
         self.admin
             .generation
             .store(self.generation, Ordering::Relaxed);
-        self.admin.last_sync_seconds.store(Arc::new(seconds));
+        self.admin.sync_seconds.observe(seconds);
         self.config.services = config.services;
         info!(
             generation = self.generation,

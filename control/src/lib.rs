@@ -17,6 +17,7 @@ pub mod config;
 pub mod daemon;
 pub mod desired;
 pub mod explain;
+pub mod histogram;
 pub mod inspect;
 pub mod kubernetes;
 pub mod maglev_report;
