@@ -72,20 +72,8 @@ pub fn to_hex(bytes: &[u8]) -> String {
 /// # Errors
 /// A message quoting the bad text.
 pub fn parse_mac(text: &str) -> Result<MacAddr, InputError> {
-    let bad = || {
-        InputError(format!(
-            "'{text}' is not a MAC address (like 02:00:00:00:00:01)"
-        ))
-    };
-    let parts: Vec<&str> = text.split(':').collect();
-    let mut mac = [0; 6];
-    if parts.len() != mac.len() {
-        return Err(bad());
-    }
-    for (byte, part) in mac.iter_mut().zip(parts) {
-        *byte = u8::from_str_radix(part, 16).map_err(|_| bad())?;
-    }
-    Ok(MacAddr(mac))
+    text.parse()
+        .map_err(|e| InputError(format!("'{text}' is {e}")))
 }
 
 /// Describes a frame: its layers, then what the load balancer would see.

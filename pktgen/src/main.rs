@@ -212,14 +212,7 @@ struct Cli {
 }
 
 fn mac(text: &str) -> Result<MacAddr, String> {
-    let bytes: Vec<u8> = text
-        .split(':')
-        .map(|b| u8::from_str_radix(b, 16))
-        .collect::<Result<_, _>>()
-        .map_err(|_| format!("{text:?} is not a MAC address"))?;
-    <[u8; 6]>::try_from(bytes)
-        .map(MacAddr)
-        .map_err(|_| format!("{text:?} is not a MAC address"))
+    text.parse().map_err(|e| format!("{text:?}: {e}"))
 }
 
 /// The frame sizes, one per frame slot in turn.

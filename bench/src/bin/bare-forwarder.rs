@@ -15,15 +15,7 @@ use xlb_dataplane::worker::PacketIo;
 use xlb_dataplane::xsk::{interface_index, SteerKey, XdpFilter, XdpMode, XskConfig, XskIo};
 
 fn mac(text: &str) -> Result<MacAddr, String> {
-    let bytes: Vec<u8> = text
-        .trim()
-        .split(':')
-        .map(|b| u8::from_str_radix(b, 16))
-        .collect::<Result<_, _>>()
-        .map_err(|_| format!("{text:?} is not a MAC address"))?;
-    <[u8; 6]>::try_from(bytes)
-        .map(MacAddr)
-        .map_err(|_| format!("{text:?} is not a MAC address"))
+    text.parse().map_err(|e| format!("{text:?}: {e}"))
 }
 
 fn run(args: &[String]) -> Result<(), String> {

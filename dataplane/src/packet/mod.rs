@@ -39,7 +39,7 @@ pub use parse::{
 pub use reject::{reject_with_port_unreachable, reject_with_tcp_reset};
 pub use rewrite::{set_destination, set_ethernet, set_source, RewriteError};
 pub use wire::{
-    Family, IpProto, MacAddr, TcpFlags, ETHERNET_HEADER_LEN, ETHERTYPE_ARP, ETHERTYPE_IPV4,
-    ETHERTYPE_IPV6, ETHERTYPE_VLAN, ICMP_HEADER_LEN, IPV4_MIN_HEADER_LEN, IPV6_HEADER_LEN,
-    TCP_MIN_HEADER_LEN, UDP_HEADER_LEN, VLAN_TAG_LEN,
+    BadMacAddr, Family, IpProto, MacAddr, TcpFlags, ETHERNET_HEADER_LEN, ETHERTYPE_ARP,
+    ETHERTYPE_IPV4, ETHERTYPE_IPV6, ETHERTYPE_VLAN, ICMP_HEADER_LEN, IPV4_MIN_HEADER_LEN,
+    IPV6_HEADER_LEN, TCP_MIN_HEADER_LEN, UDP_HEADER_LEN, VLAN_TAG_LEN,
 };

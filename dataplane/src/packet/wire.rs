@@ -90,6 +90,39 @@ pub enum Family {
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub struct MacAddr(pub [u8; 6]);
 
+/// A MAC address that is not six colon-separated hex bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BadMacAddr;
+
+impl fmt::Display for BadMacAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("not a MAC address (like 02:00:00:00:00:01)")
+    }
+}
+
+impl std::error::Error for BadMacAddr {}
+
+impl core::str::FromStr for MacAddr {
+    type Err = BadMacAddr;
+
+    /// Parses `02:00:00:00:00:01` (surrounding whitespace ignored).
+    fn from_str(text: &str) -> Result<Self, BadMacAddr> {
+        let mut mac = [0u8; 6];
+        let mut parts = text.trim().split(':');
+        for byte in &mut mac {
+            let part = parts.next().ok_or(BadMacAddr)?;
+            if part.is_empty() || part.len() > 2 {
+                return Err(BadMacAddr);
+            }
+            *byte = u8::from_str_radix(part, 16).map_err(|_| BadMacAddr)?;
+        }
+        if parts.next().is_some() {
+            return Err(BadMacAddr);
+        }
+        Ok(Self(mac))
+    }
+}
+
 impl fmt::Debug for MacAddr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let [a, b, c, d, e, g] = self.0;
@@ -176,4 +209,27 @@ impl fmt::Display for TcpFlags {
 pub(crate) fn be16(buf: &[u8], off: usize) -> Option<u16> {
     let bytes = buf.get(off..)?.first_chunk::<2>()?;
     Some(u16::from_be_bytes(*bytes))
+}
+
+#[cfg(test)]
+mod mac_tests {
+    use super::*;
+
+    #[test]
+    fn mac_addresses_parse_and_malformed_ones_are_refused() {
+        assert_eq!(
+            " 02:00:0a:ff:00:01\n".parse(),
+            Ok(MacAddr([2, 0, 0x0a, 0xff, 0, 1]))
+        );
+        for bad in [
+            "",
+            "02:00:00:00:00",
+            "02:00:00:00:00:01:02",
+            "02:00:00:00:00:1g",
+            "002:0:0:0:0:1",
+            "02::00:00:00:01",
+        ] {
+            assert_eq!(bad.parse::<MacAddr>(), Err(BadMacAddr), "{bad:?}");
+        }
+    }
 }

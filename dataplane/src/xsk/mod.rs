@@ -63,6 +63,46 @@ pub struct XskConfig {
     pub busy_poll: bool,
 }
 
+impl XskConfig {
+    /// A UMEM of `frames` frames laid out for this configuration, and the frames' descriptors.
+    fn umem(&self, frames: u32) -> Result<(Umem, Vec<FrameDesc>), XskError> {
+        let bad = |e: &dyn core::fmt::Display| XskError::BadConfig(e.to_string());
+        let ring = QueueSize::new(self.ring_size).map_err(|e| bad(&e))?;
+        let frame_size = FrameSize::new(self.frame_size).map_err(|e| bad(&e))?;
+        let umem_config = UmemConfig::builder()
+            .frame_size(frame_size)
+            .fill_queue_size(ring)
+            .comp_queue_size(ring)
+            .build()
+            .map_err(|e| bad(&e))?;
+        let frames =
+            NonZeroU32::new(frames).ok_or_else(|| XskError::BadConfig("no frames".into()))?;
+        raise_memlock_limit();
+        Umem::new(umem_config, frames, false).map_err(|e| XskError::Umem(e.to_string()))
+    }
+
+    /// The sockets' configuration: rings of `ring_size`, copy or zero-copy, need_wakeup, and
+    /// no libxdp program (xlb loads its own filter, or none for transmit-only sockets).
+    fn socket(&self) -> Result<SocketConfig, XskError> {
+        let ring =
+            QueueSize::new(self.ring_size).map_err(|e| XskError::BadConfig(e.to_string()))?;
+        let mut bind = if self.zero_copy {
+            BindFlags::XDP_ZEROCOPY
+        } else {
+            BindFlags::XDP_COPY
+        };
+        if self.need_wakeup {
+            bind |= BindFlags::XDP_USE_NEED_WAKEUP;
+        }
+        Ok(SocketConfig::builder()
+            .rx_queue_size(ring)
+            .tx_queue_size(ring)
+            .libxdp_flags(LibxdpFlags::XSK_LIBXDP_FLAGS_INHIBIT_PROG_LOAD)
+            .bind_flags(bind)
+            .build())
+    }
+}
+
 impl Default for XskConfig {
     fn default() -> Self {
         Self {
@@ -200,36 +240,11 @@ impl XskIo {
         config: &XskConfig,
         filter: &XdpFilter,
     ) -> Result<Self, XskError> {
-        let bad = |e: &dyn core::fmt::Display| XskError::BadConfig(e.to_string());
-        let ring = QueueSize::new(config.ring_size).map_err(|e| bad(&e))?;
-        let frame_size = FrameSize::new(config.frame_size).map_err(|e| bad(&e))?;
-        let umem_config = UmemConfig::builder()
-            .frame_size(frame_size)
-            .fill_queue_size(ring)
-            .comp_queue_size(ring)
-            .build()
-            .map_err(|e| bad(&e))?;
         let ports_n = u32::try_from(interfaces.len().max(1)).unwrap_or(1);
         // Per port: a full fill ring and a full transmit ring in flight.
-        let frames = NonZeroU32::new(ports_n.saturating_mul(config.ring_size).saturating_mul(2))
-            .ok_or_else(|| XskError::BadConfig("no frames".into()))?;
-        raise_memlock_limit();
         let (umem, free) =
-            Umem::new(umem_config, frames, false).map_err(|e| XskError::Umem(e.to_string()))?;
-        let mut bind = if config.zero_copy {
-            BindFlags::XDP_ZEROCOPY
-        } else {
-            BindFlags::XDP_COPY
-        };
-        if config.need_wakeup {
-            bind |= BindFlags::XDP_USE_NEED_WAKEUP;
-        }
-        let socket_config = SocketConfig::builder()
-            .rx_queue_size(ring)
-            .tx_queue_size(ring)
-            .libxdp_flags(LibxdpFlags::XSK_LIBXDP_FLAGS_INHIBIT_PROG_LOAD)
-            .bind_flags(bind)
-            .build();
+            config.umem(ports_n.saturating_mul(config.ring_size).saturating_mul(2))?;
+        let socket_config = config.socket()?;
         let mut ports = Vec::with_capacity(interfaces.len());
         for (slot, name) in interfaces.iter().enumerate() {
             let ifindex = interface_index(name)?;

@@ -2,14 +2,10 @@
 //! once, then sent over and over: a completed frame keeps its bytes, and its length (which
 //! xsk-rs resets on completion) is set again before it is reused.
 
-use std::num::NonZeroU32;
-
-use xsk_rs::config::{
-    BindFlags, FrameSize, Interface, LibxdpFlags, QueueSize, SocketConfig, UmemConfig,
-};
+use xsk_rs::config::Interface;
 use xsk_rs::{CompQueue, FrameDesc, RxQueue, TxQueue, Umem};
 
-use super::{interface_index, raise_memlock_limit, XskConfig, XskError};
+use super::{interface_index, XskConfig, XskError};
 
 /// A transmit-only AF_XDP socket over its own UMEM of pre-written frames.
 pub struct XskSender {
@@ -47,35 +43,9 @@ impl XskSender {
         frames: u32,
         mut write: impl FnMut(usize, &mut [u8]) -> usize,
     ) -> Result<Self, XskError> {
-        let bad = |e: &dyn core::fmt::Display| XskError::BadConfig(e.to_string());
         interface_index(interface)?;
-        let ring = QueueSize::new(config.ring_size).map_err(|e| bad(&e))?;
-        let frame_size = FrameSize::new(config.frame_size).map_err(|e| bad(&e))?;
-        let umem_config = UmemConfig::builder()
-            .frame_size(frame_size)
-            .fill_queue_size(ring)
-            .comp_queue_size(ring)
-            .build()
-            .map_err(|e| bad(&e))?;
-        let count =
-            NonZeroU32::new(frames).ok_or_else(|| XskError::BadConfig("no frames".into()))?;
-        raise_memlock_limit();
-        let (umem, mut free) =
-            Umem::new(umem_config, count, false).map_err(|e| XskError::Umem(e.to_string()))?;
-        let mut bind = if config.zero_copy {
-            BindFlags::XDP_ZEROCOPY
-        } else {
-            BindFlags::XDP_COPY
-        };
-        if config.need_wakeup {
-            bind |= BindFlags::XDP_USE_NEED_WAKEUP;
-        }
-        let socket_config = SocketConfig::builder()
-            .rx_queue_size(ring)
-            .tx_queue_size(ring)
-            .libxdp_flags(LibxdpFlags::XSK_LIBXDP_FLAGS_INHIBIT_PROG_LOAD)
-            .bind_flags(bind)
-            .build();
+        let (umem, mut free) = config.umem(frames)?;
+        let socket_config = config.socket()?;
         let name: Interface = interface
             .parse()
             .map_err(|_| XskError::NoSuchInterface(interface.to_owned()))?;
@@ -119,8 +89,7 @@ impl XskSender {
     /// Queues up to `max` frames for transmission, kicks the kernel, and takes completed
     /// frames back. Returns how many frames were queued.
     pub fn send(&mut self, max: usize) -> usize {
-        // SAFETY: the completion ring is this socket's; its frames are ours and done.
-        let done = unsafe { self.completion.consume(&mut self.scratch) };
+        let done = self.reap();
         for desc in &mut self.scratch[..done] {
             // Completion reset the length to 0; the bytes are still the ones written at open.
             let len = self.lengths[desc.addr() / self.frame_size];
@@ -129,42 +98,43 @@ impl XskSender {
             unsafe { self.umem.data_mut(desc) }.cursor().set_pos(len);
         }
         self.free.extend_from_slice(&self.scratch[..done]);
-        let want = u32::try_from(max.min(self.free.len())).unwrap_or(u32::MAX);
-        let n = self.tx.nb_free(want).min(want) as usize;
-        let mut queued = 0;
-        if n > 0 {
-            let from = self.free.len() - n;
-            // SAFETY: the frames come from this UMEM's free pool, and `n` is clamped to the
-            // ring's free slots, so all are produced.
-            queued = unsafe { self.tx.produce(&self.free[from..]) };
-            self.free.truncate(self.free.len() - queued);
-        }
-        if queued > 0 || self.tx.needs_wakeup() || self.kick_always {
-            let _ = self.tx.wakeup();
-        }
-        queued
+        self.queue(max, None::<fn(&mut [u8]) -> usize>)
     }
 
     /// Like [`XskSender::send`], but `write` rewrites each frame just before it is queued
     /// (and returns its length): a new flow per packet, a timestamp.
-    pub fn send_with(&mut self, max: usize, mut write: impl FnMut(&mut [u8]) -> usize) -> usize {
-        // SAFETY: the completion ring is this socket's; its frames are ours and done.
-        let done = unsafe { self.completion.consume(&mut self.scratch) };
+    pub fn send_with(&mut self, max: usize, write: impl FnMut(&mut [u8]) -> usize) -> usize {
+        let done = self.reap();
         self.free.extend_from_slice(&self.scratch[..done]);
+        self.queue(max, Some(write))
+    }
+
+    /// Takes completed frames into `scratch`; returns how many.
+    fn reap(&mut self) -> usize {
+        // SAFETY: the completion ring is this socket's; its frames are ours and done.
+        unsafe { self.completion.consume(&mut self.scratch) }
+    }
+
+    /// Queues up to `max` free frames (rewritten by `write` first, if given) and kicks.
+    fn queue(&mut self, max: usize, mut write: Option<impl FnMut(&mut [u8]) -> usize>) -> usize {
         let want = u32::try_from(max.min(self.free.len())).unwrap_or(u32::MAX);
         let n = self.tx.nb_free(want).min(want) as usize;
         let mut queued = 0;
         if n > 0 {
             let from = self.free.len() - n;
-            for desc in &mut self.free[from..] {
-                // SAFETY: a free frame of this UMEM (never queued, or back from completion):
-                // neither the kernel nor anyone else reaches it while this `&mut` lives.
-                let mut data = unsafe { self.umem.data_mut(desc) };
-                data.cursor().set_pos(usize::MAX);
-                let len = write(data.contents_mut());
-                data.cursor().set_pos(len);
+            if let Some(write) = write.as_mut() {
+                for desc in &mut self.free[from..] {
+                    // SAFETY: a free frame of this UMEM (never queued, or back from
+                    // completion): neither the kernel nor anyone else reaches it while this
+                    // `&mut` lives.
+                    let mut data = unsafe { self.umem.data_mut(desc) };
+                    data.cursor().set_pos(usize::MAX);
+                    let len = write(data.contents_mut());
+                    data.cursor().set_pos(len);
+                }
             }
-            // SAFETY: as in `send`: this UMEM's free frames, clamped to the free slots.
+            // SAFETY: the frames come from this UMEM's free pool, and `n` is clamped to the
+            // ring's free slots, so all are produced.
             queued = unsafe { self.tx.produce(&self.free[from..]) };
             self.free.truncate(self.free.len() - queued);
         }
