@@ -1,13 +1,20 @@
 //! xlb's control plane and the `xlb` command.
 //!
 //! Layer: above `xlb-dataplane`, which it drives; it never touches packet bytes on the
-//! forwarding path. Today it holds the offline frame tools behind `xlb decode` and
-//! `xlb rewrite` ([`inspect`]) and the Maglev capacity report behind `xlb maglev`
-//! ([`maglev_report`]); the sources (Kubernetes, file), the translation to snapshots
-//! and the admin API arrive with the end-to-end and Kubernetes issues.
+//! forwarding path. Modules, from the sources to the dataplane:
+//! * [`config`]: the file source (YAML schema, validation with lines and fields);
+//!   [`kubernetes`]: Services and EndpointSlices translated with kube-proxy's semantics
+//!   (the watcher that feeds it is still to come);
+//! * [`desired`]: the desired state both produce; [`translate`]: desired state -> snapshot,
+//!   incrementally, and the keys the XDP filter steers;
+//! * [`netlink`]: next hops from the kernel's routes and neighbours;
+//! * [`daemon`]: `xlb run` - filter, sockets, pinned workers, the control loop;
+//! * [`admin`], [`admin_client`], [`histogram`]: the admin HTTP API and its client;
+//! * [`explain`], [`inspect`], [`maglev_report`]: the offline tools behind `xlb check`,
+//!   `explain`, `decode`, `rewrite` and `maglev`.
 //!
-//! Panic contract: bad input of any kind (a malformed frame, a bad argument) is an error
-//! value, never a panic. No unsafe code.
+//! Panic contract: bad input of any kind (a malformed frame, a bad argument, a bad file, a
+//! malformed object) is an error value or a warning, never a panic. No unsafe code.
 
 #![forbid(unsafe_code)]
 
