@@ -41,7 +41,9 @@ pub struct Builder {
     backends: HashMap<(Endpoint, IpProto), BackendId>,
     next_service: u32,
     next_backend: u32,
-    built: HashMap<DesiredService, Arc<Service>>,
+    /// Built Services by their desired state (hashbrown with foldhash: std's SipHash was 17%
+    /// of a 100 000-Service rebuild).
+    built: hashbrown::HashMap<DesiredService, Arc<Service>>,
     last: BuildStats,
 }
 
@@ -102,21 +104,37 @@ pub fn translate_desired(
     generation: u64,
 ) -> Result<Snapshot, ConfigError> {
     let mut services = Vec::with_capacity(desired.len());
-    let mut kept = HashMap::with_capacity(desired.len());
+    let mut kept = hashbrown::HashMap::with_capacity(desired.len());
+    let mut old = std::mem::take(&mut builder.built);
     let mut stats = BuildStats::default();
+    let mut failed = None;
     for d in desired {
-        let service = match builder.built.get(d) {
-            Some(service) => {
+        // An unchanged Service moves from the old cache to the new one, key and all: no
+        // clone, no allocation.
+        let (key, service) = match old.remove_entry(d) {
+            Some(entry) => {
                 stats.reused += 1;
-                Arc::clone(service)
+                entry
             }
-            None => {
-                stats.built += 1;
-                Arc::new(build(d, builder)?)
-            }
+            None => match build(d, builder) {
+                Ok(service) => {
+                    stats.built += 1;
+                    (d.clone(), Arc::new(service))
+                }
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            },
         };
-        kept.insert(d.clone(), Arc::clone(&service));
-        services.push(service);
+        services.push(Arc::clone(&service));
+        kept.insert(key, service);
+    }
+    if let Some(e) = failed {
+        // Keep everything built so far for the next attempt.
+        kept.extend(old);
+        builder.built = kept;
+        return Err(e);
     }
     let snapshot = Snapshot::new(generation, services).map_err(|e| ConfigError(e.to_string()))?;
     builder.built = kept;
