@@ -161,44 +161,96 @@ fn metrics(state: &AdminState) -> String {
         ),
     ];
     for (name, help, get) in series {
-        let _ = writeln!(out, "# HELP {name} {help}.\n# TYPE {name} counter");
+        header(&mut out, name, "counter", help);
         for (i, c) in workers.iter().enumerate() {
             let _ = writeln!(out, "{name}{{worker=\"{i}\"}} {}", get(c));
         }
     }
-    let _ = writeln!(out, "# HELP xlb_dropped_packets_total Drops by reason.\n# TYPE xlb_dropped_packets_total counter");
+    header(
+        &mut out,
+        "xlb_dropped_packets_total",
+        "counter",
+        "Drops by reason",
+    );
     for (i, c) in workers.iter().enumerate() {
-        for (r, reason) in DecideDrop::ALL.iter().enumerate() {
+        let decide = DecideDrop::ALL
+            .iter()
+            .map(|r| format!("{r:?}"))
+            .zip(c.decide.dropped);
+        let parse = DropReason::ALL
+            .iter()
+            .map(|r| format!("{r:?}"))
+            .zip(c.decide.malformed);
+        for (reason, count) in decide.chain(parse) {
             let _ = writeln!(
                 out,
-                "xlb_dropped_packets_total{{worker=\"{i}\",reason=\"{reason:?}\"}} {}",
-                c.decide.dropped[r]
-            );
-        }
-        for (r, reason) in DropReason::ALL.iter().enumerate() {
-            let _ = writeln!(
-                out,
-                "xlb_dropped_packets_total{{worker=\"{i}\",reason=\"{reason:?}\"}} {}",
-                c.decide.malformed[r]
+                "xlb_dropped_packets_total{{worker=\"{i}\",reason=\"{reason}\"}} {count}"
             );
         }
     }
-    let now = state.clock.now();
-    let live = state.flows.iter(now).count();
-    let (redirected, passed) = **state.filter_counts.load();
-    let _ = writeln!(out, "# HELP xlb_flow_entries Live flow table entries (two per connection).\n# TYPE xlb_flow_entries gauge\nxlb_flow_entries {live}");
-    let _ = writeln!(out, "# HELP xlb_flow_evictions_total Live new or closing flows evicted for new ones.\n# TYPE xlb_flow_evictions_total counter\nxlb_flow_evictions_total {}", state.flows.evictions());
-    let _ = writeln!(out, "# HELP xlb_flow_table_full_total New flows not recorded: both buckets held live established flows.\n# TYPE xlb_flow_table_full_total counter\nxlb_flow_table_full_total {}", state.flows.full_inserts());
-    let _ = writeln!(out, "# HELP xlb_flow_capacity Flow table entries in all.\n# TYPE xlb_flow_capacity gauge\nxlb_flow_capacity {}", state.flows.capacity());
+    let flows = &state.flows;
+    let live = flows.iter(state.clock.now()).count() as u64;
     // Relaxed: a gauge read on its own.
-    let _ = writeln!(out, "# HELP xlb_snapshot_generation The live snapshot's generation.\n# TYPE xlb_snapshot_generation gauge\nxlb_snapshot_generation {}", state.generation.load(Ordering::Relaxed));
+    let generation = state.generation.load(Ordering::Relaxed);
+    let singles: [(&str, &str, &str, u64); 5] = [
+        (
+            "xlb_flow_entries",
+            "gauge",
+            "Live flow table entries (two per connection)",
+            live,
+        ),
+        (
+            "xlb_flow_evictions_total",
+            "counter",
+            "Live new or closing flows evicted for new ones",
+            flows.evictions(),
+        ),
+        (
+            "xlb_flow_table_full_total",
+            "counter",
+            "New flows not recorded: both buckets held live established flows",
+            flows.full_inserts(),
+        ),
+        (
+            "xlb_flow_capacity",
+            "gauge",
+            "Flow table entries in all",
+            flows.capacity() as u64,
+        ),
+        (
+            "xlb_snapshot_generation",
+            "gauge",
+            "The live snapshot's generation",
+            generation,
+        ),
+    ];
+    for (name, kind, help, value) in singles {
+        header(&mut out, name, kind, help);
+        let _ = writeln!(out, "{name} {value}");
+    }
     state.sync_seconds.write(
         &mut out,
         "xlb_sync_duration_seconds",
         "Time from a source change being seen to its snapshot being live.",
     );
-    let _ = writeln!(out, "# HELP xlb_filter_packets_total Packets seen by the XDP filter.\n# TYPE xlb_filter_packets_total counter\nxlb_filter_packets_total{{action=\"redirect\"}} {redirected}\nxlb_filter_packets_total{{action=\"pass\"}} {passed}");
+    let (redirected, passed) = **state.filter_counts.load();
+    header(
+        &mut out,
+        "xlb_filter_packets_total",
+        "counter",
+        "Packets seen by the XDP filter",
+    );
+    let _ = writeln!(
+        out,
+        "xlb_filter_packets_total{{action=\"redirect\"}} {redirected}"
+    );
+    let _ = writeln!(out, "xlb_filter_packets_total{{action=\"pass\"}} {passed}");
     out
+}
+
+/// The HELP and TYPE lines of a metric.
+fn header(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}.\n# TYPE {name} {kind}");
 }
 
 fn services(state: &AdminState) -> String {

@@ -312,8 +312,10 @@ impl Config {
                 }
             }
             if let Some(size) = service.table_size {
-                if !(251..=131_071).contains(&size) {
-                    return fail(format!("{at}.table_size: {size} is outside 251..=131071"));
+                if !xlb_dataplane::lb::maglev::is_valid_table_size(size) {
+                    return fail(format!(
+                        "{at}.table_size: {size} is not a prime from 251 to 131071"
+                    ));
                 }
             }
             if self.mode == ModeConfig::Snat {

@@ -18,6 +18,8 @@ use std::net::IpAddr;
 use k8s_openapi::api::core::v1::{Service, ServicePort};
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointSlice};
 
+use xlb_dataplane::lb::maglev::is_valid_table_size;
+
 use crate::config::{BackendStateConfig, NoBackendConfig, ProtocolConfig, SchedulerConfig};
 use crate::desired::{DesiredBackend, DesiredService};
 
@@ -161,7 +163,7 @@ fn translate_service(
     let table_size = match annotations.get("xlb.io/maglev-table-size") {
         None => None,
         Some(v) => match v.parse::<u32>() {
-            Ok(m) if (251..=131_071).contains(&m) && is_prime(m) => Some(m),
+            Ok(m) if is_valid_table_size(m) => Some(m),
             _ => {
                 warn(out, "bad-annotation", format!("xlb.io/maglev-table-size {v:?} is not a prime from 251 to 131071; using the automatic size"));
                 None
@@ -345,8 +347,4 @@ fn prefer<'a>(
         }
         _ => all.iter().collect(),
     }
-}
-
-fn is_prime(n: u32) -> bool {
-    n >= 2 && (2..).take_while(|d| d * d <= n).all(|d| n % d != 0)
 }

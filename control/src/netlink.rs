@@ -13,7 +13,7 @@ use rtnetlink::packet_route::neighbour::{
 use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteMessage};
 use rtnetlink::{Handle, RouteMessageBuilder};
 use xlb_dataplane::packet::{key_addr, Family, MacAddr};
-use xlb_dataplane::worker::{NextHop, NextHops, Route};
+use xlb_dataplane::worker::{prefix_matches, NextHop, NextHops, Route};
 
 /// A port xlb serves.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -35,8 +35,7 @@ impl Port {
         let ifindex = xlb_dataplane::xsk::interface_index(name).map_err(|e| e.to_string())?;
         let text = std::fs::read_to_string(format!("/sys/class/net/{name}/address"))
             .map_err(|e| format!("interface {name}: no Ethernet address ({e})"))?;
-        let mac =
-            crate::inspect::parse_mac(text.trim()).map_err(|e| format!("interface {name}: {e}"))?;
+        let mac: MacAddr = text.parse().map_err(|e| format!("interface {name}: {e}"))?;
         Ok(Self {
             name: name.to_owned(),
             ifindex,
@@ -210,17 +209,10 @@ impl KernelView {
         let key = key_addr(addr);
         self.routes
             .iter()
-            .filter(|r| r.family == family && prefix_covers(&r.prefix, r.len, &key))
+            .filter(|r| r.family == family && prefix_matches(&r.prefix, r.len, &key))
             .max_by_key(|r| r.len)
             .map(|r| (r.port, r.gateway.unwrap_or(addr)))
     }
-}
-
-fn prefix_covers(prefix: &[u8; 16], len: u8, addr: &[u8; 16]) -> bool {
-    let bits = usize::from(len.min(128));
-    let (whole, rest) = (bits / 8, bits % 8);
-    prefix[..whole] == addr[..whole]
-        && (rest == 0 || (prefix[whole] ^ addr[whole]) & (0xffu8 << (8 - rest)) == 0)
 }
 
 /// Asks the kernel to resolve `neighbour` on `ifindex` (RTM_NEWNEIGH with NTF_USE: the

@@ -5,10 +5,16 @@
 
 use std::process::{Command, Stdio};
 
-struct Namespaces(Vec<String>);
+/// Removes the namespaces (and so the veth pair and the receiver's XDP program) and stops the
+/// receiver, also when an assertion fails.
+struct Namespaces(Vec<String>, Option<std::process::Child>);
 
 impl Drop for Namespaces {
     fn drop(&mut self) {
+        if let Some(child) = &mut self.1 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
         for ns in &self.0 {
             let _ = Command::new("ip").args(["netns", "del", ns]).status();
         }
@@ -46,7 +52,7 @@ fn every_stamped_packet_sent_arrives_with_its_latency_and_the_rate_is_held() {
         eprintln!("SKIPPED: this kernel or sandbox cannot create network namespaces");
         return;
     }
-    let _guard = Namespaces(vec![a.clone(), b.clone()]);
+    let mut guard = Namespaces(vec![a.clone(), b.clone()], None);
     ip(&["netns", "add", &b]);
     ip(&[
         "link", "add", "va", "netns", &a, "type", "veth", "peer", "name", "vb", "netns", &b,
@@ -61,7 +67,7 @@ fn every_stamped_packet_sent_arrives_with_its_latency_and_the_rate_is_held() {
         .unwrap();
     let mac = String::from_utf8_lossy(&mac.stdout).trim().to_owned();
     let bin = env!("CARGO_BIN_EXE_xlb-pktgen");
-    let receiver = Command::new("ip")
+    let mut receiver = Command::new("ip")
         .args([
             "netns",
             "exec",
@@ -74,9 +80,11 @@ fn every_stamped_packet_sent_arrives_with_its_latency_and_the_rate_is_held() {
         ])
         .args(["198.18.1.2:9000", "--seconds", "10", "--json"])
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+        .stderr(Stdio::inherit())
         .spawn()
         .unwrap();
+    let receiver_stdout = receiver.stdout.take();
+    guard.1 = Some(receiver);
     std::thread::sleep(std::time::Duration::from_millis(1500));
     let sent = Command::new("ip")
         .args([
@@ -116,13 +124,14 @@ fn every_stamped_packet_sent_arrives_with_its_latency_and_the_rate_is_held() {
         String::from_utf8_lossy(&sent.stderr)
     );
     let sent: serde_json::Value = serde_json::from_slice(&sent.stdout).unwrap();
-    let out = receiver.wait_with_output().unwrap();
+    let status = guard.1.take().map(|mut c| c.wait().unwrap()).unwrap();
     assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        status.success(),
+        "the receiver failed (its stderr is above)"
     );
-    let got: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let mut stdout = Vec::new();
+    std::io::Read::read_to_end(&mut receiver_stdout.unwrap(), &mut stdout).unwrap();
+    let got: serde_json::Value = serde_json::from_slice(&stdout).unwrap();
     assert_eq!(sent["sent"], 20000, "{sent}");
     let held = sent["rate_held"].as_f64().unwrap();
     assert!((0.9..1.1).contains(&held), "rate held {held}");

@@ -78,7 +78,9 @@ impl NextHops {
     }
 }
 
-fn prefix_matches(prefix: &[u8; 16], len: u8, addr: &[u8; 16]) -> bool {
+/// Whether `addr` lies in `prefix`/`len` (addresses in key form).
+#[must_use]
+pub fn prefix_matches(prefix: &[u8; 16], len: u8, addr: &[u8; 16]) -> bool {
     let bits = usize::from(len.min(128));
     let (whole, rest) = (bits / 8, bits % 8);
     if prefix[..whole] != addr[..whole] {

@@ -33,7 +33,7 @@ use crate::packet::{
     set_source, DropReason, Family, IpProto, Parsed, RewriteError,
 };
 
-pub use hops::{NextHop, NextHops, Route};
+pub use hops::{prefix_matches, NextHop, NextHops, Route};
 pub use stats::{IoCounters, WorkerCounters, WorkerStats};
 
 /// Frames received per port per loop.
