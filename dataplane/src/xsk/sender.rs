@@ -5,7 +5,7 @@
 use xsk_rs::config::Interface;
 use xsk_rs::{CompQueue, FrameDesc, RxQueue, TxQueue, Umem};
 
-use super::{interface_index, XskConfig, XskError};
+use super::{interface_index, kick, XskConfig, XskError};
 
 /// A transmit-only AF_XDP socket over its own UMEM of pre-written frames.
 pub struct XskSender {
@@ -138,9 +138,9 @@ impl XskSender {
             queued = unsafe { self.tx.produce(&self.free[from..]) };
             self.free.truncate(self.free.len() - queued);
         }
-        if queued > 0 || self.tx.needs_wakeup() || self.kick_always {
-            let _ = self.tx.wakeup();
-        }
+        // At least one kick per call, so that a call queueing nothing still pushes what an
+        // earlier kick left in the ring (the generator's drain loop at the end relies on it).
+        kick(&self.tx, queued.max(1), self.kick_always);
         queued
     }
 
