@@ -1,6 +1,7 @@
 //! Building snapshots from desired state: a full build of N Services (each with four
-//! backends and its Maglev table) against a rebuild after one Service changed, which reuses
-//! the other N - 1 built Services.
+//! backends and its Maglev table); the whole desired state restated with one Service changed
+//! (the file source: an O(N) comparison, one Service built); and one Service's change applied
+//! on its own (the Kubernetes source: one Service built, two snapshot shards copied).
 
 use std::hint::black_box;
 use std::net::{IpAddr, Ipv4Addr};
@@ -8,7 +9,8 @@ use std::net::{IpAddr, Ipv4Addr};
 use criterion::{criterion_group, criterion_main, Criterion};
 use xlb_control::config::{BackendStateConfig, NoBackendConfig, ProtocolConfig, SchedulerConfig};
 use xlb_control::desired::{DesiredBackend, DesiredService};
-use xlb_control::translate::{translate_desired, Builder};
+use xlb_control::translate::{translate_desired, Builder, Change, OnRefusal};
+use xlb_dataplane::lb::snapshot::Snapshot;
 
 fn desired(n: u32) -> Vec<DesiredService> {
     (0..n)
@@ -43,17 +45,37 @@ fn snapshots(c: &mut Criterion) {
         group.bench_function(format!("full-build/{n}"), |bench| {
             bench.iter(|| {
                 let mut builder = Builder::default();
-                black_box(translate_desired(&a, &mut builder, 1).expect("valid"))
+                black_box(
+                    translate_desired(&a, &mut builder, &Snapshot::default(), 1).expect("valid"),
+                )
             });
         });
         let mut builder = Builder::default();
-        translate_desired(&a, &mut builder, 1).expect("valid");
+        let mut base = translate_desired(&a, &mut builder, &Snapshot::default(), 1)
+            .expect("valid")
+            .snapshot;
         let mut flip = false;
+        group.bench_function(format!("one-restated/{n}"), |bench| {
+            bench.iter(|| {
+                flip = !flip;
+                let d = if flip { &b } else { &a };
+                base = translate_desired(d, &mut builder, &base, 2)
+                    .expect("valid")
+                    .snapshot;
+            });
+        });
         group.bench_function(format!("one-changed/{n}"), |bench| {
             bench.iter(|| {
                 flip = !flip;
                 let d = if flip { &b } else { &a };
-                black_box(translate_desired(d, &mut builder, 2).expect("valid"))
+                let change = Change {
+                    remove: Vec::new(),
+                    upsert: vec![d[(n / 2) as usize].clone()],
+                };
+                base = builder
+                    .apply(&base, change, 2, OnRefusal::KeepPrevious)
+                    .expect("valid")
+                    .snapshot;
             });
         });
     }

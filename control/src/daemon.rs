@@ -20,13 +20,15 @@ use arc_swap::ArcSwap;
 use tracing::{info, warn};
 use xlb_dataplane::lb::decide::{recount_live_flows, SnatPool};
 use xlb_dataplane::lb::flow::{FlowTable, Timeouts};
+use xlb_dataplane::lb::snapshot::Snapshot;
 use xlb_dataplane::worker::{Clock, Shared, Tables, Unresolved, Worker, WorkerStats};
 use xlb_dataplane::xsk::{XdpFilter, XdpMode, XskConfig, XskIo};
 
 use crate::admin::{self, AdminState};
 use crate::config::{Config, ModeConfig, XdpModeConfig};
 use crate::netlink::{self, Port};
-use crate::translate::{steer_keys, translate, Builder};
+use crate::publish::{Published, Publisher};
+use crate::translate::BuildStats;
 
 /// How often next hops are re-read and unresolved addresses resolved.
 const HOPS_PERIOD: Duration = Duration::from_millis(200);
@@ -56,8 +58,6 @@ pub fn run(path: &Path) -> Result<(), String> {
         XdpModeConfig::Native => XdpMode::Native,
         XdpModeConfig::Skb => XdpMode::Skb,
     };
-    let mut ids = Builder::default();
-    let snapshot = Arc::new(translate(&config, &mut ids, 1).map_err(|e| e.to_string())?);
     // The netlink socket registers with the runtime's reactor as it is created.
     let _context = runtime.enter();
     let (connection, handle, _) =
@@ -67,11 +67,12 @@ pub fn run(path: &Path) -> Result<(), String> {
         netlink::read(&handle, &ports).await
     })?;
     let tables = Arc::new(ArcSwap::from_pointee(Tables {
-        snapshot: Arc::clone(&snapshot),
+        snapshot: Arc::new(Snapshot::default()),
         hops: view.next_hops(&ports),
     }));
-    filter
-        .sync(&steer_keys(&snapshot, &config))
+    let mut publisher = Publisher::new(&config, Arc::clone(&tables));
+    publisher
+        .publish_file(config.desired(), &mut filter)
         .map_err(|e| e.to_string())?;
 
     let shared = Shared {
@@ -151,14 +152,13 @@ pub fn run(path: &Path) -> Result<(), String> {
     let mut control = Control {
         path: path.to_owned(),
         config,
-        ids,
+        publisher,
         ports,
         handle,
         filter,
         shared,
         admin: Arc::clone(&admin_state),
         file_stamp: file_stamp(path),
-        generation: 1,
     };
     let result = runtime.block_on(control.serve(listener));
     // Relaxed: see the worker's load.
@@ -198,14 +198,13 @@ fn file_stamp(path: &Path) -> Option<(std::time::SystemTime, u64)> {
 struct Control {
     path: PathBuf,
     config: Config,
-    ids: Builder,
+    publisher: Publisher,
     ports: Vec<Port>,
     handle: rtnetlink::Handle,
     filter: XdpFilter,
     shared: Shared,
     admin: Arc<AdminState>,
     file_stamp: Option<(std::time::SystemTime, u64)>,
-    generation: u64,
 }
 
 impl Control {
@@ -300,39 +299,45 @@ impl Control {
         {
             warn!("interfaces, cores and mode take effect at the next start; Services are applied now");
         }
-        let snapshot = match translate(&config, &mut self.ids, self.generation + 1) {
-            Ok(s) => Arc::new(s),
+        let published = match self
+            .publisher
+            .publish_file(config.desired(), &mut self.filter)
+        {
+            Ok(published) => published,
             Err(e) => {
                 warn!(error = %e, "configuration edit refused; keeping the last good snapshot");
                 return;
             }
         };
-        // Steer new keys before the snapshot that uses them, remove old ones after.
-        let mut keys = steer_keys(&snapshot, &self.config);
-        let old = steer_keys(&self.shared.tables.load().snapshot, &self.config);
-        keys.extend(old.iter().copied());
-        if let Err(e) = self.filter.sync(&keys) {
+        self.published(&published, started);
+        self.config.services = config.services;
+    }
+
+    /// Accounts for a publication: generation, sync time, logs.
+    fn published(&self, published: &Published, started: Instant) {
+        if let Some(e) = &published.steer_error {
             warn!(error = %e, "cannot update the XDP filter");
         }
-        let current = self.shared.tables.load();
-        self.shared.tables.store(Arc::new(Tables {
-            snapshot: Arc::clone(&snapshot),
-            hops: current.hops.clone(),
-        }));
-        if let Err(e) = self.filter.sync(&steer_keys(&snapshot, &self.config)) {
-            warn!(error = %e, "cannot update the XDP filter");
+        for conflict in &published.conflicts {
+            warn!(%conflict, "Service left out");
         }
-        self.generation += 1;
+        for e in &published.failed {
+            warn!(error = %e, "Service refused by the dataplane; its previous version stays");
+        }
+        if published.stats == BuildStats::default() {
+            return;
+        }
         let seconds = started.elapsed().as_secs_f64();
         // Relaxed: a gauge read on its own.
         self.admin
             .generation
-            .store(self.generation, Ordering::Relaxed);
+            .store(published.generation, Ordering::Relaxed);
         self.admin.sync_seconds.observe(seconds);
-        self.config.services = config.services;
         info!(
-            generation = self.generation,
-            services = snapshot.len(),
+            generation = published.generation,
+            services = self.publisher.snapshot().len(),
+            built = published.stats.built,
+            removed = published.stats.removed,
             seconds,
             "snapshot published"
         );

@@ -13,7 +13,7 @@ use xlb_dataplane::packet::builder::pkt;
 use xlb_dataplane::packet::parse;
 
 use crate::config::Config;
-use crate::translate::{translate, Builder};
+use crate::translate::snapshot_of;
 
 /// Checks the file and summarises it.
 ///
@@ -21,7 +21,7 @@ use crate::translate::{translate, Builder};
 /// The configuration error, naming where.
 pub fn check(path: &Path) -> Result<String, String> {
     let config = Config::load(path).map_err(|e| e.to_string())?;
-    let snapshot = translate(&config, &mut Builder::default(), 1).map_err(|e| e.to_string())?;
+    let snapshot = snapshot_of(&config).map_err(|e| e.to_string())?;
     let backends: usize = snapshot.services().map(|s| s.spec().backends.len()).sum();
     let mut out = format!(
         "{}: ok — {:?} mode on {}, {} Service ports, {} backends\n",
@@ -82,7 +82,7 @@ pub fn explain(
     destination: SocketAddr,
 ) -> Result<Explanation, String> {
     let config = Config::load(path).map_err(|e| e.to_string())?;
-    let snapshot = translate(&config, &mut Builder::default(), 1).map_err(|e| e.to_string())?;
+    let snapshot = snapshot_of(&config).map_err(|e| e.to_string())?;
     if source.is_ipv4() != destination.is_ipv4() {
         return Err("source and destination must be of one address family".into());
     }

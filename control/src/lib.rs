@@ -5,8 +5,9 @@
 //! * [`config`]: the file source (YAML schema, validation with lines and fields);
 //!   [`kubernetes`]: Services and EndpointSlices translated with kube-proxy's semantics
 //!   (the watcher that feeds it is still to come);
-//! * [`desired`]: the desired state both produce; [`translate`]: desired state -> snapshot,
-//!   incrementally, and the keys the XDP filter steers;
+//! * [`desired`]: the desired state both produce; [`translate`]: changes to the desired
+//!   state -> snapshots, incrementally, and the keys the XDP filter steers; [`publish`]: the
+//!   sources' changes made live, one swap each, the filter in step;
 //! * [`netlink`]: next hops from the kernel's routes and neighbours;
 //! * [`daemon`]: `xlb run` - filter, sockets, pinned workers, the control loop;
 //! * [`admin`], [`admin_client`], [`histogram`]: the admin HTTP API and its client;
@@ -29,4 +30,5 @@ pub mod inspect;
 pub mod kubernetes;
 pub mod maglev_report;
 pub mod netlink;
+pub mod publish;
 pub mod translate;

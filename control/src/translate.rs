@@ -28,22 +28,67 @@ use crate::desired::DesiredService;
 /// What one build did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct BuildStats {
-    /// Services reused from the previous build unchanged.
+    /// Services whose desired state was unchanged (the built Service stays).
     pub reused: usize,
     /// Services built anew.
     pub built: usize,
+    /// Services removed.
+    pub removed: usize,
 }
 
-/// Builds snapshots from desired states, keeping ids stable and reusing unchanged Services.
+/// A change to the desired state: Services to remove (by key) and Services to add or
+/// replace. A source says what changed; it does not restate everything.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Change {
+    /// Keys whose Service goes.
+    pub remove: Vec<ServiceKey>,
+    /// Services to add, or to replace the Service at their key.
+    pub upsert: Vec<DesiredService>,
+}
+
+impl Change {
+    /// Whether it changes nothing.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.remove.is_empty() && self.upsert.is_empty()
+    }
+}
+
+/// The outcome of [`Builder::apply`]: the next snapshot, what it removed and added (for the
+/// XDP filter), and the Services that could not be built (they keep their previous version).
+#[derive(Debug)]
+pub struct Applied {
+    /// The next snapshot.
+    pub snapshot: Snapshot,
+    /// Services no longer in it (replaced ones included).
+    pub removed: Vec<Arc<Service>>,
+    /// Services new in it (replacements included).
+    pub added: Vec<Arc<Service>>,
+    /// Upserts the dataplane refused, with why.
+    pub failed: Vec<ConfigError>,
+}
+
+/// What [`Builder::apply`] does with an upsert the dataplane refuses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnRefusal {
+    /// Refuse the whole change (the file: an edit is taken whole or not at all).
+    RefuseAll,
+    /// Keep that key's previous Service and apply the rest (Kubernetes: one bad object must
+    /// not hold up the others).
+    KeepPrevious,
+}
+
+/// Builds snapshots from changes to the desired state, keeping ids stable and leaving every
+/// unchanged Service as it is (its Maglev table, its live flow counts).
 #[derive(Debug, Default)]
 pub struct Builder {
     services: HashMap<ServiceKey, ServiceId>,
     backends: HashMap<(Endpoint, IpProto), BackendId>,
     next_service: u32,
     next_backend: u32,
-    /// Built Services by their desired state (hashbrown with foldhash: std's SipHash was 17%
-    /// of a 100 000-Service rebuild).
-    built: hashbrown::HashMap<DesiredService, Arc<Service>>,
+    /// The desired state each Service of the last snapshot was built from (hashbrown with
+    /// foldhash: std's SipHash was 17% of a 100 000-Service rebuild).
+    built: hashbrown::HashMap<ServiceKey, DesiredService>,
     last: BuildStats,
 }
 
@@ -69,6 +114,102 @@ impl Builder {
             BackendId(NonZeroU32::new(*next).unwrap_or(NonZeroU32::MIN))
         })
     }
+
+    /// The change that turns the last build into exactly `desired` (for a source that
+    /// restates everything, like the file).
+    #[must_use]
+    pub fn change_to(&self, desired: &[DesiredService]) -> Change {
+        let wanted: hashbrown::HashSet<ServiceKey> = desired.iter().map(key).collect();
+        Change {
+            remove: self
+                .built
+                .keys()
+                .filter(|k| !wanted.contains(*k))
+                .copied()
+                .collect(),
+            upsert: desired
+                .iter()
+                .filter(|d| self.built.get(&key(d)) != Some(*d))
+                .cloned()
+                .collect(),
+        }
+    }
+
+    /// Applies `change` to `base` (the snapshot this builder built last) as the snapshot
+    /// numbered `generation`. Only upserts whose desired state differs from what their
+    /// Service was built from are built; an upsert the dataplane refuses is reported in
+    /// [`Applied::failed`] and its key keeps its previous Service (or, with
+    /// [`OnRefusal::RefuseAll`], the whole change is refused).
+    ///
+    /// # Errors
+    /// A [`ConfigError`] when the change is inconsistent (two upserts at one key), or the
+    /// first refused upsert under [`OnRefusal::RefuseAll`]. Nothing is applied then.
+    pub fn apply(
+        &mut self,
+        base: &Snapshot,
+        change: Change,
+        generation: u64,
+        on_refusal: OnRefusal,
+    ) -> Result<Applied, ConfigError> {
+        let mut stats = BuildStats::default();
+        let mut failed = Vec::new();
+        let mut added = Vec::with_capacity(change.upsert.len());
+        let mut kept = Vec::with_capacity(change.upsert.len());
+        for d in change.upsert {
+            let k = key(&d);
+            if self.built.get(&k) == Some(&d) && base.service_arc(&k).is_some() {
+                stats.reused += 1;
+                continue;
+            }
+            match build(&d, self) {
+                Ok(service) => {
+                    stats.built += 1;
+                    added.push(Arc::new(service));
+                    kept.push((k, d));
+                }
+                Err(e) => failed.push(e),
+            }
+        }
+        if on_refusal == OnRefusal::RefuseAll {
+            if let Some(e) = failed.pop() {
+                return Err(e);
+            }
+        }
+        let mut removed: Vec<Arc<Service>> = change
+            .remove
+            .iter()
+            .filter_map(|k| base.service_arc(k).cloned())
+            .collect();
+        stats.removed = removed.len();
+        removed.extend(
+            added
+                .iter()
+                .filter_map(|s| base.service_arc(&s.spec().key).cloned()),
+        );
+        let snapshot = base
+            .update(generation, change.remove.iter().copied(), added.clone())
+            .map_err(|e| ConfigError(e.to_string()))?;
+        for k in &change.remove {
+            self.built.remove(k);
+        }
+        self.built.extend(kept);
+        self.last = stats;
+        Ok(Applied {
+            snapshot,
+            removed,
+            added,
+            failed,
+        })
+    }
+}
+
+/// The key a desired Service is served at.
+#[must_use]
+pub fn key(d: &DesiredService) -> ServiceKey {
+    ServiceKey {
+        vip: Endpoint::new(d.vip, d.port),
+        proto: proto(d.protocol),
+    }
 }
 
 /// The protocol number of a configured protocol.
@@ -80,74 +221,47 @@ pub fn proto(p: ProtocolConfig) -> IpProto {
     }
 }
 
-/// Builds the snapshot numbered `generation` for `config`'s Services.
+/// Builds the snapshot numbered `generation` for `config`'s Services, from `base` (the
+/// snapshot `builder` built last; an empty one at first).
 ///
 /// # Errors
 /// A [`ConfigError`] naming the Service the dataplane refused (a table size that is not a
-/// prime, say).
+/// prime, say); nothing is applied then.
 pub fn translate(
     config: &Config,
     builder: &mut Builder,
+    base: &Snapshot,
     generation: u64,
-) -> Result<Snapshot, ConfigError> {
-    translate_desired(&config.desired(), builder, generation)
+) -> Result<Applied, ConfigError> {
+    translate_desired(&config.desired(), builder, base, generation)
 }
 
-/// Builds the snapshot numbered `generation` for a desired state, from any source, reusing
-/// the Services whose desired state is unchanged since the previous build.
+/// The snapshot of `config`'s Services on their own (generation 1), for the offline tools.
 ///
 /// # Errors
-/// A [`ConfigError`] naming the Service the dataplane refused.
+/// A [`ConfigError`] naming a Service the dataplane refused.
+pub fn snapshot_of(config: &Config) -> Result<Snapshot, ConfigError> {
+    translate(config, &mut Builder::default(), &Snapshot::default(), 1).map(|a| a.snapshot)
+}
+
+/// Builds the snapshot numbered `generation` holding exactly `desired`, from `base` (the
+/// snapshot `builder` built last), reusing the Services whose desired state is unchanged.
+///
+/// # Errors
+/// A [`ConfigError`] naming a Service the dataplane refused; nothing is applied then.
 pub fn translate_desired(
     desired: &[DesiredService],
     builder: &mut Builder,
+    base: &Snapshot,
     generation: u64,
-) -> Result<Snapshot, ConfigError> {
-    let mut services = Vec::with_capacity(desired.len());
-    let mut kept = hashbrown::HashMap::with_capacity(desired.len());
-    let mut old = std::mem::take(&mut builder.built);
-    let mut stats = BuildStats::default();
-    let mut failed = None;
-    for d in desired {
-        // An unchanged Service moves from the old cache to the new one, key and all: no
-        // clone, no allocation.
-        let (key, service) = match old.remove_entry(d) {
-            Some(entry) => {
-                stats.reused += 1;
-                entry
-            }
-            None => match build(d, builder) {
-                Ok(service) => {
-                    stats.built += 1;
-                    (d.clone(), Arc::new(service))
-                }
-                Err(e) => {
-                    failed = Some(e);
-                    break;
-                }
-            },
-        };
-        services.push(Arc::clone(&service));
-        kept.insert(key, service);
-    }
-    if let Some(e) = failed {
-        // Keep everything built so far for the next attempt.
-        kept.extend(old);
-        builder.built = kept;
-        return Err(e);
-    }
-    let snapshot = Snapshot::new(generation, services).map_err(|e| ConfigError(e.to_string()))?;
-    builder.built = kept;
-    builder.last = stats;
-    Ok(snapshot)
+) -> Result<Applied, ConfigError> {
+    let change = builder.change_to(desired);
+    builder.apply(base, change, generation, OnRefusal::RefuseAll)
 }
 
 fn build(d: &DesiredService, ids: &mut Builder) -> Result<Service, ConfigError> {
-    let proto = proto(d.protocol);
-    let key = ServiceKey {
-        vip: Endpoint::new(d.vip, d.port),
-        proto,
-    };
+    let key = key(d);
+    let proto = key.proto;
     let backends = d
         .backends
         .iter()
@@ -181,39 +295,126 @@ fn build(d: &DesiredService, ids: &mut Builder) -> Result<Service, ConfigError> 
     Service::new(spec).map_err(|e| ConfigError(format!("{}: {e}", d.name)))
 }
 
-/// What the XDP filter must steer to xlb for `snapshot` in `config`'s mode: traffic to each
-/// Service, and the replies of its flows (from backends in dnat mode, to the SNAT addresses in
-/// snat mode).
-#[must_use]
-pub fn steer_keys(snapshot: &Snapshot, config: &Config) -> HashSet<SteerKey> {
-    let mut keys = HashSet::new();
-    let mut protos = HashSet::new();
-    for service in snapshot.services() {
+/// The keys the XDP filter must steer to xlb, counted by the Services that need them: traffic
+/// to each Service, and the replies of its flows (from backends in dnat mode, to the SNAT
+/// addresses in snat mode). Several Services can need one key (a backend shared by two
+/// Services), so a key goes when the last Service needing it goes.
+#[derive(Debug)]
+pub struct Steering {
+    mode: ModeConfig,
+    snat: Vec<(Family, [u8; 16])>,
+    counts: HashMap<SteerKey, u32>,
+}
+
+/// What the filter's map must gain (before the snapshot is published) and lose (after).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SteerChange {
+    /// Keys no Service needed before.
+    pub add: Vec<SteerKey>,
+    /// Keys no Service needs any more.
+    pub remove: Vec<SteerKey>,
+}
+
+impl Steering {
+    /// Steering for `config`'s mode and SNAT addresses, with no Service yet.
+    #[must_use]
+    pub fn new(config: &Config) -> Self {
+        let mut snat = Vec::new();
+        if let (ModeConfig::Snat, Some(s)) = (config.mode, &config.snat) {
+            if let Some(v4) = s.ipv4 {
+                snat.push((Family::Ipv4, key_addr(v4.into())));
+            }
+            if let Some(v6) = s.ipv6 {
+                snat.push((Family::Ipv6, key_addr(v6.into())));
+            }
+        }
+        Self {
+            mode: config.mode,
+            snat,
+            counts: HashMap::new(),
+        }
+    }
+
+    fn keys(&self, service: &Service, out: &mut Vec<SteerKey>) {
         let spec = service.spec();
-        keys.insert(SteerKey::destination(&spec.key.vip, spec.key.proto));
-        protos.insert(spec.key.proto);
-        if config.mode == ModeConfig::Dnat {
-            for backend in &spec.backends {
-                keys.insert(SteerKey::source(&backend.endpoint, spec.key.proto));
-            }
+        out.push(SteerKey::destination(&spec.key.vip, spec.key.proto));
+        match self.mode {
+            ModeConfig::Dnat => out.extend(
+                spec.backends
+                    .iter()
+                    .map(|b| SteerKey::source(&b.endpoint, spec.key.proto)),
+            ),
+            ModeConfig::Snat => out.extend(
+                self.snat
+                    .iter()
+                    .map(|&(family, addr)| SteerKey::any_port(family, addr, spec.key.proto)),
+            ),
         }
     }
-    if let (ModeConfig::Snat, Some(snat)) = (config.mode, &config.snat) {
-        for proto in protos {
-            if let Some(v4) = snat.ipv4 {
-                keys.insert(SteerKey::any_port(Family::Ipv4, key_addr(v4.into()), proto));
-            }
-            if let Some(v6) = snat.ipv6 {
-                keys.insert(SteerKey::any_port(Family::Ipv6, key_addr(v6.into()), proto));
+
+    /// Counts the keys of `added` in and those of `removed` out; returns the keys that
+    /// appeared and disappeared.
+    pub fn change(&mut self, removed: &[Arc<Service>], added: &[Arc<Service>]) -> SteerChange {
+        // Each touched key with its count before the change.
+        let mut before: HashMap<SteerKey, u32> = HashMap::new();
+        let mut keys = Vec::new();
+        for (services, up) in [(added, true), (removed, false)] {
+            for service in services {
+                keys.clear();
+                self.keys(service, &mut keys);
+                for k in &keys {
+                    let n = self.counts.entry(*k).or_insert(0);
+                    before.entry(*k).or_insert(*n);
+                    *n = if up { *n + 1 } else { n.saturating_sub(1) };
+                }
             }
         }
+        let mut out = SteerChange::default();
+        for (k, was) in before {
+            let now = self.counts.get(&k).copied().unwrap_or(0);
+            if now == 0 {
+                self.counts.remove(&k);
+            }
+            match (was, now) {
+                (0, 1..) => out.add.push(k),
+                (1.., 0) => out.remove.push(k),
+                _ => {}
+            }
+        }
+        out
     }
-    keys
+
+    /// Every key counted now.
+    #[must_use]
+    pub fn keys_now(&self) -> HashSet<SteerKey> {
+        self.counts.keys().copied().collect()
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn build_all(config: &Config, builder: &mut Builder) -> Snapshot {
+        build_next(config, builder, &Snapshot::default())
+    }
+
+    fn build_next(config: &Config, builder: &mut Builder, base: &Snapshot) -> Snapshot {
+        translate(config, builder, base, base.generation() + 1)
+            .unwrap()
+            .snapshot
+    }
+
+    fn steer_keys(snapshot: &Snapshot, config: &Config) -> HashSet<SteerKey> {
+        let mut steering = Steering::new(config);
+        let all: Vec<Arc<Service>> = snapshot
+            .services()
+            .map(|s| Arc::clone(snapshot.service_arc(&s.spec().key).unwrap()))
+            .collect();
+        let change = steering.change(&[], &all);
+        assert!(change.remove.is_empty());
+        change.add.into_iter().collect()
+    }
 
     const TWO: &str = "
 interfaces: [a]
@@ -227,7 +428,7 @@ services:
     #[test]
     fn each_port_of_a_service_becomes_a_dataplane_service_with_its_target_port() {
         let config = Config::parse(TWO).unwrap();
-        let snap = translate(&config, &mut Builder::default(), 1).unwrap();
+        let snap = build_all(&config, &mut Builder::default());
         assert_eq!(snap.len(), 2);
         let web = snap
             .service(&ServiceKey {
@@ -245,12 +446,12 @@ services:
     #[test]
     fn ids_survive_a_reload_that_reorders_and_adds() {
         let mut ids = Builder::default();
-        let first = translate(&Config::parse(TWO).unwrap(), &mut ids, 1).unwrap();
+        let first = build_all(&Config::parse(TWO).unwrap(), &mut ids);
         let reordered = TWO.replace(
             "[{ address: 198.18.128.1 }, { address: 198.18.128.2 }]",
             "[{ address: 198.18.128.3 }, { address: 198.18.128.2 }, { address: 198.18.128.1 }]",
         );
-        let second = translate(&Config::parse(&reordered).unwrap(), &mut ids, 2).unwrap();
+        let second = build_next(&Config::parse(&reordered).unwrap(), &mut ids, &first);
         for s in first.services() {
             let again = second.service(&s.spec().key).unwrap();
             assert_eq!(again.spec().id, s.spec().id);
@@ -270,12 +471,13 @@ services:
     fn an_unchanged_service_is_reused_and_only_the_changed_one_is_built() {
         let mut builder = Builder::default();
         let config = Config::parse(TWO).unwrap();
-        let first = translate(&config, &mut builder, 1).unwrap();
+        let first = build_all(&config, &mut builder);
         assert_eq!(
             builder.last_build(),
             BuildStats {
                 reused: 0,
-                built: 2
+                built: 2,
+                removed: 0
             }
         );
         // The UDP port gets a new target port; the TCP port is untouched.
@@ -283,12 +485,13 @@ services:
             "{ port: 53, protocol: udp }",
             "{ port: 53, protocol: udp, target_port: 5353 }",
         );
-        let second = translate(&Config::parse(&edited).unwrap(), &mut builder, 2).unwrap();
+        let second = build_next(&Config::parse(&edited).unwrap(), &mut builder, &first);
         assert_eq!(
             builder.last_build(),
             BuildStats {
-                reused: 1,
-                built: 1
+                reused: 0,
+                built: 1,
+                removed: 0
             }
         );
         let tcp = ServiceKey {
@@ -304,7 +507,7 @@ services:
     #[test]
     fn dnat_steers_vips_and_backend_replies_and_snat_steers_its_address() {
         let config = Config::parse(TWO).unwrap();
-        let snap = translate(&config, &mut Builder::default(), 1).unwrap();
+        let snap = build_all(&config, &mut Builder::default());
         let keys = steer_keys(&snap, &config);
         assert_eq!(
             keys.len(),
@@ -320,5 +523,76 @@ services:
             IpProto::UDP
         )));
         assert_eq!(keys.len(), 2 + 2, "no backend keys in snat mode");
+    }
+
+    #[test]
+    fn a_backend_shared_by_two_services_stays_steered_until_the_last_one_goes() {
+        let config = Config::parse(TWO).unwrap();
+        let mut builder = Builder::default();
+        let snap = build_all(&config, &mut builder);
+        let mut steering = Steering::new(&config);
+        let all: Vec<Arc<Service>> = snap
+            .services()
+            .map(|s| Arc::clone(snap.service_arc(&s.spec().key).unwrap()))
+            .collect();
+        assert_eq!(steering.change(&[], &all).add.len(), 6);
+        // The UDP Service goes: its VIP key and its backends' UDP keys go; TCP stays.
+        let udp: Vec<_> = all
+            .iter()
+            .filter(|s| s.spec().key.proto == IpProto::UDP)
+            .cloned()
+            .collect();
+        let change = steering.change(&udp, &[]);
+        assert_eq!((change.add.len(), change.remove.len()), (0, 3));
+        // Replacing the TCP Service with itself changes no key.
+        let tcp: Vec<_> = all
+            .iter()
+            .filter(|s| s.spec().key.proto == IpProto::TCP)
+            .cloned()
+            .collect();
+        assert_eq!(steering.change(&tcp, &tcp), SteerChange::default());
+        assert_eq!(steering.keys_now().len(), 3);
+    }
+
+    #[test]
+    fn a_change_the_dataplane_refuses_in_part_keeps_the_refused_services_previous_version() {
+        let config = Config::parse(TWO).unwrap();
+        let mut builder = Builder::default();
+        let first = build_all(&config, &mut builder);
+        let mut desired = config.desired();
+        for d in &mut desired {
+            d.table_size = Some(if d.port == 80 { 1000 } else { 251 });
+        }
+        let applied = builder
+            .apply(
+                &first,
+                Change {
+                    remove: Vec::new(),
+                    upsert: desired,
+                },
+                2,
+                OnRefusal::KeepPrevious,
+            )
+            .unwrap();
+        assert_eq!(applied.failed.len(), 1, "1000 is not a prime");
+        assert_eq!((applied.added.len(), applied.removed.len()), (1, 1));
+        let tcp = ServiceKey {
+            vip: Endpoint::new([198, 18, 64, 1].into(), 80),
+            proto: IpProto::TCP,
+        };
+        assert!(std::ptr::eq(
+            first.service(&tcp).unwrap(),
+            applied.snapshot.service(&tcp).unwrap()
+        ));
+        // The file source refuses such an edit whole.
+        let mut bad = config.desired();
+        bad[0].table_size = Some(1000);
+        bad[1].port = 54;
+        assert!(translate_desired(&bad, &mut builder, &applied.snapshot, 3).is_err());
+        assert_eq!(
+            builder.change_to(&config.desired()).upsert.len(),
+            1,
+            "only the UDP Service was taken (table size 251), nothing of the refused edit"
+        );
     }
 }

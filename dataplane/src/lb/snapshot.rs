@@ -14,7 +14,11 @@
 use std::num::NonZeroU32;
 use std::sync::Arc;
 
-use hashbrown::HashMap;
+use core::hash::BuildHasher;
+
+use foldhash::fast::FixedState;
+use hashbrown::hash_table::Entry;
+use hashbrown::HashTable;
 
 use crate::sync::{AtomicU64, Ordering};
 
@@ -363,12 +367,94 @@ impl Service {
     }
 }
 
+/// Services per snapshot shard: a change copies the shards it touches, not the table.
+const SHARDS: usize = 256;
+
+/// One shard of an index: Services found by a hash computed once (shard and bucket).
+type Shard = HashTable<Arc<Service>>;
+
+/// Services indexed by one key, split into [`SHARDS`] shards shared between snapshots
+/// (copy on write), so that a snapshot changing a few Services copies a few shards.
+#[derive(Clone, Debug)]
+struct Index {
+    shards: Box<[Arc<Shard>]>,
+}
+
+impl Default for Index {
+    fn default() -> Self {
+        Self {
+            shards: (0..SHARDS).map(|_| Arc::new(Shard::new())).collect(),
+        }
+    }
+}
+
+/// The hasher of both indexes: fixed, so that shards built for one snapshot serve the next
+/// (keys come from the control plane, not from packets, so there is nothing to flood).
+const HASHER: FixedState = FixedState::with_seed(0x786c_625f_736e_6170);
+
+/// The shard of a hash: bits hashbrown uses neither for the bucket (low bits) nor for the
+/// tag (top seven bits).
+#[inline]
+fn shard_of(hash: u64) -> usize {
+    (hash >> 48) as usize % SHARDS
+}
+
+fn key_hash(key: &ServiceKey) -> u64 {
+    HASHER.hash_one(key)
+}
+
+fn id_hash(id: ServiceId) -> u64 {
+    HASHER.hash_one(id)
+}
+
+impl Index {
+    #[inline]
+    fn get(&self, hash: u64, eq: impl Fn(&Service) -> bool) -> Option<&Arc<Service>> {
+        self.shards[shard_of(hash)].find(hash, |s| eq(s))
+    }
+
+    /// Inserts `service`, returning the one it replaced (equal by `eq`).
+    fn insert(
+        &mut self,
+        hash: u64,
+        service: Arc<Service>,
+        eq: impl Fn(&Service) -> bool,
+        rehash: impl Fn(&Service) -> u64,
+    ) -> Option<Arc<Service>> {
+        let shard = Arc::make_mut(&mut self.shards[shard_of(hash)]);
+        match shard.entry(hash, |s| eq(s), |s| rehash(s)) {
+            Entry::Occupied(mut o) => Some(core::mem::replace(o.get_mut(), service)),
+            Entry::Vacant(v) => {
+                v.insert(service);
+                None
+            }
+        }
+    }
+
+    fn remove(&mut self, hash: u64, eq: impl Fn(&Service) -> bool) -> Option<Arc<Service>> {
+        let shard = &mut self.shards[shard_of(hash)];
+        // Look before copying the shard: removing what is absent copies nothing.
+        shard.find(hash, |s| eq(s))?;
+        let shard = Arc::make_mut(shard);
+        shard.find_entry(hash, |s| eq(s)).ok().map(|o| o.remove().0)
+    }
+
+    fn values(&self) -> impl Iterator<Item = &Arc<Service>> {
+        self.shards.iter().flat_map(|s| s.iter())
+    }
+}
+
 /// The whole service table at one moment.
-#[derive(Debug, Default)]
+///
+/// Built whole with [`Snapshot::new`], or from the previous one with [`Snapshot::update`],
+/// which shares every shard the update does not touch: publishing one changed Service among
+/// 100 000 copies two shards of a few hundred pointers each.
+#[derive(Clone, Debug, Default)]
 pub struct Snapshot {
     generation: u64,
-    by_key: HashMap<ServiceKey, Arc<Service>>,
-    by_id: HashMap<ServiceId, Arc<Service>>,
+    by_key: Index,
+    by_id: Index,
+    len: usize,
 }
 
 impl Snapshot {
@@ -378,22 +464,61 @@ impl Snapshot {
     /// # Errors
     /// Duplicate Service keys or ids.
     pub fn new(generation: u64, services: Vec<Arc<Service>>) -> Result<Self, SnapshotError> {
-        let mut by_key = HashMap::with_capacity(services.len());
-        let mut by_id = HashMap::with_capacity(services.len());
-        for service in services {
-            let spec = service.spec();
-            if by_id.insert(spec.id, Arc::clone(&service)).is_some() {
-                return Err(SnapshotError::DuplicateServiceId(spec.id));
-            }
-            if by_key.insert(spec.key, service.clone()).is_some() {
-                return Err(SnapshotError::DuplicateService(spec.key));
-            }
+        Self::default().update(generation, [], services)
+    }
+
+    /// The next snapshot: this one without the Services at `remove`, with `add` (which
+    /// replace Services at the same key). This one is left as it was.
+    ///
+    /// # Errors
+    /// Two Services of `add` at the same key, or a Service whose id another Service of the
+    /// result already has.
+    pub fn update(
+        &self,
+        generation: u64,
+        remove: impl IntoIterator<Item = ServiceKey>,
+        add: Vec<Arc<Service>>,
+    ) -> Result<Self, SnapshotError> {
+        let mut next = self.clone();
+        next.generation = generation;
+        for key in remove {
+            next.remove(&key);
         }
-        Ok(Self {
-            generation,
-            by_key,
-            by_id,
-        })
+        let mut added = hashbrown::HashSet::with_capacity(add.len());
+        for service in add {
+            let spec = service.spec();
+            let (key, id) = (spec.key, spec.id);
+            if !added.insert(key) {
+                return Err(SnapshotError::DuplicateService(key));
+            }
+            // A Service replaced at its key gives up its id (the same id, for stable ids).
+            next.remove(&key);
+            if next.by_id.get(id_hash(id), |s| s.spec.id == id).is_some() {
+                return Err(SnapshotError::DuplicateServiceId(id));
+            }
+            next.by_id.insert(
+                id_hash(id),
+                Arc::clone(&service),
+                |s| s.spec.id == id,
+                |s| id_hash(s.spec.id),
+            );
+            next.by_key.insert(
+                key_hash(&key),
+                service,
+                |s| s.spec.key == key,
+                |s| key_hash(&s.spec.key),
+            );
+            next.len += 1;
+        }
+        Ok(next)
+    }
+
+    fn remove(&mut self, key: &ServiceKey) {
+        if let Some(old) = self.by_key.remove(key_hash(key), |s| s.spec.key == *key) {
+            let id = old.spec.id;
+            self.by_id.remove(id_hash(id), |s| s.spec.id == id);
+            self.len -= 1;
+        }
     }
 
     /// The snapshot's generation (increases with every publication).
@@ -406,26 +531,36 @@ impl Snapshot {
     #[inline]
     #[must_use]
     pub fn service(&self, key: &ServiceKey) -> Option<&Service> {
-        self.by_key.get(key).map(|s| &**s)
+        self.by_key
+            .get(key_hash(key), |s| s.spec.key == *key)
+            .map(|s| &**s)
     }
 
     /// The Service with this id.
     #[inline]
     #[must_use]
     pub fn service_by_id(&self, id: ServiceId) -> Option<&Service> {
-        self.by_id.get(&id).map(|s| &**s)
+        self.by_id
+            .get(id_hash(id), |s| s.spec.id == id)
+            .map(|s| &**s)
+    }
+
+    /// The shared Service at a key (for a control plane that builds the next snapshot).
+    #[must_use]
+    pub fn service_arc(&self, key: &ServiceKey) -> Option<&Arc<Service>> {
+        self.by_key.get(key_hash(key), |s| s.spec.key == *key)
     }
 
     /// The number of Services.
     #[must_use]
     pub fn len(&self) -> usize {
-        self.by_key.len()
+        self.len
     }
 
     /// Whether there is no Service.
     #[must_use]
     pub fn is_empty(&self) -> bool {
-        self.by_key.is_empty()
+        self.len == 0
     }
 
     /// All Services, in no particular order.
@@ -578,7 +713,7 @@ mod tests {
         ));
         let one = Arc::new(Service::new(spec(vec![backend(1, BackendState::Ready)])).unwrap());
         let err = Snapshot::new(1, vec![one.clone(), one]).unwrap_err();
-        assert!(matches!(err, SnapshotError::DuplicateServiceId(_)));
+        assert!(matches!(err, SnapshotError::DuplicateService(_)));
     }
 
     #[test]
@@ -600,5 +735,69 @@ mod tests {
         assert!(snap.service(&other_port).is_none());
         assert_eq!(snap.generation(), 7);
         assert_eq!(snap.len(), 1);
+    }
+
+    fn service_at(port: u16, service_id: u32, backend_ids: &[u8]) -> Arc<Service> {
+        let key = ServiceKey {
+            vip: Endpoint::new([198, 18, 64, 1].into(), port),
+            proto: IpProto::TCP,
+        };
+        let backends = backend_ids
+            .iter()
+            .map(|&n| backend(n, BackendState::Ready))
+            .collect();
+        Arc::new(Service::new(ServiceSpec::new(ServiceId(id(service_id)), key, backends)).unwrap())
+    }
+
+    #[test]
+    fn an_update_replaces_and_removes_services_and_leaves_the_old_snapshot_as_it_was() {
+        let services: Vec<_> = (1..=1000)
+            .map(|n| service_at(n, u32::from(n), &[1]))
+            .collect();
+        let old = Snapshot::new(1, services).unwrap();
+        let replaced = service_at(7, 7, &[1, 2]);
+        let gone = old.service_by_id(ServiceId(id(9))).unwrap().spec().key;
+        let new = old
+            .update(
+                2,
+                [gone],
+                vec![Arc::clone(&replaced), service_at(2000, 2000, &[3])],
+            )
+            .unwrap();
+        assert_eq!((old.len(), new.len()), (1000, 1000));
+        assert_eq!(new.generation(), 2);
+        assert!(new.service(&gone).is_none() && new.service_by_id(ServiceId(id(9))).is_none());
+        assert!(
+            old.service(&gone).is_some(),
+            "the old snapshot is untouched"
+        );
+        let seven = replaced.spec().key;
+        assert_eq!(new.service(&seven).unwrap().spec().backends.len(), 2);
+        assert_eq!(old.service(&seven).unwrap().spec().backends.len(), 1);
+        assert!(std::ptr::eq(
+            new.service_by_id(ServiceId(id(7))).unwrap(),
+            new.service(&seven).unwrap()
+        ));
+        assert_eq!(new.services().count(), 1000);
+        // Shards the update did not touch are shared, not copied.
+        let shared = old
+            .by_key
+            .shards
+            .iter()
+            .zip(new.by_key.shards.iter())
+            .filter(|(a, b)| Arc::ptr_eq(a, b))
+            .count();
+        assert!(shared >= SHARDS - 3, "{shared} of {SHARDS} shards shared");
+    }
+
+    #[test]
+    fn an_update_refuses_an_id_another_service_keeps() {
+        let old = Snapshot::new(1, vec![service_at(1, 1, &[1])]).unwrap();
+        let err = old.update(2, [], vec![service_at(2, 1, &[1])]).unwrap_err();
+        assert_eq!(err, SnapshotError::DuplicateServiceId(ServiceId(id(1))));
+        let err = old
+            .update(2, [], vec![service_at(3, 3, &[1]), service_at(3, 4, &[1])])
+            .unwrap_err();
+        assert!(matches!(err, SnapshotError::DuplicateService(_)));
     }
 }

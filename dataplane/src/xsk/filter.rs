@@ -263,11 +263,22 @@ impl XdpFilter {
     pub fn sync(&mut self, wanted: &HashSet<SteerKey>) -> Result<(usize, usize), FilterError> {
         let stale: Vec<SteerKey> = self.steered.difference(wanted).copied().collect();
         let fresh: Vec<SteerKey> = wanted.difference(&self.steered).copied().collect();
-        for key in &fresh {
+        self.change(&fresh, &stale)?;
+        Ok((fresh.len(), stale.len()))
+    }
+
+    /// Adds `add` to the `steer` map, then removes `remove`: a change in proportion to what
+    /// changed, for a control plane that knows it.
+    ///
+    /// # Errors
+    /// [`FilterError::Map`] when an update fails (the map is full, say); the keys changed
+    /// before the failure stay changed.
+    pub fn change(&mut self, add: &[SteerKey], remove: &[SteerKey]) -> Result<(), FilterError> {
+        for key in add {
             update(self.steer, key, &1u8)?;
             self.steered.insert(*key);
         }
-        for key in &stale {
+        for key in remove {
             // SAFETY: `steer` is our map's fd and `key` points at a whole `SteerKey`, the
             // map's key size.
             let err =
@@ -277,7 +288,7 @@ impl XdpFilter {
             }
             self.steered.remove(key);
         }
-        Ok((fresh.len(), stale.len()))
+        Ok(())
     }
 
     /// Packets the filter redirected to xlb and passed to the kernel, over all CPUs.

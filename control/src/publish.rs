@@ -1,0 +1,279 @@
+//! Publication: changes from the sources become live snapshots, one atomic swap each.
+//!
+//! Owns: the one [`Builder`] every source shares, which source owns each Service key (the
+//! file and Kubernetes may both be configured; a key both want stays the file's, and the
+//! Kubernetes one is reported as a conflict), the steering of the XDP filter in step with
+//! each snapshot (new keys before the swap, stale ones after), and the generation count.
+//! A published snapshot is never changed afterwards; readers never wait.
+//!
+//! Must not know: where changes come from (files, watches), packets, next hops (it keeps
+//! whatever next hops the tables hold).
+
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use xlb_dataplane::lb::snapshot::{ServiceKey, Snapshot};
+use xlb_dataplane::worker::Tables;
+use xlb_dataplane::xsk::{SteerKey, XdpFilter};
+
+use crate::config::{Config, ConfigError};
+use crate::desired::DesiredService;
+use crate::translate::{key, BuildStats, Builder, Change, OnRefusal, SteerChange, Steering};
+
+/// Where the XDP filter's steering keys go (the filter itself, or nowhere in tests and
+/// benchmarks that have no kernel).
+pub trait SteerMap {
+    /// Adds `add`, then removes `remove`.
+    ///
+    /// # Errors
+    /// Why the map refused.
+    fn change(&mut self, add: &[SteerKey], remove: &[SteerKey]) -> Result<(), String>;
+}
+
+impl SteerMap for XdpFilter {
+    fn change(&mut self, add: &[SteerKey], remove: &[SteerKey]) -> Result<(), String> {
+        XdpFilter::change(self, add, remove).map_err(|e| e.to_string())
+    }
+}
+
+/// No filter (tests, benchmarks, `xlb check`).
+#[derive(Debug, Default)]
+pub struct NoSteering;
+
+impl SteerMap for NoSteering {
+    fn change(&mut self, _: &[SteerKey], _: &[SteerKey]) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+/// A source of desired state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// The configuration file's `services`.
+    File,
+    /// Services and EndpointSlices from the Kubernetes API.
+    Kubernetes,
+}
+
+/// What one publication did.
+#[derive(Debug, Default)]
+pub struct Published {
+    /// The generation now live (unchanged when nothing changed).
+    pub generation: u64,
+    /// Services built, reused, removed.
+    pub stats: BuildStats,
+    /// Upserts the dataplane refused (their key keeps its previous Service).
+    pub failed: Vec<ConfigError>,
+    /// Upserts at a key another source owns (left out).
+    pub conflicts: Vec<String>,
+    /// Whether the filter refused a steering change (logged by the caller).
+    pub steer_error: Option<String>,
+}
+
+/// Publishes the sources' changes as snapshots.
+#[derive(Debug)]
+pub struct Publisher {
+    builder: Builder,
+    steering: Steering,
+    owners: hashbrown::HashMap<ServiceKey, Source>,
+    tables: Arc<ArcSwap<Tables>>,
+    generation: u64,
+}
+
+impl Publisher {
+    /// A publisher into `tables`, which must hold an empty snapshot, for `config`'s mode.
+    #[must_use]
+    pub fn new(config: &Config, tables: Arc<ArcSwap<Tables>>) -> Self {
+        Self {
+            builder: Builder::default(),
+            steering: Steering::new(config),
+            owners: hashbrown::HashMap::new(),
+            generation: tables.load().snapshot.generation(),
+            tables,
+        }
+    }
+
+    /// The live snapshot.
+    #[must_use]
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        Arc::clone(&self.tables.load().snapshot)
+    }
+
+    /// The generation live now.
+    #[must_use]
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Makes the file's Services exactly `desired`, all or nothing.
+    ///
+    /// # Errors
+    /// The first Service the dataplane refused; nothing is published then.
+    pub fn publish_file(
+        &mut self,
+        desired: Vec<DesiredService>,
+        steer: &mut dyn SteerMap,
+    ) -> Result<Published, ConfigError> {
+        let wanted: hashbrown::HashSet<ServiceKey> = desired.iter().map(key).collect();
+        let remove = self
+            .owners
+            .iter()
+            .filter(|(k, s)| **s == Source::File && !wanted.contains(*k))
+            .map(|(k, _)| *k)
+            .collect();
+        let change = Change {
+            remove,
+            upsert: desired,
+        };
+        self.publish(Source::File, change, OnRefusal::RefuseAll, steer)
+    }
+
+    /// Applies a change from `source`: its removals of keys it owns, its upserts at keys no
+    /// other source owns; the dataplane's refusals handled as `on_refusal` says.
+    ///
+    /// # Errors
+    /// A refused upsert under [`OnRefusal::RefuseAll`], or an inconsistent change (two
+    /// upserts at one key); nothing is published then.
+    pub fn publish(
+        &mut self,
+        source: Source,
+        mut change: Change,
+        on_refusal: OnRefusal,
+        steer: &mut dyn SteerMap,
+    ) -> Result<Published, ConfigError> {
+        let mut out = Published {
+            generation: self.generation,
+            ..Published::default()
+        };
+        change
+            .remove
+            .retain(|k| self.owners.get(k) == Some(&source));
+        change.upsert.retain(|d| {
+            let k = key(d);
+            match self.owners.get(&k) {
+                Some(owner) if *owner != source => {
+                    out.conflicts.push(format!(
+                        "{}: {} {} is already served from the {owner:?} source",
+                        d.name, k.proto, k.vip
+                    ));
+                    false
+                }
+                _ => true,
+            }
+        });
+        if change.is_empty() {
+            return Ok(out);
+        }
+        let current = self.tables.load_full();
+        let removed_keys = change.remove.clone();
+        let applied =
+            self.builder
+                .apply(&current.snapshot, change, self.generation + 1, on_refusal)?;
+        for k in &removed_keys {
+            self.owners.remove(k);
+        }
+        for s in &applied.added {
+            self.owners.insert(s.spec().key, source);
+        }
+        out.stats = self.builder.last_build();
+        out.failed = applied.failed;
+        if applied.added.is_empty() && applied.removed.is_empty() {
+            return Ok(out);
+        }
+        let SteerChange { add, remove } = self.steering.change(&applied.removed, &applied.added);
+        // New keys before the snapshot that needs them, stale ones after it is gone.
+        if let Err(e) = steer.change(&add, &[]) {
+            out.steer_error = Some(e);
+        }
+        self.generation += 1;
+        self.tables.store(Arc::new(Tables {
+            snapshot: Arc::new(applied.snapshot),
+            hops: current.hops.clone(),
+        }));
+        if let Err(e) = steer.change(&[], &remove) {
+            out.steer_error = Some(e);
+        }
+        out.generation = self.generation;
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use xlb_dataplane::worker::NextHops;
+
+    const FILE: &str = "
+interfaces: [a]
+services:
+  - name: web
+    vip: 198.18.64.1
+    ports: [{ port: 80 }]
+    backends: [{ address: 198.18.128.1 }]
+";
+
+    #[derive(Default)]
+    struct Recorded(Vec<(usize, usize)>);
+
+    impl SteerMap for Recorded {
+        fn change(&mut self, add: &[SteerKey], remove: &[SteerKey]) -> Result<(), String> {
+            self.0.push((add.len(), remove.len()));
+            Ok(())
+        }
+    }
+
+    fn publisher(config: &Config) -> Publisher {
+        let tables = Arc::new(ArcSwap::from_pointee(Tables {
+            snapshot: Arc::new(Snapshot::default()),
+            hops: NextHops::default(),
+        }));
+        Publisher::new(config, tables)
+    }
+
+    #[test]
+    fn the_file_wins_a_key_both_sources_want_and_each_source_removes_only_its_own() {
+        let config = Config::parse(FILE).unwrap();
+        let mut p = publisher(&config);
+        let mut steer = Recorded::default();
+        let file = config.desired();
+        let published = p.publish_file(file.clone(), &mut steer).unwrap();
+        assert_eq!(published.generation, 1);
+        assert_eq!(steer.0, vec![(2, 0), (0, 0)], "VIP and backend keys first");
+        let mut theirs = file[0].clone();
+        theirs.name = "default/web:".into();
+        let mut other = theirs.clone();
+        other.port = 81;
+        let change = Change {
+            remove: vec![key(&file[0])],
+            upsert: vec![theirs, other],
+        };
+        let published = p
+            .publish(
+                Source::Kubernetes,
+                change,
+                OnRefusal::KeepPrevious,
+                &mut steer,
+            )
+            .unwrap();
+        assert_eq!(published.conflicts.len(), 1);
+        assert_eq!(published.generation, 2);
+        let snapshot = p.snapshot();
+        assert_eq!(snapshot.len(), 2, "the file's Service stays, port 81 joins");
+        // The file dropping its Service removes only that one.
+        let published = p.publish_file(Vec::new(), &mut steer).unwrap();
+        assert_eq!(published.stats.removed, 1);
+        assert_eq!(p.snapshot().len(), 1);
+    }
+
+    #[test]
+    fn an_unchanged_restatement_publishes_nothing() {
+        let config = Config::parse(FILE).unwrap();
+        let mut p = publisher(&config);
+        let mut steer = NoSteering;
+        p.publish_file(config.desired(), &mut steer).unwrap();
+        let before = p.snapshot();
+        let again = p.publish_file(config.desired(), &mut steer).unwrap();
+        assert_eq!(again.generation, 1);
+        assert!(Arc::ptr_eq(&before, &p.snapshot()));
+    }
+}
