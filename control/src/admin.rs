@@ -36,6 +36,8 @@ pub struct AdminState {
     pub sync_seconds: crate::histogram::Histogram,
     /// The XDP filter's (redirected, passed) counts.
     pub filter_counts: ArcSwap<(u64, u64)>,
+    /// The Kubernetes source's counters, when it is configured.
+    pub kube: Option<Arc<crate::kube_source::KubeMetrics>>,
 }
 
 /// Serves the API on `listener` until the runtime stops.
@@ -231,8 +233,11 @@ fn metrics(state: &AdminState) -> String {
     state.sync_seconds.write(
         &mut out,
         "xlb_sync_duration_seconds",
-        "Time from a source change being seen to its snapshot being live.",
+        "Time from a source change being seen (a file edit noticed, a Kubernetes event received) to its snapshot being live.",
     );
+    if let Some(kube) = &state.kube {
+        kube_metrics(&mut out, kube);
+    }
     let (redirected, passed) = **state.filter_counts.load();
     header(
         &mut out,
@@ -246,6 +251,59 @@ fn metrics(state: &AdminState) -> String {
     );
     let _ = writeln!(out, "xlb_filter_packets_total{{action=\"pass\"}} {passed}");
     out
+}
+
+fn kube_metrics(out: &mut String, kube: &crate::kube_source::KubeMetrics) {
+    // Relaxed: counters and gauges read on their own.
+    let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    header(
+        out,
+        "xlb_kubernetes_objects",
+        "gauge",
+        "Kubernetes objects watched, by kind",
+    );
+    for (kind, n) in [
+        ("service", &kube.services),
+        ("endpointslice", &kube.slices),
+        ("node", &kube.nodes),
+    ] {
+        let _ = writeln!(out, "xlb_kubernetes_objects{{kind=\"{kind}\"}} {}", load(n));
+    }
+    header(
+        out,
+        "xlb_kubernetes_translation_errors_total",
+        "counter",
+        "Objects or values skipped or defaulted in translation, by kind",
+    );
+    for (kind, n) in crate::kube_source::ERROR_KINDS.iter().zip(&kube.errors) {
+        let _ = writeln!(
+            out,
+            "xlb_kubernetes_translation_errors_total{{kind=\"{kind}\"}} {}",
+            load(n)
+        );
+    }
+    header(
+        out,
+        "xlb_kubernetes_watch_errors_total",
+        "counter",
+        "Failed lists and watches (each retried with backoff)",
+    );
+    let _ = writeln!(
+        out,
+        "xlb_kubernetes_watch_errors_total {}",
+        load(&kube.watch_errors)
+    );
+    header(
+        out,
+        "xlb_kubernetes_synced",
+        "gauge",
+        "1 once Services and EndpointSlices have been listed",
+    );
+    let _ = writeln!(
+        out,
+        "xlb_kubernetes_synced {}",
+        u8::from(kube.synced.load(Ordering::Relaxed))
+    );
 }
 
 /// The HELP and TYPE lines of a metric.
@@ -350,6 +408,7 @@ mod tests {
             generation: AtomicU64::new(7),
             sync_seconds: crate::histogram::Histogram::default(),
             filter_counts: ArcSwap::from_pointee((3, 4)),
+            kube: Some(Arc::default()),
         }
     }
 
@@ -370,6 +429,9 @@ mod tests {
             "xlb_snapshot_generation 7",
             "xlb_filter_packets_total{action=\"pass\"} 4",
             "xlb_flow_entries 3",
+            "xlb_kubernetes_objects{kind=\"endpointslice\"} 0",
+            "xlb_kubernetes_translation_errors_total{kind=\"malformed\"} 0",
+            "xlb_kubernetes_synced 0",
         ] {
             assert_eq!(
                 body.matches(&format!("\n{line}")).count() + usize::from(body.starts_with(line)),

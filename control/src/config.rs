@@ -47,6 +47,32 @@ pub struct Config {
     /// The Services.
     #[serde(default)]
     pub services: Vec<ServiceConfig>,
+    /// The Kubernetes source: Services and EndpointSlices from the API server (beside the
+    /// file's `services`, which keep their keys if both name one).
+    #[serde(default)]
+    pub kubernetes: Option<KubernetesConfig>,
+}
+
+/// Where and how to watch the Kubernetes API.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct KubernetesConfig {
+    /// A kubeconfig file; without it, the in-cluster service account, then `$KUBECONFIG` or
+    /// `~/.kube/config` (as kubectl does).
+    #[serde(default)]
+    pub kubeconfig: Option<std::path::PathBuf>,
+    /// This node's name (for node-local policies and its zone); `--node-name` or the
+    /// `NODE_NAME` environment variable (the downward API) give it otherwise.
+    #[serde(default)]
+    pub node_name: Option<String>,
+    /// The shortest time between two publications, in milliseconds: changes arriving
+    /// within it are published together (default 10, at most 1000).
+    #[serde(default = "default_min_sync_ms")]
+    pub min_sync_period_ms: u64,
+}
+
+fn default_min_sync_ms() -> u64 {
+    10
 }
 
 /// Forwarding mode.
@@ -282,6 +308,11 @@ impl Config {
             }
             if snat.first_port == 0 || snat.first_port > snat.last_port {
                 return fail("snat.first_port: must be non-zero and at most last_port".into());
+            }
+        }
+        if let Some(k) = &self.kubernetes {
+            if k.min_sync_period_ms > 1000 {
+                return fail("kubernetes.min_sync_period_ms: at most 1000".into());
             }
         }
         let mut seen = std::collections::HashMap::new();

@@ -21,14 +21,16 @@ use tracing::{info, warn};
 use xlb_dataplane::lb::decide::{recount_live_flows, SnatPool};
 use xlb_dataplane::lb::flow::{FlowTable, Timeouts};
 use xlb_dataplane::lb::snapshot::Snapshot;
+use xlb_dataplane::packet::Family;
 use xlb_dataplane::worker::{Clock, Shared, Tables, Unresolved, Worker, WorkerStats};
 use xlb_dataplane::xsk::{XdpFilter, XdpMode, XskConfig, XskIo};
 
 use crate::admin::{self, AdminState};
-use crate::config::{Config, ModeConfig, XdpModeConfig};
+use crate::config::{Config, KubernetesConfig, ModeConfig, XdpModeConfig};
+use crate::kube_source::{Batch, KubeMetrics, KubeSource};
 use crate::netlink::{self, Port};
-use crate::publish::{Published, Publisher};
-use crate::translate::BuildStats;
+use crate::publish::{Published, Publisher, Source};
+use crate::translate::{BuildStats, OnRefusal};
 
 /// How often next hops are re-read and unresolved addresses resolved.
 const HOPS_PERIOD: Duration = Duration::from_millis(200);
@@ -40,7 +42,7 @@ const FILE_PERIOD: Duration = Duration::from_secs(1);
 /// # Errors
 /// A message for anything that stops the start: a bad file, a missing interface, a busy
 /// queue, missing privileges.
-pub fn run(path: &Path) -> Result<(), String> {
+pub fn run(path: &Path, node_name: Option<String>) -> Result<(), String> {
     let config = Config::load(path).map_err(|e| e.to_string())?;
     let ports = config
         .interfaces
@@ -70,6 +72,10 @@ pub fn run(path: &Path) -> Result<(), String> {
         snapshot: Arc::new(Snapshot::default()),
         hops: view.next_hops(&ports),
     }));
+    let kube = match &config.kubernetes {
+        Some(k) => Some(runtime.block_on(kube_source(k, node_name))?),
+        None => None,
+    };
     let mut publisher = Publisher::new(&config, Arc::clone(&tables));
     publisher
         .publish_file(config.desired(), &mut filter)
@@ -148,6 +154,7 @@ pub fn run(path: &Path) -> Result<(), String> {
         generation: std::sync::atomic::AtomicU64::new(1),
         sync_seconds: crate::histogram::Histogram::default(),
         filter_counts: ArcSwap::from_pointee((0, 0)),
+        kube: kube.as_ref().map(|k| Arc::clone(k.metrics())),
     });
     let mut control = Control {
         path: path.to_owned(),
@@ -159,8 +166,9 @@ pub fn run(path: &Path) -> Result<(), String> {
         shared,
         admin: Arc::clone(&admin_state),
         file_stamp: file_stamp(path),
+        to_resolve: backends_of(tables.load().snapshot.services()),
     };
-    let result = runtime.block_on(control.serve(listener));
+    let result = runtime.block_on(control.serve(listener, kube));
     // Relaxed: see the worker's load.
     stop.store(true, Ordering::Relaxed);
     for thread in workers {
@@ -170,6 +178,61 @@ pub fn run(path: &Path) -> Result<(), String> {
     drop(control);
     info!("stopped; XDP filter detached");
     result
+}
+
+/// The backend addresses of `services`, as next-hop keys.
+fn backends_of<'a>(
+    services: impl Iterator<Item = &'a xlb_dataplane::lb::snapshot::Service>,
+) -> Vec<(Family, [u8; 16])> {
+    services
+        .flat_map(|s| s.spec().backends.iter())
+        .map(|b| (b.endpoint.family(), *b.endpoint.key_addr()))
+        .collect()
+}
+
+/// At most this many translation warnings are logged per batch (all are counted).
+const WARNINGS_LOGGED: usize = 20;
+
+/// The next batch of the Kubernetes source, or never without one.
+async fn next_batch(kube: &mut Option<KubeSource>) -> Batch {
+    match kube {
+        Some(k) => k.next_batch().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The Kubernetes source for `k`: a client from the kubeconfig named, or the in-cluster
+/// service account, or `$KUBECONFIG` / `~/.kube/config`. Nothing is requested yet: an API
+/// server that does not answer is retried with backoff once the control loop runs.
+async fn kube_source(
+    k: &KubernetesConfig,
+    node_name: Option<String>,
+) -> Result<KubeSource, String> {
+    let config = match &k.kubeconfig {
+        Some(path) => {
+            let file = kube::config::Kubeconfig::read_from(path)
+                .map_err(|e| format!("kubernetes.kubeconfig {}: {e}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(file, &kube::config::KubeConfigOptions::default())
+                .await
+                .map_err(|e| format!("kubernetes.kubeconfig {}: {e}", path.display()))?
+        }
+        None => kube::Config::infer().await.map_err(|e| {
+            format!("kubernetes: no in-cluster service account and no kubeconfig ({e}); set kubernetes.kubeconfig")
+        })?,
+    };
+    let url = config.cluster_url.clone();
+    let client = kube::Client::try_from(config)
+        .map_err(|e| format!("kubernetes: cannot make a client for {url}: {e}"))?;
+    let node = k.node_name.clone().or(node_name).ok_or(
+        "kubernetes: this node's name is needed (kubernetes.node_name, --node-name or NODE_NAME)",
+    )?;
+    info!(api = %url, node = %node, "watching Services and EndpointSlices");
+    Ok(KubeSource::new(
+        &client,
+        node,
+        Duration::from_millis(k.min_sync_period_ms),
+        Arc::new(KubeMetrics::default()),
+    ))
 }
 
 fn snat_pool(config: &Config, worker: usize) -> Option<SnatPool> {
@@ -205,10 +268,16 @@ struct Control {
     shared: Shared,
     admin: Arc<AdminState>,
     file_stamp: Option<(std::time::SystemTime, u64)>,
+    /// Backend addresses whose next hops to look for at the next round.
+    to_resolve: Vec<(Family, [u8; 16])>,
 }
 
 impl Control {
-    async fn serve(&mut self, listener: tokio::net::TcpListener) -> Result<(), String> {
+    async fn serve(
+        &mut self,
+        listener: tokio::net::TcpListener,
+        mut kube: Option<KubeSource>,
+    ) -> Result<(), String> {
         info!(address = %self.config.admin, "admin API listening");
         tokio::spawn(admin::serve(listener, Arc::clone(&self.admin)));
         let mut hops_tick = tokio::time::interval(HOPS_PERIOD);
@@ -220,11 +289,55 @@ impl Control {
                 _ = tokio::signal::ctrl_c() => { info!("SIGINT: stopping"); return Ok(()); }
                 _ = term.recv() => { info!("SIGTERM: stopping"); return Ok(()); }
                 _ = hops_tick.tick() => self.refresh_hops().await,
+                batch = next_batch(&mut kube) => self.publish_kube(batch),
                 _ = file_tick.tick() => {
                     self.reload_if_changed();
                     recount_live_flows(&self.shared.tables.load().snapshot, &self.shared.flows, self.shared.clock.now());
                     self.admin.filter_counts.store(Arc::new(self.filter.counts()));
                 }
+            }
+        }
+    }
+
+    /// Publishes a batch of Kubernetes changes; one Service the dataplane refuses keeps its
+    /// previous version and does not hold up the others.
+    fn publish_kube(&mut self, batch: Batch) {
+        let started = Instant::now();
+        let metrics = self.admin.kube.as_deref();
+        for w in batch.warnings.iter().take(WARNINGS_LOGGED) {
+            warn!(object = %w.object, kind = w.kind, "{}", w.message);
+        }
+        if batch.warnings.len() > WARNINGS_LOGGED {
+            warn!(
+                more = batch.warnings.len() - WARNINGS_LOGGED,
+                "more translation warnings (counted in /metrics)"
+            );
+        }
+        match self.publisher.publish(
+            Source::Kubernetes,
+            batch.change,
+            OnRefusal::KeepPrevious,
+            &mut self.filter,
+        ) {
+            Ok(published) => {
+                if let Some(m) = metrics {
+                    for _ in &published.failed {
+                        m.error("refused");
+                    }
+                    for _ in &published.conflicts {
+                        m.error("conflict");
+                    }
+                }
+                self.published(&published, started);
+                // Event to live, for each event in the batch.
+                for arrival in &batch.arrivals {
+                    self.admin
+                        .sync_seconds
+                        .observe(arrival.elapsed().as_secs_f64());
+                }
+            }
+            Err(e) => {
+                warn!(error = %e, "Kubernetes change refused; keeping the last good snapshot")
             }
         }
     }
@@ -244,15 +357,14 @@ impl Control {
         while let Some((family, addr)) = self.shared.unresolved.pop() {
             wanted.push((family, addr));
         }
-        // Backends are resolved before their first packet, not on it.
-        for service in current.snapshot.services() {
-            for backend in &service.spec().backends {
-                let e = backend.endpoint;
-                if current.hops.lookup(e.family(), e.key_addr()).is_none() {
-                    wanted.push((e.family(), *e.key_addr()));
-                }
-            }
-        }
+        // Backends are resolved before their first packet, not on it: those of Services
+        // published since the last round (a backend whose neighbour entry the kernel later
+        // drops is reported by the worker that finds it unresolved).
+        wanted.extend(
+            std::mem::take(&mut self.to_resolve)
+                .into_iter()
+                .filter(|(family, addr)| current.hops.lookup(*family, addr).is_none()),
+        );
         let mut asked = HashSet::new();
         for (family, addr) in wanted {
             let ip = xlb_dataplane::packet::Endpoint::from_key_form(family, addr, 0).ip();
@@ -310,11 +422,18 @@ impl Control {
             }
         };
         self.published(&published, started);
+        if published.stats != BuildStats::default() {
+            self.admin
+                .sync_seconds
+                .observe(started.elapsed().as_secs_f64());
+        }
         self.config.services = config.services;
     }
 
     /// Accounts for a publication: generation, sync time, logs.
-    fn published(&self, published: &Published, started: Instant) {
+    fn published(&mut self, published: &Published, started: Instant) {
+        self.to_resolve
+            .extend(backends_of(published.added.iter().map(|s| &**s)));
         if let Some(e) = &published.steer_error {
             warn!(error = %e, "cannot update the XDP filter");
         }
@@ -332,7 +451,6 @@ impl Control {
         self.admin
             .generation
             .store(published.generation, Ordering::Relaxed);
-        self.admin.sync_seconds.observe(seconds);
         info!(
             generation = published.generation,
             services = self.publisher.snapshot().len(),

@@ -12,7 +12,7 @@
 //!
 //! Must not know: the API server, watches, time; packets.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::net::IpAddr;
 
 use k8s_openapi::api::core::v1::{Service, ServicePort};
@@ -66,11 +66,52 @@ pub fn translate(
     slices: &[EndpointSlice],
     node: &NodeContext,
 ) -> Translation {
+    let mut by_service: HashMap<(Option<&str>, &str), Vec<&EndpointSlice>> = HashMap::new();
+    for slice in slices {
+        if let Some(name) = service_of(slice) {
+            by_service
+                .entry((slice.metadata.namespace.as_deref(), name))
+                .or_default()
+                .push(slice);
+        }
+    }
     let mut out = Translation::default();
     for service in services {
-        translate_service(service, slices, node, &mut out);
+        let meta = &service.metadata;
+        let own = by_service
+            .get(&(
+                meta.namespace.as_deref(),
+                meta.name.as_deref().unwrap_or(""),
+            ))
+            .map_or(&[][..], Vec::as_slice);
+        translate_service(service, own, node, &mut out);
     }
     out
+}
+
+/// Translates one Service with its own EndpointSlices (those labelled with its name, in its
+/// namespace) as seen from `node`.
+#[must_use]
+pub fn translate_one(
+    service: &Service,
+    slices: &[&EndpointSlice],
+    node: &NodeContext,
+) -> Translation {
+    let mut out = Translation::default();
+    translate_service(service, slices, node, &mut out);
+    out
+}
+
+/// The name of the Service an EndpointSlice belongs to (its `kubernetes.io/service-name`
+/// label), in the slice's namespace.
+#[must_use]
+pub fn service_of(slice: &EndpointSlice) -> Option<&str> {
+    slice
+        .metadata
+        .labels
+        .as_ref()?
+        .get(SERVICE_NAME_LABEL)
+        .map(String::as_str)
 }
 
 fn object_name(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> String {
@@ -83,7 +124,7 @@ fn object_name(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta
 
 fn translate_service(
     service: &Service,
-    slices: &[EndpointSlice],
+    own_slices: &[&EndpointSlice],
     node: &NodeContext,
     out: &mut Translation,
 ) {
@@ -181,17 +222,6 @@ fn translate_service(
     let internal_local = spec.internal_traffic_policy.as_deref() == Some("Local");
     let external_local = spec.external_traffic_policy.as_deref() == Some("Local");
     let distribution = spec.traffic_distribution.as_deref();
-    let own_slices: Vec<&EndpointSlice> = slices
-        .iter()
-        .filter(|s| s.metadata.namespace == meta.namespace)
-        .filter(|s| {
-            s.metadata
-                .labels
-                .as_ref()
-                .and_then(|l| l.get(SERVICE_NAME_LABEL))
-                == meta.name.as_ref()
-        })
-        .collect();
     for port in spec.ports.iter().flatten() {
         let protocol = match port.protocol.as_deref().unwrap_or("TCP") {
             "TCP" => ProtocolConfig::Tcp,
@@ -214,7 +244,7 @@ fn translate_service(
             continue;
         };
         for &(vip, internal) in &vips {
-            let all = endpoints(&own_slices, port, protocol, vip);
+            let all = endpoints(own_slices, port, protocol, vip);
             let local_only = if internal {
                 internal_local
             } else {

@@ -25,8 +25,11 @@ pub mod config;
 pub mod daemon;
 pub mod desired;
 pub mod explain;
+#[cfg(feature = "fake-api")]
+pub mod fake_api;
 pub mod histogram;
 pub mod inspect;
+pub mod kube_source;
 pub mod kubernetes;
 pub mod maglev_report;
 pub mod netlink;

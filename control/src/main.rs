@@ -55,6 +55,10 @@ enum Command {
         /// Log format.
         #[arg(long, value_enum, default_value_t = LogFormat::Text)]
         log_format: LogFormat,
+        /// This node's name, for the Kubernetes source (kubernetes.node_name in the file
+        /// takes precedence; a DaemonSet passes it through the downward API).
+        #[arg(long, env = "NODE_NAME", value_name = "NAME")]
+        node_name: Option<String>,
     },
     /// Check a configuration file and say what it defines.
     Check {
@@ -129,7 +133,11 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<(), InputError> {
     match cli.command {
-        Command::Run { config, log_format } => {
+        Command::Run {
+            config,
+            log_format,
+            node_name,
+        } => {
             let filter = tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
             let builder = tracing_subscriber::fmt()
@@ -139,7 +147,7 @@ fn run(cli: Cli) -> Result<(), InputError> {
                 LogFormat::Text => builder.init(),
                 LogFormat::Json => builder.json().init(),
             }
-            daemon::run(&config).map_err(InputError)?;
+            daemon::run(&config, node_name).map_err(InputError)?;
         }
         Command::Check { config } => {
             print!("{}", explain::check(&config).map_err(InputError)?);

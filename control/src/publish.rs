@@ -68,6 +68,8 @@ pub struct Published {
     pub conflicts: Vec<String>,
     /// Whether the filter refused a steering change (logged by the caller).
     pub steer_error: Option<String>,
+    /// Services new in the live snapshot (their backends may need next hops).
+    pub added: Vec<Arc<xlb_dataplane::lb::snapshot::Service>>,
 }
 
 /// Publishes the sources' changes as snapshots.
@@ -194,6 +196,7 @@ impl Publisher {
             out.steer_error = Some(e);
         }
         out.generation = self.generation;
+        out.added = applied.added;
         Ok(out)
     }
 }

@@ -1,0 +1,494 @@
+//! An in-process Kubernetes API server for tests and benchmarks (feature `fake-api`): it
+//! serves Services, EndpointSlices and Nodes with the API's list and watch semantics, and
+//! lets a test break it the ways the real one breaks.
+//!
+//! What it speaks, as the API server does: lists with a resourceVersion and pagination
+//! (`limit`, `continue`; items without kind and apiVersion), `fieldSelector=metadata.name=`,
+//! watches from a resourceVersion (the events since, then live ones) as a chunked stream of
+//! JSON lines (ADDED, MODIFIED, DELETED with kind and apiVersion), BOOKMARK events when asked
+//! for, and a watch from a compacted resourceVersion answered with an ERROR event carrying a
+//! 410 Expired Status. Objects get resourceVersion, uid, creationTimestamp and managedFields
+//! as the API sets them. What a test can do to it: change objects, send bookmarks, compact
+//! history, drop every open watch connection, refuse connections for a while (a lost API
+//! server).
+//!
+//! Test tooling only: its state sits behind an async mutex, which xlb itself never uses.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{broadcast, Mutex};
+
+/// A resource the fake serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Resource {
+    /// v1 Services.
+    Services,
+    /// discovery.k8s.io/v1 EndpointSlices.
+    EndpointSlices,
+    /// v1 Nodes.
+    Nodes,
+}
+
+impl Resource {
+    const ALL: [Self; 3] = [Self::Services, Self::EndpointSlices, Self::Nodes];
+
+    fn path(self) -> &'static str {
+        match self {
+            Self::Services => "/api/v1/services",
+            Self::EndpointSlices => "/apis/discovery.k8s.io/v1/endpointslices",
+            Self::Nodes => "/api/v1/nodes",
+        }
+    }
+
+    fn kind(self) -> &'static str {
+        match self {
+            Self::Services => "Service",
+            Self::EndpointSlices => "EndpointSlice",
+            Self::Nodes => "Node",
+        }
+    }
+
+    fn api_version(self) -> &'static str {
+        match self {
+            Self::EndpointSlices => "discovery.k8s.io/v1",
+            _ => "v1",
+        }
+    }
+}
+
+/// One change, as a watch reports it.
+#[derive(Clone, Debug)]
+struct Change {
+    resource: Resource,
+    rv: u64,
+    kind: &'static str,
+    object: Value,
+}
+
+/// What watches are told besides changes.
+#[derive(Clone, Debug)]
+enum Signal {
+    Change(Change),
+    Bookmark,
+    Drop,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    rv: u64,
+    /// Objects by resource, then `namespace/name`.
+    objects: BTreeMap<Resource, BTreeMap<String, Value>>,
+    /// Changes after `compacted`, oldest first.
+    history: Vec<Change>,
+    /// Watches from a resourceVersion below this get 410.
+    compacted: u64,
+}
+
+/// The running fake; it stops with the runtime it was started on.
+#[derive(Debug, Clone)]
+pub struct FakeApi {
+    addr: SocketAddr,
+    state: Arc<Mutex<State>>,
+    signals: broadcast::Sender<Signal>,
+    down: Arc<AtomicBool>,
+    requests: Arc<Mutex<Vec<String>>>,
+    lists: Arc<AtomicU64>,
+}
+
+impl FakeApi {
+    /// Starts serving on 127.0.0.1 at a free port.
+    ///
+    /// # Errors
+    /// The listener could not be bound.
+    pub async fn start() -> std::io::Result<Self> {
+        Self::start_at("127.0.0.1:0".parse().unwrap_or_else(|_| unreachable!())).await
+    }
+
+    /// Starts serving at `addr` (to come back at the address a client already uses).
+    ///
+    /// # Errors
+    /// The listener could not be bound.
+    pub async fn start_at(addr: SocketAddr) -> std::io::Result<Self> {
+        let listener = TcpListener::bind(addr).await?;
+        let (signals, _) = broadcast::channel(1 << 16);
+        let api = Self {
+            addr: listener.local_addr()?,
+            state: Arc::new(Mutex::new(State::default())),
+            signals,
+            down: Arc::new(AtomicBool::new(false)),
+            requests: Arc::new(Mutex::new(Vec::new())),
+            lists: Arc::new(AtomicU64::new(0)),
+        };
+        let server = api.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let server = server.clone();
+                tokio::spawn(async move { server.connection(stream).await });
+            }
+        });
+        Ok(api)
+    }
+
+    /// The server's address.
+    #[must_use]
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The URL a client configuration points at.
+    #[must_use]
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Creates or replaces an object (a Service, EndpointSlice or Node as JSON; its
+    /// namespace and name say which). Returns its new resourceVersion.
+    pub async fn apply(&self, resource: Resource, mut object: Value) -> u64 {
+        let mut state = self.state.lock().await;
+        state.rv += 1;
+        let rv = state.rv;
+        let name = object_name(&object);
+        let meta = &mut object["metadata"];
+        meta["resourceVersion"] = json!(rv.to_string());
+        if meta.get("uid").is_none() {
+            meta["uid"] = json!(format!("00000000-0000-4000-8000-{rv:012}"));
+            meta["creationTimestamp"] = json!("2026-11-26T00:00:00Z");
+            meta["managedFields"] = json!([{
+                "manager": "kube-controller-manager", "operation": "Update",
+                "apiVersion": resource.api_version(), "time": "2026-11-26T00:00:00Z",
+                "fieldsType": "FieldsV1", "fieldsV1": {"f:metadata": {"f:labels": {}}}
+            }]);
+        }
+        let existed = state
+            .objects
+            .entry(resource)
+            .or_default()
+            .insert(name, object.clone())
+            .is_some();
+        let change = Change {
+            resource,
+            rv,
+            kind: if existed { "MODIFIED" } else { "ADDED" },
+            object,
+        };
+        state.history.push(change.clone());
+        let _ = self.signals.send(Signal::Change(change));
+        rv
+    }
+
+    /// Deletes an object by `namespace/name` (`name` alone for Nodes). Returns whether it
+    /// was there.
+    pub async fn delete(&self, resource: Resource, name: &str) -> bool {
+        let mut state = self.state.lock().await;
+        let Some(mut object) = state
+            .objects
+            .get_mut(&resource)
+            .and_then(|m| m.remove(name))
+        else {
+            return false;
+        };
+        state.rv += 1;
+        let rv = state.rv;
+        object["metadata"]["resourceVersion"] = json!(rv.to_string());
+        let change = Change {
+            resource,
+            rv,
+            kind: "DELETED",
+            object,
+        };
+        state.history.push(change.clone());
+        let _ = self.signals.send(Signal::Change(change));
+        true
+    }
+
+    /// Sends a BOOKMARK (the current resourceVersion) on every watch that asked for them.
+    pub async fn bookmark(&self) {
+        let _guard = self.state.lock().await;
+        let _ = self.signals.send(Signal::Bookmark);
+    }
+
+    /// Forgets history: a watch from an older resourceVersion gets 410 Gone.
+    pub async fn compact(&self) {
+        let mut state = self.state.lock().await;
+        state.compacted = state.rv;
+        state.history.clear();
+    }
+
+    /// Closes every open watch connection mid-stream, without a final chunk.
+    pub fn drop_watches(&self) {
+        let _ = self.signals.send(Signal::Drop);
+    }
+
+    /// While down, connections are closed as soon as they are accepted.
+    pub fn set_down(&self, down: bool) {
+        // Relaxed: a flag read on its own.
+        self.down.store(down, Ordering::Relaxed);
+    }
+
+    /// Requests served so far (`path?query`), oldest first.
+    pub async fn requests(&self) -> Vec<String> {
+        self.requests.lock().await.clone()
+    }
+
+    /// List requests served so far (pages counted one by one).
+    #[must_use]
+    pub fn lists(&self) -> u64 {
+        // Relaxed: a counter read on its own.
+        self.lists.load(Ordering::Relaxed)
+    }
+
+    async fn connection(&self, mut stream: TcpStream) {
+        let mut buf = Vec::with_capacity(4096);
+        // Keep-alive: serve requests until the client closes or a watch ends the connection.
+        loop {
+            // Relaxed: see set_down.
+            if self.down.load(Ordering::Relaxed) {
+                return;
+            }
+            let Some(head) = read_head(&mut stream, &mut buf).await else {
+                return;
+            };
+            let target = head
+                .lines()
+                .next()
+                .and_then(|l| l.split_whitespace().nth(1))
+                .unwrap_or("/")
+                .to_owned();
+            self.requests.lock().await.push(target.clone());
+            let (path, query) = target.split_once('?').unwrap_or((target.as_str(), ""));
+            let params: BTreeMap<String, String> = query
+                .split('&')
+                .filter_map(|p| p.split_once('='))
+                .map(|(k, v)| (k.to_owned(), percent_decode(v)))
+                .collect();
+            let Some(resource) = Resource::ALL.into_iter().find(|r| r.path() == path) else {
+                let body = status(404, "NotFound", &format!("{path} is not served here"));
+                if respond(&mut stream, 404, &body).await.is_err() {
+                    return;
+                }
+                continue;
+            };
+            let watching = matches!(params.get("watch").map(String::as_str), Some("true" | "1"));
+            if watching {
+                self.watch(stream, resource, &params).await;
+                return;
+            }
+            let body = self.list(resource, &params).await;
+            if respond(&mut stream, 200, &body).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    async fn list(&self, resource: Resource, params: &BTreeMap<String, String>) -> String {
+        // Relaxed: a counter read on its own.
+        self.lists.fetch_add(1, Ordering::Relaxed);
+        let state = self.state.lock().await;
+        let all: Vec<&Value> = state
+            .objects
+            .get(&resource)
+            .into_iter()
+            .flat_map(BTreeMap::values)
+            .filter(|o| selected(o, params))
+            .collect();
+        let start: usize = params
+            .get("continue")
+            .and_then(|c| c.strip_prefix("page-"))
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let limit: usize = params
+            .get("limit")
+            .and_then(|l| l.parse().ok())
+            .filter(|&l| l > 0)
+            .unwrap_or(usize::MAX);
+        let end = start.saturating_add(limit).min(all.len());
+        let mut metadata = json!({ "resourceVersion": state.rv.to_string() });
+        if end < all.len() {
+            metadata["continue"] = json!(format!("page-{end}"));
+            metadata["remainingItemCount"] = json!(all.len() - end);
+        }
+        // List items carry neither kind nor apiVersion; the list does.
+        let mut out = format!(
+            "{{\"kind\":\"{}List\",\"apiVersion\":\"{}\",\"metadata\":{},\"items\":[",
+            resource.kind(),
+            resource.api_version(),
+            metadata
+        );
+        for (i, o) in all.get(start..end).unwrap_or(&[]).iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            out.push_str(&o.to_string());
+        }
+        out.push_str("]}");
+        out
+    }
+
+    async fn watch(
+        &self,
+        mut stream: TcpStream,
+        resource: Resource,
+        params: &BTreeMap<String, String>,
+    ) {
+        let from: u64 = params
+            .get("resourceVersion")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let bookmarks = params.get("allowWatchBookmarks").map(String::as_str) == Some("true");
+        let head = "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\
+                    Transfer-Encoding: chunked\r\n\r\n";
+        // Subscribe before reading history so nothing falls between the two.
+        let mut signals = self.signals.subscribe();
+        let (backlog, expired, mut seen) = {
+            let state = self.state.lock().await;
+            let expired = from < state.compacted;
+            let backlog: Vec<Change> = state
+                .history
+                .iter()
+                .filter(|c| c.resource == resource && c.rv > from)
+                .cloned()
+                .collect();
+            (backlog, expired, state.rv.max(from))
+        };
+        if stream.write_all(head.as_bytes()).await.is_err() {
+            return;
+        }
+        if expired {
+            let error = json!({
+                "type": "ERROR",
+                "object": serde_json::from_str::<Value>(&status(410, "Expired",
+                    &format!("too old resource version: {from}"))).unwrap_or_default(),
+            });
+            let _ = chunk(&mut stream, &error.to_string()).await;
+            let _ = stream.write_all(b"0\r\n\r\n").await;
+            return;
+        }
+        for change in backlog {
+            if chunk(&mut stream, &event(&change)).await.is_err() {
+                return;
+            }
+        }
+        loop {
+            match signals.recv().await {
+                Ok(Signal::Change(change)) if change.resource == resource && change.rv > from => {
+                    seen = seen.max(change.rv);
+                    if chunk(&mut stream, &event(&change)).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(Signal::Bookmark) if bookmarks => {
+                    let rv = self.state.lock().await.rv.max(seen);
+                    let mark = json!({
+                        "type": "BOOKMARK",
+                        "object": {
+                            "kind": resource.kind(),
+                            "apiVersion": resource.api_version(),
+                            "metadata": { "resourceVersion": rv.to_string() },
+                        }
+                    });
+                    if chunk(&mut stream, &mark.to_string()).await.is_err() {
+                        return;
+                    }
+                }
+                // Dropped: close without the final chunk, as a lost connection does.
+                Ok(Signal::Drop) | Err(broadcast::error::RecvError::Closed) => return,
+                Err(broadcast::error::RecvError::Lagged(_)) => return,
+                Ok(_) => {}
+            }
+        }
+    }
+}
+
+fn object_name(object: &Value) -> String {
+    let meta = &object["metadata"];
+    let name = meta["name"].as_str().unwrap_or("");
+    match meta["namespace"].as_str() {
+        Some(ns) => format!("{ns}/{name}"),
+        None => name.to_owned(),
+    }
+}
+
+/// Whether an object passes the request's field selector (`metadata.name=` only).
+fn selected(object: &Value, params: &BTreeMap<String, String>) -> bool {
+    match params
+        .get("fieldSelector")
+        .and_then(|f| f.strip_prefix("metadata.name="))
+    {
+        Some(name) => object["metadata"]["name"].as_str() == Some(name),
+        None => true,
+    }
+}
+
+fn event(change: &Change) -> String {
+    let mut object = change.object.clone();
+    object["kind"] = json!(change.resource.kind());
+    object["apiVersion"] = json!(change.resource.api_version());
+    // "type" first, as the API server writes it.
+    format!("{{\"type\":\"{}\",\"object\":{}}}", change.kind, object)
+}
+
+fn status(code: u16, reason: &str, message: &str) -> String {
+    json!({
+        "kind": "Status", "apiVersion": "v1", "metadata": {},
+        "status": "Failure", "message": message, "reason": reason, "code": code,
+    })
+    .to_string()
+}
+
+async fn chunk(stream: &mut TcpStream, line: &str) -> std::io::Result<()> {
+    let data = format!("{:x}\r\n{line}\n\r\n", line.len() + 1);
+    stream.write_all(data.as_bytes()).await
+}
+
+async fn respond(stream: &mut TcpStream, code: u16, body: &str) -> std::io::Result<()> {
+    let reason = if code == 200 { "OK" } else { "Not Found" };
+    let head = format!(
+        "HTTP/1.1 {code} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await?;
+    stream.write_all(body.as_bytes()).await
+}
+
+/// Reads one request head (requests here have no body); `buf` keeps what follows it.
+async fn read_head(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Option<String> {
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+            buf.drain(..end + 4);
+            return Some(head);
+        }
+        if buf.len() > 64 * 1024 {
+            return None;
+        }
+        let mut chunk = [0u8; 4096];
+        match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            if let Ok(b) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
+                out.push(b);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(if bytes[i] == b'+' { b' ' } else { bytes[i] });
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}

@@ -1,0 +1,656 @@
+//! The Kubernetes source: watches Services, EndpointSlices and this node, and turns what
+//! changed into [`Change`]s for the publisher.
+//!
+//! Owns: the watches (kube-rs `watcher`s, which list, then watch from the list's
+//! resourceVersion, follow bookmarks, relist after 410 Gone, and retry with backoff), the
+//! store of watched objects (slimmed to what translation reads) indexed by Service, the
+//! Services whose translation is stale, coalescing (at most one publication per minimum
+//! sync period, bursts drained first), and relists that replace the store at once, so that a
+//! relist never shows a moment without the objects it lists again. A malformed object is
+//! skipped (its last good version stays) with a warning and a counter; nothing is published
+//! before Services and EndpointSlices are both listed, so the first snapshot is whole.
+//!
+//! Must not know: snapshots, the dataplane, the daemon; what translation means (that is
+//! `kubernetes`).
+
+use std::collections::{BTreeSet, HashMap};
+use std::fmt::Debug;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::stream::{BoxStream, StreamExt};
+use futures::FutureExt;
+use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::runtime::watcher::{self, Event};
+use kube::runtime::WatchStreamExt;
+use kube::{Api, Client, Resource};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Deserializer};
+use tracing::warn;
+use xlb_dataplane::lb::snapshot::ServiceKey;
+
+use crate::desired::DesiredService;
+use crate::kubernetes::{self, NodeContext, Warning};
+use crate::translate::{key, Change};
+
+/// The zone label of Nodes.
+const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+/// Annotations xlb reads; every other annotation is dropped from the store.
+const ANNOTATION_PREFIX: &str = "xlb.io/";
+
+/// An object as watched: its metadata always, the object itself when it decoded. A malformed
+/// object (a port that is not a number, say) fails alone instead of failing the whole list
+/// it came in.
+#[derive(Clone, Debug)]
+pub struct Lenient<K> {
+    meta: ObjectMeta,
+    object: Result<K, String>,
+}
+
+impl<'de, K: DeserializeOwned> Deserialize<'de> for Lenient<K> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        struct MetaOnly {
+            #[serde(default)]
+            metadata: ObjectMeta,
+        }
+        let raw = Box::<serde_json::value::RawValue>::deserialize(d)?;
+        match serde_json::from_str::<K>(raw.get()) {
+            Ok(object) => Ok(Self {
+                meta: ObjectMeta::default(),
+                object: Ok(object),
+            }),
+            Err(e) => {
+                // Without readable metadata there is nothing to skip by name: a list error.
+                let meta = serde_json::from_str::<MetaOnly>(raw.get())
+                    .map_err(serde::de::Error::custom)?
+                    .metadata;
+                Ok(Self {
+                    meta,
+                    object: Err(e.to_string()),
+                })
+            }
+        }
+    }
+}
+
+impl<K: Resource<DynamicType = ()>> Resource for Lenient<K> {
+    type DynamicType = ();
+    type Scope = K::Scope;
+
+    fn kind(dt: &()) -> std::borrow::Cow<'_, str> {
+        K::kind(dt)
+    }
+    fn group(dt: &()) -> std::borrow::Cow<'_, str> {
+        K::group(dt)
+    }
+    fn version(dt: &()) -> std::borrow::Cow<'_, str> {
+        K::version(dt)
+    }
+    fn plural(dt: &()) -> std::borrow::Cow<'_, str> {
+        K::plural(dt)
+    }
+    fn meta(&self) -> &ObjectMeta {
+        match &self.object {
+            Ok(o) => o.meta(),
+            Err(_) => &self.meta,
+        }
+    }
+    fn meta_mut(&mut self) -> &mut ObjectMeta {
+        match &mut self.object {
+            Ok(o) => o.meta_mut(),
+            Err(_) => &mut self.meta,
+        }
+    }
+}
+
+/// Counters of the Kubernetes source, for `/metrics`.
+#[derive(Debug, Default)]
+pub struct KubeMetrics {
+    /// Services in the store.
+    pub services: AtomicU64,
+    /// EndpointSlices in the store.
+    pub slices: AtomicU64,
+    /// Nodes in the store (this node: 0 or 1).
+    pub nodes: AtomicU64,
+    /// Watch and list errors (the watch retries with backoff).
+    pub watch_errors: AtomicU64,
+    /// Translation errors and skipped objects, by kind (as [`ERROR_KINDS`]).
+    pub errors: [AtomicU64; ERROR_KINDS.len()],
+    /// Whether Services and EndpointSlices have both been listed once.
+    pub synced: std::sync::atomic::AtomicBool,
+}
+
+/// The kinds of translation error counted (the last one takes any other).
+pub const ERROR_KINDS: [&str; 8] = [
+    "malformed",
+    "bad-address",
+    "bad-annotation",
+    "bad-port",
+    "unsupported-protocol",
+    "conflict",
+    "refused",
+    "other",
+];
+
+impl KubeMetrics {
+    /// Counts one error of `kind`.
+    pub fn error(&self, kind: &str) {
+        let i = ERROR_KINDS
+            .iter()
+            .position(|k| *k == kind)
+            .unwrap_or(ERROR_KINDS.len() - 1);
+        // Relaxed: a counter read on its own.
+        self.errors[i].fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// A namespaced object's name.
+type ObjKey = (String, String);
+
+fn obj_key(meta: &ObjectMeta) -> ObjKey {
+    (
+        meta.namespace.clone().unwrap_or_default(),
+        meta.name.clone().unwrap_or_default(),
+    )
+}
+
+/// What a watch delivered.
+#[derive(Debug)]
+pub enum Watched {
+    /// A Service event.
+    Service(Box<Event<Lenient<Service>>>),
+    /// An EndpointSlice event.
+    Slice(Box<Event<Lenient<EndpointSlice>>>),
+    /// An event about this node.
+    Node(Box<Event<Lenient<Node>>>),
+    /// A watch failed (it retries by itself, with backoff).
+    Error(&'static str, String),
+}
+
+/// One kind of object as stored: the current objects, and the objects of a relist in
+/// progress (which replace them whole when the relist is done).
+#[derive(Debug)]
+struct Kind<T> {
+    objects: HashMap<ObjKey, T>,
+    relist: Option<HashMap<ObjKey, T>>,
+    listed: bool,
+}
+
+impl<T> Default for Kind<T> {
+    fn default() -> Self {
+        Self {
+            objects: HashMap::new(),
+            relist: None,
+            listed: false,
+        }
+    }
+}
+
+/// A stored object changed: its key, and the Service it belonged to before and belongs to
+/// after (for a Service, itself; for an EndpointSlice, the Service its label names).
+type Moved = (ObjKey, Option<ObjKey>, Option<ObjKey>);
+
+impl<T: Clone + Resource<DynamicType = ()>> Kind<T> {
+    /// Applies a watch event to the store and says what changed; `on_malformed` is told of
+    /// each object that did not decode (its last good version stays).
+    fn event(
+        &mut self,
+        event: Event<Lenient<T>>,
+        slim: impl Fn(T) -> T,
+        owner: impl Fn(&T) -> Option<ObjKey>,
+        mut on_malformed: impl FnMut(&ObjKey, &str),
+    ) -> Vec<Moved> {
+        let mut decode = |l: Lenient<T>| -> Result<(ObjKey, T), ObjKey> {
+            match l.object {
+                Ok(o) => Ok((obj_key(o.meta()), slim(o))),
+                Err(e) => {
+                    let k = obj_key(&l.meta);
+                    on_malformed(&k, &e);
+                    Err(k)
+                }
+            }
+        };
+        match event {
+            Event::Apply(l) => match decode(l) {
+                Ok((k, o)) => {
+                    let after = owner(&o);
+                    let before = self.objects.insert(k.clone(), o);
+                    vec![(k, before.as_ref().and_then(&owner), after)]
+                }
+                Err(_) => Vec::new(),
+            },
+            Event::Delete(l) => {
+                let k = obj_key(Resource::meta(&l));
+                match self.objects.remove(&k) {
+                    Some(before) => vec![(k, owner(&before), None)],
+                    None => Vec::new(),
+                }
+            }
+            Event::Init => {
+                self.relist = Some(HashMap::new());
+                Vec::new()
+            }
+            Event::InitApply(l) => {
+                let decoded = decode(l);
+                let relist = self.relist.get_or_insert_with(HashMap::new);
+                match decoded {
+                    Ok((k, o)) => {
+                        relist.insert(k, o);
+                    }
+                    Err(k) => {
+                        if let Some(o) = self.objects.get(&k) {
+                            relist.insert(k, o.clone());
+                        }
+                    }
+                }
+                Vec::new()
+            }
+            Event::InitDone => {
+                self.listed = true;
+                let fresh = self.relist.take().unwrap_or_default();
+                let mut old = std::mem::replace(&mut self.objects, fresh);
+                let mut changed = Vec::new();
+                for (k, after) in &self.objects {
+                    match old.remove(k) {
+                        Some(before) if same_version(before.meta(), after.meta()) => {}
+                        before => {
+                            changed.push((
+                                k.clone(),
+                                before.as_ref().and_then(&owner),
+                                owner(after),
+                            ));
+                        }
+                    }
+                }
+                changed.extend(old.into_iter().map(|(k, before)| {
+                    let was = owner(&before);
+                    (k, was, None)
+                }));
+                changed
+            }
+        }
+    }
+}
+
+/// Whether two versions of an object are the same version (the API server's resourceVersion).
+fn same_version(a: &ObjectMeta, b: &ObjectMeta) -> bool {
+    a.resource_version.is_some() && a.resource_version == b.resource_version
+}
+
+/// Keeps what translation reads: drops managed fields, annotations other than xlb's, owner
+/// references (a Service with a long `last-applied-configuration` would otherwise be stored
+/// twice over).
+fn slim_meta(meta: &mut ObjectMeta) {
+    meta.managed_fields = None;
+    meta.owner_references = None;
+    meta.generate_name = None;
+    meta.uid = None;
+    meta.creation_timestamp = None;
+    if let Some(a) = &mut meta.annotations {
+        a.retain(|k, _| k.starts_with(ANNOTATION_PREFIX));
+        if a.is_empty() {
+            meta.annotations = None;
+        }
+    }
+}
+
+fn slim_service(mut s: Service) -> Service {
+    slim_meta(&mut s.metadata);
+    if let Some(status) = &mut s.status {
+        status.conditions = None;
+    }
+    s
+}
+
+fn slim_slice(mut s: EndpointSlice) -> EndpointSlice {
+    slim_meta(&mut s.metadata);
+    for e in &mut s.endpoints {
+        e.target_ref = None;
+        e.hints = None;
+        e.deprecated_topology = None;
+        e.hostname = None;
+    }
+    s
+}
+
+fn slim_node(n: Node) -> Node {
+    let mut metadata = n.metadata;
+    slim_meta(&mut metadata);
+    Node {
+        metadata,
+        ..Node::default()
+    }
+}
+
+/// The watched objects, indexed by Service, and which Services are stale.
+#[derive(Debug, Default)]
+pub struct Store {
+    services: Kind<Service>,
+    slices: Kind<EndpointSlice>,
+    nodes: Kind<Node>,
+    /// EndpointSlices by the Service they belong to.
+    slices_of: HashMap<ObjKey, BTreeSet<ObjKey>>,
+    node: NodeContext,
+    /// Services to translate again.
+    dirty: BTreeSet<ObjKey>,
+    /// The keys each Service's last translation produced.
+    produced: HashMap<ObjKey, Vec<ServiceKey>>,
+    /// Which Service holds each key (two Services cannot share one).
+    claims: HashMap<ServiceKey, ObjKey>,
+}
+
+impl Store {
+    /// An empty store for the node called `node_name`.
+    #[must_use]
+    pub fn new(node_name: String) -> Self {
+        Self {
+            node: NodeContext {
+                name: node_name,
+                zone: None,
+            },
+            ..Self::default()
+        }
+    }
+
+    /// Whether Services and EndpointSlices have both been listed (a snapshot before that
+    /// would show Services without their endpoints).
+    #[must_use]
+    pub fn listed(&self) -> bool {
+        self.services.listed && self.slices.listed
+    }
+
+    /// Whether some Service must be translated again.
+    #[must_use]
+    pub fn is_dirty(&self) -> bool {
+        !self.dirty.is_empty()
+    }
+
+    /// Applies one watched event; malformed objects and watch errors are counted in
+    /// `metrics` and logged.
+    pub fn apply(&mut self, watched: Watched, metrics: &KubeMetrics) {
+        let malformed = |resource: &'static str| {
+            move |k: &ObjKey, e: &str| {
+                warn!(resource, object = %format!("{}/{}", k.0, k.1), error = %e, "malformed object skipped; its last good version stays");
+                metrics.error("malformed");
+            }
+        };
+        match watched {
+            Watched::Service(event) => {
+                let moved = self.services.event(
+                    *event,
+                    slim_service,
+                    |s| Some(obj_key(&s.metadata)),
+                    malformed("service"),
+                );
+                for (_, before, after) in moved {
+                    self.dirty.extend(before.into_iter().chain(after));
+                }
+            }
+            Watched::Slice(event) => {
+                let moved = self.slices.event(
+                    *event,
+                    slim_slice,
+                    |s| {
+                        kubernetes::service_of(s).map(|name| {
+                            (
+                                s.metadata.namespace.clone().unwrap_or_default(),
+                                name.to_owned(),
+                            )
+                        })
+                    },
+                    malformed("endpointslice"),
+                );
+                for (slice, before, after) in moved {
+                    if let Some(b) = &before {
+                        if let Some(set) = self.slices_of.get_mut(b) {
+                            set.remove(&slice);
+                            if set.is_empty() {
+                                self.slices_of.remove(b);
+                            }
+                        }
+                    }
+                    if let Some(a) = &after {
+                        self.slices_of
+                            .entry(a.clone())
+                            .or_default()
+                            .insert(slice.clone());
+                    }
+                    self.dirty.extend(before.into_iter().chain(after));
+                }
+            }
+            Watched::Node(event) => {
+                self.nodes
+                    .event(*event, slim_node, |_| None, malformed("node"));
+                let zone = self
+                    .nodes
+                    .objects
+                    .values()
+                    .find(|n| n.metadata.name.as_deref() == Some(self.node.name.as_str()))
+                    .and_then(|n| n.metadata.labels.as_ref()?.get(ZONE_LABEL).cloned());
+                if zone != self.node.zone {
+                    self.node.zone = zone;
+                    // Topology choices may change for every Service.
+                    self.dirty.extend(self.services.objects.keys().cloned());
+                }
+            }
+            Watched::Error(resource, e) => {
+                warn!(resource, error = %e, "Kubernetes watch failed; retrying with backoff, the last good snapshot stays");
+                // Relaxed: a counter read on its own.
+                metrics.watch_errors.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        // Relaxed: gauges read on their own.
+        metrics
+            .services
+            .store(self.services.objects.len() as u64, Ordering::Relaxed);
+        metrics
+            .slices
+            .store(self.slices.objects.len() as u64, Ordering::Relaxed);
+        metrics
+            .nodes
+            .store(self.nodes.objects.len() as u64, Ordering::Relaxed);
+    }
+
+    /// Translates the stale Services: the change to publish, and the warnings (also counted
+    /// in `metrics` by kind).
+    pub fn take_change(&mut self, metrics: &KubeMetrics) -> (Change, Vec<Warning>) {
+        let mut change = Change::default();
+        let mut warnings = Vec::new();
+        let no_slices = BTreeSet::new();
+        for name in std::mem::take(&mut self.dirty) {
+            let desired: Vec<DesiredService> = match self.services.objects.get(&name) {
+                Some(service) => {
+                    let slices: Vec<&EndpointSlice> = self
+                        .slices_of
+                        .get(&name)
+                        .unwrap_or(&no_slices)
+                        .iter()
+                        .filter_map(|k| self.slices.objects.get(k))
+                        .collect();
+                    let t = kubernetes::translate_one(service, &slices, &self.node);
+                    warnings.extend(t.warnings);
+                    t.services
+                }
+                None => Vec::new(),
+            };
+            let mut keys = Vec::with_capacity(desired.len());
+            for d in desired {
+                let k = key(&d);
+                match self.claims.get(&k) {
+                    Some(holder) if *holder != name => warnings.push(Warning {
+                        object: format!("{}/{}", name.0, name.1),
+                        kind: "conflict",
+                        message: format!(
+                            "{} {} is already served for {}/{}",
+                            k.proto, k.vip, holder.0, holder.1
+                        ),
+                    }),
+                    _ => {
+                        self.claims.insert(k, name.clone());
+                        keys.push(k);
+                        change.upsert.push(d);
+                    }
+                }
+            }
+            for old in self.produced.remove(&name).unwrap_or_default() {
+                if !keys.contains(&old) {
+                    self.claims.remove(&old);
+                    change.remove.push(old);
+                }
+            }
+            if !keys.is_empty() {
+                self.produced.insert(name, keys);
+            }
+        }
+        for w in &warnings {
+            metrics.error(w.kind);
+        }
+        (change, warnings)
+    }
+}
+
+/// The Kubernetes source: the watches, the store, and coalescing.
+pub struct KubeSource {
+    events: BoxStream<'static, Watched>,
+    store: Store,
+    min_sync: Duration,
+    last_publish: Option<Instant>,
+    arrivals: Vec<Instant>,
+    metrics: Arc<KubeMetrics>,
+}
+
+impl Debug for KubeSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KubeSource")
+            .field("min_sync", &self.min_sync)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A batch of changes ready to publish.
+#[derive(Debug)]
+pub struct Batch {
+    /// What changed.
+    pub change: Change,
+    /// When each event in it arrived (for the event-to-live histogram).
+    pub arrivals: Vec<Instant>,
+    /// What translation skipped or defaulted.
+    pub warnings: Vec<Warning>,
+}
+
+fn watch<K>(
+    client: &Client,
+    config: watcher::Config,
+) -> BoxStream<'static, Result<Event<Lenient<K>>, watcher::Error>>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + 'static,
+    K::Scope: Send,
+{
+    let api: Api<Lenient<K>> = Api::all(client.clone());
+    watcher::watcher(api, config).default_backoff().boxed()
+}
+
+impl KubeSource {
+    /// Starts watching through `client` as the node `node_name`: Services and EndpointSlices
+    /// in every namespace and this node's Node object. Nothing is requested before the first
+    /// [`KubeSource::next_batch`].
+    #[must_use]
+    pub fn new(
+        client: &Client,
+        node_name: String,
+        min_sync: Duration,
+        metrics: Arc<KubeMetrics>,
+    ) -> Self {
+        let services = watch::<Service>(client, watcher::Config::default()).map(|e| match e {
+            Ok(e) => Watched::Service(Box::new(e)),
+            Err(e) => Watched::Error("service", e.to_string()),
+        });
+        let slices = watch::<EndpointSlice>(client, watcher::Config::default()).map(|e| match e {
+            Ok(e) => Watched::Slice(Box::new(e)),
+            Err(e) => Watched::Error("endpointslice", e.to_string()),
+        });
+        let node_config = watcher::Config::default().fields(&format!("metadata.name={node_name}"));
+        let nodes = watch::<Node>(client, node_config).map(|e| match e {
+            Ok(e) => Watched::Node(Box::new(e)),
+            Err(e) => Watched::Error("node", e.to_string()),
+        });
+        let events =
+            futures::stream::select_all([services.boxed(), slices.boxed(), nodes.boxed()]).boxed();
+        Self {
+            events,
+            store: Store::new(node_name),
+            min_sync,
+            last_publish: None,
+            arrivals: Vec::new(),
+            metrics,
+        }
+    }
+
+    /// The source's counters.
+    #[must_use]
+    pub fn metrics(&self) -> &Arc<KubeMetrics> {
+        &self.metrics
+    }
+
+    /// Waits for the next batch of changes: events are applied as they arrive; once some
+    /// Service is stale (and both lists are in), what is already waiting is drained, and the
+    /// batch is returned no sooner than the minimum sync period after the previous one.
+    /// Cancel-safe: what a dropped call applied stays applied.
+    pub async fn next_batch(&mut self) -> Batch {
+        loop {
+            let ready = self.store.listed() && self.store.is_dirty();
+            if ready {
+                // Drain what has already arrived: a burst is one batch.
+                while let Some(Some(event)) = self.events.next().now_or_never() {
+                    self.arrived(event);
+                }
+                let due = self
+                    .last_publish
+                    .map_or_else(Instant::now, |t| t + self.min_sync);
+                let now = Instant::now();
+                if due <= now {
+                    return self.batch(now);
+                }
+                tokio::select! {
+                    () = tokio::time::sleep_until(due.into()) => {}
+                    event = self.events.next() => match event {
+                        Some(event) => self.arrived(event),
+                        None => std::future::pending::<()>().await,
+                    },
+                }
+            } else {
+                match self.events.next().await {
+                    Some(event) => self.arrived(event),
+                    // The watchers never end; if they did, there is nothing more to publish.
+                    None => std::future::pending::<()>().await,
+                }
+            }
+        }
+    }
+
+    fn arrived(&mut self, event: Watched) {
+        let counts = !matches!(event, Watched::Error(..));
+        if counts {
+            self.arrivals.push(Instant::now());
+        }
+        self.store.apply(event, &self.metrics);
+        // Relaxed: a flag read on its own.
+        self.metrics
+            .synced
+            .store(self.store.listed(), Ordering::Relaxed);
+    }
+
+    fn batch(&mut self, now: Instant) -> Batch {
+        self.last_publish = Some(now);
+        let (change, warnings) = self.store.take_change(&self.metrics);
+        Batch {
+            change,
+            arrivals: std::mem::take(&mut self.arrivals),
+            warnings,
+        }
+    }
+}
