@@ -12,6 +12,22 @@ use xlb_control::desired::{DesiredBackend, DesiredService};
 use xlb_control::translate::{translate_desired, Builder, Change, OnRefusal};
 use xlb_dataplane::lb::snapshot::Snapshot;
 
+/// N Services of 10 endpoints each, every endpoint its own (as Kubernetes Services have).
+fn desired_distinct(n: u32) -> Vec<DesiredService> {
+    let mut d = desired(n);
+    for (i, s) in (0u32..).zip(d.iter_mut()) {
+        s.backends = (0..10u32)
+            .map(|j| DesiredBackend {
+                address: IpAddr::V4(Ipv4Addr::from(0xc613_0000 + (i * 10 + j) % 65_536)),
+                port: 8080 + ((i * 10 + j) / 65_536) as u16,
+                weight: 1,
+                state: BackendStateConfig::Ready,
+            })
+            .collect();
+    }
+    d
+}
+
 fn desired(n: u32) -> Vec<DesiredService> {
     (0..n)
         .map(|i| DesiredService {
@@ -38,6 +54,15 @@ fn desired(n: u32) -> Vec<DesiredService> {
 fn snapshots(c: &mut Criterion) {
     let mut group = c.benchmark_group("snapshot");
     group.sample_size(10);
+    let k8s = desired_distinct(10_000);
+    group.bench_function("full-build-10-endpoints/10000", |bench| {
+        bench.iter(|| {
+            let mut builder = Builder::default();
+            black_box(
+                translate_desired(&k8s, &mut builder, &Snapshot::default(), 1).expect("valid"),
+            )
+        });
+    });
     for n in [10_000u32, 100_000] {
         let a = desired(n);
         let mut b = a.clone();

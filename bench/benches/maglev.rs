@@ -35,6 +35,16 @@ fn build(c: &mut Criterion) {
         });
     }
     group.finish();
+    // The automatic size (at least 100 slots per backend): what a Kubernetes Service of
+    // 10 endpoints gets (M = 1021).
+    let mut group = c.benchmark_group("maglev-build-auto");
+    for n in [10, 100] {
+        let set = backends(n);
+        group.bench_function(format!("n{n}"), |b| {
+            b.iter(|| MaglevTable::build(black_box(&set), None).ok());
+        });
+    }
+    group.finish();
 }
 
 fn lookup(c: &mut Criterion) {

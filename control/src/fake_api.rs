@@ -128,6 +128,8 @@ impl FakeApi {
         let server = api.clone();
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
+                // Events go out as they happen, as the API server sends them.
+                let _ = stream.set_nodelay(true);
                 let server = server.clone();
                 tokio::spawn(async move { server.connection(stream).await });
             }

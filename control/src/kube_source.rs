@@ -3,10 +3,10 @@
 //!
 //! Owns: the watches (kube-rs `watcher`s, which list, then watch from the list's
 //! resourceVersion, follow bookmarks, relist after 410 Gone, and retry with backoff), the
-//! store of watched objects (slimmed to what translation reads) indexed by Service, the
-//! Services whose translation is stale, coalescing (at most one publication per minimum
-//! sync period, bursts drained first), and relists that replace the store at once, so that a
-//! relist never shows a moment without the objects it lists again. A malformed object is
+//! store of what translation reads of each object (compact views, not the objects) indexed
+//! by Service, the Services whose translation is stale, coalescing (at most one publication
+//! per minimum sync period, bursts drained first), and relists that replace the store at
+//! once, so that a relist never shows a moment without the objects it lists again. A malformed object is
 //! skipped (its last good version stays) with a warning and a counter; nothing is published
 //! before Services and EndpointSlices are both listed, so the first snapshot is whole.
 //!
@@ -33,13 +33,11 @@ use tracing::warn;
 use xlb_dataplane::lb::snapshot::ServiceKey;
 
 use crate::desired::DesiredService;
-use crate::kubernetes::{self, NodeContext, Warning};
+use crate::kubernetes::{self, NodeContext, SliceView, Warning, Zones};
 use crate::translate::{key, Change};
 
 /// The zone label of Nodes.
 const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
-/// Annotations xlb reads; every other annotation is dropped from the store.
-const ANNOTATION_PREFIX: &str = "xlb.io/";
 
 /// An object as watched: its metadata always, the object itself when it decoded. A malformed
 /// object (a port that is not a number, say) fails alone instead of failing the whole list
@@ -148,14 +146,12 @@ impl KubeMetrics {
     }
 }
 
-/// A namespaced object's name.
-type ObjKey = (String, String);
+/// A namespaced object's name, `namespace/name` (shared, not copied, between the maps that
+/// refer to it).
+type ObjKey = Arc<str>;
 
 fn obj_key(meta: &ObjectMeta) -> ObjKey {
-    (
-        meta.namespace.clone().unwrap_or_default(),
-        meta.name.clone().unwrap_or_default(),
-    )
+    Arc::from(kubernetes::object_name(meta))
 }
 
 /// What a watch delivered.
@@ -171,16 +167,24 @@ pub enum Watched {
     Error(&'static str, String),
 }
 
-/// One kind of object as stored: the current objects, and the objects of a relist in
-/// progress (which replace them whole when the relist is done).
+/// An object as stored: its resourceVersion (to tell a relisted object from a changed one)
+/// and its digest.
 #[derive(Debug)]
-struct Kind<T> {
-    objects: HashMap<ObjKey, T>,
-    relist: Option<HashMap<ObjKey, T>>,
+struct Stored<V> {
+    version: Option<Box<str>>,
+    view: V,
+}
+
+/// One kind of object as stored: the current digests, and those of a relist in progress
+/// (which replace them whole when the relist is done).
+#[derive(Debug)]
+struct Kind<V> {
+    objects: HashMap<ObjKey, Stored<V>>,
+    relist: Option<HashMap<ObjKey, Stored<V>>>,
     listed: bool,
 }
 
-impl<T> Default for Kind<T> {
+impl<V> Default for Kind<V> {
     fn default() -> Self {
         Self {
             objects: HashMap::new(),
@@ -194,19 +198,28 @@ impl<T> Default for Kind<T> {
 /// after (for a Service, itself; for an EndpointSlice, the Service its label names).
 type Moved = (ObjKey, Option<ObjKey>, Option<ObjKey>);
 
-impl<T: Clone + Resource<DynamicType = ()>> Kind<T> {
-    /// Applies a watch event to the store and says what changed; `on_malformed` is told of
-    /// each object that did not decode (its last good version stays).
-    fn event(
+/// A digest that knows the Service it belongs to.
+trait Owned {
+    fn owner(&self) -> Option<ObjKey>;
+}
+
+impl<V: Owned> Kind<V> {
+    /// Applies a watch event to the store and says what changed. `digest` makes an object's
+    /// digest; `on_malformed` is told of each object that did not decode, whose last good
+    /// version stays.
+    fn event<K: Resource<DynamicType = ()>>(
         &mut self,
-        event: Event<Lenient<T>>,
-        slim: impl Fn(T) -> T,
-        owner: impl Fn(&T) -> Option<ObjKey>,
+        event: Event<Lenient<K>>,
+        mut digest: impl FnMut(&K) -> V,
         mut on_malformed: impl FnMut(&ObjKey, &str),
     ) -> Vec<Moved> {
-        let mut decode = |l: Lenient<T>| -> Result<(ObjKey, T), ObjKey> {
+        let mut decode = |l: Lenient<K>| -> Result<(ObjKey, Stored<V>), ObjKey> {
             match l.object {
-                Ok(o) => Ok((obj_key(o.meta()), slim(o))),
+                Ok(o) => {
+                    let view = digest(&o);
+                    let version = o.meta().resource_version.as_deref().map(Box::from);
+                    Ok((obj_key(o.meta()), Stored { version, view }))
+                }
                 Err(e) => {
                     let k = obj_key(&l.meta);
                     on_malformed(&k, &e);
@@ -216,17 +229,17 @@ impl<T: Clone + Resource<DynamicType = ()>> Kind<T> {
         };
         match event {
             Event::Apply(l) => match decode(l) {
-                Ok((k, o)) => {
-                    let after = owner(&o);
-                    let before = self.objects.insert(k.clone(), o);
-                    vec![(k, before.as_ref().and_then(&owner), after)]
+                Ok((k, stored)) => {
+                    let after = stored.view.owner();
+                    let before = self.objects.insert(Arc::clone(&k), stored);
+                    vec![(k, before.and_then(|b| b.view.owner()), after)]
                 }
                 Err(_) => Vec::new(),
             },
             Event::Delete(l) => {
                 let k = obj_key(Resource::meta(&l));
                 match self.objects.remove(&k) {
-                    Some(before) => vec![(k, owner(&before), None)],
+                    Some(before) => vec![(k, before.view.owner(), None)],
                     None => Vec::new(),
                 }
             }
@@ -238,12 +251,13 @@ impl<T: Clone + Resource<DynamicType = ()>> Kind<T> {
                 let decoded = decode(l);
                 let relist = self.relist.get_or_insert_with(HashMap::new);
                 match decoded {
-                    Ok((k, o)) => {
-                        relist.insert(k, o);
+                    Ok((k, stored)) => {
+                        relist.insert(k, stored);
                     }
                     Err(k) => {
-                        if let Some(o) = self.objects.get(&k) {
-                            relist.insert(k, o.clone());
+                        // A malformed object keeps its last good version through a relist.
+                        if let Some(old) = self.objects.remove(&k) {
+                            relist.insert(k, old);
                         }
                     }
                 }
@@ -256,18 +270,17 @@ impl<T: Clone + Resource<DynamicType = ()>> Kind<T> {
                 let mut changed = Vec::new();
                 for (k, after) in &self.objects {
                     match old.remove(k) {
-                        Some(before) if same_version(before.meta(), after.meta()) => {}
-                        before => {
-                            changed.push((
-                                k.clone(),
-                                before.as_ref().and_then(&owner),
-                                owner(after),
-                            ));
-                        }
+                        Some(before)
+                            if before.version.is_some() && before.version == after.version => {}
+                        before => changed.push((
+                            Arc::clone(k),
+                            before.and_then(|b| b.view.owner()),
+                            after.view.owner(),
+                        )),
                     }
                 }
                 changed.extend(old.into_iter().map(|(k, before)| {
-                    let was = owner(&before);
+                    let was = before.view.owner();
                     (k, was, None)
                 }));
                 changed
@@ -276,67 +289,56 @@ impl<T: Clone + Resource<DynamicType = ()>> Kind<T> {
     }
 }
 
-/// Whether two versions of an object are the same version (the API server's resourceVersion).
-fn same_version(a: &ObjectMeta, b: &ObjectMeta) -> bool {
-    a.resource_version.is_some() && a.resource_version == b.resource_version
+/// A Service's view (`None`: xlb does not handle it) under its own name.
+#[derive(Debug)]
+struct ServiceEntry {
+    name: ObjKey,
+    view: Option<kubernetes::ServiceView>,
 }
 
-/// Keeps what translation reads: drops managed fields, annotations other than xlb's, owner
-/// references (a Service with a long `last-applied-configuration` would otherwise be stored
-/// twice over).
-fn slim_meta(meta: &mut ObjectMeta) {
-    meta.managed_fields = None;
-    meta.owner_references = None;
-    meta.generate_name = None;
-    meta.uid = None;
-    meta.creation_timestamp = None;
-    if let Some(a) = &mut meta.annotations {
-        a.retain(|k, _| k.starts_with(ANNOTATION_PREFIX));
-        if a.is_empty() {
-            meta.annotations = None;
-        }
+impl Owned for ServiceEntry {
+    fn owner(&self) -> Option<ObjKey> {
+        Some(Arc::clone(&self.name))
     }
 }
 
-fn slim_service(mut s: Service) -> Service {
-    slim_meta(&mut s.metadata);
-    if let Some(status) = &mut s.status {
-        status.conditions = None;
-    }
-    s
+/// A slice's view (`None`: an address type xlb does not forward to) and its Service.
+#[derive(Debug)]
+struct SliceEntry {
+    service: Option<ObjKey>,
+    view: Option<SliceView>,
 }
 
-fn slim_slice(mut s: EndpointSlice) -> EndpointSlice {
-    slim_meta(&mut s.metadata);
-    for e in &mut s.endpoints {
-        e.target_ref = None;
-        e.hints = None;
-        e.deprecated_topology = None;
-        e.hostname = None;
-    }
-    s
-}
-
-fn slim_node(n: Node) -> Node {
-    let mut metadata = n.metadata;
-    slim_meta(&mut metadata);
-    Node {
-        metadata,
-        ..Node::default()
+impl Owned for SliceEntry {
+    fn owner(&self) -> Option<ObjKey> {
+        self.service.clone()
     }
 }
 
-/// The watched objects, indexed by Service, and which Services are stale.
+/// A Node's zone label.
+#[derive(Debug)]
+struct NodeEntry(Option<String>);
+
+impl Owned for NodeEntry {
+    fn owner(&self) -> Option<ObjKey> {
+        None
+    }
+}
+
+/// The watched objects' digests, indexed by Service, and which Services are stale.
 #[derive(Debug, Default)]
 pub struct Store {
-    services: Kind<Service>,
-    slices: Kind<EndpointSlice>,
-    nodes: Kind<Node>,
+    services: Kind<ServiceEntry>,
+    slices: Kind<SliceEntry>,
+    nodes: Kind<NodeEntry>,
     /// EndpointSlices by the Service they belong to.
     slices_of: HashMap<ObjKey, BTreeSet<ObjKey>>,
     node: NodeContext,
+    zones: Zones,
     /// Services to translate again.
     dirty: BTreeSet<ObjKey>,
+    /// What Services said was wrong with them when they were read, for the next batch.
+    warnings: Vec<Warning>,
     /// The keys each Service's last translation produced.
     produced: HashMap<ObjKey, Vec<ServiceKey>>,
     /// Which Service holds each key (two Services cannot share one).
@@ -374,16 +376,19 @@ impl Store {
     pub fn apply(&mut self, watched: Watched, metrics: &KubeMetrics) {
         let malformed = |resource: &'static str| {
             move |k: &ObjKey, e: &str| {
-                warn!(resource, object = %format!("{}/{}", k.0, k.1), error = %e, "malformed object skipped; its last good version stays");
+                warn!(resource, object = %k, error = %e, "malformed object skipped; its last good version stays");
                 metrics.error("malformed");
             }
         };
         match watched {
             Watched::Service(event) => {
+                let warnings = &mut self.warnings;
                 let moved = self.services.event(
                     *event,
-                    slim_service,
-                    |s| Some(obj_key(&s.metadata)),
+                    |s: &Service| ServiceEntry {
+                        name: obj_key(&s.metadata),
+                        view: kubernetes::ServiceView::of(s, warnings),
+                    },
                     malformed("service"),
                 );
                 for (_, before, after) in moved {
@@ -391,16 +396,17 @@ impl Store {
                 }
             }
             Watched::Slice(event) => {
+                let (node, zones) = (&self.node.name, &mut self.zones);
                 let moved = self.slices.event(
                     *event,
-                    slim_slice,
-                    |s| {
-                        kubernetes::service_of(s).map(|name| {
-                            (
-                                s.metadata.namespace.clone().unwrap_or_default(),
-                                name.to_owned(),
-                            )
-                        })
+                    |s: &EndpointSlice| SliceEntry {
+                        service: kubernetes::service_of(s).map(|name| {
+                            Arc::from(format!(
+                                "{}/{name}",
+                                s.metadata.namespace.as_deref().unwrap_or("default")
+                            ))
+                        }),
+                        view: SliceView::of(s, node, zones),
                     },
                     malformed("endpointslice"),
                 );
@@ -415,22 +421,34 @@ impl Store {
                     }
                     if let Some(a) = &after {
                         self.slices_of
-                            .entry(a.clone())
+                            .entry(Arc::clone(a))
                             .or_default()
-                            .insert(slice.clone());
+                            .insert(Arc::clone(&slice));
                     }
                     self.dirty.extend(before.into_iter().chain(after));
                 }
             }
             Watched::Node(event) => {
-                self.nodes
-                    .event(*event, slim_node, |_| None, malformed("node"));
+                self.nodes.event(
+                    *event,
+                    |n: &Node| {
+                        NodeEntry(
+                            n.metadata
+                                .labels
+                                .as_ref()
+                                .and_then(|l| l.get(ZONE_LABEL))
+                                .cloned(),
+                        )
+                    },
+                    malformed("node"),
+                );
+                // Nodes are cluster-scoped: stored under "default/<name>".
                 let zone = self
                     .nodes
                     .objects
-                    .values()
-                    .find(|n| n.metadata.name.as_deref() == Some(self.node.name.as_str()))
-                    .and_then(|n| n.metadata.labels.as_ref()?.get(ZONE_LABEL).cloned());
+                    .iter()
+                    .find(|(k, _)| k.rsplit('/').next() == Some(self.node.name.as_str()))
+                    .and_then(|(_, n)| n.view.0.clone());
                 if zone != self.node.zone {
                     self.node.zone = zone;
                     // Topology choices may change for every Service.
@@ -459,21 +477,24 @@ impl Store {
     /// in `metrics` by kind).
     pub fn take_change(&mut self, metrics: &KubeMetrics) -> (Change, Vec<Warning>) {
         let mut change = Change::default();
-        let mut warnings = Vec::new();
+        let mut warnings = std::mem::take(&mut self.warnings);
         let no_slices = BTreeSet::new();
         for name in std::mem::take(&mut self.dirty) {
-            let desired: Vec<DesiredService> = match self.services.objects.get(&name) {
-                Some(service) => {
-                    let slices: Vec<&EndpointSlice> = self
+            let view = self
+                .services
+                .objects
+                .get(&name)
+                .and_then(|s| s.view.view.as_ref());
+            let desired: Vec<DesiredService> = match view {
+                Some(view) => {
+                    let slices: Vec<&SliceView> = self
                         .slices_of
                         .get(&name)
                         .unwrap_or(&no_slices)
                         .iter()
-                        .filter_map(|k| self.slices.objects.get(k))
+                        .filter_map(|k| self.slices.objects.get(k)?.view.view.as_ref())
                         .collect();
-                    let t = kubernetes::translate_one(service, &slices, &self.node);
-                    warnings.extend(t.warnings);
-                    t.services
+                    kubernetes::translate_views(view, &slices, self.node.zone.as_deref())
                 }
                 None => Vec::new(),
             };
@@ -482,15 +503,12 @@ impl Store {
                 let k = key(&d);
                 match self.claims.get(&k) {
                     Some(holder) if *holder != name => warnings.push(Warning {
-                        object: format!("{}/{}", name.0, name.1),
+                        object: name.to_string(),
                         kind: "conflict",
-                        message: format!(
-                            "{} {} is already served for {}/{}",
-                            k.proto, k.vip, holder.0, holder.1
-                        ),
+                        message: format!("{} {} is already served for {holder}", k.proto, k.vip),
                     }),
                     _ => {
-                        self.claims.insert(k, name.clone());
+                        self.claims.insert(k, Arc::clone(&name));
                         keys.push(k);
                         change.upsert.push(d);
                     }

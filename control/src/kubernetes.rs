@@ -1,6 +1,12 @@
 //! Kubernetes objects → desired state: the pure translation the Kubernetes source ends in,
 //! with kube-proxy's semantics.
 //!
+//! In two steps, so that the source can keep a compact digest of each object rather than the
+//! object (a Service and its 10-endpoint EndpointSlice take ~7 KB as k8s-openapi structs,
+//! ~0.6 KB as views): [`ServiceView::of`] and [`SliceView::of`] read what translation needs
+//! from one object (and say what they skipped), [`translate_views`] turns a Service's view
+//! and its slices' views into desired Services for this node.
+//!
 //! Owns: which Services xlb handles (not headless, not ExternalName, not labelled for another
 //! proxy), their VIPs (clusterIPs, LoadBalancer ingress IPs, externalIPs), ports (TCP and UDP;
 //! SCTP reported as unsupported), endpoints merged from all EndpointSlices of a Service and
@@ -14,8 +20,9 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::IpAddr;
+use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::{Service, ServicePort};
+use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointSlice};
 
 use xlb_dataplane::lb::maglev::is_valid_table_size;
@@ -59,6 +66,70 @@ pub struct Translation {
     pub warnings: Vec<Warning>,
 }
 
+/// trafficDistribution, as far as xlb acts on it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Distribution {
+    Any,
+    SameZone,
+    SameNode,
+}
+
+/// A Service port xlb forwards.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct PortView {
+    name: Box<str>,
+    protocol: ProtocolConfig,
+    port: u16,
+}
+
+/// What translation reads of a Service xlb handles.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceView {
+    name: Arc<str>,
+    /// VIPs, each with whether it is internal (cluster IPs) or external.
+    vips: Box<[(IpAddr, bool)]>,
+    ports: Box<[PortView]>,
+    scheduler: SchedulerConfig,
+    table_size: Option<u32>,
+    affinity_timeout: Option<u32>,
+    internal_local: bool,
+    external_local: bool,
+    distribution: Distribution,
+}
+
+/// One address of an endpoint that may take or keep flows.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct EndpointView {
+    address: IpAddr,
+    state: BackendStateConfig,
+    /// Whether it runs on this node.
+    local: bool,
+    zone: Option<Arc<str>>,
+}
+
+/// What translation reads of an EndpointSlice.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SliceView {
+    ipv6: bool,
+    ports: Box<[PortView]>,
+    endpoints: Box<[EndpointView]>,
+}
+
+/// Shares the few distinct zone names among all endpoints.
+#[derive(Debug, Default)]
+pub struct Zones(HashMap<Box<str>, Arc<str>>);
+
+impl Zones {
+    fn intern(&mut self, zone: &str) -> Arc<str> {
+        if let Some(z) = self.0.get(zone) {
+            return Arc::clone(z);
+        }
+        let z: Arc<str> = Arc::from(zone);
+        self.0.insert(zone.into(), Arc::clone(&z));
+        z
+    }
+}
+
 /// Translates Services and EndpointSlices (all namespaces) as seen from `node`.
 #[must_use]
 pub fn translate(
@@ -66,39 +137,36 @@ pub fn translate(
     slices: &[EndpointSlice],
     node: &NodeContext,
 ) -> Translation {
-    let mut by_service: HashMap<(Option<&str>, &str), Vec<&EndpointSlice>> = HashMap::new();
+    let mut zones = Zones::default();
+    let mut by_service: HashMap<(Option<&str>, &str), Vec<SliceView>> = HashMap::new();
     for slice in slices {
-        if let Some(name) = service_of(slice) {
+        if let (Some(name), Some(view)) = (
+            service_of(slice),
+            SliceView::of(slice, &node.name, &mut zones),
+        ) {
             by_service
                 .entry((slice.metadata.namespace.as_deref(), name))
                 .or_default()
-                .push(slice);
+                .push(view);
         }
     }
     let mut out = Translation::default();
     for service in services {
         let meta = &service.metadata;
-        let own = by_service
+        let Some(view) = ServiceView::of(service, &mut out.warnings) else {
+            continue;
+        };
+        let own: Vec<&SliceView> = by_service
             .get(&(
                 meta.namespace.as_deref(),
                 meta.name.as_deref().unwrap_or(""),
             ))
-            .map_or(&[][..], Vec::as_slice);
-        translate_service(service, own, node, &mut out);
+            .into_iter()
+            .flatten()
+            .collect();
+        out.services
+            .extend(translate_views(&view, &own, node.zone.as_deref()));
     }
-    out
-}
-
-/// Translates one Service with its own EndpointSlices (those labelled with its name, in its
-/// namespace) as seen from `node`.
-#[must_use]
-pub fn translate_one(
-    service: &Service,
-    slices: &[&EndpointSlice],
-    node: &NodeContext,
-) -> Translation {
-    let mut out = Translation::default();
-    translate_service(service, slices, node, &mut out);
     out
 }
 
@@ -114,7 +182,9 @@ pub fn service_of(slice: &EndpointSlice) -> Option<&str> {
         .map(String::as_str)
 }
 
-fn object_name(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> String {
+/// `namespace/name` of an object.
+#[must_use]
+pub fn object_name(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> String {
     format!(
         "{}/{}",
         meta.namespace.as_deref().unwrap_or("default"),
@@ -122,212 +192,259 @@ fn object_name(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta
     )
 }
 
-fn translate_service(
-    service: &Service,
-    own_slices: &[&EndpointSlice],
-    node: &NodeContext,
-    out: &mut Translation,
-) {
-    let meta = &service.metadata;
-    let name = object_name(meta);
-    let Some(spec) = &service.spec else { return };
-    if meta
-        .labels
-        .as_ref()
-        .is_some_and(|l| l.contains_key(PROXY_NAME_LABEL))
-    {
-        return;
-    }
-    if spec.type_.as_deref() == Some("ExternalName") {
-        return;
-    }
-    let warn = |out: &mut Translation, kind, message: String| {
-        out.warnings.push(Warning {
-            object: name.clone(),
-            kind,
-            message,
-        });
-    };
-    // VIPs, each with whether it is internal (cluster IPs) or external.
-    let mut vips: Vec<(IpAddr, bool)> = Vec::new();
-    let cluster_ips: Vec<&String> = match &spec.cluster_ips {
-        Some(ips) if !ips.is_empty() => ips.iter().collect(),
-        _ => spec.cluster_ip.iter().collect(),
-    };
-    for ip in cluster_ips {
-        if ip == "None" || ip.is_empty() {
-            continue; // headless
-        }
-        match ip.parse() {
-            Ok(addr) => vips.push((addr, true)),
-            Err(_) => warn(
-                out,
-                "bad-address",
-                format!("clusterIP {ip:?} is not an address"),
-            ),
-        }
-    }
-    let ingress = service
-        .status
-        .as_ref()
-        .and_then(|s| s.load_balancer.as_ref())
-        .and_then(|l| l.ingress.as_ref());
-    let external = ingress
-        .into_iter()
-        .flatten()
-        .filter_map(|i| i.ip.clone())
-        .chain(spec.external_ips.iter().flatten().cloned());
-    for ip in external {
-        match ip.parse() {
-            Ok(addr) => vips.push((addr, false)),
-            Err(_) => warn(
-                out,
-                "bad-address",
-                format!("external address {ip:?} is not an address"),
-            ),
-        }
-    }
-    if vips.is_empty() {
-        return;
-    }
-    let annotations = meta.annotations.clone().unwrap_or_default();
-    let scheduler = match annotations.get("xlb.io/scheduler").map(String::as_str) {
-        None | Some("maglev") => SchedulerConfig::Maglev,
-        Some("random") => SchedulerConfig::Random,
-        Some("round-robin") => SchedulerConfig::RoundRobin,
-        Some("least-connections") => SchedulerConfig::LeastConnections,
-        Some(other) => {
-            warn(out, "bad-annotation", format!("xlb.io/scheduler {other:?} is not maglev, random, round-robin or least-connections; using maglev"));
-            SchedulerConfig::Maglev
-        }
-    };
-    let table_size = match annotations.get("xlb.io/maglev-table-size") {
-        None => None,
-        Some(v) => match v.parse::<u32>() {
-            Ok(m) if is_valid_table_size(m) => Some(m),
-            _ => {
-                warn(out, "bad-annotation", format!("xlb.io/maglev-table-size {v:?} is not a prime from 251 to 131071; using the automatic size"));
-                None
-            }
-        },
-    };
-    let affinity_timeout = (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
-        spec.session_affinity_config
+impl ServiceView {
+    /// What translation needs of `service`, or `None` when xlb does not handle it (headless,
+    /// ExternalName, another proxy's, no VIP). What it skips or defaults goes to `warnings`.
+    #[must_use]
+    pub fn of(service: &Service, warnings: &mut Vec<Warning>) -> Option<Self> {
+        let meta = &service.metadata;
+        let spec = service.spec.as_ref()?;
+        if meta
+            .labels
             .as_ref()
-            .and_then(|c| c.client_ip.as_ref())
-            .and_then(|c| c.timeout_seconds)
-            .and_then(|t| u32::try_from(t).ok())
-            .unwrap_or(DEFAULT_AFFINITY_SECONDS)
-    });
-    let internal_local = spec.internal_traffic_policy.as_deref() == Some("Local");
-    let external_local = spec.external_traffic_policy.as_deref() == Some("Local");
-    let distribution = spec.traffic_distribution.as_deref();
-    for port in spec.ports.iter().flatten() {
-        let protocol = match port.protocol.as_deref().unwrap_or("TCP") {
-            "TCP" => ProtocolConfig::Tcp,
-            "UDP" => ProtocolConfig::Udp,
-            other => {
-                warn(
-                    out,
-                    "unsupported-protocol",
-                    format!("port {} is {other}, which xlb does not forward", port.port),
-                );
-                continue;
+            .is_some_and(|l| l.contains_key(PROXY_NAME_LABEL))
+        {
+            return None;
+        }
+        if spec.type_.as_deref() == Some("ExternalName") {
+            return None;
+        }
+        let name: Arc<str> = Arc::from(object_name(meta));
+        let mut warn = |kind, message: String| {
+            warnings.push(Warning {
+                object: name.to_string(),
+                kind,
+                message,
+            });
+        };
+        let mut vips: Vec<(IpAddr, bool)> = Vec::new();
+        let cluster_ips: Vec<&String> = match &spec.cluster_ips {
+            Some(ips) if !ips.is_empty() => ips.iter().collect(),
+            _ => spec.cluster_ip.iter().collect(),
+        };
+        for ip in cluster_ips {
+            if ip == "None" || ip.is_empty() {
+                continue; // headless
+            }
+            match ip.parse() {
+                Ok(addr) => vips.push((addr, true)),
+                Err(_) => warn("bad-address", format!("clusterIP {ip:?} is not an address")),
+            }
+        }
+        let ingress = service
+            .status
+            .as_ref()
+            .and_then(|s| s.load_balancer.as_ref())
+            .and_then(|l| l.ingress.as_ref());
+        let external = ingress
+            .into_iter()
+            .flatten()
+            .filter_map(|i| i.ip.as_ref())
+            .chain(spec.external_ips.iter().flatten());
+        for ip in external {
+            match ip.parse() {
+                Ok(addr) => vips.push((addr, false)),
+                Err(_) => warn(
+                    "bad-address",
+                    format!("external address {ip:?} is not an address"),
+                ),
+            }
+        }
+        if vips.is_empty() {
+            return None;
+        }
+        let annotations = meta.annotations.as_ref();
+        let annotation = |key: &str| annotations.and_then(|a| a.get(key)).map(String::as_str);
+        let scheduler = match annotation("xlb.io/scheduler") {
+            None | Some("maglev") => SchedulerConfig::Maglev,
+            Some("random") => SchedulerConfig::Random,
+            Some("round-robin") => SchedulerConfig::RoundRobin,
+            Some("least-connections") => SchedulerConfig::LeastConnections,
+            Some(other) => {
+                warn("bad-annotation", format!("xlb.io/scheduler {other:?} is not maglev, random, round-robin or least-connections; using maglev"));
+                SchedulerConfig::Maglev
             }
         };
-        let Ok(service_port) = u16::try_from(port.port) else {
-            warn(
-                out,
-                "bad-port",
-                format!("port {} is out of range", port.port),
-            );
-            continue;
+        let table_size = match annotation("xlb.io/maglev-table-size") {
+            None => None,
+            Some(v) => match v.parse::<u32>() {
+                Ok(m) if is_valid_table_size(m) => Some(m),
+                _ => {
+                    warn("bad-annotation", format!("xlb.io/maglev-table-size {v:?} is not a prime from 251 to 131071; using the automatic size"));
+                    None
+                }
+            },
         };
-        for &(vip, internal) in &vips {
-            let all = endpoints(own_slices, port, protocol, vip);
-            let local_only = if internal {
-                internal_local
-            } else {
-                external_local
+        let affinity_timeout = (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
+            spec.session_affinity_config
+                .as_ref()
+                .and_then(|c| c.client_ip.as_ref())
+                .and_then(|c| c.timeout_seconds)
+                .and_then(|t| u32::try_from(t).ok())
+                .unwrap_or(DEFAULT_AFFINITY_SECONDS)
+        });
+        let mut ports = Vec::new();
+        for port in spec.ports.iter().flatten() {
+            let protocol = match port.protocol.as_deref().unwrap_or("TCP") {
+                "TCP" => ProtocolConfig::Tcp,
+                "UDP" => ProtocolConfig::Udp,
+                other => {
+                    warn(
+                        "unsupported-protocol",
+                        format!("port {} is {other}, which xlb does not forward", port.port),
+                    );
+                    continue;
+                }
             };
-            let chosen: Vec<&(DesiredBackend, EndpointInfo)> = if local_only {
-                all.iter()
-                    .filter(|(_, e)| e.node.as_deref() == Some(node.name.as_str()))
-                    .collect()
-            } else {
-                prefer(&all, distribution, node)
+            let Ok(number) = u16::try_from(port.port) else {
+                warn("bad-port", format!("port {} is out of range", port.port));
+                continue;
             };
-            out.services.push(DesiredService {
-                name: format!("{name}:{}", port.name.as_deref().unwrap_or("")),
-                vip,
-                port: service_port,
+            ports.push(PortView {
+                name: port.name.as_deref().unwrap_or("").into(),
                 protocol,
-                backends: chosen.into_iter().map(|(b, _)| *b).collect(),
-                scheduler,
-                affinity_timeout,
-                no_backend: NoBackendConfig::Reject,
-                table_size,
+                port: number,
             });
         }
+        Some(Self {
+            name,
+            vips: vips.into(),
+            ports: ports.into(),
+            scheduler,
+            table_size,
+            affinity_timeout,
+            internal_local: spec.internal_traffic_policy.as_deref() == Some("Local"),
+            external_local: spec.external_traffic_policy.as_deref() == Some("Local"),
+            distribution: match spec.traffic_distribution.as_deref() {
+                Some("PreferSameNode") => Distribution::SameNode,
+                Some("PreferSameZone" | "PreferClose") => Distribution::SameZone,
+                _ => Distribution::Any,
+            },
+        })
     }
 }
 
-/// Where an endpoint runs, for topology choices.
-#[derive(Clone, Debug, PartialEq, Eq)]
-struct EndpointInfo {
-    node: Option<String>,
-    zone: Option<String>,
-}
-
-/// The Service port's endpoints of the VIP's family, merged over all slices, de-duplicated.
-fn endpoints(
-    slices: &[&EndpointSlice],
-    port: &ServicePort,
-    protocol: ProtocolConfig,
-    vip: IpAddr,
-) -> Vec<(DesiredBackend, EndpointInfo)> {
-    let family = if vip.is_ipv4() { "IPv4" } else { "IPv6" };
-    let want_proto = if protocol == ProtocolConfig::Tcp {
-        "TCP"
-    } else {
-        "UDP"
-    };
-    let mut seen = BTreeSet::new();
-    let mut out = Vec::new();
-    for slice in slices.iter().filter(|s| s.address_type == family) {
-        // The slice port with the Service port's name (both unnamed for a single-port Service).
-        let Some(target) = slice.ports.iter().flatten().find(|p| {
-            p.name.as_deref().unwrap_or("") == port.name.as_deref().unwrap_or("")
-                && p.protocol.as_deref().unwrap_or("TCP") == want_proto
-        }) else {
-            continue;
+impl SliceView {
+    /// What translation needs of `slice` as seen from the node `node` (`None` for an address
+    /// type xlb cannot forward to, such as FQDN). Endpoints that neither take nor keep flows,
+    /// and addresses that do not parse, are left out.
+    #[must_use]
+    pub fn of(slice: &EndpointSlice, node: &str, zones: &mut Zones) -> Option<Self> {
+        let ipv6 = match slice.address_type.as_str() {
+            "IPv4" => false,
+            "IPv6" => true,
+            _ => return None,
         };
-        let Some(target_port) = target.port.and_then(|p| u16::try_from(p).ok()) else {
-            continue;
-        };
+        let ports = slice
+            .ports
+            .iter()
+            .flatten()
+            .filter_map(|p| {
+                let protocol = match p.protocol.as_deref().unwrap_or("TCP") {
+                    "TCP" => ProtocolConfig::Tcp,
+                    "UDP" => ProtocolConfig::Udp,
+                    _ => return None,
+                };
+                Some(PortView {
+                    name: p.name.as_deref().unwrap_or("").into(),
+                    protocol,
+                    port: p.port.and_then(|n| u16::try_from(n).ok())?,
+                })
+            })
+            .collect();
+        let mut endpoints = Vec::with_capacity(slice.endpoints.len());
         for endpoint in &slice.endpoints {
             let Some(state) = state(endpoint) else {
                 continue;
             };
+            let local = endpoint.node_name.as_deref() == Some(node);
+            let zone = endpoint.zone.as_deref().map(|z| zones.intern(z));
             for address in &endpoint.addresses {
-                let Ok(addr) = address.parse::<IpAddr>() else {
-                    continue;
-                };
-                if !seen.insert((addr, target_port)) {
-                    continue;
-                }
-                out.push((
-                    DesiredBackend {
-                        address: addr,
-                        port: target_port,
-                        weight: 1,
+                if let Ok(address) = address.parse::<IpAddr>() {
+                    endpoints.push(EndpointView {
+                        address,
                         state,
-                    },
-                    EndpointInfo {
-                        node: endpoint.node_name.clone(),
-                        zone: endpoint.zone.clone(),
-                    },
-                ));
+                        local,
+                        zone: zone.clone(),
+                    });
+                }
+            }
+        }
+        Some(Self {
+            ipv6,
+            ports,
+            endpoints: endpoints.into(),
+        })
+    }
+}
+
+/// Translates one Service's view with its slices' views, for a node in `zone`: one desired
+/// Service per port and VIP.
+#[must_use]
+pub fn translate_views(
+    service: &ServiceView,
+    slices: &[&SliceView],
+    zone: Option<&str>,
+) -> Vec<DesiredService> {
+    let mut out = Vec::with_capacity(service.ports.len() * service.vips.len());
+    for port in service.ports.iter() {
+        for &(vip, internal) in service.vips.iter() {
+            let all = endpoints(slices, port, vip);
+            let local_only = if internal {
+                service.internal_local
+            } else {
+                service.external_local
+            };
+            let chosen = if local_only {
+                all.into_iter().filter(|(e, _)| e.local).collect()
+            } else {
+                prefer(all, service.distribution, zone)
+            };
+            out.push(DesiredService {
+                name: format!("{}:{}", service.name, port.name),
+                vip,
+                port: port.port,
+                protocol: port.protocol,
+                backends: chosen
+                    .into_iter()
+                    .map(|(e, port)| DesiredBackend {
+                        address: e.address,
+                        port,
+                        weight: 1,
+                        state: e.state,
+                    })
+                    .collect(),
+                scheduler: service.scheduler,
+                affinity_timeout: service.affinity_timeout,
+                no_backend: NoBackendConfig::Reject,
+                table_size: service.table_size,
+            });
+        }
+    }
+    out
+}
+
+/// The Service port's endpoints of the VIP's family, merged over all slices, de-duplicated,
+/// each with the target port its slice gives.
+fn endpoints<'a>(
+    slices: &[&'a SliceView],
+    port: &PortView,
+    vip: IpAddr,
+) -> Vec<(&'a EndpointView, u16)> {
+    let mut seen = BTreeSet::new();
+    let mut out = Vec::new();
+    for slice in slices.iter().filter(|s| s.ipv6 == vip.is_ipv6()) {
+        // The slice port with the Service port's name (both unnamed for a single-port Service).
+        let Some(target) = slice
+            .ports
+            .iter()
+            .find(|p| p.name == port.name && p.protocol == port.protocol)
+        else {
+            continue;
+        };
+        for endpoint in slice.endpoints.iter() {
+            if seen.insert((endpoint.address, target.port)) {
+                out.push((endpoint, target.port));
             }
         }
     }
@@ -354,27 +471,30 @@ fn state(endpoint: &Endpoint) -> Option<BackendStateConfig> {
 /// trafficDistribution: the preferred subset when it has an endpoint that takes new flows,
 /// else everything.
 fn prefer<'a>(
-    all: &'a [(DesiredBackend, EndpointInfo)],
-    distribution: Option<&str>,
-    node: &NodeContext,
-) -> Vec<&'a (DesiredBackend, EndpointInfo)> {
-    let usable = |set: &[&(DesiredBackend, EndpointInfo)]| {
+    all: Vec<(&'a EndpointView, u16)>,
+    distribution: Distribution,
+    zone: Option<&str>,
+) -> Vec<(&'a EndpointView, u16)> {
+    let usable = |set: &[(&EndpointView, u16)]| {
         set.iter()
-            .any(|(b, _)| b.state == BackendStateConfig::Ready)
+            .any(|(e, _)| e.state == BackendStateConfig::Ready)
     };
-    let same_zone: Vec<_> = all
+    let preferred: Vec<(&'a EndpointView, u16)> = match distribution {
+        Distribution::Any => return all,
+        Distribution::SameNode => all.iter().copied().filter(|(e, _)| e.local).collect(),
+        Distribution::SameZone => Vec::new(),
+    };
+    if usable(&preferred) {
+        return preferred;
+    }
+    let same_zone: Vec<(&'a EndpointView, u16)> = all
         .iter()
-        .filter(|(_, e)| e.zone.is_some() && e.zone == node.zone)
+        .copied()
+        .filter(|(e, _)| zone.is_some() && e.zone.as_deref() == zone)
         .collect();
-    let same_node: Vec<_> = all
-        .iter()
-        .filter(|(_, e)| e.node.as_deref() == Some(node.name.as_str()))
-        .collect();
-    match distribution {
-        Some("PreferSameNode") if usable(&same_node) => same_node,
-        Some("PreferSameNode" | "PreferSameZone" | "PreferClose") if usable(&same_zone) => {
-            same_zone
-        }
-        _ => all.iter().collect(),
+    if usable(&same_zone) {
+        same_zone
+    } else {
+        all
     }
 }

@@ -179,7 +179,8 @@ fn print_report(r: &Value) {
         ms(&r["write_to_live_p99_s"])
     );
     println!(
-        "resident: {:.0} MiB after the first snapshot, {:.0} MiB at the end, peak {:.0} MiB",
+        "resident: {:.0} MiB listed and translated, {:.0} MiB after the first snapshot, {:.0} MiB at the end, peak {:.0} MiB",
+        r["rss_listed_bytes"].as_f64().unwrap_or(0.0) / 1048576.0,
         r["rss_first_bytes"].as_f64().unwrap_or(0.0) / 1048576.0,
         r["rss_end_bytes"].as_f64().unwrap_or(0.0) / 1048576.0,
         r["rss_peak_bytes"].as_f64().unwrap_or(0.0) / 1048576.0
@@ -227,6 +228,7 @@ fn measure(n: u32, changes: u32) -> Result<Value, String> {
         let deadline = started + Duration::from_secs(600);
         let mut first_publication = Duration::ZERO;
         let mut first_build = Duration::ZERO;
+        let mut rss_listed = 0;
         while publisher.snapshot().len() < n as usize {
             let batch = tokio::time::timeout_at(deadline.into(), source.next_batch())
                 .await
@@ -238,6 +240,7 @@ fn measure(n: u32, changes: u32) -> Result<Value, String> {
                 .copied()
                 .unwrap_or_else(Instant::now);
             let building = Instant::now();
+            rss_listed = memory().0;
             publisher
                 .publish(
                     Source::Kubernetes,
@@ -309,6 +312,7 @@ fn measure(n: u32, changes: u32) -> Result<Value, String> {
             "event_to_live_max_s": event_to_live.last().copied().unwrap_or_default().as_secs_f64(),
             "write_to_live_p50_s": percentile(&write_to_live, 0.5).as_secs_f64(),
             "write_to_live_p99_s": percentile(&write_to_live, 0.99).as_secs_f64(),
+            "rss_listed_bytes": rss_listed,
             "rss_first_bytes": rss_first,
             "rss_end_bytes": rss_end,
             "rss_peak_bytes": peak,

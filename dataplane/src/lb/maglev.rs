@@ -118,41 +118,20 @@ impl MaglevTable {
         order.sort_by_key(|&(_, key)| key);
 
         let m64 = u64::from(m);
-        // Per backend: next preferred slot, skip, weight.
-        let mut cursor: Vec<(u32, u32, u32, u16)> = order
+        let mut cursors: Vec<Cursor> = order
             .iter()
             .map(|&(i, key)| {
                 let (h_offset, h_skip) = backend_hashes(&key);
-                let offset = u32::try_from(h_offset % m64).unwrap_or(0);
-                let skip = u32::try_from(h_skip % (m64 - 1) + 1).unwrap_or(1);
-                let index = u16::try_from(i).unwrap_or(u16::MAX);
-                (offset, skip, backends[i].1, index)
+                Cursor {
+                    next: u32::try_from(h_offset % m64).unwrap_or(0),
+                    skip: u32::try_from(h_skip % (m64 - 1) + 1).unwrap_or(1),
+                    weight: backends[i].1,
+                    index: u16::try_from(i).unwrap_or(u16::MAX),
+                }
             })
             .collect();
-
-        const EMPTY: u16 = u16::MAX;
-        // A real backend index is below MAX_BACKENDS = u16::MAX, so EMPTY is never one.
         let mut slots = vec![EMPTY; m as usize].into_boxed_slice();
-        let mut filled = 0;
-        'fill: loop {
-            for (next, skip, weight, index) in &mut cursor {
-                for _ in 0..*weight {
-                    // The permutation visits every slot (skip < M, M prime), so a free one
-                    // is found while any remains.
-                    while slots[*next as usize] != EMPTY {
-                        *next += *skip;
-                        if *next >= m {
-                            *next -= m;
-                        }
-                    }
-                    slots[*next as usize] = *index;
-                    filled += 1;
-                    if filled == m as usize {
-                        break 'fill;
-                    }
-                }
-            }
-        }
+        fill(&mut slots, &mut cursors);
         Ok(Self {
             slots,
             fastmod: u64::MAX / m64 + 1,
@@ -195,6 +174,130 @@ impl MaglevTable {
         }
         counts
     }
+}
+
+/// A slot no backend holds yet. A real backend index is below MAX_BACKENDS = u16::MAX, so
+/// EMPTY is never one.
+const EMPTY: u16 = u16::MAX;
+
+/// A backend's walk through its permutation of the slots.
+#[derive(Clone, Copy, Debug)]
+struct Cursor {
+    /// The slot it tries next.
+    next: u32,
+    /// Its permutation's step (0 < skip < M).
+    skip: u32,
+    /// Slots it takes per round.
+    weight: u32,
+    /// Its index in the caller's backend list.
+    index: u16,
+}
+
+/// Fills every slot: round after round, each backend takes `weight` slots, each the next
+/// free one along its permutation (offset, offset + skip, offset + 2 skip, ... mod M).
+///
+/// The last few free slots are the costly ones to find by walking (a walk of M / free
+/// steps on average), so once `free` is small each backend's next free slot is computed
+/// instead: the free slot `f` it reaches first is the one with the fewest steps
+/// `(f - next) * skip^-1 mod M` from its cursor. Both ways pick the same slot, so the table
+/// is the same (the golden table pins it).
+#[inline(never)]
+fn fill(slots: &mut [u16], cursors: &mut [Cursor]) {
+    let m = u32::try_from(slots.len()).unwrap_or(u32::MAX);
+    let endgame = endgame_at(m);
+    let mut free = slots.len();
+    // Walking: while many slots are free.
+    'walk: loop {
+        for c in cursors.iter_mut() {
+            for _ in 0..c.weight {
+                if free <= endgame {
+                    break 'walk;
+                }
+                // The permutation visits every slot (skip < M, M prime), so a free one is
+                // found while any remains.
+                let mut next = c.next;
+                while slots[next as usize] != EMPTY {
+                    next += c.skip;
+                    if next >= m {
+                        next -= m;
+                    }
+                }
+                slots[next as usize] = c.index;
+                c.next = next;
+                free -= 1;
+            }
+        }
+    }
+    // Computing: the round resumes where the walk stopped, at the same backend and turn.
+    let mut free_slots: Vec<u32> = (0..m).filter(|&s| slots[s as usize] == EMPTY).collect();
+    let inverses: Vec<u64> = cursors
+        .iter()
+        .map(|c| mod_inverse(u64::from(c.skip), u64::from(m)))
+        .collect();
+    let (mut backend, mut turn) = resume_point(cursors, slots.len() - free);
+    while !free_slots.is_empty() {
+        let c = &mut cursors[backend];
+        let inverse = inverses[backend];
+        let (at, _) = free_slots
+            .iter()
+            .enumerate()
+            .map(|(i, &f)| {
+                let ahead = if f >= c.next {
+                    f - c.next
+                } else {
+                    f + m - c.next
+                };
+                (i, u64::from(ahead) * inverse % u64::from(m))
+            })
+            .min_by_key(|&(_, steps)| steps)
+            .unwrap_or((0, 0));
+        let slot = free_slots.swap_remove(at);
+        slots[slot as usize] = c.index;
+        c.next = slot;
+        turn += 1;
+        if turn >= c.weight {
+            turn = 0;
+            backend = (backend + 1) % cursors.len();
+        }
+    }
+}
+
+/// The number of free slots below which computing beats walking: a walk costs about
+/// M / free probes, computing costs `free` multiplications and remainders, each a few
+/// probes' worth.
+fn endgame_at(m: u32) -> usize {
+    let mut e = 1usize;
+    while (e * e * 4) < m as usize {
+        e += 1;
+    }
+    e
+}
+
+/// Which backend takes the next slot after `placed` slots, and how many of its turn it has
+/// used: rounds go through the backends in order, each taking `weight` slots.
+fn resume_point(cursors: &[Cursor], placed: usize) -> (usize, u32) {
+    let round: u64 = cursors.iter().map(|c| u64::from(c.weight)).sum();
+    let mut left = (placed as u64) % round.max(1);
+    for (i, c) in cursors.iter().enumerate() {
+        if left < u64::from(c.weight) {
+            return (i, u32::try_from(left).unwrap_or(0));
+        }
+        left -= u64::from(c.weight);
+    }
+    (0, 0)
+}
+
+/// `a^-1 mod m` for a prime `m` and `0 < a < m` (Fermat: a^(m-2)).
+fn mod_inverse(a: u64, m: u64) -> u64 {
+    let (mut base, mut exp, mut acc) = (a % m, m - 2, 1u64);
+    while exp > 0 {
+        if exp & 1 == 1 {
+            acc = acc * base % m;
+        }
+        base = base * base % m;
+        exp >>= 1;
+    }
+    acc
 }
 
 impl core::fmt::Debug for MaglevTable {
@@ -279,4 +382,55 @@ mod tests {
     }
 
     const GOLDEN: &str = include_str!("golden/maglev-v1-m251-n3.txt");
+
+    /// The population loop walking to the very end, as Maglev's paper has it.
+    fn walk_only(slots: &mut [u16], cursors: &mut [Cursor]) {
+        let m = slots.len() as u32;
+        let mut filled = 0;
+        'fill: loop {
+            for c in cursors.iter_mut() {
+                for _ in 0..c.weight {
+                    while slots[c.next as usize] != EMPTY {
+                        c.next = (c.next + c.skip) % m;
+                    }
+                    slots[c.next as usize] = c.index;
+                    filled += 1;
+                    if filled == slots.len() {
+                        break 'fill;
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn computing_the_last_free_slots_gives_the_same_table_as_walking_to_them() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut random = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for &m in &[251u32, 509, 1021, 4093, 16381] {
+            for n in [1usize, 2, 3, 7, 10, 31, 100] {
+                if n > m as usize {
+                    continue;
+                }
+                let cursors: Vec<Cursor> = (0..n)
+                    .map(|i| Cursor {
+                        next: (random() % u64::from(m)) as u32,
+                        skip: (random() % u64::from(m - 1)) as u32 + 1,
+                        weight: 1 + (random() % 3) as u32 * u32::from(i % 2 == 0),
+                        index: i as u16,
+                    })
+                    .collect();
+                let mut expected = vec![EMPTY; m as usize];
+                walk_only(&mut expected, &mut cursors.clone());
+                let mut got = vec![EMPTY; m as usize];
+                fill(&mut got, &mut cursors.clone());
+                assert_eq!(got, expected, "M = {m}, N = {n}");
+            }
+        }
+    }
 }
