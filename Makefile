@@ -5,15 +5,16 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 # clang/llvm: the XDP filter; libelf, zlib, libpcap, pkg-config, m4: libxdp and libbpf, which
-# xsk-rs builds from source; iproute2, ethtool, python3: the netns demo and its test peers.
-APT_PACKAGES := clang llvm libelf-dev zlib1g-dev libpcap-dev pkg-config m4 iproute2 ethtool python3
+# xsk-rs builds from source; iproute2, ethtool, python3: the netns demo and its test peers;
+# python3-venv: the manifest validator's environment.
+APT_PACKAGES := clang llvm libelf-dev zlib1g-dev libpcap-dev pkg-config m4 iproute2 ethtool python3 python3-venv
 # What the end-to-end benchmark adds: kube-proxy's kernel dataplanes and conntrack's tool.
 BENCH_PACKAGES := iptables nftables conntrack
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 XLB := target/release/xlb
 FRAMES := deploy/examples/frames
 
-.PHONY: all deps toolchain build demo test lint loom bench bench-e2e
+.PHONY: all deps toolchain build demo test lint loom manifests bench bench-e2e
 
 all: build
 
@@ -57,18 +58,31 @@ loom: deps toolchain
 	RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom LOOM_MAX_PREEMPTIONS=2 \
 	  $(CARGO) test --release -p xlb-dataplane --test flow_loom
 
-# Everything: formatting, lints, the dataplane alone without test utilities, every test, and
-# the loom models.
+# The deployment manifests against the Kubernetes API schemas, offline: kubernetes-validate
+# (from PyPI, installed once into target/manifest-venv) ships the schemas it checks with.
+KUBE_VALIDATE := target/manifest-venv/bin/kubernetes-validate
+manifests: deps
+	@[ -x $(KUBE_VALIDATE) ] || { python3 -m venv target/manifest-venv && \
+	  target/manifest-venv/bin/pip install -q --disable-pip-version-check kubernetes-validate==1.37.0; }
+	$(KUBE_VALIDATE) --strict --quiet deploy/kubernetes/xlb.yaml
+	@echo "deploy/kubernetes/xlb.yaml: valid against the Kubernetes 1.37 schemas"
+
+# Everything: formatting, lints, the dataplane alone without test utilities, every test, the
+# loom models and the manifests.
 test: lint
 	$(CARGO) check -p xlb-dataplane
 	$(CARGO) test --workspace
 	$(MAKE) --no-print-directory loom
+	$(MAKE) --no-print-directory manifests
 
 # Criterion stages, then their medians per packet; bench/callgrind.sh gives instruction counts
 # that do not depend on how busy the machine is.
+# kube-sync: the Kubernetes source end to end at 10 000 and 100 000 Services.
 bench: deps toolchain
 	$(CARGO) bench -p xlb-bench
 	$(CARGO) run -q --release -p xlb-bench --bin bench-summary
+	$(CARGO) run -q --release -p xlb-bench --bin kube-sync -- --services 10000
+	$(CARGO) run -q --release -p xlb-bench --bin kube-sync -- --services 100000
 
 # xlb against kube-proxy-shaped iptables and nftables rules and a bare AF_XDP forwarder, in one
 # run, in namespaces (needs root); writes bench/results/e2e.{md,svg,json}. SERVICES and SECONDS

@@ -32,6 +32,12 @@ use crate::netlink::{self, Port};
 use crate::publish::{Published, Publisher, Source};
 use crate::translate::{BuildStats, OnRefusal};
 
+/// The capabilities `xlb run` needs when not root, no more: BPF programs and maps (BPF, and
+/// PERFMON for the verifier), attaching XDP (NET_ADMIN), AF_XDP sockets (NET_RAW), locking the
+/// UMEM (IPC_LOCK). The netns test runs xlb with exactly these; the DaemonSet and the systemd
+/// unit grant exactly these.
+pub const CAPABILITIES: [&str; 5] = ["NET_ADMIN", "NET_RAW", "BPF", "PERFMON", "IPC_LOCK"];
+
 /// How often next hops are re-read and unresolved addresses resolved.
 const HOPS_PERIOD: Duration = Duration::from_millis(200);
 /// How often the configuration file is checked for changes.
@@ -55,7 +61,7 @@ pub fn run(path: &Path, node_name: Option<String>) -> Result<(), String> {
         .map_err(|e| format!("cannot start the control runtime: {e}"))?;
 
     let mut filter = XdpFilter::load()
-        .map_err(|e| format!("{e} (xlb needs root or CAP_BPF + CAP_NET_ADMIN)"))?;
+        .map_err(|e| format!("{e} (xlb needs root, or CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN)"))?;
     let mode = match config.xdp_mode {
         XdpModeConfig::Native => XdpMode::Native,
         XdpModeConfig::Skb => XdpMode::Skb,
@@ -100,7 +106,9 @@ pub fn run(path: &Path, node_name: Option<String>) -> Result<(), String> {
     for i in 0..config.cores.len() {
         let queue = config.queue + u32::try_from(i).unwrap_or(0);
         sockets.push(
-            XskIo::open(&interfaces, queue, &xsk_config, &filter).map_err(|e| e.to_string())?,
+            XskIo::open(&interfaces, queue, &xsk_config, &filter).map_err(|e| {
+                format!("{e} (AF_XDP sockets need CAP_NET_RAW, and CAP_IPC_LOCK or a memlock limit that holds the UMEM)")
+            })?,
         );
     }
     let listener = std::net::TcpListener::bind(config.admin)

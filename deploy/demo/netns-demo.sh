@@ -11,8 +11,10 @@
 # an invalid edit is refused while traffic goes on, and after `kill -9` a new xlb replaces the
 # leftover XDP program and forwards again. Finally SIGTERM must detach the XDP program.
 #
-# Usage: netns-demo.sh XLB_BINARY [--quiet] [--quick]; MODE=dnat|snat, XDP_MODE=native|skb and
-# BUSY_POLL=false|true in the environment (default dnat, native, false). Exits non-zero if any check fails. Everything it
+# Usage: netns-demo.sh XLB_BINARY [--quiet] [--quick]; MODE=dnat|snat, XDP_MODE=native|skb,
+# BUSY_POLL=false|true and CAPS in the environment (default dnat, native, false, unset). With
+# CAPS=net_admin,net_raw,... xlb runs as nobody with exactly those capabilities (what the
+# DaemonSet and the systemd unit grant). Exits non-zero if any check fails. Everything it
 # creates (namespaces, veths, XDP programs, processes) is removed on exit, failure included.
 # Traffic stays inside the namespaces and is bounded: at most 30 connections and 30 datagrams
 # per step, 3 s timeouts, and `timeout` around every step.
@@ -77,8 +79,17 @@ config() {
   mv "$WORK/xlb.yaml.new" "$WORK/xlb.yaml"
 }
 
+# How xlb is started: as root, or as nobody with only $CAPS.
+XLB_RUN=("$XLB")
+if [ -n "${CAPS:-}" ]; then
+  caps=$(echo "$CAPS" | sed 's/^/+/; s/,/,+/g')
+  XLB_RUN=(setpriv --reuid=65534 --regid=65534 --clear-groups --inh-caps="$caps"
+           --ambient-caps="$caps" --bounding-set="-all,$caps" "$XLB")
+fi
+
 start_xlb() {
-  ip netns exec "$NODE" "$XLB" run --config "$WORK/xlb.yaml" >/dev/null 2>>"$WORK/xlb.log" &
+  [ -z "${CAPS:-}" ] || chmod -R a+rX "$WORK"
+  ip netns exec "$NODE" "${XLB_RUN[@]}" run --config "$WORK/xlb.yaml" >/dev/null 2>>"$WORK/xlb.log" &
   XLB_PID=$!
   for _ in $(seq 1 100); do
     in_ns "$NODE" "$XLB" status >/dev/null 2>&1 && return 0
@@ -155,7 +166,7 @@ traffic() {
 }
 
 config 1 2 3
-say "== starting xlb ($MODE mode, $XDP_MODE XDP) in $NODE on $IFACES"
+say "== starting xlb ($MODE mode, $XDP_MODE XDP${CAPS:+, as nobody with $CAPS}) in $NODE on $IFACES"
 start_xlb
 say "== client: 30 TCP connections and 30 UDP datagrams to each VIP (IPv4 and IPv6)"
 traffic 30 backend-1,backend-2,backend-3 || fail "traffic through xlb"
