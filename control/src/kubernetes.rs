@@ -12,8 +12,9 @@
 //! SCTP reported as unsupported), endpoints merged from all EndpointSlices of a Service and
 //! de-duplicated, endpoint conditions (KEP-1669: ready takes new flows; serving + terminating
 //! keeps its flows and takes new ones only when nothing is ready), traffic policies
-//! (internalTrafficPolicy / externalTrafficPolicy Local: node-local endpoints only, none means
-//! none), trafficDistribution (PreferSameZone / PreferClose, PreferSameNode, with fallback),
+//! (internalTrafficPolicy / externalTrafficPolicy Local: node-local endpoints only; none there
+//! while others exist drops, as kube-proxy does, where no endpoint at all rejects),
+//! trafficDistribution (PreferSameZone / PreferClose, PreferSameNode, with fallback),
 //! session affinity, and xlb's annotations (`xlb.io/scheduler`, `xlb.io/maglev-table-size`).
 //!
 //! Must not know: the API server, watches, time; packets.
@@ -395,8 +396,15 @@ pub fn translate_views(
             } else {
                 service.external_local
             };
-            let chosen = if local_only {
-                all.into_iter().filter(|(e, _)| e.local).collect()
+            // kube-proxy rejects traffic to a Service without endpoints, and drops traffic
+            // that a Local policy leaves without one (there are endpoints, elsewhere).
+            let mut no_backend = NoBackendConfig::Reject;
+            let chosen: Vec<(&EndpointView, u16)> = if local_only {
+                let local: Vec<_> = all.iter().copied().filter(|(e, _)| e.local).collect();
+                if local.is_empty() && !all.is_empty() {
+                    no_backend = NoBackendConfig::Drop;
+                }
+                local
             } else {
                 prefer(all, service.distribution, zone)
             };
@@ -416,7 +424,7 @@ pub fn translate_views(
                     .collect(),
                 scheduler: service.scheduler,
                 affinity_timeout: service.affinity_timeout,
-                no_backend: NoBackendConfig::Reject,
+                no_backend,
                 table_size: service.table_size,
             });
         }

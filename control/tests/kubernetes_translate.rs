@@ -4,7 +4,7 @@
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde_json::{json, Value};
-use xlb_control::config::{BackendStateConfig, ProtocolConfig, SchedulerConfig};
+use xlb_control::config::{BackendStateConfig, NoBackendConfig, ProtocolConfig, SchedulerConfig};
 use xlb_control::kubernetes::{translate, NodeContext, Translation};
 
 fn service(name: &str, spec: Value) -> Value {
@@ -229,7 +229,7 @@ fn sctp_is_reported_as_unsupported_not_silently_dropped() {
 }
 
 #[test]
-fn internal_traffic_policy_local_keeps_only_this_nodes_endpoints_even_if_none() {
+fn internal_traffic_policy_local_keeps_only_this_nodes_endpoints_and_drops_without_one() {
     let mut svc = web();
     svc["spec"]["internalTrafficPolicy"] = json!("Local");
     let slices = |on: &str| {
@@ -250,11 +250,21 @@ fn internal_traffic_policy_local_keeps_only_this_nodes_endpoints_even_if_none() 
         t.services[0].backends[0].address.to_string(),
         "198.18.129.1"
     );
-    let t = run(vec![svc], slices("node-c"));
+    assert_eq!(t.services[0].no_backend, NoBackendConfig::Reject);
+    let t = run(vec![svc.clone()], slices("node-c"));
     assert!(
         t.services[0].backends.is_empty(),
         "no local endpoint: none, as kube-proxy does"
     );
+    assert_eq!(
+        t.services[0].no_backend,
+        NoBackendConfig::Drop,
+        "endpoints elsewhere: dropped, as kube-proxy does"
+    );
+    // No endpoint anywhere: rejected.
+    let t = run(vec![svc], Vec::new());
+    assert!(t.services[0].backends.is_empty());
+    assert_eq!(t.services[0].no_backend, NoBackendConfig::Reject);
 }
 
 #[test]
