@@ -159,7 +159,7 @@ pub fn run(path: &Path, node_name: Option<String>) -> Result<(), String> {
         flows: Arc::clone(&shared.flows),
         clock: shared.clock,
         workers: stats,
-        generation: std::sync::atomic::AtomicU64::new(1),
+        generation: std::sync::atomic::AtomicU64::new(publisher.generation()),
         sync_seconds: crate::histogram::Histogram::default(),
         filter_counts: ArcSwap::from_pointee((0, 0)),
         kube: kube.as_ref().map(|k| Arc::clone(k.metrics())),

@@ -3,7 +3,8 @@
 //! datagrams to a VIP (IPv4 and IPv6) are balanced over the backends and answered from the
 //! VIP, that a Service without backends refuses with a reset, that file edits apply live (and
 //! invalid ones are refused), that a restart after kill -9 works, and that SIGTERM detaches
-//! the XDP program. The script removes everything it created, on failure too.
+//! the XDP program; and the same with the Services coming from a Kubernetes API server. The
+//! script removes everything it created, on failure too.
 //!
 //! It needs root and network namespaces; without them it says why and skips.
 
@@ -23,7 +24,7 @@ fn skip_reason() -> Option<String> {
     }
 }
 
-fn demo(mode: &str, xdp_mode: &str, busy_poll: bool, caps: Option<&str>) {
+fn demo(mode: &str, xdp_mode: &str, busy_poll: bool, caps: Option<&str>, source: &str) {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/demo/netns-demo.sh");
     let out = Command::new("bash")
         .arg(script)
@@ -32,6 +33,8 @@ fn demo(mode: &str, xdp_mode: &str, busy_poll: bool, caps: Option<&str>) {
         .env("XDP_MODE", xdp_mode)
         .env("BUSY_POLL", busy_poll.to_string())
         .env("CAPS", caps.unwrap_or(""))
+        .env("SOURCE", source)
+        .env("FAKE_API", env!("CARGO_BIN_EXE_xlb-fake-api"))
         .output()
         .expect("bash runs the demo script");
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -41,7 +44,7 @@ fn demo(mode: &str, xdp_mode: &str, busy_poll: bool, caps: Option<&str>) {
         "the netns demo ({mode}, {xdp_mode}) failed\n--- stdout\n{stdout}\n--- stderr\n{stderr}"
     );
     assert!(
-        stdout.contains(&format!("netns demo ({mode}, {xdp_mode}): ok")),
+        stdout.contains(&format!("netns demo ({mode}, {xdp_mode}, {source}): ok")),
         "{stdout}"
     );
     assert!(stdout.contains("refused yes"), "{stdout}");
@@ -55,17 +58,20 @@ fn demo(mode: &str, xdp_mode: &str, busy_poll: bool, caps: Option<&str>) {
 
 /// Both modes, one after the other (they would compete for the two cores if run in
 /// parallel): dnat with native XDP as root, snat with generic (SKB) XDP and busy polling as
-/// nobody with only the capabilities the deployment grants. Each checks IPv4 and IPv6, the
-/// source the backends see, a live reload, a refused edit, and a restart after kill -9.
+/// nobody with only the capabilities the deployment grants, and dnat again with the Services
+/// from a Kubernetes API server (control::fake_api in the node's namespace) instead of the
+/// file. Each checks IPv4 and IPv6, the source the backends see, a live change, a refused
+/// edit (a malformed Service for Kubernetes), and a restart after kill -9.
 #[test]
 fn xlb_balances_real_traffic_in_dnat_and_snat_mode_reloads_live_and_survives_a_crash() {
     if let Some(why) = skip_reason() {
         eprintln!("SKIPPED: {why}");
         return;
     }
-    demo("dnat", "native", false, None);
+    demo("dnat", "native", false, None, "file");
     // Without CAP_PERFMON the verifier refuses the filter; without CAP_IPC_LOCK the UMEM
     // cannot be locked; CAP_SYS_ADMIN is not needed.
     let caps = xlb_control::daemon::CAPABILITIES.join(",").to_lowercase();
-    demo("snat", "skb", true, Some(&caps));
+    demo("snat", "skb", true, Some(&caps), "file");
+    demo("dnat", "native", false, None, "kubernetes");
 }

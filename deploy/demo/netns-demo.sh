@@ -14,7 +14,10 @@
 # Usage: netns-demo.sh XLB_BINARY [--quiet] [--quick]; MODE=dnat|snat, XDP_MODE=native|skb,
 # BUSY_POLL=false|true and CAPS in the environment (default dnat, native, false, unset). With
 # CAPS=net_admin,net_raw,... xlb runs as nobody with exactly those capabilities (what the
-# DaemonSet and the systemd unit grant). Exits non-zero if any check fails. Everything it
+# DaemonSet and the systemd unit grant). With SOURCE=kubernetes and FAKE_API=path/to/
+# xlb-fake-api, the Services come from an in-namespace Kubernetes API server instead of the
+# file (Services and EndpointSlices; an edit is an EndpointSlice change, the invalid edit a
+# malformed Service). Exits non-zero if any check fails. Everything it
 # creates (namespaces, veths, XDP programs, processes) is removed on exit, failure included.
 # Traffic stays inside the namespaces and is bounded: at most 30 connections and 30 datagrams
 # per step, 3 s timeouts, and `timeout` around every step.
@@ -26,12 +29,13 @@ QUIET= QUICK=
 for arg in "$@"; do
   case $arg in --quiet) QUIET=1 ;; --quick) QUICK=1 ;; *) echo "unknown argument $arg" >&2; exit 2 ;; esac
 done
-MODE=${MODE:-dnat} XDP_MODE=${XDP_MODE:-native}
+MODE=${MODE:-dnat} XDP_MODE=${XDP_MODE:-native} SOURCE=${SOURCE:-file}
 P=xlbd$$                     # a prefix unique to this run
 NODE=$P-node CLIENT=$P-client
 BACKENDS=3
 WORK=$(mktemp -d)
 XLB_PID=
+API_PID=
 
 say() { [ -n "$QUIET" ] || echo "$@"; }
 source "$(dirname "$0")/topology.sh"
@@ -39,6 +43,7 @@ source "$(dirname "$0")/topology.sh"
 cleanup() {
   set +e
   [ -n "$XLB_PID" ] && kill -TERM "$XLB_PID" 2>/dev/null && wait "$XLB_PID" 2>/dev/null
+  [ -n "$API_PID" ] && kill "$API_PID" 2>/dev/null && wait "$API_PID" 2>/dev/null
   topology_down "$P"
   rm -rf "$WORK"
 }
@@ -54,15 +59,22 @@ fail() {
 
 topology_up "$P" "$BACKENDS"
 
-# config BACKEND_NUMBERS...: writes the configuration with these backends.
+# settings: the configuration's lines other than the Services.
+settings() {
+  echo "interfaces: [$IFACES]"
+  echo "mode: $MODE"
+  [ "$MODE" = snat ] && echo "snat: { ipv4: 198.18.64.100, ipv6: '2001:2:0:40::100' }"
+  echo "cores: [0]"
+  echo "xdp_mode: $XDP_MODE"
+  echo "busy_poll: ${BUSY_POLL:-false}"
+}
+
+# config BACKEND_NUMBERS...: writes the configuration with these backends (or, with the
+# Kubernetes source, the EndpointSlices of the Service).
 config() {
+  [ "$SOURCE" = kubernetes ] && { k8s_service web "$WEB"; k8s_endpoints "$@"; return; }
   {
-    echo "interfaces: [$IFACES]"
-    echo "mode: $MODE"
-    [ "$MODE" = snat ] && echo "snat: { ipv4: 198.18.64.100, ipv6: '2001:2:0:40::100' }"
-    echo "cores: [0]"
-    echo "xdp_mode: $XDP_MODE"
-    echo "busy_poll: ${BUSY_POLL:-false}"
+    settings
     echo "services:"
     for vip in 198.18.64.1 "'2001:2:0:40::1'"; do
       echo "  - name: web-$([ "$vip" = 198.18.64.1 ] && echo v4 || echo v6)"
@@ -79,6 +91,46 @@ config() {
   mv "$WORK/xlb.yaml.new" "$WORK/xlb.yaml"
 }
 
+# The Kubernetes source: an API server in the node's namespace (where xlb reaches it on
+# 127.0.0.1), fed JSON lines through a FIFO; the same Services as the file's.
+api() { echo "$1" >&3; }
+k8s_service() { # NAME SPEC_JSON
+  api '{"apply":"services","object":{"metadata":{"namespace":"demo","name":"'"$1"'"},"spec":'"$2"'}}'
+}
+k8s_endpoints() { # BACKEND_NUMBERS...
+  local family addr eps
+  for family in IPv4 IPv6; do
+    eps=
+    for i in "$@"; do
+      if [ $family = IPv4 ]; then addr=198.18.$((128 + i)).1; else addr=2001:2:0:$((80 + i))::1; fi
+      eps="$eps${eps:+,}{\"addresses\":[\"$addr\"],\"conditions\":{\"ready\":true,\"serving\":true,\"terminating\":false},\"nodeName\":\"backend-$i\"}"
+    done
+    api '{"apply":"endpointslices","object":{"metadata":{"namespace":"demo","name":"web-'"$family"'","labels":{"kubernetes.io/service-name":"web"}},"addressType":"'"$family"'","ports":[{"name":"http","protocol":"TCP","port":8080},{"name":"dns","protocol":"UDP","port":5353}],"endpoints":['"$eps"']}}'
+  done
+}
+if [ "$SOURCE" = kubernetes ]; then
+  [ -x "${FAKE_API:-}" ] || { echo "SOURCE=kubernetes needs FAKE_API=path/to/xlb-fake-api" >&2; exit 2; }
+  mkfifo "$WORK/api.in"
+  ip netns exec "$NODE" "$FAKE_API" --seconds 300 < "$WORK/api.in" > "$WORK/api.out" 2>&1 &
+  API_PID=$!
+  exec 3> "$WORK/api.in"
+  for _ in $(seq 1 50); do grep -q '^URL ' "$WORK/api.out" 2>/dev/null && break; sleep 0.1; done
+  URL=$(sed -n 's/^URL //p' "$WORK/api.out")
+  [ -n "$URL" ] || fail "the API server did not start: $(cat "$WORK/api.out")"
+  cat > "$WORK/kubeconfig" <<KC
+apiVersion: v1
+kind: Config
+clusters: [{ name: demo, cluster: { server: "$URL" } }]
+users: [{ name: demo, user: {} }]
+contexts: [{ name: demo, context: { cluster: demo, user: demo } }]
+current-context: demo
+KC
+  { settings; echo "kubernetes: { kubeconfig: $WORK/kubeconfig, node_name: node }"; } > "$WORK/xlb.yaml"
+  api '{"apply":"nodes","object":{"metadata":{"name":"node","labels":{"topology.kubernetes.io/zone":"demo"}}}}'
+  WEB='{"type":"ClusterIP","clusterIP":"198.18.64.1","clusterIPs":["198.18.64.1","2001:2:0:40::1"],"ipFamilies":["IPv4","IPv6"],"ports":[{"name":"http","protocol":"TCP","port":80,"targetPort":"http"},{"name":"dns","protocol":"UDP","port":53,"targetPort":"dns"}]}'
+  k8s_service empty '{"type":"ClusterIP","clusterIP":"198.18.64.2","clusterIPs":["198.18.64.2"],"ports":[{"name":"http","protocol":"TCP","port":80}]}'
+fi
+
 # How xlb is started: as root, or as nobody with only $CAPS.
 XLB_RUN=("$XLB")
 if [ -n "${CAPS:-}" ]; then
@@ -92,7 +144,10 @@ start_xlb() {
   ip netns exec "$NODE" "${XLB_RUN[@]}" run --config "$WORK/xlb.yaml" >/dev/null 2>>"$WORK/xlb.log" &
   XLB_PID=$!
   for _ in $(seq 1 100); do
-    in_ns "$NODE" "$XLB" status >/dev/null 2>&1 && return 0
+    # Up, and with the Kubernetes source, listed.
+    in_ns "$NODE" "$XLB" status 2>/dev/null |
+      grep -q "$([ "$SOURCE" = kubernetes ] && echo '^xlb_kubernetes_synced 1' || echo .)" &&
+      { sleep 0.2; return 0; }
     kill -0 "$XLB_PID" 2>/dev/null || { XLB_PID=; fail "xlb exited at start"; }
     sleep 0.1
   done
@@ -166,7 +221,7 @@ traffic() {
 }
 
 config 1 2 3
-say "== starting xlb ($MODE mode, $XDP_MODE XDP${CAPS:+, as nobody with $CAPS}) in $NODE on $IFACES"
+say "== starting xlb ($MODE mode, $XDP_MODE XDP, $SOURCE source${CAPS:+, as nobody with $CAPS}) in $NODE on $IFACES"
 start_xlb
 say "== client: 30 TCP connections and 30 UDP datagrams to each VIP (IPv4 and IPv6)"
 traffic 30 backend-1,backend-2,backend-3 || fail "traffic through xlb"
@@ -177,17 +232,24 @@ say "== a few flows"
 say "$(in_ns "$NODE" "$XLB" flows --limit 3)"
 
 if [ -z "$QUICK" ]; then
-  say "== edit: backend-3 removed from the file; xlb applies it live"
+  say "== edit: backend-3 removed from the $SOURCE source; xlb applies it live"
   config 1 2
   sleep 2.5
   traffic 20 backend-1,backend-2 again || fail "traffic after removing a backend"
   say "$(cat "$WORK/client.out")"
-  say "== edit: an invalid file; xlb keeps the last good snapshot"
-  echo "services: [ { name: broken, vip: not-an-address } ]" > "$WORK/xlb.yaml"
+  if [ "$SOURCE" = kubernetes ]; then
+    say "== edit: a malformed Service; xlb skips it and keeps the rest"
+    k8s_service web '{"type":"ClusterIP","clusterIP":"198.18.64.1","ports":[{"name":"http","port":"eighty"}]}'
+    refused="malformed object skipped"
+  else
+    say "== edit: an invalid file; xlb keeps the last good snapshot"
+    echo "services: [ { name: broken, vip: not-an-address } ]" > "$WORK/xlb.yaml"
+    refused="configuration edit refused"
+  fi
   sleep 2.5
-  grep -q "configuration edit refused" "$WORK/xlb.log" || fail "the invalid edit was not reported"
+  grep -q "$refused" "$WORK/xlb.log" || fail "the invalid edit was not reported"
   traffic 20 backend-1,backend-2 again || fail "traffic after an invalid edit"
-  say "$(grep "configuration edit refused" "$WORK/xlb.log" | tail -1 | sed 's/\x1b\[[0-9;]*m//g' | cut -c1-160)"
+  say "$(grep "$refused" "$WORK/xlb.log" | tail -1 | sed 's/\x1b\[[0-9;]*m//g' | cut -c1-160)"
   say "== kill -9, then a new xlb replaces the leftover XDP program"
   config 1 2 3
   kill -9 "$XLB_PID"; wait "$XLB_PID" 2>/dev/null || true; XLB_PID=
@@ -209,4 +271,4 @@ for i in $(seq 0 $BACKENDS); do
   if in_ns "$NODE" ip link show "n$i" | grep -q xdp; then fail "an XDP program is still attached to n$i after SIGTERM"; fi
 done
 say "== xlb stopped on SIGTERM and detached its XDP program"
-echo "netns demo ($MODE, $XDP_MODE): ok"
+echo "netns demo ($MODE, $XDP_MODE, $SOURCE): ok"
