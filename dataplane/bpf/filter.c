@@ -40,9 +40,12 @@ struct steer_key {
 #define STEER_IPV6 2
 #define STEER_ANY_PORT 4 // match the destination address alone (an SNAT address)
 
+// Up to 4 M keys (100 000 Services x 10 endpoints need 1.1 M in dnat mode: one per VIP and one
+// per backend), allocated as they are added rather than all at load.
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 1 << 20);
+	__uint(max_entries, 1 << 22);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, struct steer_key);
 	__type(value, __u8);
 } steer SEC(".maps");
