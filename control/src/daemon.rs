@@ -29,8 +29,8 @@ use crate::admin::{self, AdminState};
 use crate::config::{Config, KubernetesConfig, ModeConfig, XdpModeConfig};
 use crate::kube_source::{Batch, KubeMetrics, KubeSource};
 use crate::netlink::{self, Port};
-use crate::publish::{Published, Publisher, Source};
-use crate::translate::{BuildStats, OnRefusal};
+use crate::publish::{Published, Publisher};
+use crate::translate::BuildStats;
 
 /// The capabilities `xlb run` needs when not root, no more: BPF programs and maps (BPF, and
 /// PERFMON for the verifier), attaching XDP (NET_ADMIN), AF_XDP sockets (NET_RAW), locking the
@@ -321,12 +321,10 @@ impl Control {
                 "more translation warnings (counted in /metrics)"
             );
         }
-        match self.publisher.publish(
-            Source::Kubernetes,
-            batch.change,
-            OnRefusal::KeepPrevious,
-            &mut self.filter,
-        ) {
+        match self
+            .publisher
+            .publish_kubernetes(batch.change, &mut self.filter)
+        {
             Ok(published) => {
                 if let Some(m) = metrics {
                     for _ in &published.failed {

@@ -130,6 +130,19 @@ impl Publisher {
         self.publish(Source::File, change, OnRefusal::RefuseAll, steer)
     }
 
+    /// Applies a change from Kubernetes: a Service the dataplane refuses keeps its previous
+    /// version and does not hold up the others.
+    ///
+    /// # Errors
+    /// An inconsistent change (two upserts at one key); nothing is published then.
+    pub fn publish_kubernetes(
+        &mut self,
+        change: Change,
+        steer: &mut dyn SteerMap,
+    ) -> Result<Published, ConfigError> {
+        self.publish(Source::Kubernetes, change, OnRefusal::KeepPrevious, steer)
+    }
+
     /// Applies a change from `source`: its removals of keys it owns, its upserts at keys no
     /// other source owns; the dataplane's refusals handled as `on_refusal` says.
     ///
@@ -250,14 +263,7 @@ services:
             remove: vec![key(&file[0])],
             upsert: vec![theirs, other],
         };
-        let published = p
-            .publish(
-                Source::Kubernetes,
-                change,
-                OnRefusal::KeepPrevious,
-                &mut steer,
-            )
-            .unwrap();
+        let published = p.publish_kubernetes(change, &mut steer).unwrap();
         assert_eq!(published.conflicts.len(), 1);
         assert_eq!(published.generation, 2);
         let snapshot = p.snapshot();

@@ -12,8 +12,7 @@ use tokio::time::{timeout_at, Instant};
 use xlb_control::config::Config;
 use xlb_control::fake_api::{FakeApi, Resource};
 use xlb_control::kube_source::{KubeMetrics, KubeSource, ERROR_KINDS};
-use xlb_control::publish::{NoSteering, Publisher, Source};
-use xlb_control::translate::OnRefusal;
+use xlb_control::publish::{NoSteering, Publisher};
 use xlb_dataplane::lb::snapshot::{ServiceKey, Snapshot};
 use xlb_dataplane::packet::{Endpoint, IpProto};
 use xlb_dataplane::worker::{NextHops, Tables};
@@ -94,12 +93,7 @@ impl Harness {
                 panic!("timed out waiting until {what}");
             };
             self.publisher
-                .publish(
-                    Source::Kubernetes,
-                    batch.change,
-                    OnRefusal::KeepPrevious,
-                    &mut NoSteering,
-                )
+                .publish_kubernetes(batch.change, &mut NoSteering)
                 .unwrap();
             self.published.push(self.publisher.snapshot());
         }
@@ -111,12 +105,7 @@ impl Harness {
         let mut n = 0;
         while let Ok(batch) = timeout_at(deadline, self.source.next_batch()).await {
             self.publisher
-                .publish(
-                    Source::Kubernetes,
-                    batch.change,
-                    OnRefusal::KeepPrevious,
-                    &mut NoSteering,
-                )
+                .publish_kubernetes(batch.change, &mut NoSteering)
                 .unwrap();
             self.published.push(self.publisher.snapshot());
             n += 1;

@@ -23,8 +23,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use xlb_control::config::Config;
 use xlb_control::fake_api::{FakeApi, Resource};
 use xlb_control::kube_source::{KubeMetrics, KubeSource};
-use xlb_control::publish::{NoSteering, Publisher, Source};
-use xlb_control::translate::OnRefusal;
+use xlb_control::publish::{NoSteering, Publisher};
 use xlb_dataplane::lb::snapshot::{ServiceKey, Snapshot};
 use xlb_dataplane::packet::{Endpoint, IpProto};
 use xlb_dataplane::worker::{NextHops, Tables};
@@ -242,12 +241,7 @@ fn measure(n: u32, changes: u32) -> Result<Value, String> {
             let building = Instant::now();
             rss_listed = memory().0;
             publisher
-                .publish(
-                    Source::Kubernetes,
-                    batch.change,
-                    OnRefusal::KeepPrevious,
-                    &mut NoSteering,
-                )
+                .publish_kubernetes(batch.change, &mut NoSteering)
                 .map_err(|e| e.to_string())?;
             first_publication = last.elapsed();
             first_build = building.elapsed();
@@ -275,12 +269,7 @@ fn measure(n: u32, changes: u32) -> Result<Value, String> {
                     .map_err(|_| format!("change {k} not seen within 10 s"))?;
                 let arrival = batch.arrivals.iter().min().copied();
                 publisher
-                    .publish(
-                        Source::Kubernetes,
-                        batch.change,
-                        OnRefusal::KeepPrevious,
-                        &mut NoSteering,
-                    )
+                    .publish_kubernetes(batch.change, &mut NoSteering)
                     .map_err(|e| e.to_string())?;
                 let now = publisher
                     .snapshot()
