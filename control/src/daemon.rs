@@ -198,6 +198,9 @@ fn backends_of<'a>(
         .collect()
 }
 
+/// At most this many neighbours are asked for per next-hop round.
+const RESOLVE_PER_ROUND: usize = 256;
+
 /// At most this many translation warnings are logged per batch (all are counted).
 const WARNINGS_LOGGED: usize = 20;
 
@@ -371,21 +374,37 @@ impl Control {
                 .into_iter()
                 .filter(|(family, addr)| current.hops.lookup(*family, addr).is_none()),
         );
+        // One request per neighbour (backends behind one gateway share it), at most
+        // RESOLVE_PER_ROUND per round so that a large first snapshot does not hold up the
+        // control loop; the rest wait for the next round.
         let mut asked = HashSet::new();
-        for (family, addr) in wanted {
+        let mut seen = HashSet::new();
+        let mut unrouted: Option<(std::net::IpAddr, usize)> = None;
+        let mut wanted = wanted.into_iter();
+        for (family, addr) in wanted.by_ref() {
             let ip = xlb_dataplane::packet::Endpoint::from_key_form(family, addr, 0).ip();
-            if !asked.insert(ip) {
+            if !seen.insert(ip) {
                 continue;
             }
             match view.resolution_target(ip) {
                 Some((port, neighbour)) => {
                     let ifindex = self.ports[port].ifindex;
+                    if !asked.insert((ifindex, neighbour)) {
+                        continue;
+                    }
                     if let Err(e) = netlink::resolve(&self.handle, ifindex, neighbour).await {
                         warn!(%ip, %neighbour, error = %e, "cannot ask the kernel to resolve");
                     }
+                    if asked.len() == RESOLVE_PER_ROUND {
+                        break;
+                    }
                 }
-                None => warn!(%ip, "no route through xlb's interfaces; packets to it are dropped"),
+                None => unrouted = Some((ip, unrouted.map_or(1, |(_, n)| n + 1))),
             }
+        }
+        self.to_resolve.extend(wanted);
+        if let Some((example, count)) = unrouted {
+            warn!(count, %example, "backend addresses with no route through xlb's interfaces; packets to them are dropped");
         }
         let hops = view.next_hops(&self.ports);
         if current.hops != hops {
