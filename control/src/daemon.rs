@@ -3,7 +3,9 @@
 //! Owns the process's lifecycle: load and attach the XDP filter, open one worker's AF_XDP
 //! sockets per core and pin the worker there, then run the control loop on a tokio runtime
 //! on the calling thread (never on a worker core): watch the file and publish a new snapshot
-//! when it changes (an invalid edit keeps the last good one, logged), keep next hops in step
+//! when it changes (an invalid edit keeps the last good one, logged), publish the Kubernetes
+//! source's batches when it is configured (the file's Services keep serving while the API
+//! server is away), keep next hops in step
 //! with the kernel's neighbours and routes, resolve what workers reported unresolved, recount
 //! live flows for least-connections, serve the admin API, and on SIGINT or SIGTERM stop the
 //! workers and detach the filter.

@@ -3,8 +3,10 @@
 //! Layer: above `xlb-dataplane`, which it drives; it never touches packet bytes on the
 //! forwarding path. Modules, from the sources to the dataplane:
 //! * [`config`]: the file source (YAML schema, validation with lines and fields);
-//!   [`kubernetes`]: Services and EndpointSlices translated with kube-proxy's semantics
-//!   (the watcher that feeds it is still to come);
+//!   [`kube_source`]: the Kubernetes source (watches, a store of compact views, coalesced
+//!   batches of changes); [`kubernetes`]: Services and EndpointSlices translated with
+//!   kube-proxy's semantics; `fake_api` (feature `fake-api`): an in-process API server for
+//!   tests and benchmarks;
 //! * [`desired`]: the desired state both produce; [`translate`]: changes to the desired
 //!   state -> snapshots, incrementally, and the keys the XDP filter steers; [`publish`]: the
 //!   sources' changes made live, one swap each, the filter in step;
