@@ -41,6 +41,20 @@ pub fn check(path: &Path) -> Result<String, String> {
             s.backends.len()
         );
     }
+    if let Some(k) = &config.kubernetes {
+        let _ = writeln!(
+            out,
+            "  and Services from Kubernetes ({}; node {}; published at most every {} ms)",
+            k.kubeconfig.as_ref().map_or_else(
+                || "in-cluster or $KUBECONFIG".to_owned(),
+                |p| p.display().to_string()
+            ),
+            k.node_name
+                .as_deref()
+                .unwrap_or("from --node-name or $NODE_NAME"),
+            k.min_sync_period_ms
+        );
+    }
     Ok(out)
 }
 

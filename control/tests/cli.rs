@@ -70,6 +70,26 @@ fn the_example_configuration_checks_clean() {
 }
 
 #[test]
+fn check_says_when_services_also_come_from_kubernetes() {
+    let path = std::env::temp_dir().join(format!("xlb-k8s-{}.yaml", std::process::id()));
+    std::fs::write(
+        &path,
+        "interfaces: [eth0]\nkubernetes: { node_name: node-a, min_sync_period_ms: 20 }\n",
+    )
+    .unwrap();
+    let (ok, out, err) = xlb(&["check", "--config", path.to_str().unwrap()]);
+    let _ = std::fs::remove_file(&path);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("0 Service ports")
+            && out.contains("Services from Kubernetes")
+            && out.contains("node node-a")
+            && out.contains("every 20 ms"),
+        "{out}"
+    );
+}
+
+#[test]
 fn explain_json_names_one_of_the_services_ready_backends() {
     let (ok, out, err) = xlb(&[
         "explain",
