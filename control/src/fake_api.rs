@@ -137,12 +137,6 @@ impl FakeApi {
         Ok(api)
     }
 
-    /// The server's address.
-    #[must_use]
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
-    }
-
     /// The URL a client configuration points at.
     #[must_use]
     pub fn url(&self) -> String {
