@@ -119,3 +119,30 @@ mod tests {
         }
     }
 }
+
+/// This process's memory, in bytes (0 where /proc cannot tell).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Memory {
+    /// Resident now (VmRSS).
+    pub resident: u64,
+    /// The most ever resident (VmHWM).
+    pub peak: u64,
+}
+
+/// This process's resident memory now and at its peak, from /proc/self/status.
+#[must_use]
+pub fn memory() -> Memory {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<u64>().ok())
+            .map_or(0, |kib| kib * 1024)
+    };
+    Memory {
+        resident: field("VmRSS:"),
+        peak: field("VmHWM:"),
+    }
+}

@@ -16,7 +16,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use serde_json::{json, Value};
@@ -98,7 +98,6 @@ pub struct FakeApi {
     signals: broadcast::Sender<Signal>,
     down: Arc<AtomicBool>,
     requests: Arc<Mutex<Vec<String>>>,
-    lists: Arc<AtomicU64>,
 }
 
 impl FakeApi {
@@ -123,7 +122,6 @@ impl FakeApi {
             signals,
             down: Arc::new(AtomicBool::new(false)),
             requests: Arc::new(Mutex::new(Vec::new())),
-            lists: Arc::new(AtomicU64::new(0)),
         };
         let server = api.clone();
         tokio::spawn(async move {
@@ -232,11 +230,15 @@ impl FakeApi {
         self.requests.lock().await.clone()
     }
 
-    /// List requests served so far (pages counted one by one).
-    #[must_use]
-    pub fn lists(&self) -> u64 {
-        // Relaxed: a counter read on its own.
-        self.lists.load(Ordering::Relaxed)
+    /// List requests served so far (pages counted one by one): the requests that were not
+    /// watches.
+    pub async fn lists(&self) -> usize {
+        self.requests
+            .lock()
+            .await
+            .iter()
+            .filter(|r| !r.contains("watch=true") && !r.contains("watch=1"))
+            .count()
     }
 
     async fn connection(&self, mut stream: TcpStream) {
@@ -283,8 +285,6 @@ impl FakeApi {
     }
 
     async fn list(&self, resource: Resource, params: &BTreeMap<String, String>) -> String {
-        // Relaxed: a counter read on its own.
-        self.lists.fetch_add(1, Ordering::Relaxed);
         let state = self.state.lock().await;
         let all: Vec<&Value> = state
             .objects

@@ -198,9 +198,9 @@ impl<V> Default for Kind<V> {
 /// after (for a Service, itself; for an EndpointSlice, the Service its label names).
 type Moved = (ObjKey, Option<ObjKey>, Option<ObjKey>);
 
-/// A digest that knows the Service it belongs to.
+/// A digest that knows the Service its object (stored under `key`) belongs to.
 trait Owned {
-    fn owner(&self) -> Option<ObjKey>;
+    fn owner(&self, key: &ObjKey) -> Option<ObjKey>;
 }
 
 impl<V: Owned> Kind<V> {
@@ -230,16 +230,16 @@ impl<V: Owned> Kind<V> {
         match event {
             Event::Apply(l) => match decode(l) {
                 Ok((k, stored)) => {
-                    let after = stored.view.owner();
+                    let after = stored.view.owner(&k);
                     let before = self.objects.insert(Arc::clone(&k), stored);
-                    vec![(k, before.and_then(|b| b.view.owner()), after)]
+                    vec![(k.clone(), before.and_then(|b| b.view.owner(&k)), after)]
                 }
                 Err(_) => Vec::new(),
             },
             Event::Delete(l) => {
                 let k = obj_key(Resource::meta(&l));
                 match self.objects.remove(&k) {
-                    Some(before) => vec![(k, before.view.owner(), None)],
+                    Some(before) => vec![(k.clone(), before.view.owner(&k), None)],
                     None => Vec::new(),
                 }
             }
@@ -274,13 +274,13 @@ impl<V: Owned> Kind<V> {
                             if before.version.is_some() && before.version == after.version => {}
                         before => changed.push((
                             Arc::clone(k),
-                            before.and_then(|b| b.view.owner()),
-                            after.view.owner(),
+                            before.and_then(|b| b.view.owner(k)),
+                            after.view.owner(k),
                         )),
                     }
                 }
                 changed.extend(old.into_iter().map(|(k, before)| {
-                    let was = before.view.owner();
+                    let was = before.view.owner(&k);
                     (k, was, None)
                 }));
                 changed
@@ -289,16 +289,13 @@ impl<V: Owned> Kind<V> {
     }
 }
 
-/// A Service's view (`None`: xlb does not handle it) under its own name.
+/// A Service's view (`None`: xlb does not handle it); it belongs to itself.
 #[derive(Debug)]
-struct ServiceEntry {
-    name: ObjKey,
-    view: Option<kubernetes::ServiceView>,
-}
+struct ServiceEntry(Option<kubernetes::ServiceView>);
 
 impl Owned for ServiceEntry {
-    fn owner(&self) -> Option<ObjKey> {
-        Some(Arc::clone(&self.name))
+    fn owner(&self, key: &ObjKey) -> Option<ObjKey> {
+        Some(Arc::clone(key))
     }
 }
 
@@ -310,7 +307,7 @@ struct SliceEntry {
 }
 
 impl Owned for SliceEntry {
-    fn owner(&self) -> Option<ObjKey> {
+    fn owner(&self, _: &ObjKey) -> Option<ObjKey> {
         self.service.clone()
     }
 }
@@ -320,7 +317,7 @@ impl Owned for SliceEntry {
 struct NodeEntry(Option<String>);
 
 impl Owned for NodeEntry {
-    fn owner(&self) -> Option<ObjKey> {
+    fn owner(&self, _: &ObjKey) -> Option<ObjKey> {
         None
     }
 }
@@ -385,10 +382,7 @@ impl Store {
                 let warnings = &mut self.warnings;
                 let moved = self.services.event(
                     *event,
-                    |s: &Service| ServiceEntry {
-                        name: obj_key(&s.metadata),
-                        view: kubernetes::ServiceView::of(s, warnings),
-                    },
+                    |s: &Service| ServiceEntry(kubernetes::ServiceView::of(s, warnings)),
                     malformed("service"),
                 );
                 for (_, before, after) in moved {
@@ -484,7 +478,7 @@ impl Store {
                 .services
                 .objects
                 .get(&name)
-                .and_then(|s| s.view.view.as_ref());
+                .and_then(|s| s.view.0.as_ref());
             let desired: Vec<DesiredService> = match view {
                 Some(view) => {
                     let slices: Vec<&SliceView> = self

@@ -217,7 +217,6 @@ impl Publisher {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use xlb_dataplane::worker::NextHops;
 
     const FILE: &str = "
 interfaces: [a]
@@ -239,10 +238,7 @@ services:
     }
 
     fn publisher(config: &Config) -> Publisher {
-        let tables = Arc::new(ArcSwap::from_pointee(Tables {
-            snapshot: Arc::new(Snapshot::default()),
-            hops: NextHops::default(),
-        }));
+        let tables = Arc::new(ArcSwap::from_pointee(Tables::empty()));
         Publisher::new(config, tables)
     }
 

@@ -15,7 +15,7 @@ use xlb_control::kube_source::{KubeMetrics, KubeSource, ERROR_KINDS};
 use xlb_control::publish::{NoSteering, Publisher};
 use xlb_dataplane::lb::snapshot::{ServiceKey, Snapshot};
 use xlb_dataplane::packet::{Endpoint, IpProto};
-use xlb_dataplane::worker::{NextHops, Tables};
+use xlb_dataplane::worker::Tables;
 
 /// How long any one expectation may take.
 const PATIENCE: Duration = Duration::from_secs(15);
@@ -29,9 +29,15 @@ fn service(name: &str, ip: &str) -> Value {
     })
 }
 
-fn slice(service: &str, name: &str, addresses: &[&str]) -> Value {
+/// The addresses of backends 1 to `n`.
+fn first(n: u8) -> Vec<String> {
+    (1..=n).map(|i| format!("198.18.128.{i}")).collect()
+}
+
+fn slice<A: AsRef<str>>(service: &str, name: &str, addresses: &[A]) -> Value {
     let endpoints: Vec<Value> = addresses
         .iter()
+        .map(AsRef::as_ref)
         .map(|a| json!({"addresses": [a], "conditions": {"ready": true, "serving": true, "terminating": false},
                         "nodeName": "node-a", "zone": "zone-a"}))
         .collect();
@@ -72,10 +78,7 @@ impl Harness {
         let client = kube::Client::try_from(config).unwrap();
         let metrics = Arc::new(KubeMetrics::default());
         let source = KubeSource::new(&client, "node-a".into(), min_sync, Arc::clone(&metrics));
-        let tables = Arc::new(ArcSwap::from_pointee(Tables {
-            snapshot: Arc::new(Snapshot::default()),
-            hops: NextHops::default(),
-        }));
+        let tables = Arc::new(ArcSwap::from_pointee(Tables::empty()));
         let config = Config::parse("interfaces: [a]").unwrap();
         Self {
             source,
@@ -196,13 +199,14 @@ async fn a_dropped_watch_connection_resumes_from_where_it_was_without_a_relist()
     let mut h = Harness::new(&api.url(), Duration::from_millis(10));
     h.until("web is served", |s| backends(s, "198.18.64.1") == Some(1))
         .await;
-    let lists = api.lists();
+    let lists = api.lists().await;
     for round in 0..3u8 {
         api.drop_watches();
-        let addresses: Vec<String> = (1..=round + 2).map(|i| format!("198.18.128.{i}")).collect();
-        let addresses: Vec<&str> = addresses.iter().map(String::as_str).collect();
-        api.apply(Resource::EndpointSlices, slice("web", "web-1", &addresses))
-            .await;
+        api.apply(
+            Resource::EndpointSlices,
+            slice("web", "web-1", &first(round + 2)),
+        )
+        .await;
         let want = usize::from(round) + 2;
         h.until("the change after the drop is seen", |s| {
             backends(s, "198.18.64.1") == Some(want)
@@ -210,7 +214,7 @@ async fn a_dropped_watch_connection_resumes_from_where_it_was_without_a_relist()
         .await;
     }
     assert_eq!(
-        api.lists(),
+        api.lists().await,
         lists,
         "watches resumed; nothing was listed again"
     );
@@ -226,7 +230,7 @@ async fn an_expired_watch_relists_and_keeps_every_unchanged_service_live_through
     .await;
     let mut h = Harness::new(&api.url(), Duration::from_millis(10));
     h.until("three Services", |s| s.len() == 3).await;
-    let lists = api.lists();
+    let lists = api.lists().await;
     // The API server goes away; while it is away, things change and history is compacted.
     api.set_down(true);
     api.drop_watches();
@@ -253,7 +257,7 @@ async fn an_expired_watch_relists_and_keeps_every_unchanged_service_live_through
     })
     .await;
     assert!(
-        api.lists() > lists,
+        api.lists().await > lists,
         "the expired watch was followed by a list"
     );
     assert!(h.metrics.watch_errors.load(Ordering::Relaxed) > 0);
@@ -360,9 +364,7 @@ async fn changes_within_the_minimum_sync_period_are_published_together() {
         .await;
     let before = h.published.len();
     for n in 2..=21u8 {
-        let addresses: Vec<String> = (1..=n).map(|i| format!("198.18.128.{i}")).collect();
-        let addresses: Vec<&str> = addresses.iter().map(String::as_str).collect();
-        api.apply(Resource::EndpointSlices, slice("web", "web-1", &addresses))
+        api.apply(Resource::EndpointSlices, slice("web", "web-1", &first(n)))
             .await;
     }
     h.until("all twenty changes", |s| {

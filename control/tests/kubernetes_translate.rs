@@ -24,6 +24,17 @@ fn slice(service: &str, name: &str, family: &str, ports: Value, endpoints: Value
     })
 }
 
+/// An IPv4 slice of `web` with its `http` port on `port`.
+fn web_slice(name: &str, port: u16, endpoints: Value) -> Value {
+    slice(
+        "web",
+        name,
+        "IPv4",
+        json!([{ "name": "http", "protocol": "TCP", "port": port }]),
+        endpoints,
+    )
+}
+
 fn run(services: Vec<Value>, slices: Vec<Value>) -> Translation {
     let services: Vec<Service> = services
         .into_iter()
@@ -60,29 +71,23 @@ fn named_target_ports_resolve_per_slice_and_endpoints_merge_without_duplicates()
     let t = run(
         vec![web()],
         vec![
-            slice(
-                "web",
+            web_slice(
                 "web-a",
-                "IPv4",
-                json!([{ "name": "http", "protocol": "TCP", "port": 8080 }]),
+                8080,
                 json!([
                     ep("198.18.129.1", "node-a", "zone-1", true, true, false),
                     ep("198.18.129.2", "node-b", "zone-2", true, true, false)
                 ]),
             ),
-            slice(
-                "web",
+            web_slice(
                 "web-b",
-                "IPv4",
-                json!([{ "name": "http", "protocol": "TCP", "port": 9090 }]),
+                9090,
                 json!([ep("198.18.129.3", "node-b", "zone-2", true, true, false)]),
             ),
             // The same endpoint in a second slice (as during a slice rebalance): once only.
-            slice(
-                "web",
+            web_slice(
                 "web-c",
-                "IPv4",
-                json!([{ "name": "http", "protocol": "TCP", "port": 8080 }]),
+                8080,
                 json!([ep("198.18.129.1", "node-a", "zone-1", true, true, false)]),
             ),
         ],
@@ -182,11 +187,9 @@ fn dual_stack_load_balancer_and_external_ips_each_get_their_family_of_endpoints(
 fn ready_endpoints_take_flows_serving_terminating_ones_keep_them_and_others_are_left_out() {
     let t = run(
         vec![web()],
-        vec![slice(
-            "web",
+        vec![web_slice(
             "w",
-            "IPv4",
-            json!([{ "name": "http", "protocol": "TCP", "port": 8080 }]),
+            8080,
             json!([ep("198.18.129.1", "n", "z", true, true, false),
                           ep("198.18.129.2", "n", "z", false, true, true),
                           ep("198.18.129.3", "n", "z", false, false, true),
@@ -233,11 +236,9 @@ fn internal_traffic_policy_local_keeps_only_this_nodes_endpoints_and_drops_witho
     let mut svc = web();
     svc["spec"]["internalTrafficPolicy"] = json!("Local");
     let slices = |on: &str| {
-        vec![slice(
-            "web",
+        vec![web_slice(
             "w",
-            "IPv4",
-            json!([{ "name": "http", "protocol": "TCP", "port": 8080 }]),
+            8080,
             json!([
                 ep("198.18.129.1", on, "zone-1", true, true, false),
                 ep("198.18.129.2", "node-b", "zone-1", true, true, false)
@@ -272,11 +273,9 @@ fn prefer_same_zone_falls_back_to_all_when_the_zone_has_no_ready_endpoint() {
     let mut svc = web();
     svc["spec"]["trafficDistribution"] = json!("PreferSameZone");
     let make = |zone_of_first: &str| {
-        vec![slice(
-            "web",
+        vec![web_slice(
             "w",
-            "IPv4",
-            json!([{ "name": "http", "protocol": "TCP", "port": 8080 }]),
+            8080,
             json!([
                 ep("198.18.129.1", "node-b", zone_of_first, true, true, false),
                 ep("198.18.129.2", "node-c", "zone-2", true, true, false)

@@ -20,13 +20,14 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, BufReader};
+use xlb_bench::{memory, Memory};
 use xlb_control::config::Config;
 use xlb_control::fake_api::{FakeApi, Resource};
 use xlb_control::kube_source::{KubeMetrics, KubeSource};
 use xlb_control::publish::{NoSteering, Publisher};
-use xlb_dataplane::lb::snapshot::{ServiceKey, Snapshot};
+use xlb_dataplane::lb::snapshot::ServiceKey;
 use xlb_dataplane::packet::{Endpoint, IpProto};
-use xlb_dataplane::worker::{NextHops, Tables};
+use xlb_dataplane::worker::Tables;
 
 const ENDPOINTS: u32 = 10;
 
@@ -70,20 +71,6 @@ fn slice(i: u32, variant: u32) -> Value {
         "ports": [{"name": "http", "protocol": "TCP", "port": 8080 + (i * ENDPOINTS) / 65_536}],
         "endpoints": endpoints,
     })
-}
-
-/// (VmRSS, VmHWM) in bytes.
-fn memory() -> (u64, u64) {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let field = |name: &str| {
-        status
-            .lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse::<u64>().ok())
-            .map_or(0, |kib| kib * 1024)
-    };
-    (field("VmRSS:"), field("VmHWM:"))
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -211,10 +198,7 @@ fn measure(n: u32, changes: u32) -> Result<Value, String> {
         let client =
             kube::Client::try_from(kube::Config::new(url.parse().map_err(|e| format!("{e}"))?))
                 .map_err(|e| e.to_string())?;
-        let tables = Arc::new(ArcSwap::from_pointee(Tables {
-            snapshot: Arc::new(Snapshot::default()),
-            hops: NextHops::default(),
-        }));
+        let tables = Arc::new(ArcSwap::from_pointee(Tables::empty()));
         let config = Config::parse("interfaces: [a]").map_err(|e| e.to_string())?;
         let mut publisher = Publisher::new(&config, tables);
         let started = Instant::now();
@@ -239,7 +223,7 @@ fn measure(n: u32, changes: u32) -> Result<Value, String> {
                 .copied()
                 .unwrap_or_else(Instant::now);
             let building = Instant::now();
-            rss_listed = memory().0;
+            rss_listed = memory().resident;
             publisher
                 .publish_kubernetes(batch.change, &mut NoSteering)
                 .map_err(|e| e.to_string())?;
@@ -247,7 +231,7 @@ fn measure(n: u32, changes: u32) -> Result<Value, String> {
             first_build = building.elapsed();
         }
         let first = started.elapsed();
-        let (rss_first, _) = memory();
+        let rss_first = memory().resident;
         let mut event_to_live = Vec::new();
         let mut write_to_live = Vec::new();
         for k in 1..=changes {
@@ -288,7 +272,10 @@ fn measure(n: u32, changes: u32) -> Result<Value, String> {
         }
         event_to_live.sort();
         write_to_live.sort();
-        let (rss_end, peak) = memory();
+        let Memory {
+            resident: rss_end,
+            peak,
+        } = memory();
         Ok::<Value, String>(json!({
             "services": n,
             "endpoints_per_service": ENDPOINTS,

@@ -11,13 +11,6 @@ use xlb_dataplane::lb::snapshot::{
 };
 use xlb_dataplane::packet::{Endpoint, IpProto};
 
-/// Resident memory in bytes, from /proc/self/statm (pages of 4 KiB).
-fn resident_bytes() -> Option<u64> {
-    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
-    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
-    Some(pages * 4096)
-}
-
 fn main() -> ExitCode {
     let args: Vec<usize> = std::env::args()
         .skip(1)
@@ -25,10 +18,11 @@ fn main() -> ExitCode {
         .collect();
     let services = args.first().copied().unwrap_or(100_000);
     let per = args.get(1).copied().unwrap_or(2);
-    let Some(before) = resident_bytes() else {
-        eprintln!("snapshot-memory: cannot read /proc/self/statm");
+    let before = xlb_bench::memory().resident;
+    if before == 0 {
+        eprintln!("snapshot-memory: cannot read /proc/self/status");
         return ExitCode::FAILURE;
-    };
+    }
     let mut built = Vec::with_capacity(services);
     for s in 0..services {
         let n = u32::try_from(s).unwrap_or(u32::MAX);
@@ -68,7 +62,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let after = resident_bytes().unwrap_or(before);
+    let after = xlb_bench::memory().resident.max(before);
     let grown = after.saturating_sub(before) as f64;
     println!(
         "{} Services x {per} backends: resident +{:.1} MiB = {:.0} bytes per Service, {:.0} per \

@@ -88,7 +88,7 @@ impl Tables {
     #[must_use]
     pub fn empty() -> Self {
         Self {
-            snapshot: Arc::new(Snapshot::new(0, Vec::new()).unwrap_or_else(|_| unreachable!())),
+            snapshot: Arc::new(Snapshot::default()),
             hops: NextHops::default(),
         }
     }
