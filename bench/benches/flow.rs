@@ -23,16 +23,22 @@ fn key(n: u32) -> FlowKey {
     )
 }
 
+/// The value new flows are inserted with.
+const NEW_FLOW: FlowValue = FlowValue::Forward {
+    service: 1,
+    backend: 1,
+    snat_port: 0,
+};
+
 /// A table holding `flows` established flows, and their keys with hashes.
 fn filled(flows: u32) -> (FlowTable, Vec<(FlowKey, u64)>) {
     let table = FlowTable::new(flows as usize * 2, Timeouts::default());
     let keys: Vec<(FlowKey, u64)> = (0..flows).map(|n| (key(n), flow_hash(&key(n)))).collect();
     for (n, (k, h)) in keys.iter().enumerate() {
-        let v = FlowValue {
-            a: 1,
-            b: n as u32,
-            port: 0,
-            reverse: false,
+        let v = FlowValue::Forward {
+            service: 1,
+            backend: n as u32,
+            snat_port: 0,
         };
         let _ = table.insert(k, *h, v, FlowState::Established, 0);
     }
@@ -102,7 +108,7 @@ fn flow_table(c: &mut Criterion) {
                 },
                 |batch| {
                     for (k, h) in &batch {
-                        let r = table.insert(k, *h, FlowValue::default(), FlowState::New, 2);
+                        let r = table.insert(k, *h, NEW_FLOW, FlowState::New, 2);
                         black_box(matches!(r, Insert::Inserted(_)));
                     }
                 },
@@ -136,13 +142,7 @@ fn two_threads(c: &mut Criterion) {
                 black_box(table.lookup(k, *h, 1));
                 next = next.wrapping_add(1);
                 let fresh = key(next);
-                let _ = table.insert(
-                    &fresh,
-                    flow_hash(&fresh),
-                    FlowValue::default(),
-                    FlowState::New,
-                    2,
-                );
+                let _ = table.insert(&fresh, flow_hash(&fresh), NEW_FLOW, FlowState::New, 2);
             }
         })
     };
@@ -162,7 +162,7 @@ fn two_threads(c: &mut Criterion) {
             for _ in 0..BATCH {
                 next = next.wrapping_add(1);
                 let k = key(next);
-                black_box(table.insert(&k, flow_hash(&k), FlowValue::default(), FlowState::New, 2));
+                black_box(table.insert(&k, flow_hash(&k), NEW_FLOW, FlowState::New, 2));
             }
         });
     });

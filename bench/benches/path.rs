@@ -15,7 +15,7 @@ use std::num::NonZeroU32;
 use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use xlb_dataplane::lb::decide::{decide, Mode, Verdict};
+use xlb_dataplane::lb::decide::{decide, Counters, Env, Mode, Verdict};
 use xlb_dataplane::lb::flow::{FlowState, FlowTable, FlowValue, Timeouts};
 use xlb_dataplane::lb::hash::flow_hash;
 use xlb_dataplane::lb::snapshot::{
@@ -106,11 +106,10 @@ fn established(c: &mut Criterion) {
         let p = parse(frame).expect("valid frame");
         let h = flow_hash(&p.key);
         let backend = service.maglev_pick(h).expect("a backend");
-        let value = FlowValue {
-            a: service.spec().id.0.get(),
-            b: backend.id.0.get(),
-            port: 0,
-            reverse: false,
+        let value = FlowValue::Forward {
+            service: service.spec().id.0.get(),
+            backend: backend.id.0.get(),
+            snat_port: 0,
         };
         let _ = table.insert(&p.key, h, value, FlowState::Established, 0);
     }
@@ -135,9 +134,15 @@ fn established(c: &mut Criterion) {
                 let Some(hit) = table.lookup(&p.key, *h, 1) else {
                     continue;
                 };
-                let service = NonZeroU32::new(hit.value.a)
-                    .and_then(|id| snapshot.service_by_id(ServiceId(id)));
-                let backend = NonZeroU32::new(hit.value.b)
+                let FlowValue::Forward {
+                    service, backend, ..
+                } = hit.value
+                else {
+                    continue;
+                };
+                let service =
+                    NonZeroU32::new(service).and_then(|id| snapshot.service_by_id(ServiceId(id)));
+                let backend = NonZeroU32::new(backend)
                     .and_then(|id| service.and_then(|s| s.backend(BackendId(id))));
                 if let Some(backend) = backend {
                     black_box(set_destination(buf, p, &backend.endpoint)).ok();
@@ -165,14 +170,12 @@ fn through_decide(c: &mut Criterion) {
         let table = FlowTable::new(capacity, Timeouts::default());
         let frames = umem_frames(flows);
         if name.starts_with("established") {
-            for frame in &frames {
-                let p = parse(frame).expect("valid frame");
-                let _ = decide(&snapshot, &table, &p, flow_hash(&p.key), 0, 0, Mode::Dnat);
-            }
+            record_flows(&snapshot, &table, &frames);
         }
         let mut at = 0usize;
         let mut bufs = [[0u8; 64]; BATCH];
         let mut random = 0x9e37_79b9_7f4a_7c15u64;
+        let mut counters = Counters::default();
         group.bench_function(name, |b| {
             b.iter(|| {
                 let mut parsed = receive(&frames, &mut at, &mut bufs, &table);
@@ -181,9 +184,8 @@ fn through_decide(c: &mut Criterion) {
                     random ^= random << 13;
                     random ^= random >> 7;
                     random ^= random << 17;
-                    if let Verdict::Forward(to) =
-                        decide(&snapshot, &table, p, *h, 1, random, Mode::Dnat)
-                    {
+                    let env = dnat(&snapshot, &table, 1);
+                    if let Verdict::Forward(to) = decide(&env, p, *h, random, &mut counters) {
                         black_box(set_destination(buf, p, &to)).ok();
                     }
                 }
@@ -223,10 +225,7 @@ fn worker(c: &mut Criterion) {
     };
     let table = Arc::new(FlowTable::new(flows as usize * 2, Timeouts::default()));
     let frames = umem_frames(flows);
-    for frame in &frames {
-        let p = parse(frame).expect("valid frame");
-        let _ = decide(&snapshot, &table, &p, flow_hash(&p.key), 0, 0, Mode::Dnat);
-    }
+    record_flows(&snapshot, &table, &frames);
     let shared = Shared {
         tables: Arc::new(ArcSwap::from_pointee(tables)),
         flows: table,
@@ -250,6 +249,25 @@ fn worker(c: &mut Criterion) {
         });
     });
     group.finish();
+}
+
+/// `decide()`'s view in dnat mode at second `now`.
+fn dnat<'a>(snapshot: &'a Snapshot, flows: &'a FlowTable, now: u32) -> Env<'a> {
+    Env {
+        snapshot,
+        flows,
+        now,
+        mode: Mode::Dnat,
+    }
+}
+
+/// Records the flow of every frame, as its first packet would.
+fn record_flows(snapshot: &Snapshot, table: &FlowTable, frames: &[[u8; 64]]) {
+    let env = dnat(snapshot, table, 0);
+    for frame in frames {
+        let p = parse(frame).expect("valid frame");
+        let _ = decide(&env, &p, flow_hash(&p.key), 0, &mut Counters::default());
+    }
 }
 
 criterion_group!(benches, established, through_decide, worker);

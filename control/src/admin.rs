@@ -15,7 +15,7 @@ use arc_swap::ArcSwap;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use xlb_dataplane::lb::decide::DecideDrop;
-use xlb_dataplane::lb::flow::FlowTable;
+use xlb_dataplane::lb::flow::{FlowTable, FlowValue};
 use xlb_dataplane::packet::DropReason;
 use xlb_dataplane::worker::{Clock, Tables, WorkerCounters, WorkerStats};
 
@@ -354,7 +354,10 @@ fn flows(state: &AdminState, limit: usize) -> String {
                 "protocol": proto_name(key.proto.0),
                 "source": format!("{}", std::net::SocketAddr::new(key.src_ip(), key.src_port)),
                 "destination": format!("{}", std::net::SocketAddr::new(key.dst_ip(), key.dst_port)),
-                "direction": if hit.value.reverse { "reply" } else { "forward" },
+                "direction": match hit.value {
+                    FlowValue::Forward { .. } => "forward",
+                    FlowValue::Reverse { .. } => "reply",
+                },
                 "state": format!("{:?}", hit.state),
                 "idle_seconds": now.saturating_sub(hit.last_seen),
             })
@@ -376,7 +379,7 @@ fn proto_name(p: u8) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use xlb_dataplane::lb::flow::{FlowState, FlowValue, Timeouts};
+    use xlb_dataplane::lb::flow::{FlowState, Timeouts};
     use xlb_dataplane::lb::hash::flow_hash;
     use xlb_dataplane::packet::{Family, FlowKey, IpProto};
 
@@ -392,11 +395,10 @@ mod tests {
                 ),
                 ([198, 18, 64, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0], 53),
             );
-            let value = FlowValue {
-                a: 1,
-                b: 1,
-                port: 0,
-                reverse: false,
+            let value = FlowValue::Forward {
+                service: 1,
+                backend: 1,
+                snat_port: 0,
             };
             let _ = flows.insert(&key, flow_hash(&key), value, FlowState::New, 0);
         }

@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::path::Path;
 
-use xlb_dataplane::lb::decide::{decide, Mode, Verdict};
+use xlb_dataplane::lb::decide::{decide, Counters, Env, Mode, Verdict};
 use xlb_dataplane::lb::flow::{FlowTable, Timeouts};
 use xlb_dataplane::lb::hash::flow_hash;
 use xlb_dataplane::lb::snapshot::ServiceKey;
@@ -109,7 +109,13 @@ pub fn explain(
     let parsed = parse(&frame).map_err(|e| format!("{e:?}"))?;
     let hash = flow_hash(&parsed.key);
     let flows = FlowTable::new(1024, Timeouts::default());
-    let verdict = decide(&snapshot, &flows, &parsed, hash, 0, 0, Mode::Dnat);
+    let env = Env {
+        snapshot: &snapshot,
+        flows: &flows,
+        now: 0,
+        mode: Mode::Dnat,
+    };
+    let verdict = decide(&env, &parsed, hash, 0, &mut Counters::default());
     let service = snapshot.service(&ServiceKey::of_destination(&parsed.key));
     let (backend, text) = match (verdict, service) {
         (Verdict::Forward(to), Some(s)) => {
@@ -127,7 +133,7 @@ pub fn explain(
                 ),
             )
         }
-        (Verdict::Reject, _) => (None, format!("{destination}/{protocol} has no usable backend: the flow is refused (TCP reset or ICMP unreachable)")),
+        (Verdict::Reject(_), _) => (None, format!("{destination}/{protocol} has no usable backend: the flow is refused (TCP reset or ICMP unreachable)")),
         (Verdict::Drop(reason), _) => (None, format!("{destination}/{protocol}: dropped ({reason:?})")),
         _ => (None, format!("{destination}/{protocol} is not a Service: the kernel handles it")),
     };

@@ -25,6 +25,7 @@
 // Unsafe code is denied everywhere but in `prefetch` (one intrinsic, reviewed).
 #![deny(unsafe_code)]
 
+mod counted;
 pub mod lb;
 pub mod packet;
 mod prefetch;

@@ -1,5 +1,6 @@
 //! `decide()` over real frames: new flows, established flows, replies, Services without
-//! backends, and backends that terminate or leave.
+//! backends, backends that terminate or leave, and what production traffic does at the
+//! edges (issue 11): SYN floods, a full table, restarts, port reuse, stale references.
 
 mod common;
 
@@ -8,9 +9,9 @@ use std::sync::Arc;
 
 use common::*;
 use xlb_dataplane::lb::decide::{
-    decide, recount_live_flows, Counters, DecideDrop, Mode, SnatPool, Verdict,
+    decide, recount_live_flows, Counters, DecideDrop, Env, Event, Mode, Refusal, SnatPool, Verdict,
 };
-use xlb_dataplane::lb::flow::{FlowState, FlowTable, Timeouts};
+use xlb_dataplane::lb::flow::{FlowState, FlowTable, FlowValue, Timeouts};
 use xlb_dataplane::lb::hash::flow_hash;
 use xlb_dataplane::lb::snapshot::{
     Backend, BackendId, BackendState, NoBackend, Service, ServiceId, ServiceKey, ServiceSpec,
@@ -68,8 +69,32 @@ fn parsed(frame: &[u8]) -> (Parsed, u64) {
 }
 
 fn run(snap: &Snapshot, flows: &FlowTable, frame: &[u8], now: u32) -> Verdict {
+    run_counted(
+        snap,
+        flows,
+        frame,
+        now,
+        Mode::Dnat,
+        &mut Counters::default(),
+    )
+}
+
+fn run_counted(
+    snapshot: &Snapshot,
+    flows: &FlowTable,
+    frame: &[u8],
+    now: u32,
+    mode: Mode<'_>,
+    counters: &mut Counters,
+) -> Verdict {
     let (p, h) = parsed(frame);
-    decide(snap, flows, &p, h, now, 12345, Mode::Dnat)
+    let env = Env {
+        snapshot,
+        flows,
+        now,
+        mode,
+    };
+    decide(&env, &p, h, 12345, counters)
 }
 
 /// The backend number `n` of an endpoint 198.18.128.n (see `backend`).
@@ -96,13 +121,52 @@ fn a_syn_to_a_vip_is_forwarded_to_the_maglev_pick_and_recorded_both_ways() {
         .maglev_pick(h)
         .unwrap()
         .endpoint;
+    let env = Env {
+        snapshot: &snap,
+        flows: &flows,
+        now: 10,
+        mode: Mode::Dnat,
+    };
     assert_eq!(
-        decide(&snap, &flows, &p, h, 10, 0, Mode::Dnat),
+        decide(&env, &p, h, 0, &mut Counters::default()),
         Verdict::Forward(expected)
     );
     let entries: Vec<_> = flows.iter(10).collect();
     assert_eq!(entries.len(), 2, "forward and reverse entries");
-    assert!(entries.iter().any(|(_, hit)| hit.value.reverse));
+    assert!(entries
+        .iter()
+        .any(|(_, hit)| matches!(hit.value, FlowValue::Reverse { .. })));
+}
+
+fn ack(port: u16) -> Vec<u8> {
+    pkt().ipv4(CLIENT, VIP).tcp(port, 80).ack().build()
+}
+
+fn syn_ack_from(to: &Endpoint, port: u16) -> Vec<u8> {
+    pkt()
+        .ip(to.ip(), CLIENT.into())
+        .tcp(to.port(), port)
+        .syn()
+        .ack()
+        .build()
+}
+
+fn data_from(to: &Endpoint, port: u16) -> Vec<u8> {
+    pkt()
+        .ip(to.ip(), CLIENT.into())
+        .tcp(to.port(), port)
+        .ack()
+        .payload(b"data")
+        .build()
+}
+
+fn state_of(flows: &FlowTable, frame: &[u8], now: u32) -> Option<FlowState> {
+    let (p, h) = parsed(frame);
+    flows.lookup(&p.key, h, now).map(|hit| hit.state)
+}
+
+fn vip() -> Endpoint {
+    Endpoint::new(VIP.into(), 80)
 }
 
 #[test]
@@ -112,24 +176,386 @@ fn later_packets_of_a_flow_follow_it_and_replies_get_the_vip_back() {
     let Verdict::Forward(to) = run(&snap, &flows, &syn(40000), 10) else {
         panic!("not forwarded")
     };
-    let ack = pkt().ipv4(CLIENT, VIP).tcp(40000, 80).ack().build();
-    assert_eq!(run(&snap, &flows, &ack, 11), Verdict::Forward(to));
-    let reply = pkt()
+    assert_eq!(run(&snap, &flows, &syn(40000), 11), Verdict::Forward(to));
+    assert_eq!(
+        run(&snap, &flows, &syn_ack_from(&to, 40000), 12),
+        Verdict::Reply(vip())
+    );
+    assert_eq!(run(&snap, &flows, &ack(40000), 13), Verdict::Forward(to));
+}
+
+/// Fault 1 of issue 11: a backend's SYN-ACK made a half-open flow established (never
+/// evictable), so a SYN flood answered by the backends filled the table for a day.
+#[test]
+fn only_the_clients_acknowledgment_of_the_answer_establishes_a_tcp_flow() {
+    let snap = two_ready(IpProto::TCP);
+    let flows = table();
+    let Verdict::Forward(to) = run(&snap, &flows, &syn(40000), 10) else {
+        panic!("not forwarded")
+    };
+    assert_eq!(state_of(&flows, &ack(40000), 10), Some(FlowState::New));
+    let _ = run(&snap, &flows, &syn_ack_from(&to, 40000), 11);
+    assert_eq!(
+        state_of(&flows, &ack(40000), 11),
+        Some(FlowState::Replied),
+        "answered but not acknowledged: still evictable"
+    );
+    let reverse = syn_ack_from(&to, 40000);
+    assert_eq!(state_of(&flows, &reverse, 11), Some(FlowState::Replied));
+    let _ = run(&snap, &flows, &ack(40000), 12);
+    assert_eq!(
+        state_of(&flows, &ack(40000), 12),
+        Some(FlowState::Established)
+    );
+    assert_eq!(
+        state_of(&flows, &reverse, 12),
+        Some(FlowState::Established),
+        "the reverse entry is protected with it"
+    );
+}
+
+#[test]
+fn a_udp_flow_is_established_only_when_it_goes_on_after_its_first_reply() {
+    let snap = two_ready(IpProto::UDP);
+    let flows = table();
+    let query = pkt().ipv4(CLIENT, VIP).udp(5000, 80).payload(b"q").build();
+    let Verdict::Forward(to) = run(&snap, &flows, &query, 1) else {
+        panic!()
+    };
+    let answer = pkt()
         .ip(to.ip(), CLIENT.into())
-        .tcp(to.port(), 40000)
-        .syn()
+        .udp(to.port(), 5000)
+        .payload(b"a")
+        .build();
+    assert_eq!(run(&snap, &flows, &answer, 2), Verdict::Reply(vip()));
+    assert_eq!(state_of(&flows, &query, 2), Some(FlowState::Replied));
+    let _ = run(&snap, &flows, &query, 3);
+    assert_eq!(state_of(&flows, &query, 3), Some(FlowState::Established));
+}
+
+/// Fault 1 of issue 11: with the table full of answered SYNs from a flood, a real client's
+/// connection still gets in (the flood's entries are evicted), and established connections
+/// are never pushed out.
+#[test]
+fn a_syn_flood_answered_by_the_backends_never_locks_out_new_connections() {
+    let snap = two_ready(IpProto::TCP);
+    let flows = FlowTable::new(64, Timeouts::default());
+    // Two real connections, established.
+    for port in [1, 2] {
+        let Verdict::Forward(to) = run(&snap, &flows, &syn(port), 1) else {
+            panic!()
+        };
+        let _ = run(&snap, &flows, &syn_ack_from(&to, port), 1);
+        let _ = run(&snap, &flows, &ack(port), 1);
+    }
+    // A flood from many sources, each SYN answered by its backend, none acknowledged.
+    for n in 0..3000u32 {
+        let src = std::net::Ipv4Addr::from(0xc612_1000 + (n % 256));
+        let port = 1000 + (n / 256) as u16;
+        let frame = pkt().ipv4(src, VIP).tcp(port, 80).syn().build();
+        if let Verdict::Forward(to) = run(&snap, &flows, &frame, 2) {
+            let answer = pkt()
+                .ip(to.ip(), src.into())
+                .tcp(to.port(), port)
+                .syn()
+                .ack()
+                .build();
+            let _ = run(&snap, &flows, &answer, 2);
+        }
+    }
+    // New connections after the flood: every one is recorded and answered.
+    for port in 100..110 {
+        let Verdict::Forward(to) = run(&snap, &flows, &syn(port), 3) else {
+            panic!("refused")
+        };
+        assert_eq!(state_of(&flows, &syn(port), 3), Some(FlowState::New));
+        assert_eq!(
+            run(&snap, &flows, &syn_ack_from(&to, port), 3),
+            Verdict::Reply(vip())
+        );
+    }
+    for port in [1, 2] {
+        assert_eq!(
+            state_of(&flows, &ack(port), 3),
+            Some(FlowState::Established)
+        );
+    }
+    assert!(flows.evictions() > 0);
+}
+
+/// Fault 1 of issue 11: a table full of established flows forwards new flows by their pick
+/// without state (dnat) and recognises their replies; snat, which needs the table to know the
+/// client, drops and counts them.
+#[test]
+fn a_table_full_of_established_flows_forwards_new_flows_without_state_in_dnat_mode() {
+    let snap = two_ready(IpProto::TCP);
+    let flows = FlowTable::new(8, Timeouts::default());
+    let mut port = 1;
+    while flows.iter(1).count() < 8 {
+        if let Verdict::Forward(to) = run(&snap, &flows, &syn(port), 1) {
+            let _ = run(&snap, &flows, &syn_ack_from(&to, port), 1);
+            let _ = run(&snap, &flows, &ack(port), 1);
+        }
+        port += 1;
+    }
+    let mut counters = Counters::default();
+    let late = 5000;
+    let Verdict::Forward(to) = run_counted(&snap, &flows, &syn(late), 2, Mode::Dnat, &mut counters)
+    else {
+        panic!("a new flow was refused")
+    };
+    assert_eq!(counters.events[Event::Untracked.index()], 1);
+    assert_eq!(state_of(&flows, &syn(late), 2), None, "not recorded");
+    assert_eq!(
+        run_counted(
+            &snap,
+            &flows,
+            &syn_ack_from(&to, late),
+            2,
+            Mode::Dnat,
+            &mut counters
+        ),
+        Verdict::Reply(vip()),
+        "its reply is recognised without state"
+    );
+    let pool = SnatPool::new(Some(SNAT), None, 61000, 100);
+    assert_eq!(
+        run_counted(
+            &snap,
+            &flows,
+            &syn(late + 1),
+            2,
+            Mode::Snat(&pool),
+            &mut counters
+        ),
+        Verdict::Drop(DecideDrop::TableFull)
+    );
+}
+
+/// Fault 3 of issue 11: after a restart (an empty flow table), a backend's retransmission
+/// was dropped, and a download whose client only reads stalled for good.
+#[test]
+fn a_backends_packet_without_a_flow_is_recognised_as_a_reply_and_its_flow_recreated() {
+    let snap = two_ready(IpProto::TCP);
+    let before = table();
+    let Verdict::Forward(to) = run(&snap, &before, &syn(40000), 1) else {
+        panic!()
+    };
+    // xlb restarts: its flow table is new and empty.
+    let flows = table();
+    let mut counters = Counters::default();
+    assert_eq!(
+        run_counted(
+            &snap,
+            &flows,
+            &data_from(&to, 40000),
+            5,
+            Mode::Dnat,
+            &mut counters
+        ),
+        Verdict::Reply(vip())
+    );
+    assert_eq!(counters.events[Event::Recreated.index()], 1);
+    assert_eq!(state_of(&flows, &ack(40000), 5), Some(FlowState::Replied));
+    // The client's next acknowledgment goes to the same backend and establishes the flow.
+    assert_eq!(run(&snap, &flows, &ack(40000), 6), Verdict::Forward(to));
+    assert_eq!(
+        state_of(&flows, &ack(40000), 6),
+        Some(FlowState::Established)
+    );
+    // Something that is not a backend of any Service is still the kernel's.
+    let other = pkt().ipv4(ROUTER, CLIENT).tcp(8080, 40000).ack().build();
+    assert_eq!(run(&snap, &flows, &other, 6), Verdict::Pass);
+}
+
+#[test]
+fn a_backends_packet_the_pick_does_not_explain_is_recreated_only_when_one_service_has_it() {
+    // A non-Maglev scheduler: the pick cannot be recomputed.
+    use xlb_dataplane::lb::snapshot::Scheduler;
+    let key = |port| ServiceKey {
+        vip: Endpoint::new(VIP.into(), port),
+        proto: IpProto::TCP,
+    };
+    let random = |sid: u32, port| {
+        let mut spec = ServiceSpec::new(
+            ServiceId(id(sid)),
+            key(port),
+            vec![
+                backend(1, BackendState::Ready),
+                backend(2, BackendState::Ready),
+            ],
+        );
+        spec.scheduler = Scheduler::Random;
+        Arc::new(Service::new(spec).unwrap())
+    };
+    let b1 = backend(1, BackendState::Ready).endpoint;
+    let one = snapshot(vec![random(1, 80)]);
+    let flows = table();
+    let mut counters = Counters::default();
+    assert_eq!(
+        run_counted(
+            &one,
+            &flows,
+            &data_from(&b1, 40000),
+            1,
+            Mode::Dnat,
+            &mut counters
+        ),
+        Verdict::Reply(vip())
+    );
+    assert_eq!(counters.events[Event::RecreatedUnpicked.index()], 1);
+    // Two Service ports share the backend: which VIP to answer from is unknown.
+    let two = snapshot(vec![random(1, 80), random(2, 81)]);
+    let flows = table();
+    assert_eq!(
+        run(&two, &flows, &data_from(&b1, 40000), 1),
+        Verdict::Drop(DecideDrop::UnknownReply)
+    );
+}
+
+/// Fault 4 of issue 11: a connection whose backend was removed stalled silently.
+#[test]
+fn a_reply_from_a_backend_that_left_becomes_a_reset_towards_the_client() {
+    let flows = table();
+    let Verdict::Forward(to) = run(&two_ready(IpProto::TCP), &flows, &syn(40000), 1) else {
+        panic!()
+    };
+    let n = backend_number(&to);
+    let without = snapshot(vec![service(
+        IpProto::TCP,
+        vec![backend(3 - n, BackendState::Ready)],
+        NoBackend::Reject,
+    )]);
+    let mut counters = Counters::default();
+    assert_eq!(
+        run_counted(
+            &without,
+            &flows,
+            &data_from(&to, 40000),
+            2,
+            Mode::Dnat,
+            &mut counters
+        ),
+        Verdict::ResetReply {
+            from: vip(),
+            to: None
+        }
+    );
+    assert_eq!(counters.events[Event::BackendLeftReset.index()], 1);
+    // The client's own next segment is rejected with the reset that matches it.
+    assert_eq!(
+        run(&without, &flows, &ack(40000), 3),
+        Verdict::Reject(Refusal::BackendLeft)
+    );
+}
+
+/// Fault 5 of issue 11: a client reusing its source port got a reset from the VIP.
+#[test]
+fn a_syn_on_a_closing_flow_or_one_whose_backend_left_starts_a_new_flow() {
+    let snap = two_ready(IpProto::TCP);
+    let flows = table();
+    let Verdict::Forward(to) = run(&snap, &flows, &syn(40000), 1) else {
+        panic!()
+    };
+    let fin = pkt().ipv4(CLIENT, VIP).tcp(40000, 80).ack().fin().build();
+    let _ = run(&snap, &flows, &fin, 2);
+    assert_eq!(state_of(&flows, &fin, 2), Some(FlowState::Closing));
+    let mut counters = Counters::default();
+    assert_eq!(
+        run_counted(&snap, &flows, &syn(40000), 20, Mode::Dnat, &mut counters),
+        Verdict::Forward(to),
+        "Maglev picks the same backend again"
+    );
+    assert_eq!(counters.events[Event::PortReused.index()], 1);
+    assert_eq!(state_of(&flows, &syn(40000), 20), Some(FlowState::New));
+    // Its reply finds the new flow (the old reverse entry was replaced).
+    assert_eq!(
+        run(&snap, &flows, &syn_ack_from(&to, 40000), 21),
+        Verdict::Reply(vip())
+    );
+
+    // The backend leaves; the port is reused: a fresh pick, not a reset.
+    let n = backend_number(&to);
+    let without = snapshot(vec![service(
+        IpProto::TCP,
+        vec![backend(3 - n, BackendState::Ready)],
+        NoBackend::Reject,
+    )]);
+    let Verdict::Forward(new) = run(&without, &flows, &syn(40000), 30) else {
+        panic!("the reused port was refused")
+    };
+    assert_eq!(backend_number(&new), 3 - n);
+}
+
+/// Fault 7 of issue 11: a reverse entry referred to its forward entry by index, unchecked;
+/// when the forward entry was evicted and its place reused, an snat reply was rewritten to
+/// the newcomer's client.
+#[test]
+fn an_snat_reply_whose_forward_entrys_place_was_reused_is_not_sent_to_another_client() {
+    let snap = two_ready(IpProto::TCP);
+    // One bucket: evictions reuse places.
+    let flows = FlowTable::new(8, Timeouts::default());
+    let pool = SnatPool::new(Some(SNAT), None, 61000, 1000);
+    let go = |frame: &[u8], now| {
+        run_counted(
+            &snap,
+            &flows,
+            frame,
+            now,
+            Mode::Snat(&pool),
+            &mut Counters::default(),
+        )
+    };
+    let Verdict::ForwardSnat { to, from } = go(&syn(40000), 1) else {
+        panic!()
+    };
+    let reply = pkt()
+        .ip(to.ip(), from.ip())
+        .tcp(to.port(), from.port())
         .ack()
         .build();
-    assert_eq!(
-        run(&snap, &flows, &reply, 12),
-        Verdict::Reply(Endpoint::new(VIP.into(), 80))
-    );
-    // The reply established the flow.
-    let (p, h) = parsed(&ack);
-    assert_eq!(
-        flows.lookup(&p.key, h, 12).unwrap().state,
-        FlowState::Established
-    );
+    // Evict the first flow's forward entry and let a newcomer from another client take
+    // places until one lands on it.
+    let (fp, fh) = parsed(&syn(40000));
+    let forward = flows.lookup(&fp.key, fh, 1).unwrap();
+    flows.remove(forward.entry, &fp.key);
+    for port in 1..200 {
+        let other = pkt().ipv4(ROUTER, VIP).tcp(port, 80).syn().build();
+        let _ = go(&other, 2);
+        let (op, oh) = parsed(&other);
+        if flows
+            .lookup(&op.key, oh, 2)
+            .is_some_and(|h| h.entry.index == forward.entry.index)
+        {
+            break;
+        }
+    }
+    match go(&reply, 3) {
+        Verdict::Drop(DecideDrop::FlowGone) => {}
+        other => panic!("the reply went elsewhere: {other:?}"),
+    }
+}
+
+#[test]
+fn new_flows_from_martian_sources_are_dropped_and_counted() {
+    let snap = two_ready(IpProto::TCP);
+    let flows = table();
+    for src in [
+        "0.0.0.0",
+        "127.0.0.1",
+        "224.0.0.5",
+        "255.255.255.255",
+        "198.18.64.1",
+    ] {
+        let src: std::net::Ipv4Addr = src.parse().unwrap();
+        let frame = pkt().ipv4(src, VIP).tcp(40000, 80).syn().build();
+        assert_eq!(
+            run(&snap, &flows, &frame, 1),
+            Verdict::Drop(DecideDrop::MartianSource),
+            "{src}"
+        );
+    }
+    assert_eq!(flows.iter(1).count(), 0);
 }
 
 #[test]
@@ -159,7 +585,10 @@ fn a_service_without_usable_backends_rejects_or_drops_by_policy() {
         draining.clone(),
         NoBackend::Reject,
     )]);
-    assert_eq!(run(&reject, &flows, &syn(1), 1), Verdict::Reject);
+    assert_eq!(
+        run(&reject, &flows, &syn(1), 1),
+        Verdict::Reject(Refusal::NoBackend)
+    );
     let drop = snapshot(vec![service(IpProto::TCP, draining, NoBackend::Drop)]);
     assert_eq!(
         run(&drop, &flows, &syn(1), 1),
@@ -213,7 +642,7 @@ fn a_tcp_flow_whose_backend_left_is_reset_and_a_udp_flow_is_moved() {
     let ack = pkt().ipv4(CLIENT, VIP).tcp(40000, 80).ack().build();
     assert_eq!(
         run(&without(IpProto::TCP), &flows, &ack, 2),
-        Verdict::Reject
+        Verdict::Reject(Refusal::BackendLeft)
     );
 
     // UDP: the stale flow moves to a backend that exists.
@@ -275,10 +704,7 @@ fn an_icmp_error_along_a_known_flow_follows_it() {
         .icmp(3, 4, [0, 0, 5, 0])
         .payload(&quote)
         .build();
-    assert_eq!(
-        run(&snap, &flows, &error, 2),
-        Verdict::Reply(Endpoint::new(VIP.into(), 80))
-    );
+    assert_eq!(run(&snap, &flows, &error, 2), Verdict::Reply(vip()));
 }
 
 #[test]
@@ -288,7 +714,8 @@ fn every_verdict_and_reason_has_its_counter() {
     for v in [
         Verdict::Forward(to),
         Verdict::Reply(to),
-        Verdict::Reject,
+        Verdict::ResetReply { from: to, to: None },
+        Verdict::Reject(Refusal::NoBackend),
         Verdict::Pass,
     ] {
         c.record(&v);
@@ -299,18 +726,12 @@ fn every_verdict_and_reason_has_its_counter() {
     for reason in xlb_dataplane::packet::DropReason::ALL {
         c.record_malformed(reason);
     }
-    assert_eq!((c.forwarded, c.replied, c.rejected, c.passed), (1, 1, 1, 1));
+    assert_eq!(
+        (c.forwarded, c.replied, c.reset, c.rejected, c.passed),
+        (1, 1, 1, 1, 1)
+    );
     assert!(c.dropped.iter().all(|&n| n == 1));
     assert!(c.malformed.iter().all(|&n| n == 1));
-    // ALL lists every variant in declaration order, so `as usize` indexes it.
-    assert!(DecideDrop::ALL
-        .iter()
-        .enumerate()
-        .all(|(i, r)| *r as usize == i));
-    assert!(xlb_dataplane::packet::DropReason::ALL
-        .iter()
-        .enumerate()
-        .all(|(i, r)| *r as usize == i));
 }
 
 fn with_affinity(
@@ -422,8 +843,14 @@ fn snat_translates_the_source_and_brings_replies_back_to_the_client() {
     let flows = table();
     let pool = SnatPool::new(Some(SNAT), None, 61000, 100);
     let go = |frame: &[u8], now| {
-        let (p, h) = parsed(frame);
-        decide(&snap, &flows, &p, h, now, 0, Mode::Snat(&pool))
+        run_counted(
+            &snap,
+            &flows,
+            frame,
+            now,
+            Mode::Snat(&pool),
+            &mut Counters::default(),
+        )
     };
     let Verdict::ForwardSnat { to, from } = go(&syn(40000), 1) else {
         panic!("not translated")
@@ -466,9 +893,16 @@ fn snat_translates_the_source_and_brings_replies_back_to_the_client() {
     let v6 = snapshot(vec![Arc::new(
         Service::new(ServiceSpec::new(ServiceId(id(6)), key6, vec![backend6])).unwrap(),
     )]);
-    let (p, h) = parsed(&pkt().ipv6(CLIENT6, VIP6).tcp(1, 80).syn().build());
+    let frame = pkt().ipv6(CLIENT6, VIP6).tcp(1, 80).syn().build();
     assert_eq!(
-        decide(&v6, &flows, &p, h, 5, 0, Mode::Snat(&pool)),
+        run_counted(
+            &v6,
+            &flows,
+            &frame,
+            5,
+            Mode::Snat(&pool),
+            &mut Counters::default()
+        ),
         Verdict::Forward(backend6.endpoint)
     );
 }
@@ -478,9 +912,17 @@ fn an_snat_reply_whose_forward_entry_expired_is_dropped() {
     let snap = two_ready(IpProto::TCP);
     let flows = table();
     let pool = SnatPool::new(Some(SNAT), None, 61000, 100);
-    let (p, h) = parsed(&syn(40000));
-    let Verdict::ForwardSnat { to, from } = decide(&snap, &flows, &p, h, 1, 0, Mode::Snat(&pool))
-    else {
+    let go = |frame: &[u8], now| {
+        run_counted(
+            &snap,
+            &flows,
+            frame,
+            now,
+            Mode::Snat(&pool),
+            &mut Counters::default(),
+        )
+    };
+    let Verdict::ForwardSnat { to, from } = go(&syn(40000), 1) else {
         panic!()
     };
     let reply = pkt()
@@ -488,13 +930,9 @@ fn an_snat_reply_whose_forward_entry_expired_is_dropped() {
         .tcp(to.port(), from.port())
         .ack()
         .build();
-    let (p, h) = parsed(&reply);
     // The forward entry goes; the reverse one is still there (removed directly here).
     let (fp, fh) = parsed(&syn(40000));
     let hit = flows.lookup(&fp.key, fh, 2).unwrap();
-    flows.remove(hit.index, &fp.key);
-    assert_eq!(
-        decide(&snap, &flows, &p, h, 2, 0, Mode::Snat(&pool)),
-        Verdict::Drop(DecideDrop::FlowGone)
-    );
+    flows.remove(hit.entry, &fp.key);
+    assert_eq!(go(&reply, 2), Verdict::Drop(DecideDrop::FlowGone));
 }

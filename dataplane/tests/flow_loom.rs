@@ -24,11 +24,11 @@ fn key(port: u16) -> FlowKey {
     )
 }
 
-fn value(b: u32) -> FlowValue {
-    FlowValue {
-        a: 7,
-        b,
-        ..FlowValue::default()
+fn value(backend: u32) -> FlowValue {
+    FlowValue::Forward {
+        service: 7,
+        backend,
+        snat_port: 0,
     }
 }
 
@@ -119,5 +119,57 @@ fn a_lookup_racing_an_eviction_sees_the_old_entry_or_none() {
         let seen = reader.join().unwrap();
         assert!(seen.is_none() || seen == Some(value(0)), "{seen:?}");
         assert!(table.lookup(&old, flow_hash(&old), 10).is_none());
+    });
+}
+
+/// Issue 11, fault 7: a reply (following its reverse entry's reference to the forward entry)
+/// racing the eviction of that forward entry by another flow. The reply sees its own flow or
+/// nothing, and its state change never reaches the newcomer.
+#[test]
+fn a_reply_racing_the_eviction_of_its_forward_entry_never_reaches_the_newcomer() {
+    loom::model(|| {
+        let table = one_bucket();
+        let old = key(1);
+        let Insert::Inserted(forward) =
+            table.insert(&old, flow_hash(&old), value(1), FlowState::New, 0)
+        else {
+            panic!()
+        };
+        // The rest of the bucket established: the forward entry is the only victim.
+        for p in 2..=WAYS as u16 {
+            let k = key(p);
+            let _ = table.insert(&k, flow_hash(&k), value(1), FlowState::Established, 0);
+        }
+        let reverse = xlb_dataplane::lb::flow::Hit {
+            entry: forward,
+            value: FlowValue::Reverse {
+                service: 7,
+                forward,
+                snat: true,
+            },
+            state: FlowState::New,
+            last_seen: 0,
+        };
+        let newcomer = key(100);
+        let evictor = on(&table, move |t| {
+            t.insert(
+                &newcomer,
+                flow_hash(&newcomer),
+                value(100),
+                FlowState::New,
+                1,
+            )
+        });
+        let reply = on(&table, move |t| {
+            let found = t.forward_of(&reverse, 1).map(|(k, _)| k);
+            t.touch(forward, 1, Some(FlowState::Replied));
+            found
+        });
+        assert!(matches!(evictor.join().unwrap(), Insert::Inserted(_)));
+        let found = reply.join().unwrap();
+        assert!(found.is_none() || found == Some(old), "{found:?}");
+        let hit = table.lookup(&newcomer, flow_hash(&newcomer), 1).unwrap();
+        assert_eq!(hit.state, FlowState::New, "the newcomer was promoted");
+        assert!(table.forward_of(&reverse, 1).is_none());
     });
 }

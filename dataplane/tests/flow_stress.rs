@@ -29,11 +29,10 @@ fn key(n: u32) -> FlowKey {
 
 /// The value every thread inserts for key `n`.
 fn value_of(n: u32) -> FlowValue {
-    FlowValue {
-        a: n.wrapping_mul(2_654_435_761),
-        b: !n,
-        port: (n % 65_521) as u16,
-        reverse: false,
+    FlowValue::Forward {
+        service: n.wrapping_mul(2_654_435_761),
+        backend: !n,
+        snat_port: (n % 65_521) as u16,
     }
 }
 
@@ -146,4 +145,48 @@ fn lookups_racing_evictions_see_whole_entries_or_none() {
     for (k, _) in table.iter(50) {
         assert!(seen.insert(k), "{k} is in the table twice");
     }
+}
+
+/// Fault 7 of issue 11, under real concurrency: references kept across evictions (as a
+/// reverse entry keeps one to its forward entry) must never change another flow. Threads
+/// insert flows into a small table under constant eviction and promote, through references
+/// they kept, only the flows whose number is even; no odd flow may ever be established.
+#[test]
+fn promotions_through_stale_references_never_reach_another_flow() {
+    let table = Arc::new(FlowTable::new(256, Timeouts::default()));
+    let handles: Vec<_> = (0..THREADS)
+        .map(|t| {
+            let table = Arc::clone(&table);
+            thread::spawn(move || {
+                let mut kept = Vec::new();
+                for i in 0..40_000u32 {
+                    let n = (i * THREADS + t) % 8192;
+                    let k = key(n);
+                    if let Insert::Inserted(entry) =
+                        table.insert(&k, flow_hash(&k), value_of(n), FlowState::New, 1)
+                    {
+                        if n % 2 == 0 {
+                            kept.push(entry);
+                        }
+                    }
+                    // Promote through a reference taken long ago: most are stale by now.
+                    if let Some(old) = kept.get(i as usize / 2) {
+                        table.touch(*old, 1, Some(FlowState::Replied));
+                    }
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+    let promoted: Vec<u32> = table
+        .iter(1)
+        .filter(|(_, hit)| hit.state == FlowState::Replied)
+        .map(|(k, _)| u32::from(k.src_port) | (u32::from(k.src_addr[3]) << 16))
+        .collect();
+    assert!(
+        promoted.iter().all(|n| n % 2 == 0),
+        "an odd flow was promoted through another flow's reference: {promoted:?}"
+    );
 }

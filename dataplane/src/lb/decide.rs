@@ -1,33 +1,52 @@
 //! `decide()`: the one decision every packet needs, in pure code.
 //!
 //! From a snapshot, the flow table, a parsed packet and the time, it says what to do with the
-//! packet: forward it to a backend, un-NAT a backend's reply, reject a new flow, pass it to
-//! the kernel, or drop it with a reason. It records new flows (both directions) and ages the
-//! ones it sees. This is the source-preserving `dnat` mode: the destination becomes the
-//! backend, and replies, which route back through xlb, get the VIP back as their source.
+//! packet: forward it to a backend, un-NAT a backend's reply, reset or reject, pass it to the
+//! kernel, or drop it with a reason. It records new flows (both directions) and moves the ones
+//! it sees through their states as conntrack does: a TCP flow is established only when the
+//! client acknowledges the backend's answer (a SYN flood's half-open flows stay evictable), a
+//! UDP flow when it goes on after its first reply.
 //!
-//! Backend changes, per the snapshot: a flow keeps a backend that is terminating or
-//! draining; a flow whose backend has left the Service is answered with a reset (TCP) or
-//! moved to a newly picked backend (UDP and ICMP: a stale UDP flow cannot outlive its
-//! backend).
+//! In the source-preserving `dnat` mode the destination becomes the backend, and replies, which
+//! route back through xlb, get the VIP back as their source. In snat mode ([`Mode::Snat`]) the
+//! source also becomes an xlb address and a port from the worker's [`SnatPool`], and replies
+//! (to that address and port) are translated back to the VIP and the client, whom only the
+//! forward entry knows.
+//!
+//! What happens at the edges:
+//! * A backend's packet that no flow explains (xlb restarted, or the flow was evicted, or the
+//!   table was full) is recognised as a reply in dnat mode when its source is a backend of a
+//!   Service and the Service's Maglev pick for the reverse flow is that backend — or, where the
+//!   pick differs, when the backend serves exactly one Service port (counted apart). Its flow
+//!   is recreated: a restart loses no connection in either direction.
+//! * A full table never locks new flows out: in dnat mode a new flow that cannot be recorded is
+//!   forwarded to its pick (counted) and its replies are recognised as above; in snat mode,
+//!   where only the table knows the client, it is dropped and counted.
+//! * A flow whose backend has left the Service: a client's TCP segment is rejected with a reset,
+//!   a backend's TCP reply (steered for a grace period after the removal) is turned into a
+//!   reset towards the client, so the client learns at once instead of stalling; UDP and ICMP
+//!   flows move to a newly picked backend.
+//! * A SYN on a closing flow, or on a flow whose backend left, starts a new flow with a fresh
+//!   pick (a client reusing its port), as conntrack does.
+//! * A new flow from a martian source (unspecified, loopback, multicast, broadcast, the
+//!   destination itself) is dropped and counted.
 //!
 //! Session affinity (`ClientIP`) sends a client's new flows to the backend of its previous
 //! one while that is younger than the Service's timeout and the backend still takes new
 //! flows; it works with every scheduler.
 //!
-//! In snat mode ([`Mode::Snat`]) the source also becomes an xlb address and a port from the
-//! worker's [`SnatPool`], and replies (to that address and port) are translated back to the
-//! VIP and the client, whom only the forward entry knows.
-//!
-//! Known gaps, for the LB-core issue: fragments after the
-//! first (passed to the kernel: they carry no ports). A [`Verdict::Reject`] is answered with
-//! [`crate::packet::reject_with_tcp_reset`] or [`crate::packet::reject_with_port_unreachable`].
+//! Known gap: fragments after the first are passed to the kernel (they carry no ports).
+//! A [`Verdict::Reject`] is answered with [`crate::packet::reject_with_tcp_reset`] or
+//! [`crate::packet::reject_with_port_unreachable`], a [`Verdict::ResetReply`] with
+//! [`crate::packet::reset_in_place`].
 
 use core::num::NonZeroU32;
 
-use crate::packet::{Class, Endpoint, FlowKey, IpProto, Parsed, TcpFlags};
+use crate::counted::counted_enum;
+use crate::packet::{Class, Endpoint, Family, FlowKey, IpProto, Parsed, TcpFlags};
 
-use super::flow::{FlowState, FlowTable, FlowValue, Insert, Second, AFFINITY};
+use super::flow::{EntryRef, FlowState, FlowTable, FlowValue, Hit, Insert, Second, AFFINITY};
+use super::hash::flow_hash;
 use super::snapshot::{Backend, BackendId, NoBackend, Service, ServiceId, ServiceKey, Snapshot};
 
 /// What to do with a packet.
@@ -53,24 +72,80 @@ pub enum Verdict {
         /// The client.
         to: Endpoint,
     },
+    /// A backend's TCP reply of a flow whose backend has left its Service: turn it into a
+    /// reset and send it to the client, from the VIP `from` (and in snat mode to the client
+    /// `to`), so that the client stops waiting at once.
+    ResetReply {
+        /// The VIP.
+        from: Endpoint,
+        /// snat mode: the client; dnat mode: none (the destination is the client already).
+        to: Option<Endpoint>,
+    },
     /// Refuse: answer with a TCP reset or an ICMP port unreachable.
-    Reject,
+    Reject(Refusal),
     /// Not for the load balancer: give it to the kernel.
     Pass,
     /// Drop it.
     Drop(DecideDrop),
 }
 
-/// Why `decide()` drops a packet. Each has its counter.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-#[repr(u8)]
-pub enum DecideDrop {
-    /// A new flow to a Service whose policy for "no usable backend" is drop.
+/// Why a packet is refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// A new flow to a Service with no usable backend (policy: reject).
     NoBackend,
-    /// A reply of a flow whose Service has left the snapshot.
-    ServiceGone,
-    /// An snat reply whose forward entry (which knows the client) has gone.
-    FlowGone,
+    /// A TCP segment of a flow whose backend has left its Service.
+    BackendLeft,
+}
+
+counted_enum! {
+    /// Why `decide()` drops a packet. Each has its counter.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+    #[repr(u8)]
+    pub enum DecideDrop {
+        /// A new flow to a Service whose policy for "no usable backend" is drop.
+        NoBackend,
+        /// A reply of a flow whose Service has left the snapshot.
+        ServiceGone,
+        /// An snat reply whose forward entry (which knows the client) has gone.
+        FlowGone,
+        /// A backend's packet that no flow explains and that serves several Service ports,
+        /// none of whose picks is that backend: which VIP to answer from is unknown.
+        UnknownReply,
+        /// snat mode: a new flow that the full flow table could not record (its replies
+        /// could not be translated back).
+        TableFull,
+        /// snat mode: no translated port was free for a new flow.
+        NoSnatPort,
+        /// A new flow from a martian source: unspecified, loopback, multicast, broadcast,
+        /// reserved, IPv4-mapped, or the destination itself.
+        MartianSource,
+    }
+}
+
+counted_enum! {
+    /// What `decide()` did besides its verdict, counted because an operator asks about it.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+    #[repr(u8)]
+    pub enum Event {
+        /// dnat mode: a new flow forwarded to its pick without an entry, because both of its
+        /// buckets held only established flows.
+        Untracked,
+        /// A flow recreated from a backend's packet that no entry explained, where the
+        /// Service's pick for it is that backend.
+        Recreated,
+        /// A flow recreated from a backend's packet although the Service's pick differs (the
+        /// backend serves exactly one Service port).
+        RecreatedUnpicked,
+        /// A SYN on a closing flow, or on a flow whose backend left: a new connection on a
+        /// reused port, given a fresh pick.
+        PortReused,
+        /// A UDP or ICMP flow whose backend left, moved to a new pick.
+        Repicked,
+        /// A flow whose backend left, reset (a client's segment rejected, or a backend's
+        /// reply turned into a reset towards the client).
+        BackendLeftReset,
+    }
 }
 
 /// How flows are translated.
@@ -81,6 +156,13 @@ pub enum Mode<'a> {
     /// Full NAT: the source also becomes an xlb address and port, so replies come back to
     /// xlb in any topology.
     Snat(&'a SnatPool),
+}
+
+impl Mode<'_> {
+    /// Whether flows of `family` are source-translated.
+    fn translates(&self, family: Family) -> bool {
+        matches!(self, Mode::Snat(pool) if pool.addr(family).is_some())
+    }
 }
 
 /// The source addresses and ports of snat mode, one pool per worker (its own port range, so
@@ -113,10 +195,10 @@ impl SnatPool {
         }
     }
 
-    fn addr(&self, family: crate::packet::Family) -> Option<[u8; 16]> {
+    fn addr(&self, family: Family) -> Option<[u8; 16]> {
         match family {
-            crate::packet::Family::Ipv4 => self.v4,
-            crate::packet::Family::Ipv6 => self.v6,
+            Family::Ipv4 => self.v4,
+            Family::Ipv6 => self.v6,
         }
     }
 
@@ -128,28 +210,27 @@ impl SnatPool {
     }
 }
 
-impl DecideDrop {
-    /// Every reason, in counter order.
-    pub const ALL: [Self; 3] = [Self::NoBackend, Self::ServiceGone, Self::FlowGone];
-}
-
 /// Per-worker counts of what happened to packets: each verdict, each drop reason of
-/// `decide()`, and each malformed-packet reason of the parser. Plain integers: a worker owns
-/// its counters and the admin side sums them.
+/// `decide()`, each malformed-packet reason of the parser, and `decide()`'s events. Plain
+/// integers: a worker owns its counters and the admin side sums them.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Counters {
     /// Forwarded to a backend.
     pub forwarded: u64,
     /// Replies un-NATed.
     pub replied: u64,
-    /// New flows refused.
+    /// Replies turned into resets towards the client (their backend left).
+    pub reset: u64,
+    /// Refused (new flows without a backend, segments of flows whose backend left).
     pub rejected: u64,
     /// Passed to the kernel.
     pub passed: u64,
-    /// Dropped by `decide()`, by [`DecideDrop`] (index: position in [`DecideDrop::ALL`]).
-    pub dropped: [u64; DecideDrop::ALL.len()],
-    /// Malformed, by [`crate::packet::DropReason`] (index: position in its `ALL`).
+    /// Dropped by `decide()`, by [`DecideDrop`] (index: [`DecideDrop::index`]).
+    pub dropped: [u64; DecideDrop::COUNT],
+    /// Malformed, by [`crate::packet::DropReason`] (index: its `index()`).
     pub malformed: [u64; crate::packet::DropReason::COUNT],
+    /// `decide()`'s events, by [`Event`] (index: [`Event::index`]).
+    pub events: [u64; Event::COUNT],
 }
 
 impl Default for Counters {
@@ -157,10 +238,12 @@ impl Default for Counters {
         Self {
             forwarded: 0,
             replied: 0,
+            reset: 0,
             rejected: 0,
             passed: 0,
-            dropped: [0; DecideDrop::ALL.len()],
+            dropped: [0; DecideDrop::COUNT],
             malformed: [0; crate::packet::DropReason::COUNT],
+            events: [0; Event::COUNT],
         }
     }
 }
@@ -172,95 +255,327 @@ impl Counters {
         match verdict {
             Verdict::Forward(_) | Verdict::ForwardSnat { .. } => self.forwarded += 1,
             Verdict::Reply(_) | Verdict::ReplySnat { .. } => self.replied += 1,
-            Verdict::Reject => self.rejected += 1,
+            Verdict::ResetReply { .. } => self.reset += 1,
+            Verdict::Reject(_) => self.rejected += 1,
             Verdict::Pass => self.passed += 1,
-            Verdict::Drop(reason) => self.dropped[*reason as usize] += 1,
+            Verdict::Drop(reason) => self.dropped[reason.index()] += 1,
         }
     }
 
     /// Counts a frame the parser rejected.
     #[cold]
     pub fn record_malformed(&mut self, reason: crate::packet::DropReason) {
-        self.malformed[reason as usize] += 1;
+        self.malformed[reason.index()] += 1;
+    }
+
+    #[cold]
+    fn event(&mut self, event: Event) {
+        self.events[event.index()] += 1;
     }
 }
 
-/// Decides what to do with one packet (see the module documentation).
+/// What `decide()` reads and writes besides the packet: the snapshot of this batch, the
+/// shared flow table, the time and the translation mode.
+#[derive(Clone, Copy, Debug)]
+pub struct Env<'a> {
+    /// Services and backends.
+    pub snapshot: &'a Snapshot,
+    /// The flow table of all workers.
+    pub flows: &'a FlowTable,
+    /// Now, in the flow table's seconds.
+    pub now: Second,
+    /// dnat or snat.
+    pub mode: Mode<'a>,
+}
+
+/// Decides what to do with one packet (see the module documentation), counting its events
+/// (not its verdict) in `counters`.
 ///
 /// `hash` is [`super::hash::flow_hash`] of `parsed.key`; `random` a fresh random number from
 /// the worker, for the random scheduler.
 pub fn decide(
-    snapshot: &Snapshot,
-    flows: &FlowTable,
+    env: &Env<'_>,
     parsed: &Parsed,
     hash: u64,
-    now: Second,
     random: u64,
-    mode: Mode<'_>,
+    counters: &mut Counters,
 ) -> Verdict {
     match parsed.class {
         Class::NotForUs(_) => return Verdict::Pass,
         Class::Fragment(f) if !f.first => return Verdict::Pass,
-        Class::Ordinary | Class::Fragment(_) | Class::IcmpError(_) => {}
+        Class::IcmpError(_) => return icmp_error(env, &parsed.key, hash),
+        Class::Ordinary | Class::Fragment(_) => {}
     }
     let key = &parsed.key;
-    let closing = closes(parsed);
-    if let Some(hit) = flows.lookup(key, hash, now) {
-        let service = service_of(snapshot, hit.value.a);
-        if hit.value.reverse {
-            let Some(service) = service else {
-                return Verdict::Drop(DecideDrop::ServiceGone);
-            };
-            // A reply establishes the flow (its reverse entry points at its forward entry);
-            // an ICMP error travelling along it does not.
-            let state = match parsed.class {
-                Class::IcmpError(_) => None,
-                _ if closing => Some(FlowState::Closing),
-                _ => Some(FlowState::Established),
-            };
-            let vip = service.spec().key.vip;
-            let client = if hit.value.port == 0 {
-                None
-            } else {
-                // snat: the client is known only to the forward entry.
-                let Some(forward) = flows.key_at(hit.value.b, now) else {
-                    return Verdict::Drop(DecideDrop::FlowGone);
+    if let Some(hit) = env.flows.lookup(key, hash, env.now) {
+        match hit.value {
+            FlowValue::Reverse { .. } => return reply(env, parsed, &hit, counters),
+            FlowValue::Forward {
+                service,
+                backend,
+                snat_port,
+            } => {
+                let flow = Forwarding {
+                    hit,
+                    service,
+                    backend,
+                    snat_port,
                 };
-                Some(Endpoint::from_key_form(
-                    key.family,
-                    forward.src_addr,
-                    forward.src_port,
-                ))
-            };
-            flows.touch(hit.index, now, state);
-            if state.is_some() {
-                flows.touch(hit.value.b, now, state);
-            }
-            return match client {
-                Some(to) => Verdict::ReplySnat { from: vip, to },
-                None => Verdict::Reply(vip),
-            };
-        }
-        if let Some(service) = service {
-            if let Some(backend) = backend_of(service, hit.value.b) {
-                flows.touch(hit.index, now, closing.then_some(FlowState::Closing));
-                return forward_verdict(backend.endpoint, mode, key, hit.value.port);
-            }
-            // The backend left the Service.
-            flows.remove(hit.index, key);
-            if key.proto == IpProto::TCP {
-                return Verdict::Reject;
+                if let Some(verdict) = forward(env, parsed, &flow, counters) {
+                    return verdict;
+                }
+                // The flow ended here: this packet starts a new one.
             }
         }
     }
-    if let Class::IcmpError(_) = parsed.class {
-        // An error about a flow xlb does not know is the kernel's business.
-        return Verdict::Pass;
+    if let Some(service) = env.snapshot.service(&ServiceKey::of_destination(key)) {
+        return new_flow(env, service, parsed, hash, random, counters);
     }
-    let Some(service) = snapshot.service(&ServiceKey::of_destination(key)) else {
+    unexplained(env, key, counters)
+}
+
+/// A forward entry found for a packet.
+struct Forwarding {
+    hit: Hit,
+    service: u32,
+    backend: u32,
+    snat_port: u16,
+}
+
+/// A packet of a known flow in its forward direction. `None` when the flow ended with this
+/// packet (a SYN reusing its port, or its backend left for UDP): the caller starts a new one.
+fn forward(
+    env: &Env<'_>,
+    parsed: &Parsed,
+    flow: &Forwarding,
+    counters: &mut Counters,
+) -> Option<Verdict> {
+    let key = &parsed.key;
+    // A flow whose Service left: whatever now serves the key (nothing, usually) decides.
+    let service = service_of(env.snapshot, flow.service)?;
+    let opens = opens(parsed);
+    let Some(backend) = backend_of(service, flow.backend) else {
+        env.flows.remove(flow.hit.entry, key);
+        if key.proto == IpProto::TCP && !opens {
+            counters.event(Event::BackendLeftReset);
+            return Some(Verdict::Reject(Refusal::BackendLeft));
+        }
+        counters.event(if opens {
+            Event::PortReused
+        } else {
+            Event::Repicked
+        });
+        return None;
+    };
+    if opens && flow.hit.state == FlowState::Closing {
+        // The client reuses the port of a connection that ended: a new connection.
+        env.flows.remove(flow.hit.entry, key);
+        counters.event(Event::PortReused);
+        return None;
+    }
+    let next = forward_state(parsed, flow.hit.state);
+    env.flows.touch(flow.hit.entry, env.now, next);
+    if next == Some(FlowState::Established) {
+        // The reverse entry is protected from eviction from now on too.
+        let to = reply_destination(env.mode, key, flow.snat_port);
+        let reverse = reverse_key(key, &backend.endpoint, to);
+        if let Some(hit) = env.flows.lookup(&reverse, flow_hash(&reverse), env.now) {
+            env.flows.touch(hit.entry, env.now, next);
+        }
+    }
+    Some(forward_verdict(
+        backend.endpoint,
+        env.mode,
+        key,
+        flow.snat_port,
+    ))
+}
+
+/// The state a forward packet moves its flow to: closing on FIN or RST; established when the
+/// client acknowledges an answered handshake (TCP), or sends again after a reply (UDP, ICMP).
+fn forward_state(parsed: &Parsed, current: FlowState) -> Option<FlowState> {
+    if closes(parsed) {
+        return Some(FlowState::Closing);
+    }
+    let acknowledges = parsed.key.proto != IpProto::TCP
+        || (parsed.tcp_flags.contains(TcpFlags::ACK) && !parsed.tcp_flags.contains(TcpFlags::SYN));
+    (current == FlowState::Replied && acknowledges).then_some(FlowState::Established)
+}
+
+/// A backend's reply, found by its reverse entry.
+fn reply(env: &Env<'_>, parsed: &Parsed, hit: &Hit, counters: &mut Counters) -> Verdict {
+    let key = &parsed.key;
+    let FlowValue::Reverse { service, snat, .. } = hit.value else {
         return Verdict::Pass;
     };
-    new_flow(service, flows, parsed, hash, now, random, mode)
+    let Some(service) = service_of(env.snapshot, service) else {
+        return Verdict::Drop(DecideDrop::ServiceGone);
+    };
+    let Some((forward_key, forward)) = env.flows.forward_of(hit, env.now) else {
+        // The forward entry expired or was evicted (its place perhaps another flow's).
+        env.flows.remove(hit.entry, key);
+        if snat {
+            return Verdict::Drop(DecideDrop::FlowGone);
+        }
+        // dnat: the reply names the client; recreate the flow as after a restart.
+        return unexplained(env, key, counters);
+    };
+    let FlowValue::Forward {
+        backend, snat_port, ..
+    } = forward.value
+    else {
+        return Verdict::Drop(DecideDrop::FlowGone);
+    };
+    if snat && snat_port != key.dst_port {
+        return Verdict::Drop(DecideDrop::FlowGone);
+    }
+    let (vip, client) = reply_ends(&forward_key, snat);
+    if backend_of(service, backend).is_none() {
+        // The backend left the Service; its replies are still steered for a grace period.
+        // The entries stay: the client's next segment is rejected with the reset that
+        // matches its own sequence numbers exactly.
+        if key.proto == IpProto::TCP {
+            counters.event(Event::BackendLeftReset);
+            return Verdict::ResetReply {
+                from: vip,
+                to: client,
+            };
+        }
+        // A UDP or ICMP answer is still an answer; the next request picks again.
+    } else {
+        let next = reply_state(parsed, forward.state);
+        env.flows.touch(forward.entry, env.now, next);
+        // The reverse entry follows its forward entry's state.
+        let state = next.map_or(forward.state, |n| n.max(forward.state));
+        env.flows.touch(hit.entry, env.now, Some(state));
+    }
+    match client {
+        Some(to) => Verdict::ReplySnat { from: vip, to },
+        None => Verdict::Reply(vip),
+    }
+}
+
+/// The state a reply moves its flow to: closing on FIN or RST; replied after a new flow's
+/// first answer.
+fn reply_state(parsed: &Parsed, current: FlowState) -> Option<FlowState> {
+    if closes(parsed) {
+        return Some(FlowState::Closing);
+    }
+    (current == FlowState::New).then_some(FlowState::Replied)
+}
+
+/// The VIP a reply comes from, and in snat mode the client it goes to, from its flow's
+/// forward key.
+fn reply_ends(forward_key: &FlowKey, snat: bool) -> (Endpoint, Option<Endpoint>) {
+    let family = forward_key.family;
+    let vip = Endpoint::from_key_form(family, forward_key.dst_addr, forward_key.dst_port);
+    let client =
+        snat.then(|| Endpoint::from_key_form(family, forward_key.src_addr, forward_key.src_port));
+    (vip, client)
+}
+
+/// An ICMP error travelling along a flow: translated as the flow's packets are, without
+/// changing the flow's state; an error about a flow xlb does not know is the kernel's.
+fn icmp_error(env: &Env<'_>, key: &FlowKey, hash: u64) -> Verdict {
+    let Some(hit) = env.flows.lookup(key, hash, env.now) else {
+        return Verdict::Pass;
+    };
+    match hit.value {
+        FlowValue::Forward {
+            service,
+            backend,
+            snat_port,
+        } => service_of(env.snapshot, service)
+            .and_then(|s| backend_of(s, backend))
+            .map_or(Verdict::Pass, |b| {
+                forward_verdict(b.endpoint, env.mode, key, snat_port)
+            }),
+        FlowValue::Reverse { service, snat, .. } => match env.flows.forward_of(&hit, env.now) {
+            Some((forward_key, _)) => match reply_ends(&forward_key, snat) {
+                (from, Some(to)) => Verdict::ReplySnat { from, to },
+                (vip, None) => Verdict::Reply(vip),
+            },
+            None if !snat => service_of(env.snapshot, service)
+                .map_or(Verdict::Drop(DecideDrop::ServiceGone), |s| {
+                    Verdict::Reply(s.spec().key.vip)
+                }),
+            None => Verdict::Drop(DecideDrop::FlowGone),
+        },
+    }
+}
+
+/// A packet no flow explains and no Service is addressed by: a backend's reply whose flow
+/// xlb lost (recreated in dnat mode, see the module documentation), an snat reply without its
+/// flow, or something the kernel should have had.
+fn unexplained(env: &Env<'_>, key: &FlowKey, counters: &mut Counters) -> Verdict {
+    if env.mode.translates(key.family) {
+        if let Mode::Snat(pool) = env.mode {
+            if pool.addr(key.family) == Some(key.dst_addr) {
+                return Verdict::Drop(DecideDrop::FlowGone);
+            }
+        }
+        return Verdict::Pass;
+    }
+    let from = Endpoint::from_key_form(key.family, key.src_addr, key.src_port);
+    let mut serving = 0;
+    let mut only = None;
+    for service in env.snapshot.services_with_backend(&from, key.proto) {
+        let vip = service.spec().key.vip;
+        let forward_key = FlowKey::new(
+            key.family,
+            key.proto,
+            (key.dst_addr, key.dst_port),
+            (*vip.key_addr(), vip.port()),
+        );
+        let hash = flow_hash(&forward_key);
+        if let Some(backend) = service.maglev_pick(hash).filter(|b| b.endpoint == from) {
+            counters.event(Event::Recreated);
+            return recreate(env, service, backend, &forward_key, hash, key);
+        }
+        serving += 1;
+        only = Some((service, forward_key, hash));
+    }
+    match only {
+        None => Verdict::Pass,
+        Some((service, forward_key, hash)) if serving == 1 => match service.backend_at(&from) {
+            Some(backend) => {
+                counters.event(Event::RecreatedUnpicked);
+                recreate(env, service, backend, &forward_key, hash, key)
+            }
+            None => Verdict::Drop(DecideDrop::UnknownReply),
+        },
+        Some(_) => Verdict::Drop(DecideDrop::UnknownReply),
+    }
+}
+
+/// Records a dnat flow found from its reply (`reply_key`), in the replied state (the client's
+/// next acknowledgment establishes it), and un-NATs the reply.
+fn recreate(
+    env: &Env<'_>,
+    service: &Service,
+    backend: &Backend,
+    forward_key: &FlowKey,
+    forward_hash: u64,
+    reply_key: &FlowKey,
+) -> Verdict {
+    let vip = service.spec().key.vip;
+    if forward_key.martian_source() {
+        return Verdict::Drop(DecideDrop::MartianSource);
+    }
+    let value = FlowValue::Forward {
+        service: service.spec().id.0.get(),
+        backend: backend.id.0.get(),
+        snat_port: 0,
+    };
+    let state = FlowState::Replied;
+    if let Insert::Inserted(entry) =
+        env.flows
+            .insert(forward_key, forward_hash, value, state, env.now)
+    {
+        let _ = insert_reverse(env, reply_key, reverse_value(service, entry, false), state);
+        service.flow_started(backend.id);
+    }
+    Verdict::Reply(vip)
 }
 
 /// The forward verdict for a flow translated to `backend`, with `snat_port` as its source
@@ -278,30 +593,43 @@ fn forward_verdict(backend: Endpoint, mode: Mode<'_>, key: &FlowKey, snat_port: 
     }
 }
 
+/// Where a flow's replies are addressed: its translated source in snat mode, its client in
+/// dnat mode.
+fn reply_destination(mode: Mode<'_>, key: &FlowKey, snat_port: u16) -> ([u8; 16], u16) {
+    match mode {
+        Mode::Snat(pool) if snat_port != 0 => pool
+            .addr(key.family)
+            .map_or((key.src_addr, key.src_port), |addr| (addr, snat_port)),
+        _ => (key.src_addr, key.src_port),
+    }
+}
+
 /// Picks a backend for a new flow and records both directions.
 fn new_flow(
+    env: &Env<'_>,
     service: &Service,
-    flows: &FlowTable,
     parsed: &Parsed,
     hash: u64,
-    now: Second,
     random: u64,
-    mode: Mode<'_>,
+    counters: &mut Counters,
 ) -> Verdict {
+    let key = &parsed.key;
+    if key.martian_source() || key.src_addr == key.dst_addr {
+        return Verdict::Drop(DecideDrop::MartianSource);
+    }
     let spec = service.spec();
     let affinity = spec
         .affinity_timeout
         .map(|timeout| Affinity::of(service, parsed, timeout));
     let remembered = affinity
         .as_ref()
-        .and_then(|a| a.remembered(service, flows, now));
+        .and_then(|a| a.remembered(service, env.flows, env.now));
     let Some(backend) = remembered.or_else(|| service.pick(hash, random)) else {
         return match spec.no_backend {
-            NoBackend::Reject => Verdict::Reject,
+            NoBackend::Reject => Verdict::Reject(Refusal::NoBackend),
             NoBackend::Drop => Verdict::Drop(DecideDrop::NoBackend),
         };
     };
-    let key = &parsed.key;
     let state = if closes(parsed) {
         FlowState::Closing
     } else {
@@ -309,61 +637,103 @@ fn new_flow(
     };
     // In snat mode the flow's source becomes an xlb address and a port whose reverse key
     // (backend -> that address and port) is not taken.
-    let snat = match mode {
-        Mode::Snat(pool) => pool.addr(key.family).and_then(|addr| {
-            (0..4).map(|_| pool.next_port()).find_map(|port| {
-                let reverse = reverse_key(key, &backend.endpoint, addr, port);
-                let taken = flows.lookup(&reverse, super::hash::flow_hash(&reverse), now);
-                taken.is_none().then_some((addr, port))
-            })
-        }),
-        Mode::Dnat => None,
-    };
-    let (back_addr, back_port, snat_port) = match snat {
-        Some((addr, port)) => (addr, port, port),
-        None => (key.src_addr, key.src_port, 0),
-    };
-    let forward = FlowValue {
-        a: spec.id.0.get(),
-        b: backend.id.0.get(),
-        port: snat_port,
-        reverse: false,
+    let snat_port = match env.mode {
+        Mode::Snat(pool) => match pool.addr(key.family) {
+            Some(addr) => {
+                let free = (0..4).map(|_| pool.next_port()).find(|&port| {
+                    let reverse = reverse_key(key, &backend.endpoint, (addr, port));
+                    env.flows
+                        .lookup(&reverse, flow_hash(&reverse), env.now)
+                        .is_none()
+                });
+                match free {
+                    Some(port) => port,
+                    None => return Verdict::Drop(DecideDrop::NoSnatPort),
+                }
+            }
+            None => 0,
+        },
+        Mode::Dnat => 0,
     };
     if let Some(affinity) = &affinity {
-        affinity.remember(service, flows, backend.id, now);
+        affinity.remember(service, env.flows, backend.id, env.now);
     }
-    match flows.insert(key, hash, forward, state, now) {
-        Insert::Inserted(index) => {
-            let reverse_key = reverse_key(key, &backend.endpoint, back_addr, back_port);
-            let reverse = FlowValue {
-                a: spec.id.0.get(),
-                b: index,
-                port: snat_port,
-                reverse: true,
-            };
-            let reverse_hash = super::hash::flow_hash(&reverse_key);
-            let _ = flows.insert(&reverse_key, reverse_hash, reverse, state, now);
+    let forward = FlowValue::Forward {
+        service: spec.id.0.get(),
+        backend: backend.id.0.get(),
+        snat_port,
+    };
+    match env.flows.insert(key, hash, forward, state, env.now) {
+        Insert::Inserted(entry) => {
+            let to = reply_destination(env.mode, key, snat_port);
+            let reverse = reverse_key(key, &backend.endpoint, to);
+            let value = reverse_value(service, entry, snat_port != 0);
+            if !insert_reverse(env, &reverse, value, state) && snat_port != 0 {
+                // Only the table knows the client of an snat flow.
+                env.flows.remove(entry, key);
+                return Verdict::Drop(DecideDrop::TableFull);
+            }
             service.flow_started(backend.id);
-            forward_verdict(backend.endpoint, mode, key, snat_port)
+            forward_verdict(backend.endpoint, env.mode, key, snat_port)
         }
         // Another worker recorded this flow first: follow its choice.
-        Insert::Existing(hit) => {
-            let chosen = backend_of(service, hit.value.b).map_or(backend.endpoint, |b| b.endpoint);
-            forward_verdict(chosen, mode, key, hit.value.port)
+        Insert::Existing(hit) => match hit.value {
+            FlowValue::Forward {
+                backend: chosen,
+                snat_port,
+                ..
+            } => {
+                let to = backend_of(service, chosen).map_or(backend.endpoint, |b| b.endpoint);
+                forward_verdict(to, env.mode, key, snat_port)
+            }
+            FlowValue::Reverse { .. } => Verdict::Pass,
+        },
+        // Another worker is recording it: this packet goes to the pick, which the other
+        // worker's choice equals unless the scheduler is not Maglev.
+        Insert::Pending => forward_verdict(backend.endpoint, env.mode, key, snat_port),
+        // Both buckets hold only established flows.
+        Insert::Full if snat_port == 0 => {
+            counters.event(Event::Untracked);
+            forward_verdict(backend.endpoint, env.mode, key, 0)
         }
-        // Not recorded (a racing insert, or a bucket full of established flows): this
-        // packet still goes to the pick; Maglev gives the next one the same backend.
-        Insert::Pending | Insert::Full => forward_verdict(backend.endpoint, mode, key, snat_port),
+        Insert::Full => Verdict::Drop(DecideDrop::TableFull),
     }
 }
 
-/// The key of a flow's replies: from the backend to the flow's (translated) source.
-fn reverse_key(key: &FlowKey, backend: &Endpoint, to_addr: [u8; 16], to_port: u16) -> FlowKey {
+fn reverse_value(service: &Service, forward: EntryRef, snat: bool) -> FlowValue {
+    FlowValue::Reverse {
+        service: service.spec().id.0.get(),
+        forward,
+        snat,
+    }
+}
+
+/// Records a flow's reverse entry. An entry already at its key is an earlier flow's whose
+/// forward entry is gone (a client reusing its port towards the same backend): it is
+/// replaced. Returns whether the entry is recorded (or another worker is recording it).
+fn insert_reverse(env: &Env<'_>, key: &FlowKey, value: FlowValue, state: FlowState) -> bool {
+    let hash = flow_hash(key);
+    match env.flows.insert(key, hash, value, state, env.now) {
+        Insert::Inserted(_) | Insert::Pending => true,
+        Insert::Existing(old) if old.value == value => true,
+        Insert::Existing(old) => {
+            env.flows.remove(old.entry, key);
+            matches!(
+                env.flows.insert(key, hash, value, state, env.now),
+                Insert::Inserted(_) | Insert::Pending
+            )
+        }
+        Insert::Full => false,
+    }
+}
+
+/// The key of a flow's replies: from the backend to the flow's (translated) source `to`.
+fn reverse_key(key: &FlowKey, backend: &Endpoint, to: ([u8; 16], u16)) -> FlowKey {
     FlowKey::new(
         key.family,
         key.proto,
         (*backend.key_addr(), backend.port()),
-        (to_addr, to_port),
+        to,
     )
 }
 
@@ -374,8 +744,13 @@ fn reverse_key(key: &FlowKey, backend: &Endpoint, to_addr: [u8; 16], to_port: u1
 pub fn recount_live_flows(snapshot: &Snapshot, flows: &FlowTable, now: Second) {
     let mut counts: hashbrown::HashMap<(u32, u32), u64> = hashbrown::HashMap::new();
     for (key, hit) in flows.iter(now) {
-        if !hit.value.reverse && key.proto != AFFINITY {
-            *counts.entry((hit.value.a, hit.value.b)).or_default() += 1;
+        if let FlowValue::Forward {
+            service, backend, ..
+        } = hit.value
+        {
+            if key.proto != AFFINITY {
+                *counts.entry((service, backend)).or_default() += 1;
+            }
         }
     }
     for service in snapshot.services() {
@@ -390,6 +765,7 @@ pub fn recount_live_flows(snapshot: &Snapshot, flows: &FlowTable, now: Second) {
 /// Session affinity by client address (Kubernetes `sessionAffinity: ClientIP`): the backend a
 /// client's last new flow to this Service went to, kept in the flow table under a key of the
 /// client address and the Service, and honoured while younger than the Service's timeout.
+/// The records are evictable: losing one loses stickiness, never a connection.
 struct Affinity {
     key: FlowKey,
     hash: u64,
@@ -406,7 +782,7 @@ impl Affinity {
             (*vip.vip.key_addr(), vip.vip.port()),
         );
         Self {
-            hash: super::hash::flow_hash(&key),
+            hash: flow_hash(&key),
             key,
             timeout,
         }
@@ -423,24 +799,27 @@ impl Affinity {
         if now.saturating_sub(hit.last_seen) > self.timeout {
             return None;
         }
-        backend_of(service, hit.value.b).filter(|b| service.takes_new_flows(b.id))
+        let FlowValue::Forward { backend, .. } = hit.value else {
+            return None;
+        };
+        backend_of(service, backend).filter(|b| service.takes_new_flows(b.id))
     }
 
     /// Records `backend` as the client's, replacing an older record.
     fn remember(&self, service: &Service, flows: &FlowTable, backend: BackendId, now: Second) {
-        let value = FlowValue {
-            a: service.spec().id.0.get(),
-            b: backend.0.get(),
-            ..FlowValue::default()
+        let value = FlowValue::Forward {
+            service: service.spec().id.0.get(),
+            backend: backend.0.get(),
+            snat_port: 0,
         };
         if let Insert::Existing(hit) =
-            flows.insert(&self.key, self.hash, value, FlowState::Established, now)
+            flows.insert(&self.key, self.hash, value, FlowState::New, now)
         {
             if hit.value == value {
-                flows.touch(hit.index, now, None);
+                flows.touch(hit.entry, now, None);
             } else {
-                flows.remove(hit.index, &self.key);
-                let _ = flows.insert(&self.key, self.hash, value, FlowState::Established, now);
+                flows.remove(hit.entry, &self.key);
+                let _ = flows.insert(&self.key, self.hash, value, FlowState::New, now);
             }
         }
     }
@@ -458,4 +837,11 @@ fn backend_of(service: &Service, id: u32) -> Option<&Backend> {
 /// Whether the packet ends its flow (FIN or RST).
 fn closes(parsed: &Parsed) -> bool {
     parsed.tcp_flags.intersects(TcpFlags::FIN | TcpFlags::RST)
+}
+
+/// Whether the packet opens a TCP connection (SYN without ACK).
+fn opens(parsed: &Parsed) -> bool {
+    parsed.key.proto == IpProto::TCP
+        && parsed.tcp_flags.contains(TcpFlags::SYN)
+        && !parsed.tcp_flags.contains(TcpFlags::ACK)
 }

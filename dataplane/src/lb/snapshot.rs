@@ -259,6 +259,13 @@ impl Service {
         self.spec.backends.get(i)
     }
 
+    /// The backend at this address and port, if it is part of the Service (a linear search,
+    /// for the rare packet that no flow explains).
+    #[must_use]
+    pub fn backend_at(&self, endpoint: &Endpoint) -> Option<&Backend> {
+        self.spec.backends.iter().find(|b| b.endpoint == *endpoint)
+    }
+
     /// The backends that take new flows (indices into `spec().backends`).
     #[must_use]
     pub fn pickable(&self) -> &[u16] {
@@ -388,7 +395,68 @@ impl Default for Index {
     }
 }
 
-/// The hasher of both indexes: fixed, so that shards built for one snapshot serve the next
+/// Which Services have a backend at an address, port and protocol: a multimap of
+/// (backend, Service id) pairs, sharded and shared between snapshots like [`Index`]. It lets
+/// a backend's packet that no flow explains (after a restart, or when the flow table was
+/// full) be recognised as a reply.
+#[derive(Clone, Debug)]
+struct BackendIndex {
+    shards: Box<[Arc<BackendShard>]>,
+}
+
+/// One shard of the backend index: (backend address, port and protocol; Service id) pairs.
+type BackendShard = HashTable<(ServiceKey, ServiceId)>;
+
+impl Default for BackendIndex {
+    fn default() -> Self {
+        Self {
+            shards: (0..SHARDS).map(|_| Arc::new(HashTable::new())).collect(),
+        }
+    }
+}
+
+impl BackendIndex {
+    fn key(backend: &Backend, proto: IpProto) -> ServiceKey {
+        ServiceKey {
+            vip: backend.endpoint,
+            proto,
+        }
+    }
+
+    fn add(&mut self, service: &Service) {
+        let spec = service.spec();
+        for backend in &spec.backends {
+            let pair = (Self::key(backend, spec.key.proto), spec.id);
+            let hash = key_hash(&pair.0);
+            let shard = Arc::make_mut(&mut self.shards[shard_of(hash)]);
+            if shard.find(hash, |e| *e == pair).is_none() {
+                shard.insert_unique(hash, pair, |e| key_hash(&e.0));
+            }
+        }
+    }
+
+    fn remove(&mut self, service: &Service) {
+        let spec = service.spec();
+        for backend in &spec.backends {
+            let pair = (Self::key(backend, spec.key.proto), spec.id);
+            let hash = key_hash(&pair.0);
+            let shard = Arc::make_mut(&mut self.shards[shard_of(hash)]);
+            if let Ok(entry) = shard.find_entry(hash, |e| *e == pair) {
+                entry.remove();
+            }
+        }
+    }
+
+    fn services(&self, key: ServiceKey) -> impl Iterator<Item = ServiceId> + '_ {
+        let hash = key_hash(&key);
+        self.shards[shard_of(hash)]
+            .iter_hash(hash)
+            .filter(move |e| e.0 == key)
+            .map(|e| e.1)
+    }
+}
+
+/// The hasher of the indexes: fixed, so that shards built for one snapshot serve the next
 /// (keys come from the control plane, not from packets, so there is nothing to flood).
 const HASHER: FixedState = FixedState::with_seed(0x786c_625f_736e_6170);
 
@@ -454,6 +522,7 @@ pub struct Snapshot {
     generation: u64,
     by_key: Index,
     by_id: Index,
+    by_backend: BackendIndex,
     len: usize,
 }
 
@@ -496,6 +565,7 @@ impl Snapshot {
             if next.by_id.get(id_hash(id), |s| s.spec.id == id).is_some() {
                 return Err(SnapshotError::DuplicateServiceId(id));
             }
+            next.by_backend.add(&service);
             next.by_id.insert(
                 id_hash(id),
                 Arc::clone(&service),
@@ -515,6 +585,7 @@ impl Snapshot {
 
     fn remove(&mut self, key: &ServiceKey) {
         if let Some(old) = self.by_key.remove(key_hash(key), |s| s.spec.key == *key) {
+            self.by_backend.remove(&old);
             let id = old.spec.id;
             self.by_id.remove(id_hash(id), |s| s.spec.id == id);
             self.len -= 1;
@@ -543,6 +614,21 @@ impl Snapshot {
         self.by_id
             .get(id_hash(id), |s| s.spec.id == id)
             .map(|s| &**s)
+    }
+
+    /// The Services that have a backend at `backend` for `proto`.
+    pub fn services_with_backend(
+        &self,
+        backend: &Endpoint,
+        proto: IpProto,
+    ) -> impl Iterator<Item = &Service> + '_ {
+        let key = ServiceKey {
+            vip: *backend,
+            proto,
+        };
+        self.by_backend
+            .services(key)
+            .filter_map(|id| self.service_by_id(id))
     }
 
     /// The shared Service at a key (for a control plane that builds the next snapshot).
@@ -799,5 +885,34 @@ mod tests {
             .update(2, [], vec![service_at(3, 3, &[1]), service_at(3, 4, &[1])])
             .unwrap_err();
         assert!(matches!(err, SnapshotError::DuplicateService(_)));
+    }
+
+    #[test]
+    fn a_backend_is_found_with_the_services_that_have_it_through_updates() {
+        let with = |snap: &Snapshot, n: u8| {
+            let mut ids: Vec<u32> = snap
+                .services_with_backend(&backend(n, BackendState::Ready).endpoint, IpProto::TCP)
+                .map(|s| s.spec().id.0.get())
+                .collect();
+            ids.sort_unstable();
+            ids
+        };
+        let old =
+            Snapshot::new(1, vec![service_at(1, 1, &[1, 2]), service_at(2, 2, &[2])]).unwrap();
+        assert_eq!((with(&old, 1), with(&old, 2)), (vec![1], vec![1, 2]));
+        assert!(old
+            .services_with_backend(&backend(1, BackendState::Ready).endpoint, IpProto::UDP)
+            .next()
+            .is_none());
+        // Service 1 loses backend 2; service 2 goes.
+        let gone = service_at(2, 2, &[2]).spec().key;
+        let new = old
+            .update(2, [gone], vec![service_at(1, 1, &[1, 3])])
+            .unwrap();
+        assert_eq!(
+            (with(&new, 1), with(&new, 2), with(&new, 3)),
+            (vec![1], vec![], vec![1])
+        );
+        assert_eq!(with(&old, 2), vec![1, 2], "the old snapshot is untouched");
     }
 }

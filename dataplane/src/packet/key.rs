@@ -47,6 +47,22 @@ impl FlowKey {
         to_ip(self.family, &self.dst_addr)
     }
 
+    /// Whether the source address is one no host may send from (RFC 1812 section 5.3.7,
+    /// RFC 4291 section 2.5): unspecified, loopback, multicast, the IPv4 limited broadcast or
+    /// reserved block (240.0.0.0/4, which Linux also refuses), or an IPv4-mapped IPv6 address.
+    #[must_use]
+    pub fn martian_source(&self) -> bool {
+        let a = &self.src_addr;
+        match self.family {
+            // 0.0.0.0/8, 127.0.0.0/8, 224.0.0.0/4 and 240.0.0.0/4 (broadcast included).
+            Family::Ipv4 => a[0] == 0 || a[0] == 127 || a[0] >= 224,
+            Family::Ipv6 => {
+                let v = u128::from_be_bytes(*a);
+                v <= 1 || a[0] == 0xff || v >> 32 == 0xffff
+            }
+        }
+    }
+
     /// The key of the opposite direction of the same flow.
     #[must_use]
     pub fn reversed(&self) -> Self {
@@ -213,6 +229,44 @@ mod tests {
     #[test]
     fn flow_key_is_compact() {
         assert_eq!(core::mem::size_of::<FlowKey>(), 40);
+    }
+
+    #[test]
+    fn martian_sources_are_told_from_host_addresses() {
+        let src = |a: &str| {
+            let ip: IpAddr = a.parse().unwrap();
+            let family = if ip.is_ipv4() {
+                Family::Ipv4
+            } else {
+                Family::Ipv6
+            };
+            FlowKey::new(family, IpProto::TCP, (key_addr(ip), 1), ([0; 16], 2))
+        };
+        for martian in [
+            "0.0.0.0",
+            "0.1.2.3",
+            "127.0.0.1",
+            "224.0.0.1",
+            "239.255.255.250",
+            "240.0.0.1",
+            "255.255.255.255",
+            "::",
+            "::1",
+            "ff02::1",
+            "::ffff:198.18.0.1",
+        ] {
+            assert!(src(martian).martian_source(), "{martian}");
+        }
+        for host in [
+            "198.18.0.1",
+            "10.0.0.1",
+            "223.255.255.254",
+            "2001:2::1",
+            "fe80::1",
+            "::2",
+        ] {
+            assert!(!src(host).martian_source(), "{host}");
+        }
     }
 
     #[test]

@@ -36,7 +36,7 @@ pub use parse::{
     parse, ChecksumState, Class, DropReason, Fragment, IcmpError, IcmpErrorKind, Parsed,
     PassReason, MAX_FRAME_LEN, MAX_IPV6_EXTENSION_HEADERS,
 };
-pub use reject::{reject_with_port_unreachable, reject_with_tcp_reset};
+pub use reject::{reject_with_port_unreachable, reject_with_tcp_reset, reset_in_place};
 pub use rewrite::{set_destination, set_ethernet, set_source, RewriteError};
 pub use wire::{
     BadMacAddr, Family, IpProto, MacAddr, TcpFlags, ETHERNET_HEADER_LEN, ETHERTYPE_ARP,

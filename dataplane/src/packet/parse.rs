@@ -124,79 +124,52 @@ pub enum PassReason {
     Ipv6RoutingHeader,
 }
 
-/// Why a malformed frame is dropped. Each bad input has its own reason and counter.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-#[repr(u8)]
-pub enum DropReason {
-    /// Shorter than an Ethernet header.
-    EthernetTruncated,
-    /// An 802.1Q tag cut short.
-    VlanTruncated,
-    /// Shorter than an IPv4 header.
-    Ipv4Truncated,
-    /// EtherType IPv4 but the version field says otherwise.
-    Ipv4BadVersion,
-    /// IHL below 5.
-    Ipv4BadIhl,
-    /// Total length shorter than the header or longer than the frame.
-    Ipv4BadTotalLength,
-    /// IPv4 header checksum wrong (RFC 1812 section 5.2.2).
-    Ipv4BadHeaderChecksum,
-    /// Shorter than the fixed IPv6 header.
-    Ipv6Truncated,
-    /// EtherType IPv6 but the version field says otherwise.
-    Ipv6BadVersion,
-    /// Payload length longer than the frame.
-    Ipv6BadPayloadLength,
-    /// An extension header runs past the end of the packet.
-    Ipv6ExtensionHeaderTruncated,
-    /// More extension headers than [`MAX_IPV6_EXTENSION_HEADERS`].
-    Ipv6ExtensionChainTooLong,
-    /// A hop-by-hop header anywhere but first (RFC 8200 section 4.1).
-    Ipv6HopByHopNotFirst,
-    /// Shorter than a TCP header.
-    TcpTruncated,
-    /// Data offset below 5 or beyond the segment.
-    TcpBadDataOffset,
-    /// Shorter than a UDP header.
-    UdpTruncated,
-    /// UDP length field below 8, zero included.
-    UdpLengthTooShort,
-    /// UDP length field beyond the IP payload.
-    UdpLengthOverrun,
-    /// Shorter than an ICMP header.
-    IcmpTruncated,
-    /// An ICMP error whose quoted packet is cut short or malformed.
-    IcmpErrorBadQuote,
-}
-
-impl DropReason {
-    /// Every reason, in counter order.
-    pub const ALL: [Self; 20] = [
-        Self::EthernetTruncated,
-        Self::VlanTruncated,
-        Self::Ipv4Truncated,
-        Self::Ipv4BadVersion,
-        Self::Ipv4BadIhl,
-        Self::Ipv4BadTotalLength,
-        Self::Ipv4BadHeaderChecksum,
-        Self::Ipv6Truncated,
-        Self::Ipv6BadVersion,
-        Self::Ipv6BadPayloadLength,
-        Self::Ipv6ExtensionHeaderTruncated,
-        Self::Ipv6ExtensionChainTooLong,
-        Self::Ipv6HopByHopNotFirst,
-        Self::TcpTruncated,
-        Self::TcpBadDataOffset,
-        Self::UdpTruncated,
-        Self::UdpLengthTooShort,
-        Self::UdpLengthOverrun,
-        Self::IcmpTruncated,
-        Self::IcmpErrorBadQuote,
-    ];
-
-    /// The number of reasons (the length of a counter array indexed by reason).
-    pub const COUNT: usize = Self::ALL.len();
+crate::counted::counted_enum! {
+    /// Why a malformed frame is dropped. Each bad input has its own reason and counter.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+    #[repr(u8)]
+    pub enum DropReason {
+        /// Shorter than an Ethernet header.
+        EthernetTruncated,
+        /// An 802.1Q tag cut short.
+        VlanTruncated,
+        /// Shorter than an IPv4 header.
+        Ipv4Truncated,
+        /// EtherType IPv4 but the version field says otherwise.
+        Ipv4BadVersion,
+        /// IHL below 5.
+        Ipv4BadIhl,
+        /// Total length shorter than the header or longer than the frame.
+        Ipv4BadTotalLength,
+        /// IPv4 header checksum wrong (RFC 1812 section 5.2.2).
+        Ipv4BadHeaderChecksum,
+        /// Shorter than the fixed IPv6 header.
+        Ipv6Truncated,
+        /// EtherType IPv6 but the version field says otherwise.
+        Ipv6BadVersion,
+        /// Payload length longer than the frame.
+        Ipv6BadPayloadLength,
+        /// An extension header runs past the end of the packet.
+        Ipv6ExtensionHeaderTruncated,
+        /// More extension headers than [`MAX_IPV6_EXTENSION_HEADERS`].
+        Ipv6ExtensionChainTooLong,
+        /// A hop-by-hop header anywhere but first (RFC 8200 section 4.1).
+        Ipv6HopByHopNotFirst,
+        /// Shorter than a TCP header.
+        TcpTruncated,
+        /// Data offset below 5 or beyond the segment.
+        TcpBadDataOffset,
+        /// Shorter than a UDP header.
+        UdpTruncated,
+        /// UDP length field below 8, zero included.
+        UdpLengthTooShort,
+        /// UDP length field beyond the IP payload.
+        UdpLengthOverrun,
+        /// Shorter than an ICMP header.
+        IcmpTruncated,
+        /// An ICMP error whose quoted packet is cut short or malformed.
+        IcmpErrorBadQuote,
+    }
 }
 
 /// Parses a frame from its Ethernet header down to its transport header.

@@ -9,7 +9,7 @@
 //! are a few dozen bytes, never the payload.
 
 use super::checksum::{add_bytes, checksum, fold, pseudo_header_v4, pseudo_header_v6};
-use super::parse::Parsed;
+use super::parse::{ChecksumState, Class, Parsed};
 use super::rewrite::RewriteError;
 use super::wire::{
     Family, IpProto, TcpFlags, IPV4_MIN_HEADER_LEN, IPV6_HEADER_LEN, TCP_MIN_HEADER_LEN,
@@ -68,6 +68,64 @@ pub fn reject_with_tcp_reset(frame: &mut [u8], parsed: &Parsed) -> Result<usize,
     finish_l4_checksum(frame, parsed.key.family, l3, l4, TCP_MIN_HEADER_LEN, 16)?;
     swap_ethernet(frame)?;
     Ok(l4 + TCP_MIN_HEADER_LEN)
+}
+
+/// Turns the TCP segment in `frame` into a reset travelling the same way, from the same
+/// source to the same destination: its sequence and acknowledgment numbers kept (RFC 9293
+/// section 3.10.7.4: a reset whose sequence number is the receiver's next expected one is
+/// accepted at once, RFC 5961 section 3.2), its options and data dropped, its checksums
+/// computed afresh. For a backend's reply of a flow whose backend left: the client stops
+/// waiting at once. `parsed` is updated to describe the reset; the frame's bytes past the
+/// returned length are unused.
+///
+/// # Errors
+/// [`RewriteError::NotTranslatable`] if the packet is not an unfragmented TCP segment,
+/// [`RewriteError::FrameMismatch`] if the frame is not the one parsed.
+pub fn reset_in_place(frame: &mut [u8], parsed: &mut Parsed) -> Result<usize, RewriteError> {
+    let mismatch = RewriteError::FrameMismatch;
+    if parsed.key.proto != IpProto::TCP || parsed.class != Class::Ordinary {
+        return Err(RewriteError::NotTranslatable);
+    }
+    let l3 = usize::from(parsed.l3_offset);
+    let l4 = usize::from(parsed.l4_offset);
+    let header = frame.get_mut(l4..l4 + TCP_MIN_HEADER_LEN).ok_or(mismatch)?;
+    let flags = TcpFlags::RST.0 | (header[13] & TcpFlags::ACK.0);
+    header[12] = 5 << 4;
+    header[13] = flags;
+    header[14..TCP_MIN_HEADER_LEN].fill(0); // window, checksum, urgent pointer
+    let end = l4 + TCP_MIN_HEADER_LEN;
+    let ip = frame.get_mut(l3..l4).ok_or(mismatch)?;
+    let ip_len = u16::try_from(end - l3).map_err(|_| mismatch)?;
+    let segment_len = u16::try_from(TCP_MIN_HEADER_LEN).map_err(|_| mismatch)?;
+    let key = &parsed.key;
+    let pseudo = match key.family {
+        Family::Ipv4 => {
+            ip.get_mut(2..4)
+                .ok_or(mismatch)?
+                .copy_from_slice(&ip_len.to_be_bytes());
+            ip.get_mut(10..12).ok_or(mismatch)?.fill(0);
+            let csum = checksum(ip);
+            ip[10..12].copy_from_slice(&csum.to_be_bytes());
+            let v4 = |a: &[u8; 16]| [a[0], a[1], a[2], a[3]];
+            pseudo_header_v4(v4(&key.src_addr), v4(&key.dst_addr), 6, segment_len)
+        }
+        Family::Ipv6 => {
+            let payload = ip_len
+                .checked_sub(u16::try_from(IPV6_HEADER_LEN).map_err(|_| mismatch)?)
+                .ok_or(mismatch)?;
+            ip.get_mut(4..6)
+                .ok_or(mismatch)?
+                .copy_from_slice(&payload.to_be_bytes());
+            pseudo_header_v6(&key.src_addr, &key.dst_addr, 6, segment_len.into())
+        }
+    };
+    let segment = frame.get_mut(l4..end).ok_or(mismatch)?;
+    let csum = !fold(add_bytes(pseudo, segment));
+    segment[16..18].copy_from_slice(&csum.to_be_bytes());
+    parsed.l3_end = u16::try_from(end).map_err(|_| mismatch)?;
+    parsed.tcp_flags = TcpFlags(flags);
+    parsed.checksum = ChecksumState::Complete;
+    Ok(end)
 }
 
 /// Turns the packet in `buf[..frame_len]` into an ICMP (or ICMPv6) port unreachable sent

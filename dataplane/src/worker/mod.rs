@@ -24,13 +24,13 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 
-use crate::lb::decide::{decide, Mode, SnatPool, Verdict};
+use crate::lb::decide::{decide, Env, Mode, SnatPool, Verdict};
 use crate::lb::flow::{FlowTable, Second};
 use crate::lb::hash::flow_hash;
 use crate::lb::snapshot::Snapshot;
 use crate::packet::{
-    parse, reject_with_port_unreachable, reject_with_tcp_reset, set_destination, set_ethernet,
-    set_source, DropReason, Family, IpProto, Parsed, RewriteError,
+    parse, reject_with_port_unreachable, reject_with_tcp_reset, reset_in_place, set_destination,
+    set_ethernet, set_source, DropReason, Family, IpProto, Parsed, RewriteError,
 };
 
 pub use hops::{prefix_matches, NextHop, NextHops, Route};
@@ -329,16 +329,15 @@ impl Context<'_> {
             return self.failed(len);
         };
         let random = self.next_random();
-        let verdict = decide(
-            &self.tables.snapshot,
-            self.flows,
-            &parsed,
-            hash,
-            self.now,
-            random,
-            self.mode,
-        );
+        let env = Env {
+            snapshot: &self.tables.snapshot,
+            flows: self.flows,
+            now: self.now,
+            mode: self.mode,
+        };
+        let verdict = decide(&env, &parsed, hash, random, &mut self.counters.decide);
         self.counters.decide.record(&verdict);
+        let mut len = len;
         let rewritten: Result<(), RewriteError> = match verdict {
             Verdict::Forward(to) => set_destination(frame, &mut parsed, &to),
             Verdict::Reply(from) => set_source(frame, &mut parsed, &from),
@@ -346,7 +345,13 @@ impl Context<'_> {
                 .and_then(|()| set_source(frame, &mut parsed, &from)),
             Verdict::ReplySnat { from, to } => set_source(frame, &mut parsed, &from)
                 .and_then(|()| set_destination(frame, &mut parsed, &to)),
-            Verdict::Reject => {
+            Verdict::ResetReply { from, to } => reset_in_place(frame, &mut parsed)
+                .and_then(|reset_len| {
+                    len = reset_len;
+                    set_source(frame, &mut parsed, &from)
+                })
+                .and_then(|()| to.map_or(Ok(()), |to| set_destination(frame, &mut parsed, &to))),
+            Verdict::Reject(_) => {
                 let answer = if parsed.key.proto == IpProto::TCP {
                     reject_with_tcp_reset(frame, &parsed)
                 } else {

@@ -2,7 +2,7 @@
 //! loop into a cache-padded block of atomics that the admin side reads without ever making
 //! the worker wait.
 
-use crate::lb::decide::{Counters, DecideDrop};
+use crate::lb::decide::{Counters, DecideDrop, Event};
 use crate::packet::DropReason;
 // std's atomics, not `crate::sync`'s: these counters are not part of the loom models.
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -34,8 +34,12 @@ pub struct WorkerCounters {
     pub io: IoCounters,
 }
 
-const IO_FIELDS: usize = 6;
-const FIELDS: usize = 4 + DecideDrop::ALL.len() + DropReason::COUNT + IO_FIELDS;
+/// The number of `u64`s in [`WorkerCounters`] (checked against [`flatten`] by a test).
+const FIELDS: usize = 5 + DecideDrop::COUNT + DropReason::COUNT + Event::COUNT + IoCounters::FIELDS;
+
+impl IoCounters {
+    const FIELDS: usize = 6;
+}
 
 /// The published copy of one worker's counters. One per worker, aligned to its own cache
 /// lines so that workers never share a line.
@@ -56,7 +60,9 @@ impl Default for WorkerStats {
 impl WorkerStats {
     /// Publishes `counters` (called by the owning worker only).
     pub fn store(&self, counters: &WorkerCounters) {
-        for (slot, value) in self.values.iter().zip(flatten(counters)) {
+        let mut values = [0; FIELDS];
+        flatten(counters, &mut values);
+        for (slot, value) in self.values.iter().zip(values) {
             // Relaxed: each counter is read on its own; no other memory depends on it.
             slot.store(value, Ordering::Relaxed);
         }
@@ -66,58 +72,79 @@ impl WorkerStats {
     #[must_use]
     pub fn load(&self) -> WorkerCounters {
         // Relaxed: see `store`.
-        let v: [u64; FIELDS] = core::array::from_fn(|i| self.values[i].load(Ordering::Relaxed));
+        let values: [u64; FIELDS] =
+            core::array::from_fn(|i| self.values[i].load(Ordering::Relaxed));
         let mut c = WorkerCounters::default();
-        let d = &mut c.decide;
-        d.forwarded = v[0];
-        d.replied = v[1];
-        d.rejected = v[2];
-        d.passed = v[3];
-        let mut i = 4;
-        for slot in &mut d.dropped {
-            *slot = v[i];
-            i += 1;
-        }
-        for slot in &mut d.malformed {
-            *slot = v[i];
-            i += 1;
-        }
-        let io = &mut c.io;
-        for slot in [
-            &mut io.received,
-            &mut io.transmitted,
-            &mut io.tx_ring_full,
-            &mut io.no_next_hop,
-            &mut io.rewrite_failed,
-            &mut io.busy_polls,
-        ] {
-            *slot = v[i];
-            i += 1;
+        for (slot, value) in fields(&mut c).zip(values) {
+            *slot = value;
         }
         c
     }
 }
 
-fn flatten(c: &WorkerCounters) -> impl Iterator<Item = u64> + '_ {
-    let d = &c.decide;
-    let io = &c.io;
-    [d.forwarded, d.replied, d.rejected, d.passed]
+/// Every counter of `c`, in one fixed order. The struct patterns name every field (no `..`),
+/// so a counter added to [`Counters`] or [`IoCounters`] does not compile until it is listed
+/// here, and the arrays indexed by reason follow their enums by construction.
+fn fields(c: &mut WorkerCounters) -> impl Iterator<Item = &mut u64> {
+    let WorkerCounters {
+        decide:
+            Counters {
+                forwarded,
+                replied,
+                reset,
+                rejected,
+                passed,
+                dropped,
+                malformed,
+                events,
+            },
+        io:
+            IoCounters {
+                received,
+                transmitted,
+                tx_ring_full,
+                no_next_hop,
+                rewrite_failed,
+                busy_polls,
+            },
+    } = c;
+    [forwarded, replied, reset, rejected, passed]
         .into_iter()
-        .chain(d.dropped.iter().copied())
-        .chain(d.malformed.iter().copied())
+        .chain(dropped.iter_mut())
+        .chain(malformed.iter_mut())
+        .chain(events.iter_mut())
         .chain([
-            io.received,
-            io.transmitted,
-            io.tx_ring_full,
-            io.no_next_hop,
-            io.rewrite_failed,
-            io.busy_polls,
+            received,
+            transmitted,
+            tx_ring_full,
+            no_next_hop,
+            rewrite_failed,
+            busy_polls,
         ])
+}
+
+fn flatten(c: &WorkerCounters, out: &mut [u64; FIELDS]) {
+    let mut copy = c.clone();
+    for (slot, value) in out.iter_mut().zip(fields(&mut copy)) {
+        *slot = *value;
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_counter_has_its_own_published_slot() {
+        let mut c = WorkerCounters::default();
+        assert_eq!(fields(&mut c).count(), FIELDS);
+        for (n, slot) in fields(&mut c).enumerate() {
+            *slot = n as u64 + 1;
+        }
+        let stats = WorkerStats::default();
+        stats.store(&c);
+        assert_eq!(stats.load(), c);
+    }
 
     #[test]
     fn published_counters_read_back_field_for_field() {
@@ -128,6 +155,8 @@ mod tests {
         c.decide.passed = 4;
         c.decide.dropped[2] = 5;
         c.decide.malformed[DropReason::COUNT - 1] = 6;
+        c.decide.events[Event::COUNT - 1] = 10;
+        c.decide.reset = 11;
         c.io.received = 7;
         c.io.busy_polls = 8;
         c.io.no_next_hop = 9;

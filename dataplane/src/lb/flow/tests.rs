@@ -1,0 +1,285 @@
+use super::*;
+use crate::lb::hash::flow_hash;
+use crate::packet::{key_addr, Family};
+
+fn key(port: u16) -> FlowKey {
+    FlowKey::new(
+        Family::Ipv4,
+        IpProto::TCP,
+        (key_addr([198, 18, 0, 1].into()), port),
+        (key_addr([198, 18, 64, 1].into()), 80),
+    )
+}
+
+fn value(backend: u32) -> FlowValue {
+    FlowValue::Forward {
+        service: 1,
+        backend,
+        snat_port: 0,
+    }
+}
+
+fn insert(t: &FlowTable, k: &FlowKey, v: FlowValue, state: FlowState, now: Second) -> EntryRef {
+    match t.insert(k, flow_hash(k), v, state, now) {
+        Insert::Inserted(e) => e,
+        other => panic!("{other:?}"),
+    }
+}
+
+fn backend_of(hit: &Hit) -> u32 {
+    match hit.value {
+        FlowValue::Forward { backend, .. } => backend,
+        FlowValue::Reverse { .. } => panic!("a reverse entry"),
+    }
+}
+
+#[test]
+fn an_entry_takes_64_bytes_and_a_bucket_of_tags_one_cache_line() {
+    assert_eq!(core::mem::size_of::<SeqLine>(), 64);
+    assert_eq!(core::mem::align_of::<SeqLine>(), 64);
+    assert_eq!(core::mem::size_of::<Body>() + 8, ENTRY_BYTES);
+    let t = FlowTable::new(1000, Timeouts::default());
+    assert_eq!(t.memory_bytes(), t.capacity() * ENTRY_BYTES);
+    assert_eq!(FlowTable::memory_for(1000), t.memory_bytes());
+    assert_eq!(
+        t.capacity(),
+        1024,
+        "rounded up to a power of two of buckets"
+    );
+}
+
+#[test]
+fn capacities_beyond_the_maximum_are_clamped_not_allocated() {
+    assert_eq!(
+        FlowTable::memory_for(usize::MAX),
+        MAX_CAPACITY * ENTRY_BYTES
+    );
+    assert_eq!(FlowTable::memory_for(0), WAYS * ENTRY_BYTES);
+}
+
+#[test]
+fn an_inserted_flow_is_found_until_it_expires() {
+    let t = FlowTable::new(64, Timeouts::default());
+    let k = key(40000);
+    let h = flow_hash(&k);
+    let _ = insert(&t, &k, value(7), FlowState::New, 100);
+    let hit = t.lookup(&k, h, 150).unwrap();
+    assert_eq!((backend_of(&hit), hit.state), (7, FlowState::New));
+    assert!(
+        t.lookup(&k, h, 100 + 121).is_none(),
+        "TCP new times out after 120 s"
+    );
+    assert!(t.lookup(&key(40001), flow_hash(&key(40001)), 150).is_none());
+}
+
+#[test]
+fn a_second_insert_of_a_key_returns_the_first() {
+    let t = FlowTable::new(64, Timeouts::default());
+    let k = key(1);
+    let h = flow_hash(&k);
+    let _ = t.insert(&k, h, value(1), FlowState::New, 0);
+    match t.insert(&k, h, value(2), FlowState::New, 0) {
+        Insert::Existing(hit) => assert_eq!(backend_of(&hit), 1),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn states_only_move_forward_and_closing_is_final() {
+    let t = FlowTable::new(64, Timeouts::default());
+    let k = key(1);
+    let h = flow_hash(&k);
+    let e = insert(&t, &k, value(1), FlowState::New, 0);
+    t.touch(e, 5, Some(FlowState::Replied));
+    assert_eq!(t.lookup(&k, h, 5).unwrap().state, FlowState::Replied);
+    assert!(
+        t.lookup(&k, h, 5 + 61).is_none(),
+        "a TCP flow answered but never acknowledged lives 60 s"
+    );
+    t.touch(e, 6, Some(FlowState::Established));
+    t.touch(e, 6, Some(FlowState::Replied));
+    assert_eq!(t.lookup(&k, h, 6).unwrap().state, FlowState::Established);
+    assert!(t.lookup(&k, h, 86_000).is_some(), "established lives long");
+    t.touch(e, 7, Some(FlowState::Closing));
+    t.touch(e, 8, Some(FlowState::Established));
+    let hit = t.lookup(&k, h, 8).unwrap();
+    assert_eq!((hit.state, hit.last_seen), (FlowState::Closing, 8));
+}
+
+#[test]
+fn udp_flows_time_out_in_30_s_unless_they_became_a_stream() {
+    let t = FlowTable::new(64, Timeouts::default());
+    let mut k = key(53);
+    k.proto = IpProto::UDP;
+    let h = flow_hash(&k);
+    let e = insert(&t, &k, value(1), FlowState::New, 0);
+    t.touch(e, 1, Some(FlowState::Replied));
+    assert!(t.lookup(&k, h, 31).is_some());
+    assert!(t.lookup(&k, h, 32).is_none());
+    let mut k2 = k;
+    k2.src_port = 54;
+    let e = insert(&t, &k2, value(1), FlowState::New, 0);
+    t.touch(e, 1, Some(FlowState::Established));
+    assert!(t.lookup(&k2, flow_hash(&k2), 121).is_some());
+    assert!(t.lookup(&k2, flow_hash(&k2), 122).is_none());
+}
+
+#[test]
+fn a_full_bucket_evicts_flows_that_are_not_established_but_never_established_ones() {
+    // One bucket: every key lands in it.
+    let t = FlowTable::new(WAYS, Timeouts::default());
+    let keys: Vec<FlowKey> = (0..WAYS as u16).map(key).collect();
+    for (n, k) in keys.iter().enumerate() {
+        let e = insert(&t, k, value(1), FlowState::New, n as u32);
+        // Answered, then acknowledged: a completed handshake.
+        t.touch(e, n as u32, Some(FlowState::Replied));
+        t.touch(e, n as u32, Some(FlowState::Established));
+    }
+    let flood = key(999);
+    assert_eq!(
+        t.insert(&flood, flow_hash(&flood), value(2), FlowState::New, 10),
+        Insert::Full
+    );
+    assert!(keys.iter().all(|k| t.lookup(k, flow_hash(k), 10).is_some()));
+    assert_eq!((t.full_inserts(), t.evictions()), (1, 0));
+
+    // One of them closing: the flood takes its place.
+    let hit = t.lookup(&keys[2], flow_hash(&keys[2]), 10).unwrap();
+    t.touch(hit.entry, 10, Some(FlowState::Closing));
+    let _ = insert(&t, &flood, value(2), FlowState::New, 11);
+    assert!(t.lookup(&keys[2], flow_hash(&keys[2]), 11).is_none());
+    assert!(t.lookup(&keys[0], flow_hash(&keys[0]), 11).is_some());
+    assert_eq!((t.full_inserts(), t.evictions()), (1, 1));
+}
+
+#[test]
+fn half_open_flows_are_evicted_before_closing_ones() {
+    let t = FlowTable::new(WAYS, Timeouts::default());
+    let keys: Vec<FlowKey> = (0..WAYS as u16).map(key).collect();
+    for (n, k) in keys.iter().enumerate() {
+        let e = insert(&t, k, value(1), FlowState::New, 0);
+        // The first half closing, the last one answered but never acknowledged (a SYN flood).
+        let state = if n < WAYS / 2 {
+            FlowState::Closing
+        } else {
+            FlowState::Replied
+        };
+        t.touch(e, 0, Some(state));
+    }
+    let newcomer = key(500);
+    let _ = insert(&t, &newcomer, value(2), FlowState::New, 1);
+    let gone: Vec<usize> = (0..WAYS)
+        .filter(|&n| t.lookup(&keys[n], flow_hash(&keys[n]), 1).is_none())
+        .collect();
+    assert_eq!(gone.len(), 1);
+    assert!(gone[0] >= WAYS / 2, "a closing flow went first: {gone:?}");
+}
+
+#[test]
+fn expired_entries_are_reused_first() {
+    let t = FlowTable::new(WAYS, Timeouts::default());
+    for p in 0..WAYS as u16 {
+        let k = key(p);
+        let _ = t.insert(&k, flow_hash(&k), value(1), FlowState::Established, 0);
+    }
+    let k = key(500);
+    // These are TCP established: fresh until 86 400.
+    assert_eq!(
+        t.insert(&k, flow_hash(&k), value(1), FlowState::New, 1000),
+        Insert::Full
+    );
+    assert!(matches!(
+        t.insert(&k, flow_hash(&k), value(1), FlowState::New, 90_000),
+        Insert::Inserted(_)
+    ));
+}
+
+#[test]
+fn removal_and_iteration_see_what_is_there() {
+    let t = FlowTable::new(1024, Timeouts::default());
+    let mut entries = Vec::new();
+    for p in 0..100 {
+        let k = key(p);
+        if let Insert::Inserted(e) =
+            t.insert(&k, flow_hash(&k), value(u32::from(p)), FlowState::New, 0)
+        {
+            entries.push((e, k));
+        }
+    }
+    assert_eq!(t.iter(0).count(), entries.len());
+    let (e, k) = entries[0];
+    t.remove(e, &k);
+    assert!(t.lookup(&k, flow_hash(&k), 0).is_none());
+    assert_eq!(t.iter(0).count(), entries.len() - 1);
+    assert!(t
+        .iter(0)
+        .all(|(k, hit)| u32::from(k.src_port) == backend_of(&hit)));
+    // A dump in pages: from an index on.
+    let last = t.iter(0).map(|(_, hit)| hit.entry.index).max().unwrap();
+    assert_eq!(t.iter_from(last as usize, 0).count(), 1);
+}
+
+/// The reply of a flow whose forward entry was evicted, and whose place another flow took:
+/// the reverse entry's reference must not reach the newcomer.
+#[test]
+fn a_reference_to_an_entry_whose_place_was_reused_reaches_nothing() {
+    let t = FlowTable::new(WAYS, Timeouts::default());
+    let old = key(1);
+    let old_entry = insert(&t, &old, value(1), FlowState::New, 0);
+    let reverse_key = old.reversed();
+    let reverse = FlowValue::Reverse {
+        service: 1,
+        forward: old_entry,
+        snat: true,
+    };
+    let _ = t.insert(
+        &reverse_key,
+        flow_hash(&reverse_key),
+        reverse,
+        FlowState::New,
+        0,
+    );
+    let reverse_hit = t.lookup(&reverse_key, flow_hash(&reverse_key), 0).unwrap();
+    assert_eq!(t.forward_of(&reverse_hit, 0).unwrap().0, old);
+
+    // The forward entry goes (evicted, expired) and another flow takes its place.
+    t.remove(old_entry, &old);
+    let mut taken = None;
+    for port in 2..200 {
+        let k = key(port);
+        let e = insert(&t, &k, value(9), FlowState::New, 1);
+        if e.index == old_entry.index {
+            taken = Some((k, e));
+            break;
+        }
+        t.remove(e, &k);
+    }
+    let (newcomer, entry) = taken.expect("the place is reused");
+    assert_ne!(entry.stamp, old_entry.stamp);
+    assert!(t.forward_of(&reverse_hit, 1).is_none(), "not the same flow");
+    // A reply's touch through the stale reference neither promotes nor refreshes it.
+    t.touch(old_entry, 50, Some(FlowState::Established));
+    let hit = t.lookup(&newcomer, flow_hash(&newcomer), 50).unwrap();
+    assert_eq!((hit.state, hit.last_seen), (FlowState::New, 1));
+    // Nor removes it.
+    t.remove(old_entry, &newcomer);
+    assert!(t.lookup(&newcomer, flow_hash(&newcomer), 50).is_some());
+}
+
+#[test]
+fn a_forward_entry_of_another_service_is_not_a_reverse_entrys_flow() {
+    let t = FlowTable::new(64, Timeouts::default());
+    let k = key(1);
+    let e = insert(&t, &k, value(1), FlowState::New, 0);
+    let reverse = Hit {
+        entry: EntryRef::default(),
+        value: FlowValue::Reverse {
+            service: 2,
+            forward: e,
+            snat: false,
+        },
+        state: FlowState::New,
+        last_seen: 0,
+    };
+    assert!(t.forward_of(&reverse, 0).is_none());
+}
