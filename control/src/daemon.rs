@@ -305,6 +305,9 @@ impl Control {
                 batch = next_batch(&mut kube) => self.publish_kube(batch),
                 _ = file_tick.tick() => {
                     self.reload_if_changed();
+                    if let Err(e) = self.publisher.expire_steering(Instant::now(), &mut self.filter) {
+                        warn!(error = %e, "cannot remove retired keys from the XDP filter");
+                    }
                     recount_live_flows(&self.shared.tables.load().snapshot, &self.shared.flows, self.shared.clock.now());
                     self.admin.filter_counts.store(Arc::new(self.filter.counts()));
                 }

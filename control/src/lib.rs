@@ -8,8 +8,9 @@
 //!   kube-proxy's semantics; `fake_api` (feature `fake-api`): an in-process API server for
 //!   tests and benchmarks;
 //! * [`desired`]: the desired state both produce; [`translate`]: changes to the desired
-//!   state -> snapshots, incrementally, and the keys the XDP filter steers; [`publish`]: the
-//!   sources' changes made live, one swap each, the filter in step;
+//!   state -> snapshots, incrementally; [`steering`]: the keys the XDP filter steers, and the
+//!   grace period of a removed backend's replies; [`publish`]: the sources' changes made
+//!   live, one swap each, the filter in step;
 //! * [`netlink`]: next hops from the kernel's routes and neighbours;
 //! * [`daemon`]: `xlb run` - filter, sockets, pinned workers, the control loop;
 //! * [`admin`], [`admin_client`], [`histogram`]: the admin HTTP API and its client;
@@ -36,4 +37,5 @@ pub mod kubernetes;
 pub mod maglev_report;
 pub mod netlink;
 pub mod publish;
+pub mod steering;
 pub mod translate;

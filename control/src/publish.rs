@@ -18,7 +18,8 @@ use xlb_dataplane::xsk::{SteerKey, XdpFilter};
 
 use crate::config::{Config, ConfigError};
 use crate::desired::DesiredService;
-use crate::translate::{key, BuildStats, Builder, Change, OnRefusal, SteerChange, Steering};
+use crate::steering::{SteerChange, Steering};
+use crate::translate::{key, BuildStats, Builder, Change, OnRefusal};
 
 /// Where the XDP filter's steering keys go (the filter itself, or nowhere in tests and
 /// benchmarks that have no kernel).
@@ -105,6 +106,21 @@ impl Publisher {
     #[must_use]
     pub fn generation(&self) -> u64 {
         self.generation
+    }
+
+    /// Removes from the filter the retired reply keys whose grace period ended by `now`
+    /// (see [`crate::steering`]).
+    ///
+    /// # Errors
+    /// Why the filter refused; the keys stay retired and are removed at the next call.
+    pub fn expire_steering(
+        &mut self,
+        now: std::time::Instant,
+        steer: &mut dyn SteerMap,
+    ) -> Result<usize, String> {
+        let expired = self.steering.expire(now);
+        steer.change(&[], &expired)?;
+        Ok(expired.len())
     }
 
     /// Makes the file's Services exactly `desired`, all or nothing.
@@ -195,7 +211,9 @@ impl Publisher {
         if applied.added.is_empty() && applied.removed.is_empty() {
             return Ok(out);
         }
-        let SteerChange { add, remove } = self.steering.change(&applied.removed, &applied.added);
+        let SteerChange { add, remove } =
+            self.steering
+                .change(&applied.removed, &applied.added, std::time::Instant::now());
         // New keys before the snapshot that needs them, stale ones after it is gone.
         if let Err(e) = steer.change(&add, &[]) {
             out.steer_error = Some(e);

@@ -3,8 +3,7 @@
 //! Owns: turning desired Services into the dataplane's `Service`s with ids that stay the same
 //! across reloads (flows remember ids, so a reload must not renumber), incrementally: a
 //! Service whose desired state did not change keeps its built `Service` (Maglev table and live
-//! flow counts included), so an update costs in proportion to what changed. Also the set of
-//! keys the XDP filter must steer to xlb for a snapshot.
+//! flow counts included), so an update costs in proportion to what changed.
 //!
 //! Must not know: where the desired state came from, packets, the kernel.
 
@@ -16,12 +15,10 @@ use xlb_dataplane::lb::snapshot::{
     Backend, BackendId, BackendState, NoBackend, Scheduler, Service, ServiceId, ServiceKey,
     ServiceSpec, Snapshot, SnapshotError,
 };
-use xlb_dataplane::packet::{key_addr, Endpoint, Family, IpProto};
-use xlb_dataplane::xsk::SteerKey;
+use xlb_dataplane::packet::{Endpoint, IpProto};
 
 use crate::config::{
-    BackendStateConfig, Config, ConfigError, ModeConfig, NoBackendConfig, ProtocolConfig,
-    SchedulerConfig,
+    BackendStateConfig, Config, ConfigError, NoBackendConfig, ProtocolConfig, SchedulerConfig,
 };
 use crate::desired::DesiredService;
 
@@ -353,96 +350,6 @@ fn spec(d: &DesiredService, ids: &mut Builder) -> ServiceSpec {
     spec
 }
 
-/// The keys the XDP filter must steer to xlb, counted by the Services that need them: traffic
-/// to each Service, and the replies of its flows (from backends in dnat mode, to the SNAT
-/// addresses in snat mode). Several Services can need one key (a backend shared by two
-/// Services), so a key goes when the last Service needing it goes.
-#[derive(Debug)]
-pub struct Steering {
-    mode: ModeConfig,
-    snat: Vec<(Family, [u8; 16])>,
-    counts: HashMap<SteerKey, u32>,
-}
-
-/// What the filter's map must gain (before the snapshot is published) and lose (after).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct SteerChange {
-    /// Keys no Service needed before.
-    pub add: Vec<SteerKey>,
-    /// Keys no Service needs any more.
-    pub remove: Vec<SteerKey>,
-}
-
-impl Steering {
-    /// Steering for `config`'s mode and SNAT addresses, with no Service yet.
-    #[must_use]
-    pub fn new(config: &Config) -> Self {
-        let mut snat = Vec::new();
-        if let (ModeConfig::Snat, Some(s)) = (config.mode, &config.snat) {
-            if let Some(v4) = s.ipv4 {
-                snat.push((Family::Ipv4, key_addr(v4.into())));
-            }
-            if let Some(v6) = s.ipv6 {
-                snat.push((Family::Ipv6, key_addr(v6.into())));
-            }
-        }
-        Self {
-            mode: config.mode,
-            snat,
-            counts: HashMap::new(),
-        }
-    }
-
-    fn keys(&self, service: &Service, out: &mut Vec<SteerKey>) {
-        let spec = service.spec();
-        out.push(SteerKey::destination(&spec.key.vip, spec.key.proto));
-        match self.mode {
-            ModeConfig::Dnat => out.extend(
-                spec.backends
-                    .iter()
-                    .map(|b| SteerKey::source(&b.endpoint, spec.key.proto)),
-            ),
-            ModeConfig::Snat => out.extend(
-                self.snat
-                    .iter()
-                    .map(|&(family, addr)| SteerKey::any_port(family, addr, spec.key.proto)),
-            ),
-        }
-    }
-
-    /// Counts the keys of `added` in and those of `removed` out; returns the keys that
-    /// appeared and disappeared.
-    pub fn change(&mut self, removed: &[Arc<Service>], added: &[Arc<Service>]) -> SteerChange {
-        // Each touched key with its count before the change.
-        let mut before: HashMap<SteerKey, u32> = HashMap::new();
-        let mut keys = Vec::new();
-        for (services, up) in [(added, true), (removed, false)] {
-            for service in services {
-                keys.clear();
-                self.keys(service, &mut keys);
-                for k in &keys {
-                    let n = self.counts.entry(*k).or_insert(0);
-                    before.entry(*k).or_insert(*n);
-                    *n = if up { *n + 1 } else { n.saturating_sub(1) };
-                }
-            }
-        }
-        let mut out = SteerChange::default();
-        for (k, was) in before {
-            let now = self.counts.get(&k).copied().unwrap_or(0);
-            if now == 0 {
-                self.counts.remove(&k);
-            }
-            match (was, now) {
-                (0, 1..) => out.add.push(k),
-                (1.., 0) => out.remove.push(k),
-                _ => {}
-            }
-        }
-        out
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -455,17 +362,6 @@ mod tests {
         translate(config, builder, base, base.generation() + 1)
             .unwrap()
             .snapshot
-    }
-
-    fn steer_keys(snapshot: &Snapshot, config: &Config) -> std::collections::HashSet<SteerKey> {
-        let mut steering = Steering::new(config);
-        let all: Vec<Arc<Service>> = snapshot
-            .services()
-            .map(|s| Arc::clone(snapshot.service_arc(&s.spec().key).unwrap()))
-            .collect();
-        let change = steering.change(&[], &all);
-        assert!(change.remove.is_empty());
-        change.add.into_iter().collect()
     }
 
     const TWO: &str = "
@@ -554,57 +450,6 @@ services:
             std::ptr::eq(first.service(&tcp).unwrap(), second.service(&tcp).unwrap()),
             "the same built Service"
         );
-    }
-
-    #[test]
-    fn dnat_steers_vips_and_backend_replies_and_snat_steers_its_address() {
-        let config = Config::parse(TWO).unwrap();
-        let snap = build_all(&config, &mut Builder::default());
-        let keys = steer_keys(&snap, &config);
-        assert_eq!(
-            keys.len(),
-            2 + 4,
-            "two Service keys, two backends on two protocols"
-        );
-        let snat = format!("mode: snat\nsnat: {{ ipv4: 198.18.64.100 }}\n{TWO}");
-        let config = Config::parse(&snat).unwrap();
-        let keys = steer_keys(&snap, &config);
-        assert!(keys.contains(&SteerKey::any_port(
-            Family::Ipv4,
-            key_addr([198, 18, 64, 100].into()),
-            IpProto::UDP
-        )));
-        assert_eq!(keys.len(), 2 + 2, "no backend keys in snat mode");
-    }
-
-    #[test]
-    fn a_backend_shared_by_two_services_stays_steered_until_the_last_one_goes() {
-        let config = Config::parse(TWO).unwrap();
-        let mut builder = Builder::default();
-        let snap = build_all(&config, &mut builder);
-        let mut steering = Steering::new(&config);
-        let all: Vec<Arc<Service>> = snap
-            .services()
-            .map(|s| Arc::clone(snap.service_arc(&s.spec().key).unwrap()))
-            .collect();
-        assert_eq!(steering.change(&[], &all).add.len(), 6);
-        // The UDP Service goes: its VIP key and its backends' UDP keys go; TCP stays.
-        let udp: Vec<_> = all
-            .iter()
-            .filter(|s| s.spec().key.proto == IpProto::UDP)
-            .cloned()
-            .collect();
-        let change = steering.change(&udp, &[]);
-        assert_eq!((change.add.len(), change.remove.len()), (0, 3));
-        // Replacing the TCP Service with itself changes no key.
-        let tcp: Vec<_> = all
-            .iter()
-            .filter(|s| s.spec().key.proto == IpProto::TCP)
-            .cloned()
-            .collect();
-        assert_eq!(steering.change(&tcp, &tcp), SteerChange::default());
-        // The TCP Service going takes the last three keys.
-        assert_eq!(steering.change(&tcp, &[]).remove.len(), 3);
     }
 
     #[test]

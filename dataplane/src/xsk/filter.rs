@@ -119,6 +119,12 @@ impl SteerKey {
         )
     }
 
+    /// Whether this key matches a source (a backend's replies) rather than a destination.
+    #[must_use]
+    pub fn is_source(&self) -> bool {
+        self.flags & STEER_SOURCE != 0
+    }
+
     /// Packets to this address with any port (an SNAT address: snat-mode replies).
     #[must_use]
     pub fn any_port(family: Family, addr: [u8; 16], proto: IpProto) -> Self {
