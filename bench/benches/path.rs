@@ -203,7 +203,7 @@ fn worker(c: &mut Criterion) {
     use arc_swap::ArcSwap;
     use xlb_dataplane::packet::{Family, MacAddr};
     use xlb_dataplane::worker::{
-        Clock, NextHop, NextHops, Shared, Tables, Unresolved, Worker, WorkerStats,
+        Clock, NextHop, NextHops, Reports, Shared, Tables, Worker, WorkerStats,
     };
     use xlb_dataplane::xsk::MemRing;
 
@@ -230,9 +230,9 @@ fn worker(c: &mut Criterion) {
         tables: Arc::new(ArcSwap::from_pointee(tables)),
         flows: table,
         clock: Clock::start(),
-        unresolved: Arc::new(Unresolved::new(64)),
+        reports: Arc::new(Reports::unwatched(64)),
     };
-    let mut worker = Worker::new(shared, 2, None, Arc::new(WorkerStats::default()), 1);
+    let mut worker = Worker::new(shared, 2, None, Arc::new(WorkerStats::new(2)), 1);
     let mut io = MemRing::new(2, 4 * BATCH as u32, 2048, 4 * BATCH);
     let mut at = 0usize;
     let mut group = c.benchmark_group("worker");

@@ -17,7 +17,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use xlb_dataplane::lb::decide::DecideDrop;
 use xlb_dataplane::lb::flow::{FlowTable, FlowValue};
 use xlb_dataplane::packet::DropReason;
-use xlb_dataplane::worker::{Clock, Tables, WorkerCounters, WorkerStats};
+use xlb_dataplane::worker::{Clock, SocketStats, Tables, WorkerCounters, WorkerStats};
 
 /// What the admin API reads.
 #[derive(Debug)]
@@ -30,6 +30,8 @@ pub struct AdminState {
     pub clock: Clock,
     /// Each worker's published counters.
     pub workers: Vec<Arc<WorkerStats>>,
+    /// The ports' interface names, in port order.
+    pub ports: Vec<String>,
     /// The live snapshot's generation.
     pub generation: AtomicU64,
     /// Time from a source change being seen to its snapshot being live.
@@ -190,6 +192,7 @@ fn metrics(state: &AdminState) -> String {
             );
         }
     }
+    socket_metrics(&mut out, state);
     let flows = &state.flows;
     let live = flows.iter(state.clock.now()).count() as u64;
     // Relaxed: a gauge read on its own.
@@ -252,6 +255,44 @@ fn metrics(state: &AdminState) -> String {
     let _ = writeln!(out, "xlb_filter_packets_total{{action=\"pass\"}} {passed}");
     out
 }
+
+/// The kernel's counters of every AF_XDP socket, per worker and port (issue 11, fault 2:
+/// receive-ring drops showed only in the log line at stop).
+fn socket_metrics(out: &mut String, state: &AdminState) {
+    let sockets: Vec<_> = state.workers.iter().map(|w| w.sockets()).collect();
+    for (i, (name, _)) in SocketStats::default().named().iter().enumerate() {
+        let metric = format!("xlb_socket_{name}_total");
+        header(
+            out,
+            &metric,
+            "counter",
+            SOCKET_HELP
+                .get(i)
+                .copied()
+                .unwrap_or("AF_XDP socket counter"),
+        );
+        for (worker, ports) in sockets.iter().enumerate() {
+            for (port, stats) in ports.iter().enumerate() {
+                let value = stats.named()[i].1;
+                let port = state.ports.get(port).map_or("?", String::as_str);
+                let _ = writeln!(
+                    out,
+                    "{metric}{{worker=\"{worker}\",port=\"{port}\"}} {value}"
+                );
+            }
+        }
+    }
+}
+
+/// HELP texts of the socket counters, in [`SocketStats::named`] order.
+const SOCKET_HELP: [&str; 6] = [
+    "Frames the kernel dropped on an AF_XDP socket for other reasons than a full ring (XDP_STATISTICS rx_dropped)",
+    "Invalid descriptors on an AF_XDP receive ring",
+    "Frames dropped because an AF_XDP receive ring was full: the worker did not keep up",
+    "Times an AF_XDP fill ring was empty when the kernel needed a frame",
+    "Invalid descriptors on an AF_XDP transmit ring",
+    "Times the kernel found an AF_XDP transmit ring empty",
+];
 
 fn kube_metrics(out: &mut String, kube: &crate::kube_source::KubeMetrics) {
     // Relaxed: counters and gauges read on their own.
@@ -406,7 +447,8 @@ mod tests {
             tables: Arc::new(ArcSwap::from_pointee(Tables::empty())),
             flows: Arc::new(flows),
             clock: Clock::start(),
-            workers: vec![Arc::new(WorkerStats::default())],
+            workers: vec![Arc::new(WorkerStats::new(1))],
+            ports: vec!["n0".into()],
             generation: AtomicU64::new(7),
             sync_seconds: crate::histogram::Histogram::default(),
             filter_counts: ArcSwap::from_pointee((3, 4)),
@@ -434,6 +476,8 @@ mod tests {
             "xlb_kubernetes_objects{kind=\"endpointslice\"} 0",
             "xlb_kubernetes_translation_errors_total{kind=\"malformed\"} 0",
             "xlb_kubernetes_synced 0",
+            "xlb_socket_rx_ring_full_total{worker=\"0\",port=\"n0\"} 0",
+            "xlb_socket_rx_fill_ring_empty_descs_total{worker=\"0\",port=\"n0\"} 0",
         ] {
             assert_eq!(
                 body.matches(&format!("\n{line}")).count() + usize::from(body.starts_with(line)),

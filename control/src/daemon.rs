@@ -12,7 +12,6 @@
 //!
 //! Must not know: packet bytes (workers and the dataplane own them).
 
-use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -24,13 +23,15 @@ use xlb_dataplane::lb::decide::{recount_live_flows, SnatPool};
 use xlb_dataplane::lb::flow::{FlowTable, Timeouts};
 use xlb_dataplane::lb::snapshot::Snapshot;
 use xlb_dataplane::packet::Family;
-use xlb_dataplane::worker::{Clock, Shared, Tables, Unresolved, Worker, WorkerStats};
+use xlb_dataplane::worker::{
+    Clock, Notice, NoticeKind, Reports, Shared, Tables, Worker, WorkerStats,
+};
 use xlb_dataplane::xsk::{XdpFilter, XdpMode, XskConfig, XskIo};
 
 use crate::admin::{self, AdminState};
 use crate::config::{Config, KubernetesConfig, ModeConfig, XdpModeConfig};
 use crate::kube_source::{Batch, KubeMetrics, KubeSource};
-use crate::netlink::{self, Port};
+use crate::netlink::{Kernel, Port};
 use crate::publish::{Published, Publisher};
 use crate::translate::BuildStats;
 
@@ -40,8 +41,11 @@ use crate::translate::BuildStats;
 /// unit grant exactly these.
 pub const CAPABILITIES: [&str; 5] = ["NET_ADMIN", "NET_RAW", "BPF", "PERFMON", "IPC_LOCK"];
 
-/// How often next hops are re-read and unresolved addresses resolved.
+/// How often the backends of new Services are resolved (workers' reports are at once).
 const HOPS_PERIOD: Duration = Duration::from_millis(200);
+/// How often the kernel's neighbours and routes are read whole, in case a notification was
+/// lost (the kernel drops them when the socket's buffer overflows).
+const REREAD_PERIOD: Duration = Duration::from_secs(10);
 /// How often the configuration file is checked for changes.
 const FILE_PERIOD: Duration = Duration::from_secs(1);
 
@@ -70,15 +74,10 @@ pub fn run(path: &Path, node_name: Option<String>) -> Result<(), String> {
     };
     // The netlink socket registers with the runtime's reactor as it is created.
     let _context = runtime.enter();
-    let (connection, handle, _) =
-        rtnetlink::new_connection().map_err(|e| format!("cannot open netlink: {e}"))?;
-    let view = runtime.block_on(async {
-        tokio::spawn(connection);
-        netlink::read(&handle, &ports).await
-    })?;
+    let kernel = runtime.block_on(Kernel::open(ports.clone()))?;
     let tables = Arc::new(ArcSwap::from_pointee(Tables {
         snapshot: Arc::new(Snapshot::default()),
-        hops: view.next_hops(&ports),
+        hops: kernel.next_hops(),
     }));
     let kube = match &config.kubernetes {
         Some(k) => Some(runtime.block_on(kube_source(k, node_name))?),
@@ -89,11 +88,17 @@ pub fn run(path: &Path, node_name: Option<String>) -> Result<(), String> {
         .publish_file(config.desired(), &mut filter)
         .map_err(|e| e.to_string())?;
 
+    // Workers wake the control loop when they report an address to resolve.
+    let wake = Arc::new(tokio::sync::Notify::new());
+    let reports = {
+        let wake = Arc::clone(&wake);
+        Reports::new(1024, move || wake.notify_one())
+    };
     let shared = Shared {
         tables: Arc::clone(&tables),
         flows: Arc::new(FlowTable::new(config.flow_capacity, Timeouts::default())),
         clock: Clock::start(),
-        unresolved: Arc::new(Unresolved::new(1024)),
+        reports: Arc::new(reports),
     };
     let stop = Arc::new(AtomicBool::new(false));
     let xsk_config = XskConfig {
@@ -128,7 +133,7 @@ pub fn run(path: &Path, node_name: Option<String>) -> Result<(), String> {
     let mut stats = Vec::new();
     for (i, (&core, mut io)) in config.cores.iter().zip(sockets).enumerate() {
         let queue = config.queue + u32::try_from(i).unwrap_or(0);
-        let worker_stats = Arc::new(WorkerStats::default());
+        let worker_stats = Arc::new(WorkerStats::new(ports.len()));
         stats.push(Arc::clone(&worker_stats));
         let snat = snat_pool(&config, i);
         let mut worker = Worker::new(
@@ -147,9 +152,6 @@ pub fn run(path: &Path, node_name: Option<String>) -> Result<(), String> {
                 }
                 // Relaxed: the flag is the only thing communicated; the join orders the rest.
                 worker.run(&mut io, || stop.load(Ordering::Relaxed));
-                for (port, stats) in io.statistics().iter().enumerate() {
-                    info!(worker = i, port, %stats, "AF_XDP socket statistics at stop");
-                }
             })
             .map_err(|e| format!("cannot start worker {i}: {e}"))?;
         info!(worker = i, core, queue, "worker started");
@@ -161,6 +163,7 @@ pub fn run(path: &Path, node_name: Option<String>) -> Result<(), String> {
         flows: Arc::clone(&shared.flows),
         clock: shared.clock,
         workers: stats,
+        ports: ports.iter().map(|p| p.name.clone()).collect(),
         generation: std::sync::atomic::AtomicU64::new(publisher.generation()),
         sync_seconds: crate::histogram::Histogram::default(),
         filter_counts: ArcSwap::from_pointee((0, 0)),
@@ -170,13 +173,13 @@ pub fn run(path: &Path, node_name: Option<String>) -> Result<(), String> {
         path: path.to_owned(),
         config,
         publisher,
-        ports,
-        handle,
+        kernel,
         filter,
         shared,
         admin: Arc::clone(&admin_state),
         file_stamp: file_stamp(path),
         to_resolve: backends_of(tables.load().snapshot.services()),
+        wake,
     };
     let result = runtime.block_on(control.serve(listener, kube));
     // Relaxed: see the worker's load.
@@ -184,10 +187,41 @@ pub fn run(path: &Path, node_name: Option<String>) -> Result<(), String> {
     for thread in workers {
         let _ = thread.join();
     }
+    for (worker, stats) in admin_state.workers.iter().enumerate() {
+        for (port, s) in stats.sockets().iter().enumerate() {
+            info!(worker, port, ?s, "AF_XDP socket statistics at stop");
+        }
+    }
     // Dropping `control` drops the filter, which detaches it from every port.
     drop(control);
     info!("stopped; XDP filter detached");
     result
+}
+
+/// Logs what a worker noticed (each kind at most once a second per worker).
+fn log_notice(notice: &Notice) {
+    let key = &notice.key;
+    let from = std::net::SocketAddr::new(key.src_ip(), key.src_port);
+    let to = std::net::SocketAddr::new(key.dst_ip(), key.dst_port);
+    let proto = key.proto;
+    match notice.kind {
+        NoticeKind::NoNextHop => warn!(
+            address = %key.dst_ip(), %proto, %from, %to,
+            "no next hop: packets to this address were held, then dropped (is it reachable from xlb's interfaces?)"
+        ),
+        NoticeKind::BackendLeftReset => info!(
+            %proto, %from, %to,
+            "flow reset: its backend left the Service"
+        ),
+        NoticeKind::TableFull => warn!(
+            %proto, %from, %to,
+            "flow table full of established flows: a new flow was not recorded (forwarded without state in dnat mode, dropped in snat mode); raise flow_capacity"
+        ),
+        NoticeKind::NoSnatPort => warn!(
+            %proto, %from, %to,
+            "no free snat port for a new flow: dropped; widen snat.first_port..last_port"
+        ),
+    }
 }
 
 /// The backend addresses of `services`, as next-hop keys.
@@ -199,9 +233,6 @@ fn backends_of<'a>(
         .map(|b| (b.endpoint.family(), *b.endpoint.key_addr()))
         .collect()
 }
-
-/// At most this many neighbours are asked for per next-hop round.
-const RESOLVE_PER_ROUND: usize = 256;
 
 /// At most this many translation warnings are logged per batch (all are counted).
 const WARNINGS_LOGGED: usize = 20;
@@ -275,14 +306,15 @@ struct Control {
     path: PathBuf,
     config: Config,
     publisher: Publisher,
-    ports: Vec<Port>,
-    handle: rtnetlink::Handle,
+    kernel: Kernel,
     filter: XdpFilter,
     shared: Shared,
     admin: Arc<AdminState>,
     file_stamp: Option<(std::time::SystemTime, u64)>,
     /// Backend addresses whose next hops to look for at the next round.
     to_resolve: Vec<(Family, [u8; 16])>,
+    /// Notified by workers that reported something.
+    wake: Arc<tokio::sync::Notify>,
 }
 
 impl Control {
@@ -294,6 +326,7 @@ impl Control {
         info!(address = %self.config.admin, "admin API listening");
         tokio::spawn(admin::serve(listener, Arc::clone(&self.admin)));
         let mut hops_tick = tokio::time::interval(HOPS_PERIOD);
+        let mut reread_tick = tokio::time::interval(REREAD_PERIOD);
         let mut file_tick = tokio::time::interval(FILE_PERIOD);
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .map_err(|e| format!("cannot watch SIGTERM: {e}"))?;
@@ -301,7 +334,21 @@ impl Control {
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => { info!("SIGINT: stopping"); return Ok(()); }
                 _ = term.recv() => { info!("SIGTERM: stopping"); return Ok(()); }
-                _ = hops_tick.tick() => self.refresh_hops().await,
+                _ = hops_tick.tick() => self.resolve(Vec::new()).await,
+                () = self.wake.notified() => {
+                    let mut reported = Vec::new();
+                    while let Some(addr) = self.shared.reports.next_unresolved() {
+                        reported.push(addr);
+                    }
+                    self.resolve(reported).await;
+                }
+                changed = self.kernel.changed() => if changed {
+                    self.publisher.publish_hops(self.kernel.next_hops());
+                },
+                _ = reread_tick.tick() => match self.kernel.reread().await {
+                    Ok(()) => self.publisher.publish_hops(self.kernel.next_hops()),
+                    Err(e) => warn!(error = %e, "cannot read neighbours and routes; keeping the last ones"),
+                },
                 batch = next_batch(&mut kube) => self.publish_kube(batch),
                 _ = file_tick.tick() => {
                     self.reload_if_changed();
@@ -356,67 +403,15 @@ impl Control {
         }
     }
 
-    /// Re-reads neighbours and routes, asks the kernel to resolve what workers reported, and
-    /// publishes new tables when the next hops changed.
-    async fn refresh_hops(&mut self) {
-        let view = match netlink::read(&self.handle, &self.ports).await {
-            Ok(view) => view,
-            Err(e) => {
-                warn!(error = %e, "cannot read neighbours and routes; keeping the last ones");
-                return;
-            }
-        };
-        let current = self.shared.tables.load();
-        let mut wanted = Vec::new();
-        while let Some((family, addr)) = self.shared.unresolved.pop() {
-            wanted.push((family, addr));
-        }
-        // Backends are resolved before their first packet, not on it: those of Services
-        // published since the last round (a backend whose neighbour entry the kernel later
-        // drops is reported by the worker that finds it unresolved).
-        wanted.extend(
-            std::mem::take(&mut self.to_resolve)
-                .into_iter()
-                .filter(|(family, addr)| current.hops.lookup(*family, addr).is_none()),
-        );
-        // One request per neighbour (backends behind one gateway share it), at most
-        // RESOLVE_PER_ROUND per round so that a large first snapshot does not hold up the
-        // control loop; the rest wait for the next round.
-        let mut asked = HashSet::new();
-        let mut seen = HashSet::new();
-        let mut unrouted: Option<(std::net::IpAddr, usize)> = None;
-        let mut wanted = wanted.into_iter();
-        for (family, addr) in wanted.by_ref() {
-            let ip = xlb_dataplane::packet::Endpoint::from_key_form(family, addr, 0).ip();
-            if !seen.insert(ip) {
-                continue;
-            }
-            match view.resolution_target(ip) {
-                Some((port, neighbour)) => {
-                    let ifindex = self.ports[port].ifindex;
-                    if !asked.insert((ifindex, neighbour)) {
-                        continue;
-                    }
-                    if let Err(e) = netlink::resolve(&self.handle, ifindex, neighbour).await {
-                        warn!(%ip, %neighbour, error = %e, "cannot ask the kernel to resolve");
-                    }
-                    if asked.len() == RESOLVE_PER_ROUND {
-                        break;
-                    }
-                }
-                None => unrouted = Some((ip, unrouted.map_or(1, |(_, n)| n + 1))),
-            }
-        }
-        self.to_resolve.extend(wanted);
-        if let Some((example, count)) = unrouted {
-            warn!(count, %example, "backend addresses with no route through xlb's interfaces; packets to them are dropped");
-        }
-        let hops = view.next_hops(&self.ports);
-        if current.hops != hops {
-            self.shared.tables.store(Arc::new(Tables {
-                snapshot: Arc::clone(&current.snapshot),
-                hops,
-            }));
+    /// Asks the kernel to resolve what workers reported (`reported`) and the backends of
+    /// Services published since the last round, and logs what workers noticed.
+    async fn resolve(&mut self, reported: Vec<(Family, [u8; 16])>) {
+        let backends = std::mem::take(&mut self.to_resolve);
+        self.kernel
+            .resolve(reported.into_iter().chain(backends))
+            .await;
+        while let Some(notice) = self.shared.reports.next_notice() {
+            log_notice(&notice);
         }
     }
 

@@ -1,19 +1,36 @@
-//! Next hops from the kernel: routes and neighbours read over netlink (rtnetlink) for the
-//! ports xlb serves, turned into the dataplane's `NextHops`; and neighbour resolution asked of
-//! the kernel for addresses a worker found no next hop for.
+//! Next hops from the kernel: routes and neighbours of the ports xlb serves, kept in step by
+//! rtnetlink notifications, turned into the dataplane's `NextHops`; and the policy of asking
+//! the kernel to resolve the addresses xlb needs.
+//!
+//! Owns: the view of the kernel's tables ([`KernelView`]), updated from the neighbour and
+//! route notifications the kernel multicasts (a neighbour the node learns — a new client's
+//! ARP request, say — is known to xlb within the notification's delivery, not at the next
+//! periodic read), with a full re-read as a safety net; and [`Kernel::resolve`]: one
+//! request per neighbour (backends behind one gateway share it), at most
+//! [`RESOLVE_PER_ROUND`] per call, the rest carried over.
 //!
 //! Must not know: Services, snapshots, packets.
 
+use std::collections::HashSet;
 use std::net::IpAddr;
 
-use futures::TryStreamExt;
+use futures::channel::mpsc::UnboundedReceiver;
+use futures::{StreamExt, TryStreamExt};
+use hashbrown::HashMap;
+use rtnetlink::packet_core::{NetlinkMessage, NetlinkPayload};
 use rtnetlink::packet_route::neighbour::{
     NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
 };
 use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteMessage};
+use rtnetlink::packet_route::RouteNetlinkMessage;
+use rtnetlink::sys::AsyncSocket;
 use rtnetlink::{Handle, RouteMessageBuilder};
-use xlb_dataplane::packet::{key_addr, Family, MacAddr};
+use tracing::warn;
+use xlb_dataplane::packet::{key_addr, Endpoint, Family, MacAddr};
 use xlb_dataplane::worker::{prefix_matches, NextHop, NextHops, Route};
+
+/// At most this many neighbours are asked for per call of [`Kernel::resolve`].
+pub const RESOLVE_PER_ROUND: usize = 256;
 
 /// A port xlb serves.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -45,7 +62,7 @@ impl Port {
 }
 
 /// A route through one of the ports.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 struct KernelRoute {
     family: Family,
     prefix: [u8; 16],
@@ -57,7 +74,8 @@ struct KernelRoute {
 /// What the kernel's tables say about the ports.
 #[derive(Debug, Default)]
 pub struct KernelView {
-    neighbours: Vec<(usize, IpAddr, MacAddr)>,
+    /// Usable neighbours, by port and address.
+    neighbours: HashMap<(usize, IpAddr), MacAddr>,
     routes: Vec<KernelRoute>,
 }
 
@@ -68,36 +86,201 @@ fn family_of(ip: IpAddr) -> Family {
     }
 }
 
-/// Reads neighbours and routes of `ports` from the kernel.
-///
-/// # Errors
-/// The netlink error, as text.
-pub async fn read(handle: &Handle, ports: &[Port]) -> Result<KernelView, String> {
-    let port_of = |ifindex: u32| ports.iter().position(|p| p.ifindex == ifindex);
-    let mut view = KernelView::default();
-    let mut neighbours = handle.neighbours().get().execute();
-    while let Some(msg) = neighbours.try_next().await.map_err(|e| e.to_string())? {
-        if let Some(entry) = neighbour_entry(&msg) {
-            if let Some(port) = port_of(msg.header.ifindex) {
-                view.neighbours.push((port, entry.0, entry.1));
-            }
-        }
-    }
-    for request in [
-        RouteMessageBuilder::<std::net::Ipv4Addr>::new().build(),
-        RouteMessageBuilder::<std::net::Ipv6Addr>::new().build(),
-    ] {
-        let mut routes = handle.route().get(request).execute();
-        while let Some(msg) = routes.try_next().await.map_err(|e| e.to_string())? {
-            if let Some(route) = kernel_route(&msg, &port_of) {
-                view.routes.push(route);
-            }
-        }
-    }
-    Ok(view)
+/// The neighbour and route notification groups (RTMGRP_NEIGH, RTMGRP_IPV4_ROUTE,
+/// RTMGRP_IPV6_ROUTE).
+const GROUPS: u32 = rtnetlink::constants::RTMGRP_NEIGH
+    | rtnetlink::constants::RTMGRP_IPV4_ROUTE
+    | rtnetlink::constants::RTMGRP_IPV6_ROUTE;
+
+/// The kernel's tables for xlb's ports, kept in step.
+pub struct Kernel {
+    handle: Handle,
+    ports: Vec<Port>,
+    view: KernelView,
+    notifications: UnboundedReceiver<(
+        NetlinkMessage<RouteNetlinkMessage>,
+        rtnetlink::sys::SocketAddr,
+    )>,
+    /// Addresses to resolve at the next call of [`Self::resolve`] (carried over).
+    pending: Vec<(Family, [u8; 16])>,
 }
 
-fn neighbour_entry(msg: &NeighbourMessage) -> Option<(IpAddr, MacAddr)> {
+impl core::fmt::Debug for Kernel {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Kernel")
+            .field("ports", &self.ports)
+            .field("neighbours", &self.view.neighbours.len())
+            .field("routes", &self.view.routes.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Kernel {
+    /// Opens a netlink connection subscribed to neighbour and route notifications (on the
+    /// current tokio runtime) and reads the tables once.
+    ///
+    /// # Errors
+    /// The netlink error, as text.
+    pub async fn open(ports: Vec<Port>) -> Result<Self, String> {
+        let (mut connection, handle, notifications) =
+            rtnetlink::new_connection().map_err(|e| format!("cannot open netlink: {e}"))?;
+        connection
+            .socket_mut()
+            .socket_mut()
+            .bind(&rtnetlink::sys::SocketAddr::new(0, GROUPS))
+            .map_err(|e| format!("cannot subscribe to neighbour and route changes: {e}"))?;
+        tokio::spawn(connection);
+        let mut kernel = Self {
+            handle,
+            ports,
+            view: KernelView::default(),
+            notifications,
+            pending: Vec::new(),
+        };
+        kernel.reread().await?;
+        Ok(kernel)
+    }
+
+    /// The next-hop table the view gives.
+    #[must_use]
+    pub fn next_hops(&self) -> NextHops {
+        self.view.next_hops(&self.ports)
+    }
+
+    /// Reads every neighbour and route of the ports again (the safety net for a lost
+    /// notification: the kernel drops them when the socket's buffer overflows).
+    ///
+    /// # Errors
+    /// The netlink error, as text; the view is then unchanged.
+    pub async fn reread(&mut self) -> Result<(), String> {
+        let mut view = KernelView::default();
+        let mut neighbours = self.handle.neighbours().get().execute();
+        while let Some(msg) = neighbours.try_next().await.map_err(|e| e.to_string())? {
+            view.apply_neighbour(&self.ports, &msg, true);
+        }
+        view.routes = self.read_routes().await?;
+        self.view = view;
+        Ok(())
+    }
+
+    async fn read_routes(&self) -> Result<Vec<KernelRoute>, String> {
+        let mut out = Vec::new();
+        for request in [
+            RouteMessageBuilder::<std::net::Ipv4Addr>::new().build(),
+            RouteMessageBuilder::<std::net::Ipv6Addr>::new().build(),
+        ] {
+            let mut routes = self.handle.route().get(request).execute();
+            while let Some(msg) = routes.try_next().await.map_err(|e| e.to_string())? {
+                if let Some(route) = kernel_route(&msg, &self.ports) {
+                    out.push(route);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Waits for the next notification, applies it and every other one already queued; a
+    /// route change re-reads the routes. Returns whether the next hops may have changed.
+    pub async fn changed(&mut self) -> bool {
+        let Some(first) = self.notifications.next().await else {
+            // The connection ended: nothing will come; wait for the periodic re-read.
+            std::future::pending::<()>().await;
+            return false;
+        };
+        let mut changed = false;
+        let mut routes = false;
+        let mut next = Some(first);
+        while let Some((message, _)) = next {
+            if let NetlinkPayload::InnerMessage(inner) = message.payload {
+                match inner {
+                    RouteNetlinkMessage::NewNeighbour(msg) => {
+                        changed |= self.view.apply_neighbour(&self.ports, &msg, true);
+                    }
+                    RouteNetlinkMessage::DelNeighbour(msg) => {
+                        changed |= self.view.apply_neighbour(&self.ports, &msg, false);
+                    }
+                    RouteNetlinkMessage::NewRoute(_) | RouteNetlinkMessage::DelRoute(_) => {
+                        routes = true;
+                    }
+                    _ => {}
+                }
+            }
+            next = self.notifications.try_recv().ok();
+        }
+        if routes {
+            match self.read_routes().await {
+                Ok(read) if read != self.view.routes => {
+                    self.view.routes = read;
+                    changed = true;
+                }
+                Ok(_) => {}
+                Err(e) => warn!(error = %e, "cannot re-read routes; keeping the last ones"),
+            }
+        }
+        changed
+    }
+
+    /// Asks the kernel to resolve what xlb needs a next hop for: `wanted` (addresses workers
+    /// hold packets for, backends of new Services) and what earlier calls carried over, each
+    /// address whose next hop is not known yet. One request per neighbour; at most
+    /// [`RESOLVE_PER_ROUND`] per call, the rest carried over. Addresses no route of the ports
+    /// covers are counted and reported in one warning.
+    pub async fn resolve(&mut self, wanted: impl IntoIterator<Item = (Family, [u8; 16])>) {
+        let hops = self.next_hops();
+        let mut wanted: Vec<(Family, [u8; 16])> = std::mem::take(&mut self.pending)
+            .into_iter()
+            .chain(wanted)
+            .filter(|(family, addr)| hops.lookup(*family, addr).is_none())
+            .collect();
+        let mut asked = HashSet::new();
+        let mut seen = HashSet::new();
+        let mut unrouted: Option<(IpAddr, usize)> = None;
+        let mut rest = wanted.drain(..);
+        for (family, addr) in rest.by_ref() {
+            let ip = Endpoint::from_key_form(family, addr, 0).ip();
+            if !seen.insert(ip) {
+                continue;
+            }
+            match self.view.resolution_target(ip) {
+                Some((port, neighbour)) => {
+                    let ifindex = self.ports[port].ifindex;
+                    if !asked.insert((ifindex, neighbour)) {
+                        continue;
+                    }
+                    if let Err(e) = ask(&self.handle, ifindex, neighbour).await {
+                        warn!(%ip, %neighbour, error = %e, "cannot ask the kernel to resolve");
+                    }
+                    if asked.len() == RESOLVE_PER_ROUND {
+                        break;
+                    }
+                }
+                None => unrouted = Some((ip, unrouted.map_or(1, |(_, n)| n + 1))),
+            }
+        }
+        self.pending.extend(rest);
+        if let Some((example, count)) = unrouted {
+            warn!(count, %example, "addresses with no route through xlb's interfaces; packets to them are dropped");
+        }
+    }
+}
+
+/// Asks the kernel to resolve `neighbour` on `ifindex` (RTM_NEWNEIGH with NTF_USE: the
+/// kernel starts ARP or neighbour discovery, as if it had a packet to send).
+async fn ask(handle: &Handle, ifindex: u32, neighbour: IpAddr) -> Result<(), String> {
+    handle
+        .neighbours()
+        .add(ifindex, neighbour)
+        .flags(NeighbourFlags::Use)
+        .state(NeighbourState::Incomplete)
+        .replace()
+        .execute()
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// The address and link-layer address of a neighbour message, and whether its state makes
+/// it usable.
+fn neighbour_entry(msg: &NeighbourMessage) -> (Option<IpAddr>, Option<MacAddr>, bool) {
     let usable = matches!(
         msg.header.state,
         NeighbourState::Reachable
@@ -105,17 +288,15 @@ fn neighbour_entry(msg: &NeighbourMessage) -> Option<(IpAddr, MacAddr)> {
             | NeighbourState::Delay
             | NeighbourState::Probe
             | NeighbourState::Permanent
+            | NeighbourState::Noarp
     );
-    if !usable {
-        return None;
-    }
     let mut ip = None;
     let mut mac = None;
     for attr in &msg.attributes {
         match attr {
             NeighbourAttribute::Destination(NeighbourAddress::Inet(a)) => ip = Some(IpAddr::V4(*a)),
             NeighbourAttribute::Destination(NeighbourAddress::Inet6(a)) => {
-                ip = Some(IpAddr::V6(*a))
+                ip = Some(IpAddr::V6(*a));
             }
             NeighbourAttribute::LinkLayerAddress(bytes) => {
                 mac = <[u8; 6]>::try_from(bytes.as_slice()).ok().map(MacAddr);
@@ -123,13 +304,10 @@ fn neighbour_entry(msg: &NeighbourMessage) -> Option<(IpAddr, MacAddr)> {
             _ => {}
         }
     }
-    Some((ip?, mac?))
+    (ip, mac, usable)
 }
 
-fn kernel_route(
-    msg: &RouteMessage,
-    port_of: &impl Fn(u32) -> Option<usize>,
-) -> Option<KernelRoute> {
+fn kernel_route(msg: &RouteMessage, ports: &[Port]) -> Option<KernelRoute> {
     let mut dst = None;
     let mut gateway = None;
     let mut oif = None;
@@ -141,7 +319,7 @@ fn kernel_route(
             _ => {}
         }
     }
-    let port = port_of(oif?)?;
+    let port = ports.iter().position(|p| Some(p.ifindex) == oif)?;
     let len = msg.header.destination_prefix_length;
     let (family, prefix) = match dst {
         Some(ip) => (family_of(ip), key_addr(ip)),
@@ -168,6 +346,24 @@ fn route_ip(a: &RouteAddress) -> Option<IpAddr> {
 }
 
 impl KernelView {
+    /// Applies a neighbour message (`new`: RTM_NEWNEIGH or a dump entry; else RTM_DELNEIGH)
+    /// for a neighbour of one of `ports`. Returns whether the view changed.
+    fn apply_neighbour(&mut self, ports: &[Port], msg: &NeighbourMessage, new: bool) -> bool {
+        let Some(port) = ports.iter().position(|p| p.ifindex == msg.header.ifindex) else {
+            return false;
+        };
+        let (ip, mac, usable) = neighbour_entry(msg);
+        let Some(ip) = ip else {
+            return false;
+        };
+        match mac.filter(|_| new && usable) {
+            Some(mac) => self.neighbours.insert((port, ip), mac) != Some(mac),
+            // Gone, failed, or being resolved without an address yet.
+            None if new && msg.header.state == NeighbourState::Incomplete => false,
+            None => self.neighbours.remove(&(port, ip)).is_some(),
+        }
+    }
+
     /// The next-hop table: every resolved neighbour on a port, and every route through a
     /// resolved gateway on a port.
     #[must_use]
@@ -180,16 +376,12 @@ impl KernelView {
         let hosts = self
             .neighbours
             .iter()
-            .map(|&(port, ip, mac)| (family_of(ip), key_addr(ip), hop(port, mac)));
+            .map(|(&(port, ip), &mac)| (family_of(ip), key_addr(ip), hop(port, mac)));
         let routes = self
             .routes
             .iter()
             .filter_map(|r| {
-                let gateway = r.gateway?;
-                let (_, _, mac) = self
-                    .neighbours
-                    .iter()
-                    .find(|(port, ip, _)| *port == r.port && *ip == gateway)?;
+                let mac = self.neighbours.get(&(r.port, r.gateway?))?;
                 Some(Route {
                     prefix: r.prefix,
                     len: r.len,
@@ -215,26 +407,10 @@ impl KernelView {
     }
 }
 
-/// Asks the kernel to resolve `neighbour` on `ifindex` (RTM_NEWNEIGH with NTF_USE: the
-/// kernel starts ARP or neighbour discovery, as if it had a packet to send).
-///
-/// # Errors
-/// The netlink error, as text.
-pub async fn resolve(handle: &Handle, ifindex: u32, neighbour: IpAddr) -> Result<(), String> {
-    handle
-        .neighbours()
-        .add(ifindex, neighbour)
-        .flags(NeighbourFlags::Use)
-        .state(NeighbourState::Incomplete)
-        .replace()
-        .execute()
-        .await
-        .map_err(|e| e.to_string())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rtnetlink::packet_route::AddressFamily;
 
     fn port(i: u8) -> Port {
         Port {
@@ -244,22 +420,36 @@ mod tests {
         }
     }
 
-    #[test]
-    fn routes_through_resolved_gateways_and_resolved_hosts_become_next_hops() {
+    fn neighbour(
+        port: u8,
+        ip: &str,
+        mac: Option<[u8; 6]>,
+        state: NeighbourState,
+    ) -> NeighbourMessage {
+        let mut msg = NeighbourMessage::default();
+        msg.header.ifindex = u32::from(port) + 10;
+        msg.header.state = state;
+        let ip: IpAddr = ip.parse().unwrap();
+        msg.header.family = match ip {
+            IpAddr::V4(_) => AddressFamily::Inet,
+            IpAddr::V6(_) => AddressFamily::Inet6,
+        };
+        msg.attributes
+            .push(NeighbourAttribute::Destination(match ip {
+                IpAddr::V4(a) => NeighbourAddress::Inet(a),
+                IpAddr::V6(a) => NeighbourAddress::Inet6(a),
+            }));
+        if let Some(mac) = mac {
+            msg.attributes
+                .push(NeighbourAttribute::LinkLayerAddress(mac.to_vec()));
+        }
+        msg
+    }
+
+    fn view() -> KernelView {
         let ports = [port(0), port(1)];
-        let view = KernelView {
-            neighbours: vec![
-                (
-                    0,
-                    "198.18.0.1".parse().unwrap(),
-                    MacAddr([2, 1, 1, 1, 1, 1]),
-                ),
-                (
-                    1,
-                    "198.18.128.254".parse().unwrap(),
-                    MacAddr([2, 2, 2, 2, 2, 2]),
-                ),
-            ],
+        let mut view = KernelView {
+            neighbours: HashMap::new(),
             routes: vec![
                 KernelRoute {
                     family: Family::Ipv4,
@@ -277,6 +467,27 @@ mod tests {
                 },
             ],
         };
+        let client = neighbour(
+            0,
+            "198.18.0.1",
+            Some([2, 1, 1, 1, 1, 1]),
+            NeighbourState::Reachable,
+        );
+        let gateway = neighbour(
+            1,
+            "198.18.128.254",
+            Some([2, 2, 2, 2, 2, 2]),
+            NeighbourState::Stale,
+        );
+        assert!(view.apply_neighbour(&ports, &client, true));
+        assert!(view.apply_neighbour(&ports, &gateway, true));
+        view
+    }
+
+    #[test]
+    fn routes_through_resolved_gateways_and_resolved_hosts_become_next_hops() {
+        let ports = [port(0), port(1)];
+        let view = view();
         let hops = view.next_hops(&ports);
         let client = hops
             .lookup(Family::Ipv4, &key_addr("198.18.0.1".parse().unwrap()))
@@ -297,5 +508,37 @@ mod tests {
             view.resolution_target("198.18.200.9".parse().unwrap()),
             Some((1, "198.18.128.254".parse().unwrap()))
         );
+    }
+
+    /// Issue 11, fault 6: neighbours learnt from notifications, one by one, not from a
+    /// periodic re-read of the whole table.
+    #[test]
+    fn neighbour_notifications_add_change_and_remove_next_hops() {
+        let ports = [port(0), port(1)];
+        let mut view = view();
+        let new = "198.18.0.7";
+        let addr = key_addr(new.parse().unwrap());
+        // Being resolved: no address yet, nothing changes.
+        let incomplete = neighbour(0, new, None, NeighbourState::Incomplete);
+        assert!(!view.apply_neighbour(&ports, &incomplete, true));
+        // Learnt (an ARP request from a new client makes a stale entry).
+        let learnt = neighbour(0, new, Some([2, 7, 7, 7, 7, 7]), NeighbourState::Stale);
+        assert!(view.apply_neighbour(&ports, &learnt, true));
+        assert!(
+            !view.apply_neighbour(&ports, &learnt, true),
+            "the same again"
+        );
+        let hop = view.next_hops(&ports).lookup(Family::Ipv4, &addr).unwrap();
+        assert_eq!(hop.dst_mac, MacAddr([2, 7, 7, 7, 7, 7]));
+        // Failed, then deleted: gone.
+        let failed = neighbour(0, new, None, NeighbourState::Failed);
+        assert!(view.apply_neighbour(&ports, &failed, true));
+        assert!(view.next_hops(&ports).lookup(Family::Ipv4, &addr).is_none());
+        assert!(view.apply_neighbour(&ports, &learnt, true));
+        assert!(view.apply_neighbour(&ports, &learnt, false));
+        assert!(view.next_hops(&ports).lookup(Family::Ipv4, &addr).is_none());
+        // A neighbour of another interface is not xlb's.
+        let elsewhere = neighbour(9, new, Some([2, 9, 9, 9, 9, 9]), NeighbourState::Reachable);
+        assert!(!view.apply_neighbour(&ports, &elsewhere, true));
     }
 }

@@ -6,14 +6,17 @@
 //! each snapshot (new keys before the swap, stale ones after), and the generation count.
 //! A published snapshot is never changed afterwards; readers never wait.
 //!
-//! Must not know: where changes come from (files, watches), packets, next hops (it keeps
-//! whatever next hops the tables hold).
+//! It is the one writer of the workers' `Tables`: snapshots and next hops (which the netlink
+//! module computes) are published here, each with the other's live version.
+//!
+//! Must not know: where changes come from (files, watches), packets, how next hops are
+//! found.
 
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use xlb_dataplane::lb::snapshot::{ServiceKey, Snapshot};
-use xlb_dataplane::worker::Tables;
+use xlb_dataplane::worker::{NextHops, Tables};
 use xlb_dataplane::xsk::{SteerKey, XdpFilter};
 
 use crate::config::{Config, ConfigError};
@@ -106,6 +109,17 @@ impl Publisher {
     #[must_use]
     pub fn generation(&self) -> u64 {
         self.generation
+    }
+
+    /// Publishes `hops` with the live snapshot, unless they are the next hops already live.
+    pub fn publish_hops(&mut self, hops: NextHops) {
+        let current = self.tables.load();
+        if current.hops != hops {
+            self.tables.store(Arc::new(Tables {
+                snapshot: Arc::clone(&current.snapshot),
+                hops,
+            }));
+        }
     }
 
     /// Removes from the filter the retired reply keys whose grace period ended by `now`

@@ -1,6 +1,7 @@
 //! The worker loop over in-memory rings: what goes in on the client port comes out on the
-//! backend port rewritten (and back), refusals leave by the port they came in by, unresolved
-//! next hops are counted and reported, and no frame of the pool is ever lost.
+//! backend port rewritten (and back), refusals leave by the port they came in by, frames
+//! for unresolved next hops are held, reported and sent once resolved, tagged frames leave
+//! untagged, and no frame of the pool is ever lost.
 
 mod common;
 
@@ -16,9 +17,10 @@ use xlb_dataplane::lb::snapshot::{
 use xlb_dataplane::packet::builder::pkt;
 use xlb_dataplane::packet::{key_addr, parse, Endpoint, Family, IpProto, MacAddr};
 use xlb_dataplane::worker::{
-    Clock, NextHop, NextHops, Shared, Tables, Unresolved, Worker, WorkerStats, BATCH,
+    Clock, NextHop, NextHops, NoticeKind, Reports, Shared, Tables, Worker, WorkerStats, BATCH,
+    PER_ADDRESS,
 };
-use xlb_dataplane::xsk::{MemDesc, MemRing};
+use xlb_dataplane::xsk::{MemFrame, MemRing};
 
 const CLIENT_PORT: usize = 0;
 const BACKEND_PORT: usize = 1;
@@ -71,28 +73,30 @@ fn hops(backends: &[u8]) -> NextHops {
 
 struct Rig {
     io: MemRing,
-    worker: Worker<MemDesc>,
-    unresolved: Arc<Unresolved>,
+    worker: Worker<MemFrame>,
+    reports: Arc<Reports>,
+    tables: Arc<ArcSwap<Tables>>,
     stats: Arc<WorkerStats>,
 }
 
 fn rig(services: Vec<Arc<Service>>, hops: NextHops) -> Rig {
-    let tables = Tables {
+    let tables = Arc::new(ArcSwap::from_pointee(Tables {
         snapshot: Arc::new(Snapshot::new(1, services).unwrap()),
         hops,
-    };
-    let unresolved = Arc::new(Unresolved::new(16));
+    }));
+    let reports = Arc::new(Reports::unwatched(16));
     let shared = Shared {
-        tables: Arc::new(ArcSwap::from_pointee(tables)),
+        tables: Arc::clone(&tables),
         flows: Arc::new(FlowTable::new(4096, Timeouts::default())),
         clock: Clock::start(),
-        unresolved: Arc::clone(&unresolved),
+        reports: Arc::clone(&reports),
     };
-    let stats = Arc::new(WorkerStats::default());
+    let stats = Arc::new(WorkerStats::new(2));
     Rig {
         io: MemRing::new(2, FRAMES, 2048, 4096),
         worker: Worker::new(shared, 2, None, Arc::clone(&stats), 7),
-        unresolved,
+        reports,
+        tables,
         stats,
     }
 }
@@ -166,22 +170,103 @@ fn a_service_without_backends_is_answered_by_a_reset_out_of_the_client_port() {
     assert_eq!(rig.worker.counters().decide.rejected, 1);
 }
 
+/// Issue 11, fault 6: the first packet to a host whose neighbour entry xlb had not read yet
+/// (a new client's SYN-ACK) was dropped, and the connection waited a whole retransmission.
 #[test]
-fn a_backend_without_a_next_hop_is_counted_reported_and_not_sent() {
+fn a_packet_without_a_next_hop_is_held_reported_and_sent_once_resolved() {
     let mut rig = rig(vec![service(&[1])], hops(&[]));
     rig.io.inject(CLIENT_PORT, &syn(40002));
     rig.worker.poll(&mut rig.io);
     assert!(rig.io.transmitted(BACKEND_PORT).is_empty());
-    assert_eq!(rig.worker.counters().io.no_next_hop, 1);
     let (family, addr) = rig
-        .unresolved
-        .pop()
+        .reports
+        .next_unresolved()
         .expect("reported to the control thread");
     assert_eq!(
         (family, addr),
         (Family::Ipv4, key_addr([198, 18, 128, 1].into()))
     );
+    let notice = rig.reports.next_notice().expect("a notice for the logs");
+    assert_eq!(notice.kind, NoticeKind::NoNextHop);
+    assert_eq!(notice.key.dst_addr, addr);
+    // The control thread resolves it and publishes next hops: the held frame leaves at the
+    // worker's next loop, with the backend's Ethernet address.
+    let snapshot = Arc::clone(&rig.tables.load().snapshot);
+    rig.tables.store(Arc::new(Tables {
+        snapshot,
+        hops: hops(&[1]),
+    }));
+    rig.worker.poll(&mut rig.io);
+    let out = rig.io.transmitted(BACKEND_PORT);
+    assert_eq!(out.len(), 1);
+    assert_eq!(&out[0][..6], &[2, 0, 0, 0, 2, 1]);
+    let c = rig.worker.counters();
+    assert_eq!((c.io.held, c.io.no_next_hop), (1, 0));
     assert_eq!(rig.io.free_frames(), FRAMES as usize);
+}
+
+#[test]
+fn only_a_few_frames_per_unresolved_address_are_held_and_the_rest_counted() {
+    let mut rig = rig(vec![service(&[1])], hops(&[]));
+    for port in 0..5 {
+        rig.io.inject(CLIENT_PORT, &syn(41000 + port));
+    }
+    rig.worker.poll(&mut rig.io);
+    let c = rig.worker.counters();
+    assert_eq!(c.io.no_next_hop, 5 - PER_ADDRESS as u64);
+    assert!(rig.reports.next_unresolved().is_some());
+    assert!(rig.reports.next_unresolved().is_none(), "reported once");
+    // At stop, held frames go back to the pool.
+    rig.worker.run(&mut rig.io, || true);
+    assert_eq!(rig.io.free_frames(), FRAMES as usize);
+}
+
+/// Issue 11, fault 10: a frame with one VLAN tag was forwarded still tagged, and the untagged
+/// backend dropped it.
+#[test]
+fn a_tagged_frame_leaves_untagged_and_a_refusal_answers_on_its_tag() {
+    let mut rig = rig(vec![service(&[1])], hops(&[1]));
+    let tagged = pkt()
+        .eth(CLIENT_MAC, NODE_MAC)
+        .vlan(100)
+        .ipv4(CLIENT, VIP)
+        .tcp(40005, 80)
+        .syn()
+        .payload(b"hello")
+        .build();
+    rig.io.inject(CLIENT_PORT, &tagged);
+    rig.worker.poll(&mut rig.io);
+    let out = rig.io.transmitted(BACKEND_PORT);
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].len(), tagged.len() - 4);
+    let p = parse(&out[0]).unwrap();
+    assert_eq!(p.l3_offset, 14, "no tag");
+    assert_eq!(p.key.dst_addr, key_addr([198, 18, 128, 1].into()));
+    assert!(out[0].ends_with(b"hello"));
+    let described = xlb_dataplane::packet::Layers(&out[0]).to_string();
+    assert!(!described.contains("BAD"), "{described}");
+
+    let mut rig = rig_without_backends();
+    let syn_tagged = pkt()
+        .eth(CLIENT_MAC, NODE_MAC)
+        .vlan(100)
+        .ipv4(CLIENT, VIP)
+        .tcp(40006, 80)
+        .syn()
+        .build();
+    rig.io.inject(CLIENT_PORT, &syn_tagged);
+    rig.worker.poll(&mut rig.io);
+    let back = rig.io.transmitted(CLIENT_PORT);
+    assert_eq!(back.len(), 1);
+    assert_eq!(
+        parse(&back[0]).unwrap().l3_offset,
+        18,
+        "the reset keeps the tag"
+    );
+}
+
+fn rig_without_backends() -> Rig {
+    rig(vec![service(&[])], hops(&[]))
 }
 
 #[test]
@@ -223,9 +308,9 @@ fn a_new_snapshot_is_picked_up_on_the_next_loop() {
         tables: Arc::clone(&tables),
         flows: Arc::new(FlowTable::new(4096, Timeouts::default())),
         clock: Clock::start(),
-        unresolved: Arc::new(Unresolved::new(4)),
+        reports: Arc::new(Reports::unwatched(4)),
     };
-    let mut worker = Worker::new(shared, 2, None, Arc::new(WorkerStats::default()), 1);
+    let mut worker = Worker::new(shared, 2, None, Arc::new(WorkerStats::new(2)), 1);
     let mut io = MemRing::new(2, FRAMES, 2048, 4096);
     io.inject(CLIENT_PORT, &syn(40003));
     worker.poll(&mut io);
@@ -249,10 +334,10 @@ fn in_snat_mode_the_backend_sees_the_snat_address_and_the_reply_finds_the_client
         tables: Arc::new(ArcSwap::from_pointee(tables)),
         flows: Arc::new(FlowTable::new(4096, Timeouts::default())),
         clock: Clock::start(),
-        unresolved: Arc::new(Unresolved::new(4)),
+        reports: Arc::new(Reports::unwatched(4)),
     };
     let pool = xlb_dataplane::lb::decide::SnatPool::new(Some(SNAT), None, 40000, 100);
-    let mut worker = Worker::new(shared, 2, Some(pool), Arc::new(WorkerStats::default()), 3);
+    let mut worker = Worker::new(shared, 2, Some(pool), Arc::new(WorkerStats::new(2)), 3);
     let mut io = MemRing::new(2, FRAMES, 2048, 4096);
     io.inject(CLIENT_PORT, &syn(50000));
     worker.poll(&mut io);

@@ -52,7 +52,7 @@ fn receive(r: &Receive) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     let mut histogram = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)
         .map_err(|e| e.to_string())?;
-    let mut descs = vec![Default::default(); 64];
+    let mut frames = Vec::with_capacity(64);
     let (mut received, mut stamped) = (0u64, 0u64);
     // Per sender: frames seen and the highest number seen.
     let mut senders: std::collections::HashMap<u16, (u64, u32)> = std::collections::HashMap::new();
@@ -60,7 +60,7 @@ fn receive(r: &Receive) -> Result<(), String> {
     let mut first: Option<Instant> = None;
     let mut last = Instant::now();
     while started.elapsed() < Duration::from_secs_f64(r.seconds) {
-        let n = io.receive(0, &mut descs);
+        let n = io.receive(0, &mut frames, 64);
         if n == 0 {
             if first.is_some() && last.elapsed() > Duration::from_secs(1) {
                 break;
@@ -72,10 +72,10 @@ fn receive(r: &Receive) -> Result<(), String> {
         let now = now_ns();
         last = Instant::now();
         first.get_or_insert(last);
-        for desc in &mut descs[..n] {
-            if let Some(stamp) =
-                io.with_frame(desc, |buf, len| (len, buf.get(..len).and_then(Stamp::read)))
-            {
+        for frame in &mut frames {
+            if let Some(stamp) = io.with_frame(frame, |buf, len| {
+                (len, buf.get(..len).and_then(Stamp::read))
+            }) {
                 stamped += 1;
                 let _ = histogram.record(now.saturating_sub(stamp.sent_ns).max(1));
                 let entry = senders.entry(stamp.sender).or_insert((0, 0));
@@ -84,7 +84,7 @@ fn receive(r: &Receive) -> Result<(), String> {
             }
         }
         received += n as u64;
-        io.recycle(&descs[..n]);
+        io.recycle(&mut frames);
         io.flush();
     }
     let span = first.map_or(0.0, |f| last.duration_since(f).as_secs_f64());

@@ -55,15 +55,15 @@ fn run(args: &[String]) -> Result<(), String> {
             )
             .map_err(|e| e.to_string())?;
     }
-    let mut rx = vec![Default::default(); 64];
+    let mut rx = Vec::with_capacity(64);
     let mut tx = Vec::with_capacity(64);
     let mut drop = Vec::with_capacity(64);
     let started = Instant::now();
     let mut forwarded = 0u64;
     while started.elapsed() < Duration::from_secs_f64(seconds) {
-        let n = io.receive(0, &mut rx);
-        for desc in &mut rx[..n] {
-            let ok = io.with_frame(desc, |buf, len| {
+        let n = io.receive(0, &mut rx, 64);
+        for mut frame in rx.drain(..) {
+            let ok = io.with_frame(&mut frame, |buf, len| {
                 let Some(frame) = buf.get_mut(..len) else {
                     return (len, false);
                 };
@@ -75,17 +75,14 @@ fn run(args: &[String]) -> Result<(), String> {
                 (len, ok)
             });
             if ok {
-                tx.push(*desc)
+                tx.push(frame);
             } else {
-                drop.push(*desc)
+                drop.push(frame);
             }
         }
-        let sent = io.transmit(1, &tx);
-        forwarded += sent as u64;
-        drop.extend_from_slice(&tx[sent..]);
-        io.recycle(&drop);
-        tx.clear();
-        drop.clear();
+        forwarded += io.transmit(1, &mut tx) as u64;
+        drop.append(&mut tx);
+        io.recycle(&mut drop);
         io.flush();
         if n == 0 {
             io.wait(Duration::from_millis(1));

@@ -37,7 +37,7 @@ pub use parse::{
     PassReason, MAX_FRAME_LEN, MAX_IPV6_EXTENSION_HEADERS,
 };
 pub use reject::{reject_with_port_unreachable, reject_with_tcp_reset, reset_in_place};
-pub use rewrite::{set_destination, set_ethernet, set_source, RewriteError};
+pub use rewrite::{set_destination, set_ethernet, set_source, strip_vlan, RewriteError};
 pub use wire::{
     BadMacAddr, Family, IpProto, MacAddr, TcpFlags, ETHERNET_HEADER_LEN, ETHERTYPE_ARP,
     ETHERTYPE_IPV4, ETHERTYPE_IPV6, ETHERTYPE_VLAN, ICMP_HEADER_LEN, IPV4_MIN_HEADER_LEN,

@@ -23,7 +23,7 @@
 use super::checksum::{add_bytes, fold, pseudo_header_v4, pseudo_header_v6, CsumDelta};
 use super::key::Endpoint;
 use super::parse::{icmp_proto, ChecksumState, Class, IcmpError, Parsed};
-use super::wire::{Family, IpProto, MacAddr};
+use super::wire::{Family, IpProto, MacAddr, ETHERNET_HEADER_LEN, VLAN_TAG_LEN};
 
 /// Why a rewrite was refused. The frame is unchanged when one is returned, except for
 /// [`RewriteError::FrameMismatch`], which only a caller bug can cause.
@@ -96,6 +96,38 @@ pub fn set_ethernet(frame: &mut [u8], src: MacAddr, dst: MacAddr) -> Result<(), 
     addrs[..6].copy_from_slice(&dst.0);
     addrs[6..].copy_from_slice(&src.0);
     Ok(())
+}
+
+/// Removes the frame's 802.1Q tag, if it has one: xlb's ports are untagged links, so a frame
+/// forwarded from a tagged one leaves untagged (refusals answer on the link they came from and
+/// keep their tag). The packet moves 4 bytes towards the frame's start; `parsed` is updated to
+/// describe it. Returns the frame's new length.
+///
+/// # Errors
+/// [`RewriteError::FrameMismatch`] if the frame is not the one parsed.
+pub fn strip_vlan(
+    frame: &mut [u8],
+    len: usize,
+    parsed: &mut Parsed,
+) -> Result<usize, RewriteError> {
+    let tagged = ETHERNET_HEADER_LEN + VLAN_TAG_LEN;
+    if usize::from(parsed.l3_offset) != tagged {
+        return Ok(len);
+    }
+    let tag = u16::try_from(VLAN_TAG_LEN).map_err(|_| RewriteError::FrameMismatch)?;
+    if len < tagged || len > frame.len() {
+        return Err(RewriteError::FrameMismatch);
+    }
+    // The inner EtherType and everything after it move over the tag.
+    frame.copy_within(12 + VLAN_TAG_LEN..len, 12);
+    parsed.l3_offset -= tag;
+    parsed.l4_offset = parsed.l4_offset.saturating_sub(tag);
+    parsed.l3_end = parsed.l3_end.saturating_sub(tag);
+    if let Class::IcmpError(e) = &mut parsed.class {
+        e.inner_l3_offset = e.inner_l3_offset.saturating_sub(tag);
+        e.inner_l4_offset = e.inner_l4_offset.saturating_sub(tag);
+    }
+    Ok(len - VLAN_TAG_LEN)
 }
 
 #[inline(always)]

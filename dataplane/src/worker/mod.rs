@@ -9,14 +9,24 @@
 //! published), sockets or the kernel (only [`PacketIo`]), YAML or Kubernetes.
 //!
 //! Per packet there is no allocation (the batch vectors are sized at start), no lock, no log
-//! line and no syscall; [`PacketIo::flush`] does at most the ring wakeups, once per loop.
-//! The snapshot is loaded once per loop.
+//! line and no syscall; [`PacketIo::flush`] does at most the ring wakeups, once per loop, and
+//! the sockets' kernel counters are read once a second. The snapshot is loaded once per loop.
+//!
+//! A rewritten packet whose next hop is not resolved yet is held ([`hold`]) and the address
+//! reported to the control thread ([`Reports`]), which resolves it and publishes new next
+//! hops; the held frames leave as soon as the worker sees them. Drops and resets that an
+//! operator asks about are reported as [`Notice`]s (at most one per kind per second) for the
+//! control thread to log with their addresses. A frame that arrived with an 802.1Q tag
+//! leaves untagged (xlb's ports are untagged links); refusals answer on the link they came
+//! from, tag kept.
 //!
 //! A packet `decide()` says is not for xlb ([`Verdict::Pass`]) is counted and dropped: an
 //! AF_XDP socket cannot hand a frame back to the kernel, so the XDP filter must not redirect
 //! such packets in the first place; the `passed` counter shows when it does.
 
+mod hold;
 mod hops;
+mod reports;
 mod stats;
 
 use std::sync::Arc;
@@ -24,17 +34,21 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 
-use crate::lb::decide::{decide, Env, Mode, SnatPool, Verdict};
+use crate::lb::decide::{decide, DecideDrop, Env, Event, Mode, Refusal, SnatPool, Verdict};
 use crate::lb::flow::{FlowTable, Second};
 use crate::lb::hash::flow_hash;
 use crate::lb::snapshot::Snapshot;
 use crate::packet::{
     parse, reject_with_port_unreachable, reject_with_tcp_reset, reset_in_place, set_destination,
-    set_ethernet, set_source, DropReason, Family, IpProto, Parsed, RewriteError,
+    set_ethernet, set_source, strip_vlan, DropReason, Family, FlowKey, IpProto, Parsed,
+    RewriteError,
 };
 
+use hold::{Held, HoldQueue};
+pub use hold::{HELD, HOLD_SECONDS, PER_ADDRESS};
 pub use hops::{prefix_matches, NextHop, NextHops, Route};
-pub use stats::{IoCounters, WorkerCounters, WorkerStats};
+pub use reports::{Notice, NoticeKind, Reports};
+pub use stats::{IoCounters, SocketStats, WorkerCounters, WorkerStats};
 
 /// Frames received per port per loop.
 pub const BATCH: usize = 64;
@@ -42,29 +56,31 @@ pub const BATCH: usize = 64;
 /// Frame I/O for a worker: receive, transmit and give back frames on a set of ports that
 /// share one frame pool.
 pub trait PacketIo {
-    /// A frame descriptor. It names a frame of the pool and carries its length.
-    type Desc: Copy + Default;
+    /// A frame in the worker's hands: a token only the I/O makes (in `receive`), neither
+    /// `Copy` nor `Clone`, which `transmit` and `recycle` consume, so that a frame can be
+    /// neither given back twice nor made up.
+    type Frame;
 
     /// How many ports there are (ports are numbered from 0).
     fn port_count(&self) -> usize;
 
-    /// Takes up to `descs.len()` received frames of `port`; returns how many.
-    fn receive(&mut self, port: usize, descs: &mut [Self::Desc]) -> usize;
+    /// Appends up to `max` received frames of `port` to `into`; returns how many.
+    fn receive(&mut self, port: usize, into: &mut Vec<Self::Frame>, max: usize) -> usize;
 
     /// Gives `f` the frame's whole buffer and its current length; `f` returns the frame's
     /// new length (at most the buffer's) and a result.
     fn with_frame<R>(
         &mut self,
-        desc: &mut Self::Desc,
+        frame: &mut Self::Frame,
         f: impl FnOnce(&mut [u8], usize) -> (usize, R),
     ) -> R;
 
-    /// Queues frames for transmission on `port`, in order, as many as fit; returns how many.
-    /// The frames it did not take stay the caller's.
-    fn transmit(&mut self, port: usize, descs: &[Self::Desc]) -> usize;
+    /// Queues frames of `queue` for transmission on `port`, in order, as many as fit, taking
+    /// them out of `queue`; returns how many. The frames that did not fit stay in `queue`.
+    fn transmit(&mut self, port: usize, queue: &mut Vec<Self::Frame>) -> usize;
 
-    /// Gives frames the worker no longer needs back to the pool.
-    fn recycle(&mut self, descs: &[Self::Desc]);
+    /// Gives the frames of `frames` back to the pool, emptying it.
+    fn recycle(&mut self, frames: &mut Vec<Self::Frame>);
 
     /// Once per loop: starts the transmission of what was queued, takes completed frames
     /// back and refills the receive side.
@@ -72,6 +88,10 @@ pub trait PacketIo {
 
     /// Waits up to `timeout` for a port to have frames to receive (an idle worker's sleep).
     fn wait(&mut self, timeout: Duration);
+
+    /// The kernel's counters of `port`'s socket, if it has a socket (one syscall: the worker
+    /// asks once a second).
+    fn socket_stats(&self, port: usize) -> Option<SocketStats>;
 }
 
 /// What workers read: the snapshot and the next hops that go with it, published together.
@@ -113,10 +133,6 @@ impl Clock {
     }
 }
 
-/// Addresses a worker found no next hop for, for the control thread to resolve. Bounded;
-/// when full, further reports are dropped (the counter still counts the packets).
-pub type Unresolved = crossbeam_queue::ArrayQueue<(Family, [u8; 16])>;
-
 /// What one worker shares with the rest of the process.
 #[derive(Clone, Debug)]
 pub struct Shared {
@@ -126,32 +142,43 @@ pub struct Shared {
     pub flows: Arc<FlowTable>,
     /// The time base.
     pub clock: Clock,
-    /// Where unresolved next hops are reported.
-    pub unresolved: Arc<Unresolved>,
+    /// Where unresolved next hops and notices are reported.
+    pub reports: Arc<Reports>,
 }
 
 /// One worker's loop state.
-pub struct Worker<D> {
+pub struct Worker<F> {
     shared: Shared,
     snat: Option<SnatPool>,
     stats: Arc<WorkerStats>,
     counters: WorkerCounters,
     random: u64,
-    rx: Vec<D>,
+    rx: Vec<F>,
     /// Stage 1's result for each frame of the batch being processed.
     parsed: Vec<Result<(Parsed, u64), DropReason>>,
-    tx: Vec<Vec<D>>,
-    drops: Vec<D>,
+    tx: Vec<Vec<F>>,
+    drops: Vec<F>,
+    hold: HoldQueue<F>,
+    /// Scratch for frames leaving the hold queue.
+    released: Vec<Held<F>>,
+    /// The tables, and the second, the held frames were last tried against.
+    held_against: (usize, Second),
+    /// The second each notice kind was last reported (at most one a second each).
+    noticed: [Option<Second>; NoticeKind::COUNT],
+    /// The second the socket counters were last read.
+    sockets_read: Option<Second>,
 }
 
 /// Where a processed frame goes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Out {
     Transmit(u16),
+    /// Rewritten, but its next hop is not resolved yet.
+    Hold(Family, [u8; 16]),
     Drop,
 }
 
-impl<D: Copy + Default> Worker<D> {
+impl<F> Worker<F> {
     /// A worker over `ports` ports, translating sources with `snat` in snat mode (none: dnat
     /// mode), publishing its counters into `stats`. `seed` seeds its random scheduler.
     #[must_use]
@@ -168,20 +195,28 @@ impl<D: Copy + Default> Worker<D> {
             stats,
             counters: WorkerCounters::default(),
             random: seed | 1,
-            rx: vec![D::default(); BATCH],
-            parsed: vec![Err(DropReason::EthernetTruncated); BATCH],
+            rx: Vec::with_capacity(BATCH),
+            parsed: Vec::with_capacity(BATCH),
             tx: (0..ports)
-                .map(|_| Vec::with_capacity(BATCH * ports))
+                .map(|_| Vec::with_capacity(BATCH * ports + HELD))
                 .collect(),
-            drops: Vec::with_capacity(BATCH * ports),
+            drops: Vec::with_capacity(BATCH * ports + HELD),
+            hold: HoldQueue::new(),
+            released: Vec::with_capacity(HELD),
+            held_against: (0, 0),
+            noticed: [None; NoticeKind::COUNT],
+            sockets_read: None,
         }
     }
 
     /// One pass over every port: receives a batch on each, processes it, transmits and
     /// recycles, then flushes the I/O. Returns how many frames it received.
-    pub fn poll<I: PacketIo<Desc = D>>(&mut self, io: &mut I) -> usize {
+    pub fn poll<I: PacketIo<Frame = F>>(&mut self, io: &mut I) -> usize {
         let tables = self.shared.tables.load();
         let now = self.shared.clock.now();
+        if !self.hold.is_empty() {
+            self.release_held(io, &tables, now);
+        }
         let mode = match &self.snat {
             Some(pool) => Mode::Snat(pool),
             None => Mode::Dnat,
@@ -189,68 +224,80 @@ impl<D: Copy + Default> Worker<D> {
         let mut ctx = Context {
             tables: &tables,
             flows: &self.shared.flows,
-            unresolved: &self.shared.unresolved,
             counters: &mut self.counters,
             random: &mut self.random,
             mode,
             now,
         };
+        let mut reported = false;
         let ports = io.port_count().min(self.tx.len());
         let mut received = 0;
         for port in 0..ports {
-            let n = io.receive(port, &mut self.rx);
+            let n = io.receive(port, &mut self.rx, BATCH);
             received += n;
             let ingress = u16::try_from(port).unwrap_or(u16::MAX);
-            let (descs, parsed) = (&mut self.rx[..n], &mut self.parsed[..n]);
             // Stage 1: parse and hash every frame, and start fetching its flow buckets.
-            for (desc, slot) in descs.iter_mut().zip(parsed.iter_mut()) {
-                *slot = io.with_frame(desc, |buf, len| (len, classify(buf, len)));
+            self.parsed.clear();
+            for frame in &mut self.rx {
+                let slot = io.with_frame(frame, |buf, len| (len, classify(buf, len)));
                 if let Ok((_, hash)) = slot {
-                    ctx.flows.prefetch(*hash);
+                    ctx.flows.prefetch(hash);
                 }
+                self.parsed.push(slot);
             }
             // Stage 2: the buckets' tag lines have had time to arrive; fetch the matching
             // entries' bodies.
-            for (_, hash) in parsed.iter().flatten() {
+            for (_, hash) in self.parsed.iter().flatten() {
                 ctx.flows.prefetch_entry(*hash);
             }
             // Stage 3: decide, rewrite, pick the next hop.
-            for (desc, slot) in descs.iter_mut().zip(parsed.iter()) {
-                let out = match slot {
-                    Ok((p, hash)) => {
-                        io.with_frame(desc, |buf, len| ctx.process(buf, len, *p, *hash, ingress))
-                    }
+            for (mut frame, slot) in self.rx.drain(..).zip(self.parsed.iter()) {
+                let (out, notice) = match slot {
+                    Ok((p, hash)) => io.with_frame(&mut frame, |buf, len| {
+                        ctx.process(buf, len, *p, *hash, ingress)
+                    }),
                     Err(reason) => {
                         ctx.counters.decide.record_malformed(*reason);
-                        Out::Drop
+                        (Out::Drop, None)
                     }
                 };
+                if let Some(notice) = notice {
+                    reported |= notify(&self.shared.reports, &mut self.noticed, notice, now);
+                }
                 match out {
                     Out::Transmit(p) => match self.tx.get_mut(usize::from(p)) {
-                        Some(queue) => queue.push(*desc),
-                        None => self.drops.push(*desc),
+                        Some(queue) => queue.push(frame),
+                        None => self.drops.push(frame),
                     },
-                    Out::Drop => self.drops.push(*desc),
+                    Out::Hold(family, addr) => match self.hold.hold(frame, family, addr, now) {
+                        Ok(first) => {
+                            // The control thread resolves it and publishes new next hops.
+                            if first {
+                                reported |= self.shared.reports.unresolved(family, addr);
+                            }
+                        }
+                        Err(frame) => {
+                            ctx.counters.io.no_next_hop += 1;
+                            self.drops.push(frame);
+                        }
+                    },
+                    Out::Drop => self.drops.push(frame),
                 }
             }
         }
-        for (port, queue) in self.tx.iter_mut().enumerate() {
-            if queue.is_empty() {
-                continue;
-            }
-            let sent = io.transmit(port, queue);
-            self.counters.io.transmitted += sent as u64;
-            if sent < queue.len() {
-                self.counters.io.tx_ring_full += (queue.len() - sent) as u64;
-                self.drops.extend_from_slice(&queue[sent..]);
-            }
-            queue.clear();
+        if reported {
+            self.shared.reports.wake();
         }
-        if !self.drops.is_empty() {
-            io.recycle(&self.drops);
-            self.drops.clear();
-        }
+        self.transmit_and_recycle(io);
         io.flush();
+        if self.sockets_read != Some(now) {
+            self.sockets_read = Some(now);
+            for port in 0..ports {
+                if let Some(s) = io.socket_stats(port) {
+                    self.stats.store_socket(port, &s);
+                }
+            }
+        }
         if received > 0 {
             self.counters.io.received += received as u64;
             self.counters.io.busy_polls += 1;
@@ -259,8 +306,65 @@ impl<D: Copy + Default> Worker<D> {
         received
     }
 
-    /// Polls until `stop` returns true, sleeping in [`PacketIo::wait`] when idle.
-    pub fn run<I: PacketIo<Desc = D>>(&mut self, io: &mut I, mut stop: impl FnMut() -> bool) {
+    /// Sends what was queued; what does not fit, and what was dropped, goes back to the pool.
+    fn transmit_and_recycle<I: PacketIo<Frame = F>>(&mut self, io: &mut I) {
+        for (port, queue) in self.tx.iter_mut().enumerate() {
+            if queue.is_empty() {
+                continue;
+            }
+            let sent = io.transmit(port, queue);
+            self.counters.io.transmitted += sent as u64;
+            self.counters.io.tx_ring_full += queue.len() as u64;
+            self.drops.append(queue);
+        }
+        if !self.drops.is_empty() {
+            io.recycle(&mut self.drops);
+        }
+    }
+
+    /// Sends the held frames whose next hop is now known (tried when new tables were
+    /// published, and once a second for the ones held too long).
+    fn release_held<I: PacketIo<Frame = F>>(&mut self, io: &mut I, tables: &Tables, now: Second) {
+        let against = (core::ptr::from_ref(tables) as usize, now);
+        if against == self.held_against {
+            return;
+        }
+        self.held_against = against;
+        let dropped = self.drops.len();
+        self.hold.release(
+            now,
+            |family, addr| tables.hops.lookup(family, addr).is_some(),
+            &mut self.released,
+            &mut self.drops,
+        );
+        self.counters.io.no_next_hop += (self.drops.len() - dropped) as u64;
+        for mut held in self.released.drain(..) {
+            let hop = tables.hops.lookup(held.family, &held.addr);
+            let sent = hop.is_some_and(|hop| {
+                io.with_frame(&mut held.frame, |buf, len| {
+                    (len, set_ethernet(buf, hop.src_mac, hop.dst_mac).is_ok())
+                })
+            });
+            match (
+                hop,
+                self.tx
+                    .get_mut(usize::from(hop.map_or(u16::MAX, |h| h.port))),
+            ) {
+                (Some(_), Some(queue)) if sent => {
+                    self.counters.io.held += 1;
+                    queue.push(held.frame);
+                }
+                _ => {
+                    self.counters.io.rewrite_failed += 1;
+                    self.drops.push(held.frame);
+                }
+            }
+        }
+    }
+
+    /// Polls until `stop` returns true, sleeping in [`PacketIo::wait`] when idle; then gives
+    /// back every frame it still holds.
+    pub fn run<I: PacketIo<Frame = F>>(&mut self, io: &mut I, mut stop: impl FnMut() -> bool) {
         let mut idle = 0u32;
         while !stop() {
             if self.poll(io) > 0 {
@@ -269,11 +373,14 @@ impl<D: Copy + Default> Worker<D> {
             }
             idle = idle.saturating_add(1);
             // Spin a little for back-to-back batches, then sleep in the kernel until a frame
-            // arrives so that an idle worker leaves its core to others.
+            // arrives so that an idle worker leaves its core to others; held frames are
+            // retried at least every 10 ms.
             if idle > 64 {
                 io.wait(Duration::from_millis(10));
             }
         }
+        self.drops.extend(self.hold.drain());
+        io.recycle(&mut self.drops);
         self.stats.store(&self.counters);
     }
 
@@ -284,7 +391,23 @@ impl<D: Copy + Default> Worker<D> {
     }
 }
 
-impl<D> core::fmt::Debug for Worker<D> {
+/// Sends `notice` unless one of its kind went out this second. Returns whether it was sent.
+#[cold]
+fn notify(
+    reports: &Reports,
+    noticed: &mut [Option<Second>; NoticeKind::COUNT],
+    notice: Notice,
+    now: Second,
+) -> bool {
+    let last = &mut noticed[notice.kind.index()];
+    if *last == Some(now) {
+        return false;
+    }
+    *last = Some(now);
+    reports.notice(notice)
+}
+
+impl<F> core::fmt::Debug for Worker<F> {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.debug_struct("Worker")
             .field("counters", &self.counters)
@@ -305,7 +428,6 @@ fn classify(buf: &[u8], len: usize) -> Result<(Parsed, u64), DropReason> {
 struct Context<'a> {
     tables: &'a Tables,
     flows: &'a FlowTable,
-    unresolved: &'a Unresolved,
     counters: &'a mut WorkerCounters,
     random: &'a mut u64,
     mode: Mode<'a>,
@@ -314,8 +436,8 @@ struct Context<'a> {
 
 impl Context<'_> {
     /// Decides and applies the verdict to the frame in `buf[..len]`, parsed as `parsed` with
-    /// flow hash `hash`, which arrived on `ingress`. Returns the frame's new length and where
-    /// it goes.
+    /// flow hash `hash`, which arrived on `ingress`. Returns the frame's new length, where it
+    /// goes, and what to tell the control thread about it.
     #[inline]
     fn process(
         &mut self,
@@ -324,10 +446,10 @@ impl Context<'_> {
         mut parsed: Parsed,
         hash: u64,
         ingress: u16,
-    ) -> (usize, Out) {
-        let Some(frame) = buf.get_mut(..len) else {
+    ) -> (usize, (Out, Option<Notice>)) {
+        if buf.len() < len {
             return self.failed(len);
-        };
+        }
         let random = self.next_random();
         let env = Env {
             snapshot: &self.tables.snapshot,
@@ -335,10 +457,36 @@ impl Context<'_> {
             now: self.now,
             mode: self.mode,
         };
+        let untracked = self.counters.decide.events[Event::Untracked.index()];
         let verdict = decide(&env, &parsed, hash, random, &mut self.counters.decide);
         self.counters.decide.record(&verdict);
+        let notice = notice_of(&verdict, &parsed.key).or_else(|| {
+            (self.counters.decide.events[Event::Untracked.index()] != untracked).then_some(Notice {
+                kind: NoticeKind::TableFull,
+                key: parsed.key,
+            })
+        });
         let mut len = len;
         let rewritten: Result<(), RewriteError> = match verdict {
+            Verdict::Reject(_) => {
+                let answer = if parsed.key.proto == IpProto::TCP {
+                    reject_with_tcp_reset(&mut buf[..len], &parsed)
+                } else {
+                    reject_with_port_unreachable(buf, len, &parsed)
+                };
+                // The answer goes back out of the port it came in by (Ethernet swapped, any
+                // VLAN tag kept: it answers on the link it came from).
+                return match answer {
+                    Ok(answer_len) => (answer_len, (Out::Transmit(ingress), notice)),
+                    Err(_) => self.failed(len),
+                };
+            }
+            Verdict::Pass | Verdict::Drop(_) => return (len, (Out::Drop, notice)),
+            // Everything else leaves by an untagged port.
+            _ => strip_vlan(buf, len, &mut parsed).map(|stripped| len = stripped),
+        };
+        let frame = &mut buf[..len];
+        let rewritten = rewritten.and_then(|()| match verdict {
             Verdict::Forward(to) => set_destination(frame, &mut parsed, &to),
             Verdict::Reply(from) => set_source(frame, &mut parsed, &from),
             Verdict::ForwardSnat { to, from } => set_destination(frame, &mut parsed, &to)
@@ -351,40 +499,30 @@ impl Context<'_> {
                     set_source(frame, &mut parsed, &from)
                 })
                 .and_then(|()| to.map_or(Ok(()), |to| set_destination(frame, &mut parsed, &to))),
-            Verdict::Reject(_) => {
-                let answer = if parsed.key.proto == IpProto::TCP {
-                    reject_with_tcp_reset(frame, &parsed)
-                } else {
-                    reject_with_port_unreachable(buf, len, &parsed)
-                };
-                // The answer goes back out of the port it came in by (Ethernet swapped).
-                return match answer {
-                    Ok(answer_len) => (answer_len, Out::Transmit(ingress)),
-                    Err(_) => self.failed(len),
-                };
-            }
-            Verdict::Pass | Verdict::Drop(_) => return (len, Out::Drop),
-        };
+            Verdict::Reject(_) | Verdict::Pass | Verdict::Drop(_) => Ok(()),
+        });
         if rewritten.is_err() {
             return self.failed(len);
         }
         let key = &parsed.key;
         let Some(hop) = self.tables.hops.lookup(key.family, &key.dst_addr) else {
-            self.counters.io.no_next_hop += 1;
-            // Full: the control thread has plenty to resolve already; the counter counts.
-            let _ = self.unresolved.push((key.family, key.dst_addr));
-            return (len, Out::Drop);
+            // Held until the control thread resolves it (or given up, and counted).
+            let notice = Notice {
+                kind: NoticeKind::NoNextHop,
+                key: *key,
+            };
+            return (len, (Out::Hold(key.family, key.dst_addr), Some(notice)));
         };
         if set_ethernet(frame, hop.src_mac, hop.dst_mac).is_err() {
             return self.failed(len);
         }
-        (len, Out::Transmit(hop.port))
+        (len, (Out::Transmit(hop.port), notice))
     }
 
     #[cold]
-    fn failed(&mut self, len: usize) -> (usize, Out) {
+    fn failed(&mut self, len: usize) -> (usize, (Out, Option<Notice>)) {
         self.counters.io.rewrite_failed += 1;
-        (len, Out::Drop)
+        (len, (Out::Drop, None))
     }
 
     /// xorshift64*: the random scheduler's numbers (not for anything secret).
@@ -397,4 +535,18 @@ impl Context<'_> {
         *self.random = x;
         x.wrapping_mul(0x2545_f491_4f6c_dd1d)
     }
+}
+
+/// What the logs should hear about a verdict.
+#[inline]
+fn notice_of(verdict: &Verdict, key: &FlowKey) -> Option<Notice> {
+    let kind = match verdict {
+        Verdict::ResetReply { .. } | Verdict::Reject(Refusal::BackendLeft) => {
+            NoticeKind::BackendLeftReset
+        }
+        Verdict::Drop(DecideDrop::TableFull) => NoticeKind::TableFull,
+        Verdict::Drop(DecideDrop::NoSnatPort) => NoticeKind::NoSnatPort,
+        _ => return None,
+    };
+    Some(Notice { kind, key: *key })
 }

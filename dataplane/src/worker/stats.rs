@@ -1,6 +1,7 @@
 //! A worker's counters: plain integers the worker owns and increments, published once per
 //! loop into a cache-padded block of atomics that the admin side reads without ever making
-//! the worker wait.
+//! the worker wait; and the kernel's counters of its AF_XDP sockets, which the worker reads
+//! once a second (one `getsockopt` per port) and publishes beside them.
 
 use crate::lb::decide::{Counters, DecideDrop, Event};
 use crate::packet::DropReason;
@@ -17,8 +18,11 @@ pub struct IoCounters {
     pub transmitted: u64,
     /// Frames dropped because a transmit ring was full.
     pub tx_ring_full: u64,
-    /// Packets dropped because their next hop was not resolved.
+    /// Packets dropped because their next hop was not resolved in time (or the hold queue
+    /// was full).
     pub no_next_hop: u64,
+    /// Packets held until their next hop was resolved, then sent.
+    pub held: u64,
     /// Packets a verdict could not be applied to (a rewrite or refusal that did not fit).
     pub rewrite_failed: u64,
     /// Loop iterations that found work.
@@ -38,7 +42,39 @@ pub struct WorkerCounters {
 const FIELDS: usize = 5 + DecideDrop::COUNT + DropReason::COUNT + Event::COUNT + IoCounters::FIELDS;
 
 impl IoCounters {
-    const FIELDS: usize = 6;
+    const FIELDS: usize = 7;
+}
+
+/// The kernel's counters of one AF_XDP socket (`XDP_STATISTICS`, `struct xdp_statistics`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SocketStats {
+    /// Frames dropped for reasons other than a full ring or an invalid descriptor.
+    pub rx_dropped: u64,
+    /// Invalid descriptors on the receive side.
+    pub rx_invalid_descs: u64,
+    /// Frames dropped because the receive ring was full: the worker did not keep up.
+    pub rx_ring_full: u64,
+    /// Times the fill ring was empty when the kernel needed a frame.
+    pub rx_fill_ring_empty_descs: u64,
+    /// Invalid descriptors on the transmit ring.
+    pub tx_invalid_descs: u64,
+    /// Times the kernel found the transmit ring empty when woken.
+    pub tx_ring_empty_descs: u64,
+}
+
+impl SocketStats {
+    /// The counters with their Prometheus names (without the `xlb_socket_` prefix).
+    #[must_use]
+    pub fn named(&self) -> [(&'static str, u64); 6] {
+        [
+            ("rx_dropped", self.rx_dropped),
+            ("rx_invalid_descs", self.rx_invalid_descs),
+            ("rx_ring_full", self.rx_ring_full),
+            ("rx_fill_ring_empty_descs", self.rx_fill_ring_empty_descs),
+            ("tx_invalid_descs", self.tx_invalid_descs),
+            ("tx_ring_empty_descs", self.tx_ring_empty_descs),
+        ]
+    }
 }
 
 /// The published copy of one worker's counters. One per worker, aligned to its own cache
@@ -47,17 +83,52 @@ impl IoCounters {
 #[repr(align(128))]
 pub struct WorkerStats {
     values: [AtomicU64; FIELDS],
-}
-
-impl Default for WorkerStats {
-    fn default() -> Self {
-        Self {
-            values: core::array::from_fn(|_| AtomicU64::new(0)),
-        }
-    }
+    /// Per port, the socket counters in [`SocketStats::named`] order.
+    sockets: Box<[[AtomicU64; 6]]>,
 }
 
 impl WorkerStats {
+    /// Counters for a worker with `ports` ports.
+    #[must_use]
+    pub fn new(ports: usize) -> Self {
+        Self {
+            values: core::array::from_fn(|_| AtomicU64::new(0)),
+            sockets: (0..ports)
+                .map(|_| core::array::from_fn(|_| AtomicU64::new(0)))
+                .collect(),
+        }
+    }
+
+    /// Publishes the socket counters of `port` (called by the owning worker only).
+    pub fn store_socket(&self, port: usize, stats: &SocketStats) {
+        if let Some(slots) = self.sockets.get(port) {
+            for (slot, (_, value)) in slots.iter().zip(stats.named()) {
+                // Relaxed: see `store`.
+                slot.store(value, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// The socket counters of each port, as last published.
+    #[must_use]
+    pub fn sockets(&self) -> Vec<SocketStats> {
+        self.sockets
+            .iter()
+            .map(|slots| {
+                // Relaxed: see `store`.
+                let v: [u64; 6] = core::array::from_fn(|i| slots[i].load(Ordering::Relaxed));
+                SocketStats {
+                    rx_dropped: v[0],
+                    rx_invalid_descs: v[1],
+                    rx_ring_full: v[2],
+                    rx_fill_ring_empty_descs: v[3],
+                    tx_invalid_descs: v[4],
+                    tx_ring_empty_descs: v[5],
+                }
+            })
+            .collect()
+    }
+
     /// Publishes `counters` (called by the owning worker only).
     pub fn store(&self, counters: &WorkerCounters) {
         let mut values = [0; FIELDS];
@@ -104,6 +175,7 @@ fn fields(c: &mut WorkerCounters) -> impl Iterator<Item = &mut u64> {
                 transmitted,
                 tx_ring_full,
                 no_next_hop,
+                held,
                 rewrite_failed,
                 busy_polls,
             },
@@ -118,6 +190,7 @@ fn fields(c: &mut WorkerCounters) -> impl Iterator<Item = &mut u64> {
             transmitted,
             tx_ring_full,
             no_next_hop,
+            held,
             rewrite_failed,
             busy_polls,
         ])
@@ -141,7 +214,7 @@ mod tests {
         for (n, slot) in fields(&mut c).enumerate() {
             *slot = n as u64 + 1;
         }
-        let stats = WorkerStats::default();
+        let stats = WorkerStats::new(1);
         stats.store(&c);
         assert_eq!(stats.load(), c);
     }
@@ -160,8 +233,24 @@ mod tests {
         c.io.received = 7;
         c.io.busy_polls = 8;
         c.io.no_next_hop = 9;
-        let stats = WorkerStats::default();
+        let stats = WorkerStats::new(1);
         stats.store(&c);
         assert_eq!(stats.load(), c);
+    }
+
+    #[test]
+    fn socket_counters_read_back_per_port() {
+        let stats = WorkerStats::new(2);
+        let s = SocketStats {
+            rx_dropped: 1,
+            rx_invalid_descs: 2,
+            rx_ring_full: 3,
+            rx_fill_ring_empty_descs: 4,
+            tx_invalid_descs: 5,
+            tx_ring_empty_descs: 6,
+        };
+        stats.store_socket(1, &s);
+        stats.store_socket(7, &s);
+        assert_eq!(stats.sockets(), vec![SocketStats::default(), s]);
     }
 }

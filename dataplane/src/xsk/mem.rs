@@ -4,11 +4,12 @@
 use std::collections::VecDeque;
 use std::time::Duration;
 
-use crate::worker::PacketIo;
+use crate::worker::{PacketIo, SocketStats};
 
-/// A frame of a [`MemRing`]'s pool.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct MemDesc {
+/// A received frame of a [`MemRing`]'s pool in the worker's hands: made only by the ring's
+/// `receive`, consumed by its `transmit` or `recycle` (see [`PacketIo::Frame`]).
+#[derive(Debug, PartialEq, Eq)]
+pub struct MemFrame {
     index: u32,
     len: u32,
 }
@@ -19,8 +20,8 @@ pub struct MemDesc {
 pub struct MemRing {
     frames: Vec<Box<[u8]>>,
     free: Vec<u32>,
-    rx: Vec<VecDeque<MemDesc>>,
-    tx: Vec<Vec<MemDesc>>,
+    rx: Vec<VecDeque<MemFrame>>,
+    tx: Vec<Vec<MemFrame>>,
     tx_room: usize,
     flushes: u64,
 }
@@ -54,7 +55,7 @@ impl MemRing {
             return false;
         }
         frame[..bytes.len()].copy_from_slice(bytes);
-        self.rx[port].push_back(MemDesc {
+        self.rx[port].push_back(MemFrame {
             index,
             len: u32::try_from(bytes.len()).unwrap_or(u32::MAX),
         });
@@ -95,41 +96,39 @@ impl MemRing {
 }
 
 impl PacketIo for MemRing {
-    type Desc = MemDesc;
+    type Frame = MemFrame;
 
     fn port_count(&self) -> usize {
         self.rx.len()
     }
 
-    fn receive(&mut self, port: usize, descs: &mut [MemDesc]) -> usize {
+    fn receive(&mut self, port: usize, into: &mut Vec<MemFrame>, max: usize) -> usize {
         let queue = &mut self.rx[port];
-        let n = descs.len().min(queue.len());
-        for (slot, desc) in descs.iter_mut().zip(queue.drain(..n)) {
-            *slot = desc;
-        }
+        let n = max.min(queue.len());
+        into.extend(queue.drain(..n));
         n
     }
 
     fn with_frame<R>(
         &mut self,
-        desc: &mut MemDesc,
+        frame: &mut MemFrame,
         f: impl FnOnce(&mut [u8], usize) -> (usize, R),
     ) -> R {
-        let frame = &mut self.frames[desc.index as usize];
-        let (len, out) = f(frame, desc.len as usize);
-        desc.len = u32::try_from(len.min(frame.len())).unwrap_or(u32::MAX);
+        let buf = &mut self.frames[frame.index as usize];
+        let (len, out) = f(buf, frame.len as usize);
+        frame.len = u32::try_from(len.min(buf.len())).unwrap_or(u32::MAX);
         out
     }
 
-    fn transmit(&mut self, port: usize, descs: &[MemDesc]) -> usize {
+    fn transmit(&mut self, port: usize, queue: &mut Vec<MemFrame>) -> usize {
         let room = self.tx_room.saturating_sub(self.tx[port].len());
-        let n = room.min(descs.len());
-        self.tx[port].extend_from_slice(&descs[..n]);
+        let n = room.min(queue.len());
+        self.tx[port].extend(queue.drain(..n));
         n
     }
 
-    fn recycle(&mut self, descs: &[MemDesc]) {
-        self.free.extend(descs.iter().map(|d| d.index));
+    fn recycle(&mut self, frames: &mut Vec<MemFrame>) {
+        self.free.extend(frames.drain(..).map(|f| f.index));
     }
 
     fn flush(&mut self) {
@@ -137,4 +136,8 @@ impl PacketIo for MemRing {
     }
 
     fn wait(&mut self, _timeout: Duration) {}
+
+    fn socket_stats(&self, _port: usize) -> Option<SocketStats> {
+        None
+    }
 }

@@ -10,9 +10,12 @@
 //!   bound to that UMEM. No other constructor of descriptors exists here.
 //! * A frame is in exactly one place at a time: the free pool, a fill ring, the kernel's
 //!   receive path, the worker's hands (between `receive` and `transmit`/`recycle`), a
-//!   transmit ring, or the completion ring. Only the worker's hands touch its bytes, through
-//!   [`PacketIo::with_frame`] with `&mut` of the descriptor, so no two borrows of one frame
-//!   coexist and the kernel never writes a frame the worker reads.
+//!   transmit ring, or the completion ring. In the worker's hands a frame is an
+//!   [`XskFrame`]: a token that neither `Copy` nor `Clone` nor any constructor outside this
+//!   module can make, and that `transmit` and `recycle` consume, so the borrow checker, not a
+//!   convention, keeps a frame from being given back twice or made up. Only the worker's
+//!   hands touch its bytes, through [`PacketIo::with_frame`] with `&mut` of the token, so no
+//!   two borrows of one frame coexist and the kernel never writes a frame the worker reads.
 //! * Every produce onto a ring is clamped to the ring's free slots (xsk-rs produces all or
 //!   nothing), so no frame leaves the pool without reaching a ring.
 //! * The filter's maps are written only with the key and value types `bpf/filter.c` declares.
@@ -37,10 +40,10 @@ use xsk_rs::config::{
 };
 use xsk_rs::{CompQueue, FillQueue, FrameDesc, RxQueue, TxQueue, Umem};
 
-use crate::worker::PacketIo;
+use crate::worker::{PacketIo, SocketStats};
 
 pub use filter::{raise_memlock_limit, FilterError, SteerKey, XdpFilter, XdpMode};
-pub use mem::{MemDesc, MemRing};
+pub use mem::{MemFrame, MemRing};
 pub use sender::XskSender;
 
 /// Frames the kernel transmits per sendto() in copy mode (`MAX_PER_SOCKET_BUDGET` in
@@ -221,6 +224,11 @@ struct Port {
     queued: usize,
 }
 
+/// A received frame in the worker's hands (see the safety boundary above): made only by
+/// [`XskIo`]'s `receive`, consumed by its `transmit` or `recycle`.
+#[derive(Debug)]
+pub struct XskFrame(FrameDesc);
+
 /// One worker's AF_XDP sockets: one per port on the worker's queue, all over one UMEM, so
 /// forwarding from a port to another moves a descriptor, not bytes.
 pub struct XskIo {
@@ -326,26 +334,6 @@ impl XskIo {
         self.free.len()
     }
 
-    /// The kernel's per-socket statistics of each port, as text (for logs at stop).
-    #[must_use]
-    pub fn statistics(&self) -> Vec<String> {
-        self.ports
-            .iter()
-            .map(|p| match p.rx.fd().xdp_statistics() {
-                Ok(s) => format!(
-                    "rx_dropped {} rx_invalid {} rx_ring_full {} fill_empty {} tx_invalid {} tx_empty {}",
-                    s.rx_dropped(),
-                    s.rx_invalid_descs(),
-                    s.rx_ring_full(),
-                    s.rx_fill_ring_empty_descs(),
-                    s.tx_invalid_descs(),
-                    s.tx_ring_empty_descs()
-                ),
-                Err(e) => format!("no statistics: {e}"),
-            })
-            .collect()
-    }
-
     fn refill(&mut self) {
         let ports = self.ports.len().max(1);
         for port in &mut self.ports {
@@ -369,29 +357,34 @@ impl XskIo {
 }
 
 impl PacketIo for XskIo {
-    type Desc = FrameDesc;
+    type Frame = XskFrame;
 
     fn port_count(&self) -> usize {
         self.ports.len()
     }
 
-    fn receive(&mut self, port: usize, descs: &mut [FrameDesc]) -> usize {
+    fn receive(&mut self, port: usize, into: &mut Vec<XskFrame>, max: usize) -> usize {
         let Some(port) = self.ports.get_mut(port) else {
             return 0;
         };
+        let max = max.min(self.scratch.len());
         // SAFETY: the ring is of a socket bound to this UMEM, so the descriptors it yields
-        // name frames of this UMEM, now in the worker's hands.
-        unsafe { port.rx.consume(descs) }
+        // name frames of this UMEM, now in the worker's hands (as tokens, below).
+        let n = unsafe { port.rx.consume(&mut self.scratch[..max]) };
+        into.extend(self.scratch[..n].iter().map(|d| XskFrame(*d)));
+        n
     }
 
     fn with_frame<R>(
         &mut self,
-        desc: &mut FrameDesc,
+        frame: &mut XskFrame,
         f: impl FnOnce(&mut [u8], usize) -> (usize, R),
     ) -> R {
+        let desc = &mut frame.0;
         let len = desc.lengths().data();
-        // SAFETY: `desc` names a frame of this UMEM in the worker's hands (received and not
-        // yet transmitted or recycled), and the `&mut` borrow of it is the only access.
+        // SAFETY: `desc` names a frame of this UMEM in the worker's hands (a token that
+        // `receive` made and nothing has consumed), and the `&mut` borrow of the token is the
+        // only access.
         let mut data = unsafe { self.umem.data_mut(desc) };
         // Open the whole frame for refusals that grow the packet, then set the final length.
         data.cursor().set_pos(usize::MAX);
@@ -400,24 +393,41 @@ impl PacketIo for XskIo {
         out
     }
 
-    fn transmit(&mut self, port: usize, descs: &[FrameDesc]) -> usize {
+    fn transmit(&mut self, port: usize, queue: &mut Vec<XskFrame>) -> usize {
         let Some(port) = self.ports.get_mut(port) else {
             return 0;
         };
-        let want = u32::try_from(descs.len()).unwrap_or(u32::MAX);
-        let n = port.tx.nb_free(want).min(want) as usize;
+        let want = u32::try_from(queue.len()).unwrap_or(u32::MAX);
+        let n = (port.tx.nb_free(want).min(want) as usize).min(self.scratch.len());
         if n == 0 {
             return 0;
         }
+        for (slot, frame) in self.scratch.iter_mut().zip(queue.iter()) {
+            *slot = frame.0;
+        }
         // SAFETY: the frames are of this UMEM and in the worker's hands; `n` is clamped to the
-        // ring's free slots so every one of them is produced.
-        let produced = unsafe { port.tx.produce(&descs[..n]) };
+        // ring's free slots so every one of them is produced, and their tokens are consumed
+        // right after.
+        let produced = unsafe { port.tx.produce(&self.scratch[..n]) };
+        queue.drain(..produced);
         port.queued += produced;
         produced
     }
 
-    fn recycle(&mut self, descs: &[FrameDesc]) {
-        self.free.extend_from_slice(descs);
+    fn recycle(&mut self, frames: &mut Vec<XskFrame>) {
+        self.free.extend(frames.drain(..).map(|f| f.0));
+    }
+
+    fn socket_stats(&self, port: usize) -> Option<SocketStats> {
+        let s = self.ports.get(port)?.rx.fd().xdp_statistics().ok()?;
+        Some(SocketStats {
+            rx_dropped: s.rx_dropped(),
+            rx_invalid_descs: s.rx_invalid_descs(),
+            rx_ring_full: s.rx_ring_full(),
+            rx_fill_ring_empty_descs: s.rx_fill_ring_empty_descs(),
+            tx_invalid_descs: s.tx_invalid_descs(),
+            tx_ring_empty_descs: s.tx_ring_empty_descs(),
+        })
     }
 
     fn flush(&mut self) {

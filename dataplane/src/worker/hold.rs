@@ -1,0 +1,146 @@
+//! Frames waiting for a next hop: a small bounded queue per worker, as the kernel keeps one
+//! per unresolved neighbour (`unres_qlen`), so that the first packet to a host the node has
+//! just learned about (a new client's SYN-ACK, typically) is sent a moment later instead of
+//! being dropped and retransmitted a second later.
+//!
+//! At most [`PER_ADDRESS`] frames per address and [`HELD`] in all; a frame held longer than
+//! [`HOLD_SECONDS`] is given up. The worker retries held frames when new next hops are
+//! published.
+
+use crate::lb::flow::Second;
+use crate::packet::Family;
+
+/// Frames held per unresolved address.
+pub const PER_ADDRESS: usize = 3;
+/// Frames held by one worker in all.
+pub const HELD: usize = 256;
+/// How long a frame waits, in seconds: the kernel's three probes a second apart.
+pub const HOLD_SECONDS: Second = 3;
+
+/// A frame waiting for the next hop of its destination.
+#[derive(Debug)]
+pub(super) struct Held<F> {
+    pub(super) frame: F,
+    pub(super) family: Family,
+    pub(super) addr: [u8; 16],
+    since: Second,
+}
+
+/// The held frames of one worker.
+#[derive(Debug)]
+pub(super) struct HoldQueue<F> {
+    held: Vec<Held<F>>,
+}
+
+impl<F> HoldQueue<F> {
+    pub(super) fn new() -> Self {
+        Self {
+            held: Vec::with_capacity(HELD),
+        }
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.held.is_empty()
+    }
+
+    /// Holds `frame` for `addr`, or gives it back when the queue (or the address's share)
+    /// is full. Returns whether the address had no frame held before (so the caller asks for
+    /// it to be resolved once).
+    pub(super) fn hold(
+        &mut self,
+        frame: F,
+        family: Family,
+        addr: [u8; 16],
+        now: Second,
+    ) -> Result<bool, F> {
+        let same = self
+            .held
+            .iter()
+            .filter(|h| h.family == family && h.addr == addr)
+            .count();
+        if same >= PER_ADDRESS || self.held.len() >= HELD {
+            return Err(frame);
+        }
+        self.held.push(Held {
+            frame,
+            family,
+            addr,
+            since: now,
+        });
+        Ok(same == 0)
+    }
+
+    /// Takes out, in arrival order, the frames whose address `resolved` now knows (into
+    /// `ready`) and those held too long (into `expired`).
+    pub(super) fn release(
+        &mut self,
+        now: Second,
+        mut resolved: impl FnMut(Family, &[u8; 16]) -> bool,
+        ready: &mut Vec<Held<F>>,
+        expired: &mut Vec<F>,
+    ) {
+        let mut kept = Vec::new();
+        for h in self.held.drain(..) {
+            if resolved(h.family, &h.addr) {
+                ready.push(h);
+            } else if now.saturating_sub(h.since) >= HOLD_SECONDS {
+                expired.push(h.frame);
+            } else {
+                kept.push(h);
+            }
+        }
+        self.held = kept;
+    }
+
+    /// Every held frame (at stop, to give them back).
+    pub(super) fn drain(&mut self) -> impl Iterator<Item = F> + '_ {
+        self.held.drain(..).map(|h| h.frame)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(n: u8) -> [u8; 16] {
+        let mut a = [0; 16];
+        a[..4].copy_from_slice(&[198, 18, 0, n]);
+        a
+    }
+
+    #[test]
+    fn frames_are_held_per_address_up_to_a_bound_and_released_in_order() {
+        let mut q = HoldQueue::new();
+        assert_eq!(q.hold(1, Family::Ipv4, addr(1), 0), Ok(true));
+        assert_eq!(q.hold(2, Family::Ipv4, addr(1), 0), Ok(false));
+        assert_eq!(q.hold(3, Family::Ipv4, addr(1), 0), Ok(false));
+        assert_eq!(
+            q.hold(4, Family::Ipv4, addr(1), 0),
+            Err(4),
+            "three per address"
+        );
+        assert_eq!(q.hold(5, Family::Ipv4, addr(2), 0), Ok(true));
+        let (mut ready, mut expired) = (Vec::new(), Vec::new());
+        q.release(1, |_, a| *a == addr(1), &mut ready, &mut expired);
+        let frames: Vec<i32> = ready.iter().map(|h| h.frame).collect();
+        assert_eq!(frames, vec![1, 2, 3]);
+        assert!(expired.is_empty());
+        ready.clear();
+        q.release(HOLD_SECONDS, |_, _| false, &mut ready, &mut expired);
+        assert_eq!((ready.len(), expired), (0, vec![5]));
+        assert!(q.is_empty());
+    }
+
+    #[test]
+    fn the_queue_is_bounded_in_all() {
+        let mut q = HoldQueue::new();
+        for n in 0..HELD {
+            let a = u8::try_from(n % 250).unwrap();
+            let mut key = addr(a);
+            key[4] = u8::try_from(n / 250).unwrap();
+            assert!(q.hold(n, Family::Ipv4, key, 0).is_ok());
+        }
+        assert_eq!(q.hold(9999, Family::Ipv4, addr(255), 0), Err(9999));
+        assert_eq!(q.drain().count(), HELD);
+    }
+}
