@@ -1,4 +1,5 @@
 //! The client side of the admin API, for `xlb status` and `xlb flows`: one GET, the body back.
+//! HTTP/1.0, so that a streamed answer ends with the connection instead of in chunks.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -17,11 +18,7 @@ pub fn get(admin: SocketAddr, path: &str) -> Result<String, String> {
     stream
         .set_read_timeout(Some(Duration::from_secs(10)))
         .map_err(unreachable)?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nhost: {admin}\r\nconnection: close\r\n\r\n"
-    )
-    .map_err(unreachable)?;
+    write!(stream, "GET {path} HTTP/1.0\r\nhost: {admin}\r\n\r\n").map_err(unreachable)?;
     let mut response = String::new();
     stream.read_to_string(&mut response).map_err(unreachable)?;
     let (head, body) = response

@@ -5,10 +5,11 @@
 //! on the calling thread (never on a worker core): watch the file and publish a new snapshot
 //! when it changes (an invalid edit keeps the last good one, logged), publish the Kubernetes
 //! source's batches when it is configured (the file's Services keep serving while the API
-//! server is away), keep next hops in step
-//! with the kernel's neighbours and routes, resolve what workers reported unresolved, recount
-//! live flows for least-connections, serve the admin API, and on SIGINT or SIGTERM stop the
-//! workers and detach the filter.
+//! server is away), keep next hops in step with the kernel's neighbours and routes, resolve
+//! what workers report unresolved and log what they notice, and on SIGINT or SIGTERM stop the
+//! workers and detach the filter. The admin API runs on a thread of its own
+//! ([`crate::admin`]), and whole-table chores (least-connections recounts, the live-entry
+//! gauge) on another: nothing slow runs on the control loop.
 //!
 //! Must not know: packet bytes (workers and the dataplane own them).
 
@@ -119,8 +120,6 @@ pub fn run(path: &Path, node_name: Option<String>) -> Result<(), String> {
         );
     }
     let listener = std::net::TcpListener::bind(config.admin)
-        .and_then(|l| l.set_nonblocking(true).map(|()| l))
-        .and_then(tokio::net::TcpListener::from_std)
         .map_err(|e| format!("cannot listen on {} for the admin API: {e}", config.admin))?;
     for port in &ports {
         filter
@@ -166,6 +165,7 @@ pub fn run(path: &Path, node_name: Option<String>) -> Result<(), String> {
         ports: ports.iter().map(|p| p.name.clone()).collect(),
         generation: std::sync::atomic::AtomicU64::new(publisher.generation()),
         sync_seconds: crate::histogram::Histogram::default(),
+        live_entries: std::sync::atomic::AtomicU64::new(0),
         filter_counts: ArcSwap::from_pointee((0, 0)),
         kube: kube.as_ref().map(|k| Arc::clone(k.metrics())),
     });
@@ -181,12 +181,23 @@ pub fn run(path: &Path, node_name: Option<String>) -> Result<(), String> {
         to_resolve: backends_of(tables.load().snapshot.services()),
         wake,
     };
-    let result = runtime.block_on(control.serve(listener, kube));
+    let admin_server = admin::spawn(listener, Arc::clone(&admin_state))
+        .map_err(|e| format!("cannot start the admin API: {e}"))?;
+    info!(address = %control.config.admin, "admin API listening");
+    let chores = housekeeping(
+        control.shared.clone(),
+        Arc::clone(&admin_state),
+        Arc::clone(&stop),
+    )
+    .map_err(|e| format!("cannot start the housekeeping thread: {e}"))?;
+    let result = runtime.block_on(control.serve(kube));
     // Relaxed: see the worker's load.
     stop.store(true, Ordering::Relaxed);
     for thread in workers {
         let _ = thread.join();
     }
+    let _ = chores.join();
+    drop(admin_server);
     for (worker, stats) in admin_state.workers.iter().enumerate() {
         for (port, s) in stats.sockets().iter().enumerate() {
             info!(worker, port, ?s, "AF_XDP socket statistics at stop");
@@ -196,6 +207,44 @@ pub fn run(path: &Path, node_name: Option<String>) -> Result<(), String> {
     drop(control);
     info!("stopped; XDP filter detached");
     result
+}
+
+/// How often least-connections counts are recounted, and how often (in rounds) the live
+/// entries are counted when no Service needs recounts.
+const CHORES_PERIOD: Duration = Duration::from_secs(1);
+const COUNT_EVERY: u32 = 5;
+
+/// Starts the thread that does what reads the whole flow table — least-connections recounts
+/// (every second, when a Service needs them) and the live-entry gauge — off the control
+/// thread and off the workers' cores, until `stop`.
+fn housekeeping(
+    shared: Shared,
+    admin: Arc<AdminState>,
+    stop: Arc<AtomicBool>,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("xlb-chores".into())
+        .spawn(move || {
+            let mut round = 0u32;
+            // Relaxed: the flag is the only thing communicated.
+            while !stop.load(Ordering::Relaxed) {
+                let now = shared.clock.now();
+                let snapshot = Arc::clone(&shared.tables.load().snapshot);
+                let live = if snapshot.has_least_connections() {
+                    Some(recount_live_flows(&snapshot, &shared.flows, now))
+                } else if round % COUNT_EVERY == 0 {
+                    Some(shared.flows.iter(now).count() as u64)
+                } else {
+                    None
+                };
+                if let Some(live) = live {
+                    // Relaxed: a gauge read on its own.
+                    admin.live_entries.store(live, Ordering::Relaxed);
+                }
+                round = round.wrapping_add(1);
+                std::thread::sleep(CHORES_PERIOD);
+            }
+        })
 }
 
 /// Logs what a worker noticed (each kind at most once a second per worker).
@@ -318,13 +367,7 @@ struct Control {
 }
 
 impl Control {
-    async fn serve(
-        &mut self,
-        listener: tokio::net::TcpListener,
-        mut kube: Option<KubeSource>,
-    ) -> Result<(), String> {
-        info!(address = %self.config.admin, "admin API listening");
-        tokio::spawn(admin::serve(listener, Arc::clone(&self.admin)));
+    async fn serve(&mut self, mut kube: Option<KubeSource>) -> Result<(), String> {
         let mut hops_tick = tokio::time::interval(HOPS_PERIOD);
         let mut reread_tick = tokio::time::interval(REREAD_PERIOD);
         let mut file_tick = tokio::time::interval(FILE_PERIOD);
@@ -355,7 +398,6 @@ impl Control {
                     if let Err(e) = self.publisher.expire_steering(Instant::now(), &mut self.filter) {
                         warn!(error = %e, "cannot remove retired keys from the XDP filter");
                     }
-                    recount_live_flows(&self.shared.tables.load().snapshot, &self.shared.flows, self.shared.clock.now());
                     self.admin.filter_counts.store(Arc::new(self.filter.counts()));
                 }
             }

@@ -524,6 +524,8 @@ pub struct Snapshot {
     by_id: Index,
     by_backend: BackendIndex,
     len: usize,
+    /// How many Services use least-connections (whose counts need a periodic recount).
+    least_connections: usize,
 }
 
 impl Snapshot {
@@ -566,6 +568,9 @@ impl Snapshot {
                 return Err(SnapshotError::DuplicateServiceId(id));
             }
             next.by_backend.add(&service);
+            if spec.scheduler == Scheduler::LeastConnections {
+                next.least_connections += 1;
+            }
             next.by_id.insert(
                 id_hash(id),
                 Arc::clone(&service),
@@ -586,6 +591,9 @@ impl Snapshot {
     fn remove(&mut self, key: &ServiceKey) {
         if let Some(old) = self.by_key.remove(key_hash(key), |s| s.spec.key == *key) {
             self.by_backend.remove(&old);
+            if old.spec.scheduler == Scheduler::LeastConnections {
+                self.least_connections -= 1;
+            }
             let id = old.spec.id;
             self.by_id.remove(id_hash(id), |s| s.spec.id == id);
             self.len -= 1;
@@ -635,6 +643,12 @@ impl Snapshot {
     #[must_use]
     pub fn service_arc(&self, key: &ServiceKey) -> Option<&Arc<Service>> {
         self.by_key.get(key_hash(key), |s| s.spec.key == *key)
+    }
+
+    /// Whether some Service uses least-connections (and so needs live-flow recounts).
+    #[must_use]
+    pub fn has_least_connections(&self) -> bool {
+        self.least_connections > 0
     }
 
     /// The number of Services.

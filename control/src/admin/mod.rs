@@ -1,0 +1,330 @@
+//! The admin HTTP API (127.0.0.1:9901 by default): `/metrics` (Prometheus text), `/healthz`,
+//! and `/services` and `/flows` (JSON, in pages).
+//!
+//! Served by axum on a thread of its own with its own tokio runtime, never on the control
+//! thread that publishes snapshots: no admin request can delay a Kubernetes change or a
+//! reload. Reading the flow table or serialising Services is blocking work: it runs on the
+//! runtime's blocking threads, at most [`HEAVY_AT_ONCE`] requests at a time (a later one waits
+//! up to [`HEAVY_WAIT`], then gets 503), and its answers are bounded — at most
+//! [`FLOWS_PAGE_MAX`] flows or [`SERVICES_PAGE_MAX`] Services a page, with the cursor of the
+//! next page — and streamed as they are produced, so memory does not grow with the table.
+//! `/healthz` and `/metrics` read only published counters and never wait for any of it.
+//!
+//! Pages: `GET /flows?limit=N&from=I` lists live entries from table index `I` on; its answer
+//! ends with `"next"`, the `from` of the next page (null after the last). `GET
+//! /services?limit=N&from=I` lists Services `I..I+N` of the snapshot named by its
+//! `"generation"`; `"next"` likewise.
+//!
+//! Must not know: packet bytes; it reads what workers and the control thread published.
+
+mod metrics;
+
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use axum::body::Body;
+use axum::extract::{Query, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use serde::Deserialize;
+use serde_json::json;
+use tokio::sync::{mpsc, Semaphore};
+use xlb_dataplane::lb::flow::{FlowTable, FlowValue};
+use xlb_dataplane::worker::{Clock, Tables, WorkerStats};
+
+/// Blocking requests (`/flows`, `/services`) served at once.
+pub const HEAVY_AT_ONCE: usize = 2;
+/// How long a blocking request waits for its turn before it is answered 503.
+pub const HEAVY_WAIT: Duration = Duration::from_secs(5);
+/// The most flows one `/flows` page holds.
+pub const FLOWS_PAGE_MAX: usize = 10_000;
+/// The most Services one `/services` page holds.
+pub const SERVICES_PAGE_MAX: usize = 1_000;
+/// The page size when none is asked for.
+const PAGE_DEFAULT: usize = 100;
+/// Bytes gathered before a chunk of a streamed answer is sent.
+const CHUNK: usize = 64 * 1024;
+
+/// What the admin API reads.
+#[derive(Debug)]
+pub struct AdminState {
+    /// The published tables.
+    pub tables: Arc<ArcSwap<Tables>>,
+    /// The flow table.
+    pub flows: Arc<FlowTable>,
+    /// The workers' time base.
+    pub clock: Clock,
+    /// Each worker's published counters.
+    pub workers: Vec<Arc<WorkerStats>>,
+    /// The ports' interface names, in port order.
+    pub ports: Vec<String>,
+    /// The live snapshot's generation.
+    pub generation: AtomicU64,
+    /// Live flow table entries, counted every few seconds off the control thread.
+    pub live_entries: AtomicU64,
+    /// Time from a source change being seen to its snapshot being live.
+    pub sync_seconds: crate::histogram::Histogram,
+    /// The XDP filter's (redirected, passed) counts.
+    pub filter_counts: ArcSwap<(u64, u64)>,
+    /// The Kubernetes source's counters, when it is configured.
+    pub kube: Option<Arc<crate::kube_source::KubeMetrics>>,
+}
+
+/// The running admin server. Dropping it stops the server and joins its thread.
+#[derive(Debug)]
+pub struct AdminServer {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for AdminServer {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Serves the API on `listener` (already bound, so a taken port fails the caller's start) on
+/// a new thread named `xlb-admin` with its own runtime.
+///
+/// # Errors
+/// When the thread or its runtime cannot be started.
+pub fn spawn(
+    listener: std::net::TcpListener,
+    state: Arc<AdminState>,
+) -> std::io::Result<AdminServer> {
+    listener.set_nonblocking(true)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .max_blocking_threads(HEAVY_AT_ONCE + 1)
+        .thread_name("xlb-admin")
+        .enable_all()
+        .build()?;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let thread = std::thread::Builder::new()
+        .name("xlb-admin".into())
+        .spawn(move || {
+            runtime.block_on(async move {
+                let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
+                    return;
+                };
+                let serve = axum::serve(listener, router(state));
+                tokio::select! {
+                    _ = serve => {}
+                    _ = stopped => {}
+                }
+            });
+            // Streams still being written are abandoned, not waited for.
+            runtime.shutdown_background();
+        })?;
+    Ok(AdminServer {
+        stop: Some(stop),
+        thread: Some(thread),
+    })
+}
+
+/// The routes, over `state`.
+pub fn router(state: Arc<AdminState>) -> Router {
+    routes(Shared {
+        state,
+        heavy: Arc::new(Semaphore::new(HEAVY_AT_ONCE)),
+    })
+}
+
+fn routes(shared: Shared) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/metrics", get(metrics_page))
+        .route("/services", get(services_page))
+        .route("/flows", get(flows_page))
+        .with_state(shared)
+}
+
+#[derive(Clone)]
+struct Shared {
+    state: Arc<AdminState>,
+    heavy: Arc<Semaphore>,
+}
+
+/// `limit` and `from` of a page request.
+#[derive(Debug, Deserialize)]
+struct Page {
+    limit: Option<usize>,
+    from: Option<usize>,
+}
+
+impl Page {
+    fn limit(&self, max: usize) -> usize {
+        self.limit.unwrap_or(PAGE_DEFAULT).min(max)
+    }
+}
+
+async fn metrics_page(State(shared): State<Shared>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        metrics::metrics(&shared.state),
+    )
+        .into_response()
+}
+
+async fn flows_page(State(shared): State<Shared>, Query(page): Query<Page>) -> Response {
+    let limit = page.limit(FLOWS_PAGE_MAX);
+    let from = page.from.unwrap_or(0);
+    stream_blocking(&shared, move |state, out| {
+        let now = state.clock.now();
+        out.write(b"{\"flows\":[");
+        let mut next = None;
+        for (n, (key, hit)) in state.flows.iter_from(from, now).enumerate() {
+            if n == limit {
+                next = Some(hit.entry.index);
+                break;
+            }
+            let flow = json!({
+                "index": hit.entry.index,
+                "protocol": proto_name(key.proto.0),
+                "source": std::net::SocketAddr::new(key.src_ip(), key.src_port).to_string(),
+                "destination": std::net::SocketAddr::new(key.dst_ip(), key.dst_port).to_string(),
+                "direction": match hit.value {
+                    FlowValue::Forward { .. } => "forward",
+                    FlowValue::Reverse { .. } => "reply",
+                },
+                "state": format!("{:?}", hit.state),
+                "idle_seconds": now.saturating_sub(hit.last_seen),
+            });
+            if !out.item(n, &flow) {
+                return;
+            }
+        }
+        out.write(format!("],\"next\":{}}}", json!(next)).as_bytes());
+    })
+    .await
+}
+
+async fn services_page(State(shared): State<Shared>, Query(page): Query<Page>) -> Response {
+    let limit = page.limit(SERVICES_PAGE_MAX);
+    let from = page.from.unwrap_or(0);
+    stream_blocking(&shared, move |state, out| {
+        let tables = state.tables.load_full();
+        let snapshot = &tables.snapshot;
+        out.write(format!("{{\"generation\":{},\"services\":[", snapshot.generation()).as_bytes());
+        for (n, s) in snapshot.services().skip(from).take(limit).enumerate() {
+            let spec = s.spec();
+            let backends: Vec<_> = spec
+                .backends
+                .iter()
+                .map(|b| {
+                    json!({
+                        "address": b.endpoint.ip().to_string(),
+                        "port": b.endpoint.port(),
+                        "state": format!("{:?}", b.state),
+                        "weight": b.weight,
+                        "live_flows": s.live_flows(b.id),
+                    })
+                })
+                .collect();
+            let service = json!({
+                "vip": spec.key.vip.ip().to_string(),
+                "port": spec.key.vip.port(),
+                "protocol": proto_name(spec.key.proto.0),
+                "scheduler": format!("{:?}", spec.scheduler),
+                "backends": backends,
+            });
+            if !out.item(n, &service) {
+                return;
+            }
+        }
+        let end = from.saturating_add(limit);
+        let next = (end < snapshot.len()).then_some(end);
+        out.write(format!("],\"next\":{}}}", json!(next)).as_bytes());
+    })
+    .await
+}
+
+/// Runs `produce` on a blocking thread once one of the [`HEAVY_AT_ONCE`] turns is free, and
+/// streams what it writes as the answer's body (JSON).
+async fn stream_blocking(
+    shared: &Shared,
+    produce: impl FnOnce(&AdminState, &mut Sink) + Send + 'static,
+) -> Response {
+    let turn = tokio::time::timeout(HEAVY_WAIT, Arc::clone(&shared.heavy).acquire_owned()).await;
+    let Ok(Ok(turn)) = turn else {
+        return (StatusCode::SERVICE_UNAVAILABLE, "busy: try again\n").into_response();
+    };
+    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(4);
+    let state = Arc::clone(&shared.state);
+    tokio::task::spawn_blocking(move || {
+        let _turn = turn;
+        let mut sink = Sink {
+            tx,
+            buf: Vec::with_capacity(CHUNK),
+            open: true,
+        };
+        produce(&state, &mut sink);
+        sink.flush();
+    });
+    let chunks = futures::stream::poll_fn(move |cx| {
+        rx.poll_recv(cx)
+            .map(|chunk| chunk.map(Ok::<_, std::convert::Infallible>))
+    });
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        Body::from_stream(chunks),
+    )
+        .into_response()
+}
+
+/// Where a streamed answer is written: chunks of [`CHUNK`] bytes to the connection.
+struct Sink {
+    tx: mpsc::Sender<Vec<u8>>,
+    buf: Vec<u8>,
+    /// False once the client went away.
+    open: bool,
+}
+
+impl Sink {
+    fn write(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+        if self.buf.len() >= CHUNK {
+            self.flush();
+        }
+    }
+
+    /// Writes the `n`th item of a JSON list. Returns false when the client went away.
+    fn item(&mut self, n: usize, value: &serde_json::Value) -> bool {
+        if n > 0 {
+            self.buf.push(b',');
+        }
+        let _ = serde_json::to_writer(&mut self.buf, value);
+        if self.buf.len() >= CHUNK {
+            self.flush();
+        }
+        self.open
+    }
+
+    fn flush(&mut self) {
+        if self.open && !self.buf.is_empty() {
+            let chunk = std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK));
+            self.open = self.tx.blocking_send(chunk).is_ok();
+        }
+    }
+}
+
+fn proto_name(p: u8) -> String {
+    match p {
+        6 => "tcp".into(),
+        17 => "udp".into(),
+        1 => "icmp".into(),
+        58 => "icmpv6".into(),
+        other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,174 @@
+use std::net::SocketAddr;
+
+use xlb_dataplane::lb::flow::{FlowState, Timeouts};
+use xlb_dataplane::lb::hash::flow_hash;
+use xlb_dataplane::packet::{Family, FlowKey, IpProto};
+
+use super::*;
+use crate::admin_client::get;
+
+fn state(flows: u16) -> AdminState {
+    let table = FlowTable::new((usize::from(flows) * 2).max(4096), Timeouts::default());
+    for port in 0..flows {
+        let key = FlowKey::new(
+            Family::Ipv4,
+            IpProto::UDP,
+            (
+                [198, 18, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+                1000 + port,
+            ),
+            ([198, 18, 64, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0], 53),
+        );
+        let value = FlowValue::Forward {
+            service: 1,
+            backend: 1,
+            snat_port: 0,
+        };
+        let _ = table.insert(&key, flow_hash(&key), value, FlowState::New, 0);
+    }
+    AdminState {
+        tables: Arc::new(ArcSwap::from_pointee(Tables::empty())),
+        flows: Arc::new(table),
+        clock: Clock::start(),
+        workers: vec![Arc::new(WorkerStats::new(1))],
+        ports: vec!["n0".into()],
+        generation: AtomicU64::new(7),
+        live_entries: AtomicU64::new(u64::from(flows)),
+        sync_seconds: crate::histogram::Histogram::default(),
+        filter_counts: ArcSwap::from_pointee((3, 4)),
+        kube: Some(Arc::default()),
+    }
+}
+
+fn serve(state: AdminState) -> (AdminServer, SocketAddr) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    (spawn(listener, Arc::new(state)).unwrap(), addr)
+}
+
+fn json(addr: SocketAddr, path: &str) -> serde_json::Value {
+    serde_json::from_str(&get(addr, path).unwrap()).unwrap()
+}
+
+#[test]
+fn health_metrics_and_unknown_paths_get_their_statuses() {
+    let (_server, addr) = serve(state(3));
+    assert_eq!(get(addr, "/healthz").unwrap(), "ok\n");
+    assert!(get(addr, "/nope").unwrap_err().contains("404"));
+    let body = get(addr, "/metrics").unwrap();
+    for line in [
+        "xlb_received_packets_total{worker=\"0\"} 0",
+        "xlb_snapshot_generation 7",
+        "xlb_filter_packets_total{action=\"pass\"} 4",
+        "xlb_flow_entries 3",
+        "xlb_held_packets_total{worker=\"0\"} 0",
+        "xlb_flow_events_total{worker=\"0\",event=\"Recreated\"} 0",
+        "xlb_kubernetes_objects{kind=\"endpointslice\"} 0",
+        "xlb_kubernetes_translation_errors_total{kind=\"malformed\"} 0",
+        "xlb_kubernetes_synced 0",
+        "xlb_socket_rx_ring_full_total{worker=\"0\",port=\"n0\"} 0",
+        "xlb_socket_rx_fill_ring_empty_descs_total{worker=\"0\",port=\"n0\"} 0",
+    ] {
+        assert_eq!(
+            body.lines().filter(|l| *l == line).count(),
+            1,
+            "{line} once in\n{body}"
+        );
+    }
+}
+
+/// Issue 11, fault 8: `GET /flows?limit=100000000` at a million flows took 10 s and 2.2 GB.
+/// A page is capped, and pages together list every flow exactly once.
+#[test]
+fn flows_come_in_capped_pages_that_together_list_every_flow_once() {
+    let (_server, addr) = serve(state(2500));
+    let page = json(addr, "/flows?limit=100000000");
+    assert_eq!(page["flows"].as_array().unwrap().len(), 2500);
+    assert!(page["next"].is_null());
+    let mut seen = std::collections::HashSet::new();
+    let mut from = 0;
+    loop {
+        let page = json(addr, &format!("/flows?limit=700&from={from}"));
+        let flows = page["flows"].as_array().unwrap();
+        assert!(flows.len() <= 700);
+        for f in flows {
+            assert!(seen.insert(f["source"].as_str().unwrap().to_owned()), "{f}");
+        }
+        match page["next"].as_u64() {
+            Some(next) => from = usize::try_from(next).unwrap(),
+            None => break,
+        }
+    }
+    assert_eq!(seen.len(), 2500);
+    assert_eq!(
+        json(addr, "/flows")["flows"].as_array().unwrap().len(),
+        100,
+        "default page"
+    );
+}
+
+#[test]
+fn a_page_is_never_larger_than_its_cap() {
+    let table_cap = FLOWS_PAGE_MAX;
+    let (_server, addr) = serve(state(12_000));
+    let page = json(addr, "/flows?limit=1000000");
+    assert_eq!(page["flows"].as_array().unwrap().len(), table_cap);
+    assert!(page["next"].is_u64());
+}
+
+#[test]
+fn services_come_in_pages_of_the_live_snapshot() {
+    let (_server, addr) = serve(state(0));
+    let page = json(addr, "/services?limit=5");
+    assert_eq!(page["services"].as_array().unwrap().len(), 0);
+    assert!(page["next"].is_null());
+    assert_eq!(page["generation"], 0);
+}
+
+/// Health is answered while every blocking turn is taken and more requests wait.
+#[test]
+fn health_is_answered_while_heavy_requests_hold_every_turn() {
+    let state = Arc::new(state(0));
+    let shared = Shared {
+        state: Arc::clone(&state),
+        heavy: Arc::new(Semaphore::new(HEAVY_AT_ONCE)),
+    };
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let heavy = Arc::clone(&shared.heavy);
+    // Take every turn, as long scans would.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let held = runtime.block_on(async {
+        Arc::clone(&heavy)
+            .acquire_many_owned(u32::try_from(HEAVY_AT_ONCE).unwrap())
+            .await
+            .unwrap()
+    });
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            listener.set_nonblocking(true).unwrap();
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            let app = routes(shared);
+            tokio::select! {
+                _ = axum::serve(listener, app) => {}
+                _ = stopped => {}
+            }
+        });
+    });
+    let waiting = std::thread::spawn(move || get(addr, "/flows"));
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(get(addr, "/healthz").unwrap(), "ok\n");
+    // The waiting request is refused once its wait is over, not left hanging.
+    let refused = waiting.join().unwrap();
+    assert!(refused.unwrap_err().contains("503"));
+    drop(held);
+    let _ = stop.send(());
+    server.join().unwrap();
+}
