@@ -10,6 +10,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 
 use serde::Deserialize;
+use xlb_dataplane::lb::flow::FlowTable;
 
 /// The whole file.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -293,11 +294,35 @@ impl Config {
         if self.interfaces.is_empty() {
             return fail("interfaces: at least one interface is needed".into());
         }
+        if let Some(twice) = first_repeated(&self.interfaces) {
+            return fail(format!("interfaces: {twice} is named twice"));
+        }
+        if self.interfaces.len() > MAX_INTERFACES {
+            return fail(format!("interfaces: at most {MAX_INTERFACES}"));
+        }
         if self.cores.is_empty() {
             return fail("cores: at least one core is needed".into());
         }
-        if self.flow_capacity < 1024 {
-            return fail("flow_capacity: at least 1024 entries".into());
+        if let Some(twice) = first_repeated(&self.cores) {
+            return fail(format!(
+                "cores: core {twice} is named twice (one worker per core)"
+            ));
+        }
+        if self.queue + u32::try_from(self.cores.len()).unwrap_or(u32::MAX) > MAX_QUEUES {
+            return fail(format!(
+                "queue: queues {}..{} go past the filter's {MAX_QUEUES}",
+                self.queue,
+                u64::from(self.queue) + self.cores.len() as u64
+            ));
+        }
+        if !(MIN_FLOW_CAPACITY..=MAX_FLOW_CAPACITY).contains(&self.flow_capacity) {
+            return fail(format!(
+                "flow_capacity: {} is outside {MIN_FLOW_CAPACITY}..={MAX_FLOW_CAPACITY} entries \
+                 ({} bytes each; the most takes {} GiB)",
+                self.flow_capacity,
+                xlb_dataplane::lb::flow::ENTRY_BYTES,
+                FlowTable::memory_for(MAX_FLOW_CAPACITY) >> 30
+            ));
         }
         if self.mode == ModeConfig::Snat {
             let Some(snat) = &self.snat else {
@@ -309,6 +334,17 @@ impl Config {
             if snat.first_port == 0 || snat.first_port > snat.last_port {
                 return fail("snat.first_port: must be non-zero and at most last_port".into());
             }
+            for (field, addr) in [
+                ("ipv4", snat.ipv4.map(IpAddr::V4)),
+                ("ipv6", snat.ipv6.map(IpAddr::V6)),
+            ] {
+                if let Some(why) = addr.and_then(not_a_host) {
+                    return fail(format!(
+                        "snat.{field}: {} is {why}",
+                        addr.unwrap_or(IpAddr::from([0; 4]))
+                    ));
+                }
+            }
         }
         if let Some(k) = &self.kubernetes {
             if k.min_sync_period_ms > 1000 {
@@ -318,6 +354,9 @@ impl Config {
         let mut seen = std::collections::HashMap::new();
         for (i, service) in self.services.iter().enumerate() {
             let at = format!("services[{i}] ({})", service.name);
+            if let Some(why) = not_a_host(service.vip) {
+                return fail(format!("{at}.vip: {} is {why}", service.vip));
+            }
             if service.ports.is_empty() {
                 return fail(format!("{at}.ports: at least one port"));
             }
@@ -334,11 +373,26 @@ impl Config {
                     ));
                 }
             }
+            let mut addresses = std::collections::HashSet::new();
             for (j, backend) in service.backends.iter().enumerate() {
-                if backend.address.is_ipv4() != service.vip.is_ipv4() {
+                let address = backend.address;
+                if address.is_ipv4() != service.vip.is_ipv4() {
                     return fail(format!(
-                        "{at}.backends[{j}].address: {} is not of the VIP's family",
-                        backend.address
+                        "{at}.backends[{j}].address: {address} is not of the VIP's family"
+                    ));
+                }
+                if let Some(why) = not_a_host(address) {
+                    return fail(format!("{at}.backends[{j}].address: {address} is {why}"));
+                }
+                if address == service.vip {
+                    return fail(format!(
+                        "{at}.backends[{j}].address: {address} is the Service's own VIP"
+                    ));
+                }
+                if !addresses.insert(address) {
+                    return fail(format!(
+                        "{at}.backends[{j}].address: {address} is a backend of {} twice",
+                        service.name
                     ));
                 }
             }
@@ -363,6 +417,38 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// Interfaces the XDP filter can serve (`port_base` slots in `bpf/filter.c`).
+pub const MAX_INTERFACES: usize = 64;
+/// Receive queues per interface the filter can serve (`XSK_QUEUES` in `bpf/filter.c`).
+pub const MAX_QUEUES: u32 = 64;
+/// The smallest flow table (one bucket pair per 16 entries: smaller tables overflow at once).
+pub const MIN_FLOW_CAPACITY: usize = 1024;
+/// The largest flow table: 64 Mi entries, 4 GiB.
+pub const MAX_FLOW_CAPACITY: usize = 1 << 26;
+
+/// Why `addr` cannot be a VIP, a backend or an SNAT address, if it cannot: no host sends from
+/// or answers at it.
+fn not_a_host(addr: IpAddr) -> Option<&'static str> {
+    match addr {
+        _ if addr.is_unspecified() => Some("the unspecified address"),
+        _ if addr.is_loopback() => Some("a loopback address"),
+        _ if addr.is_multicast() => Some("a multicast address"),
+        IpAddr::V4(v4) if v4.is_broadcast() => Some("the broadcast address"),
+        IpAddr::V4(v4) if v4.octets()[0] == 0 => Some("in 0.0.0.0/8 (\"this network\")"),
+        IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some() => Some("an IPv4-mapped address"),
+        _ => None,
+    }
+}
+
+/// The first item that appears twice.
+fn first_repeated<T: PartialEq + core::fmt::Display>(items: &[T]) -> Option<&T> {
+    items
+        .iter()
+        .enumerate()
+        .find(|(i, item)| items[..*i].contains(item))
+        .map(|(_, item)| item)
 }
 
 /// Adds the line a semantic error is about: the `services` item it names, or the top-level
@@ -482,6 +568,77 @@ services:
         let bad = GOOD.replace("{ port: 53, protocol: udp }", "{ port: 80 }");
         let e = Config::parse(&bad).unwrap_err().0;
         assert!(e.contains("already a port"), "{e}");
+    }
+
+    /// Issue 11, fault 9: `flow_capacity: 1e12` aborted on allocation and 2^64-1 panicked.
+    #[test]
+    fn unbounded_settings_are_refused_with_their_field_and_line() {
+        for capacity in ["1000000000000", "18446744073709551615", "100000000", "1000"] {
+            let bad = format!("flow_capacity: {capacity}\n{GOOD}");
+            let e = Config::parse(&bad).unwrap_err().0;
+            assert!(
+                e.starts_with("flow_capacity:") && e.ends_with("(line 1)"),
+                "{e}"
+            );
+        }
+        let ok = format!("flow_capacity: {MAX_FLOW_CAPACITY}\n{GOOD}");
+        assert!(Config::parse(&ok).is_ok());
+        let e = Config::parse(&format!("cores: [0, 1, 0]\n{GOOD}"))
+            .unwrap_err()
+            .0;
+        assert!(
+            e.contains("cores: core 0 is named twice") && e.ends_with("(line 1)"),
+            "{e}"
+        );
+        let twice = GOOD.replace("[xlb-c, xlb-b]", "[xlb-c, xlb-c]");
+        let e = Config::parse(&twice).unwrap_err().0;
+        assert!(e.contains("interfaces: xlb-c is named twice"), "{e}");
+        let e = Config::parse(&format!("queue: 63\ncores: [0, 1]\n{GOOD}"))
+            .unwrap_err()
+            .0;
+        assert!(e.starts_with("queue:"), "{e}");
+    }
+
+    #[test]
+    fn addresses_no_host_can_have_are_refused_as_vips_backends_and_snat_addresses() {
+        for vip in [
+            "0.0.0.0",
+            "127.0.0.1",
+            "255.255.255.255",
+            "224.0.0.1",
+            "0.1.2.3",
+        ] {
+            let bad = GOOD.replace("vip: 198.18.64.1", &format!("vip: {vip}"));
+            let e = Config::parse(&bad).unwrap_err().0;
+            assert!(
+                e.contains("services[0] (web).vip") && e.ends_with("(line 4)"),
+                "{e}"
+            );
+        }
+        for backend in ["0.0.0.0", "127.0.0.2", "255.255.255.255", "198.18.64.1"] {
+            let bad = GOOD.replace("198.18.128.1", backend);
+            let e = Config::parse(&bad).unwrap_err().0;
+            assert!(e.contains("backends[0].address"), "{e}");
+        }
+        let v6 = GOOD
+            .replace("vip: 198.18.64.1", "vip: '2001:2::40:1'")
+            .replace("198.18.128.1", "'::1'")
+            .replace("198.18.128.2", "'2001:2::80:2'");
+        assert!(Config::parse(&v6).unwrap_err().0.contains("loopback"));
+        let snat = format!("mode: snat\nsnat: {{ ipv4: 0.0.0.0 }}\n{GOOD}");
+        assert!(Config::parse(&snat).unwrap_err().0.contains("snat.ipv4"));
+    }
+
+    #[test]
+    fn a_backend_named_twice_names_its_service_and_line() {
+        let bad = GOOD.replace("198.18.128.2", "198.18.128.1");
+        let e = Config::parse(&bad).unwrap_err().0;
+        assert!(
+            e.contains(
+                "services[0] (web).backends[1].address: 198.18.128.1 is a backend of web twice"
+            ) && e.ends_with("(line 4)"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -62,6 +62,17 @@ pub fn run(path: &Path, node_name: Option<String>) -> Result<(), String> {
         .iter()
         .map(|name| Port::lookup(name))
         .collect::<Result<Vec<_>, _>>()?;
+    let existing = core_affinity::get_core_ids().unwrap_or_default();
+    if let Some(missing) = config
+        .cores
+        .iter()
+        .find(|c| !existing.iter().any(|e| e.id == **c))
+    {
+        return Err(format!(
+            "cores: core {missing} is not one this process may run on ({} cores here)",
+            existing.len()
+        ));
+    }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -95,9 +106,26 @@ pub fn run(path: &Path, node_name: Option<String>) -> Result<(), String> {
         let wake = Arc::clone(&wake);
         Reports::new(1024, move || wake.notify_one())
     };
+    let table_bytes = FlowTable::memory_for(config.flow_capacity);
+    if let Some(total) = memory_total() {
+        if table_bytes > total / 2 {
+            return Err(format!(
+                "flow_capacity: {} entries take {} MiB, more than half of this machine's {} MiB",
+                config.flow_capacity,
+                table_bytes >> 20,
+                total >> 20
+            ));
+        }
+    }
+    let flows = Arc::new(FlowTable::new(config.flow_capacity, Timeouts::default()));
+    info!(
+        entries = flows.capacity(),
+        mebibytes = flows.memory_bytes() >> 20,
+        "flow table allocated"
+    );
     let shared = Shared {
         tables: Arc::clone(&tables),
-        flows: Arc::new(FlowTable::new(config.flow_capacity, Timeouts::default())),
+        flows,
         clock: Clock::start(),
         reports: Arc::new(reports),
     };
@@ -271,6 +299,20 @@ fn log_notice(notice: &Notice) {
             "no free snat port for a new flow: dropped; widen snat.first_port..last_port"
         ),
     }
+}
+
+/// This machine's memory in bytes (MemTotal of /proc/meminfo), if it can be read.
+fn memory_total() -> Option<usize> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib: usize = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    kib.checked_mul(1024)
 }
 
 /// The backend addresses of `services`, as next-hop keys.
