@@ -33,6 +33,9 @@ pub enum RewriteError {
     FamilyMismatch,
     /// The packet was classified [`Class::NotForUs`]: there is nothing to translate.
     NotTranslatable,
+    /// A fragment after the first: it carries no transport header, so its port cannot be
+    /// rewritten (and its checksum is the first fragment's business).
+    NoTransportHeader,
     /// The frame is shorter than the offsets recorded when it was parsed: it is not the frame
     /// that was parsed.
     FrameMismatch,
@@ -56,9 +59,9 @@ impl Side {
 
 /// Rewrites the destination address and port (DNAT), or the quoted source of an ICMP error.
 ///
-/// For ICMP echo the port is the echo identifier; for a non-first fragment only the address
-/// changes (the first fragment's rewrite already accounted for the port in the L4 checksum).
-/// `parsed` is updated to describe the rewritten frame.
+/// For ICMP echo the port is the echo identifier. A fragment after the first has no port to
+/// rewrite and is refused ([`RewriteError::NoTransportHeader`]). `parsed` is updated to
+/// describe the rewritten frame.
 ///
 /// # Errors
 /// See [`RewriteError`].
@@ -173,10 +176,7 @@ fn rewrite_as<const N: usize>(
     let ip = IpFields::of(family);
     match parsed.class {
         Class::NotForUs(_) => return Err(RewriteError::NotTranslatable),
-        Class::Fragment(f) if !f.first => {
-            let delta = replace(packet, ip.addr(side), new_addr)?;
-            ip.update_header_checksum(packet, delta)?;
-        }
+        Class::Fragment(f) if !f.first => return Err(RewriteError::NoTransportHeader),
         Class::Ordinary | Class::Fragment(_) => {
             translate(packet, parsed, ip, l4, side, new_addr, port)?;
         }
@@ -186,15 +186,12 @@ fn rewrite_as<const N: usize>(
     }
 
     let is_echo = parsed.key.proto == icmp_proto(family);
-    let fragment_tail = matches!(parsed.class, Class::Fragment(f) if !f.first);
     let (key_addr, key_port) = match side {
         Side::Source => (&mut parsed.key.src_addr, &mut parsed.key.src_port),
         Side::Destination => (&mut parsed.key.dst_addr, &mut parsed.key.dst_port),
     };
     *key_addr = *to.key_addr();
-    if !fragment_tail {
-        *key_port = port;
-    }
+    *key_port = port;
     if is_echo {
         parsed.key.src_port = port;
         parsed.key.dst_port = port;

@@ -12,7 +12,7 @@ use super::{dump_pcap, layer_diff};
 use xlb_dataplane::packet::builder::PacketBuilder;
 use xlb_dataplane::packet::{
     parse, set_destination, set_ethernet, set_source, Class, DropReason, Endpoint, IcmpErrorKind,
-    MacAddr, PassReason,
+    MacAddr, PassReason, RewriteError,
 };
 
 /// One rewrite step.
@@ -29,6 +29,8 @@ pub(crate) enum Expect {
     Pass(PassReason),
     /// The class after parsing, and the frame after the rewrites.
     Output(ClassIs, Vec<u8>),
+    /// The class after parsing, and the refusal of the first rewrite (the frame unchanged).
+    Refused(ClassIs, RewriteError),
 }
 
 /// The class, without the offsets (those are checked through the output frame).
@@ -85,6 +87,10 @@ impl Case {
         self.expect = Expect::Pass(reason);
         self
     }
+    pub(crate) fn refused(mut self, class: ClassIs, error: RewriteError) -> Self {
+        self.expect = Expect::Refused(class, error);
+        self
+    }
     pub(crate) fn gives(mut self, class: ClassIs, output: &PacketBuilder) -> Self {
         self.expect = Expect::Output(class, output.build());
         self
@@ -98,18 +104,30 @@ impl Case {
             (Expect::Drop(want), other) => Err(format!("expected drop {want:?}, got {other:?}")),
             (Expect::Pass(want), Ok(p)) if p.class == Class::NotForUs(*want) => Ok(()),
             (Expect::Pass(want), other) => Err(format!("expected pass {want:?}, got {other:?}")),
-            (Expect::Output(_, _), Err(reason)) => Err(format!("dropped as {reason:?}")),
-            (Expect::Output(class, want), Ok(mut p)) => {
-                let got_class = match p.class {
-                    Class::Ordinary => ClassIs::Ordinary,
-                    Class::Fragment(f) if f.first => ClassIs::FirstFragment,
-                    Class::Fragment(_) => ClassIs::NonFirstFragment,
-                    Class::IcmpError(e) => ClassIs::IcmpError(e.kind),
-                    Class::NotForUs(r) => return Err(format!("passed as {r:?}")),
+            (Expect::Output(_, _) | Expect::Refused(_, _), Err(reason)) => {
+                Err(format!("dropped as {reason:?}"))
+            }
+            (Expect::Refused(class, want), Ok(mut p)) => {
+                check_class(&p, class)?;
+                let mut frame = self.input.clone();
+                let Some(op) = self.ops.first() else {
+                    return Err("a refusal row needs a rewrite".into());
                 };
-                if got_class != *class {
-                    return Err(format!("class {got_class:?}, expected {class:?}"));
+                let result = match *op {
+                    Op::Dst(a, port) => {
+                        set_destination(&mut frame, &mut p, &Endpoint::new(a, port))
+                    }
+                    Op::Src(a, port) => set_source(&mut frame, &mut p, &Endpoint::new(a, port)),
+                    Op::Eth(s, d) => set_ethernet(&mut frame, s, d),
+                };
+                match result {
+                    Err(e) if e == *want && frame == self.input => Ok(()),
+                    Err(e) if e == *want => Err("refused, but the frame changed".into()),
+                    other => Err(format!("expected refusal {want:?}, got {other:?}")),
                 }
+            }
+            (Expect::Output(class, want), Ok(mut p)) => {
+                check_class(&p, class)?;
                 let mut frame = self.input.clone();
                 for op in &self.ops {
                     let result = match *op {
@@ -140,6 +158,21 @@ impl Case {
             }
         }
     }
+}
+
+/// Whether `p` has the class a row expects.
+fn check_class(p: &xlb_dataplane::packet::Parsed, class: &ClassIs) -> Result<(), String> {
+    let got_class = match p.class {
+        Class::Ordinary => ClassIs::Ordinary,
+        Class::Fragment(f) if f.first => ClassIs::FirstFragment,
+        Class::Fragment(_) => ClassIs::NonFirstFragment,
+        Class::IcmpError(e) => ClassIs::IcmpError(e.kind),
+        Class::NotForUs(r) => return Err(format!("passed as {r:?}")),
+    };
+    if got_class != *class {
+        return Err(format!("class {got_class:?}, expected {class:?}"));
+    }
+    Ok(())
 }
 
 pub(crate) fn run_table(cases: &[Case]) {
