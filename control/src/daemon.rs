@@ -27,7 +27,7 @@ use xlb_dataplane::packet::Family;
 use xlb_dataplane::worker::{
     Clock, Notice, NoticeKind, Reports, Shared, Tables, Worker, WorkerStats,
 };
-use xlb_dataplane::xsk::{XdpFilter, XdpMode, XskConfig, XskIo};
+use xlb_dataplane::xsk::{FilterCounts, XdpFilter, XdpMode, XskConfig, XskIo};
 
 use crate::admin::{self, AdminState};
 use crate::config::{Config, KubernetesConfig, ModeConfig, XdpModeConfig};
@@ -194,7 +194,7 @@ pub fn run(path: &Path, node_name: Option<String>) -> Result<(), String> {
         generation: std::sync::atomic::AtomicU64::new(publisher.generation()),
         sync_seconds: crate::histogram::Histogram::default(),
         live_entries: std::sync::atomic::AtomicU64::new(0),
-        filter_counts: ArcSwap::from_pointee((0, 0)),
+        filter_counts: ArcSwap::from_pointee(FilterCounts::default()),
         kube: kube.as_ref().map(|k| Arc::clone(k.metrics())),
     });
     let mut control = Control {

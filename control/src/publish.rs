@@ -282,7 +282,7 @@ services:
         let file = config.desired();
         let published = p.publish_file(file.clone(), &mut steer).unwrap();
         assert_eq!(published.generation, 1);
-        assert_eq!(steer.0, vec![(2, 0), (0, 0)], "VIP and backend keys first");
+        assert_eq!(steer.0, vec![(3, 0), (0, 0)], "VIP and backend keys first");
         let mut theirs = file[0].clone();
         theirs.name = "default/web:".into();
         let mut other = theirs.clone();

@@ -1,9 +1,9 @@
 //! Which packets the XDP filter steers to xlb: the keys each Service needs, counted by the
 //! Services that need them, and the grace period of a removed backend.
 //!
-//! Owns: the key set's bookkeeping (traffic to each Service; the replies of its flows — from
-//! backends in dnat mode, to the SNAT addresses in snat mode), and when a key may leave the
-//! filter. Several Services can need one key (a backend shared by two Services), so a key
+//! Owns: the key set's bookkeeping (traffic to each Service; malformed packets to its address,
+//! for xlb's parser to count; the replies of its flows — from backends in dnat mode, to the
+//! SNAT addresses in snat mode), and when a key may leave the filter. Several Services can need one key (a backend shared by two Services), so a key
 //! goes when the last Service needing it goes. A backend's reply key outlives its last
 //! Service by [`REMOVED_BACKEND_GRACE`]: the replies of the flows it still has reach xlb,
 //! which turns them into resets towards their clients, instead of reaching the kernel and
@@ -66,7 +66,9 @@ impl Steering {
 
     fn keys(&self, service: &Service, out: &mut Vec<SteerKey>) {
         let spec = service.spec();
-        out.push(SteerKey::destination(&spec.key.vip, spec.key.proto));
+        let vip = spec.key.vip;
+        out.push(SteerKey::destination(&vip, spec.key.proto));
+        out.push(SteerKey::vip_address(vip.family(), *vip.key_addr()));
         match self.mode {
             ModeConfig::Dnat => out.extend(
                 spec.backends
@@ -187,8 +189,8 @@ services:
         let keys = steer_keys(&snap, &config);
         assert_eq!(
             keys.len(),
-            2 + 4,
-            "two Service keys, two backends on two protocols"
+            2 + 1 + 4,
+            "two Service keys, the VIP's address, two backends on two protocols"
         );
         let snat = format!("mode: snat\nsnat: {{ ipv4: 198.18.64.100 }}\n{TWO}");
         let config = Config::parse(&snat).unwrap();
@@ -198,7 +200,7 @@ services:
             key_addr([198, 18, 64, 100].into()),
             IpProto::UDP
         )));
-        assert_eq!(keys.len(), 2 + 2, "no backend keys in snat mode");
+        assert_eq!(keys.len(), 2 + 1 + 2, "no backend keys in snat mode");
     }
 
     #[test]
@@ -208,9 +210,9 @@ services:
         let mut steering = Steering::new(&config);
         let all = services(&snap);
         let now = Instant::now();
-        assert_eq!(steering.change(&[], &all, now).add.len(), 6);
+        assert_eq!(steering.change(&[], &all, now).add.len(), 7);
         // The UDP Service goes: its VIP key goes now, its backends' UDP keys after the grace;
-        // TCP stays.
+        // TCP, and the VIP's address it shares, stay.
         let udp: Vec<_> = all
             .iter()
             .filter(|s| s.spec().key.proto == IpProto::UDP)
@@ -226,8 +228,8 @@ services:
             .cloned()
             .collect();
         assert_eq!(steering.change(&tcp, &tcp, now), SteerChange::default());
-        // The TCP Service going takes its VIP key now and retires its backends' keys.
-        assert_eq!(steering.change(&tcp, &[], now).remove.len(), 1);
+        // The TCP Service going takes its VIP keys now and retires its backends' keys.
+        assert_eq!(steering.change(&tcp, &[], now).remove.len(), 2);
         assert_eq!(steering.retiring(), 4);
     }
 
@@ -254,7 +256,7 @@ services:
             .cloned()
             .collect();
         let back = steering.change(&[], &tcp, start + Duration::from_secs(1));
-        assert_eq!(back.add.len(), 1, "only the VIP key");
+        assert_eq!(back.add.len(), 2, "only the VIP keys");
         let expired = steering.expire(start + REMOVED_BACKEND_GRACE + Duration::from_secs(1));
         assert_eq!(expired.len(), 2, "the UDP backend keys");
         assert!(expired.iter().all(SteerKey::is_source));

@@ -8,10 +8,17 @@
 //   * the replies of its flows: a source (address, port, protocol) in `steer` as a source
 //     entry (backends, in dnat mode), or a destination address in `steer` with port 0 and
 //     the any-port flag (xlb's own SNAT addresses, in snat mode);
-//   * ICMP errors that quote such a packet (PMTU and unreachables of NATed flows).
-// Everything else — ARP, neighbour discovery, the node's own traffic, IPv4 fragments after
-// the first, IPv6 fragments — goes to the kernel. The control thread keeps `steer` in step
-// with each snapshot; `xsks` holds one AF_XDP socket per receive queue.
+//   * ICMP errors that quote such a packet (PMTU and unreachables of NATed flows);
+//   * malformed packets to a Service's address (an IPv4 header shorter than 20 bytes, a
+//     transport header cut short, an IPv6 extension header chain cut short or longer than
+//     the filter walks): the kernel would drop them silently, xlb's parser counts them by
+//     reason (`steer` entries with STEER_VIP_ADDR, one per VIP address).
+// IPv6 extension headers (hop-by-hop, destination options, routing without segments left, a
+// first fragment) are walked, up to four, to find the transport header.
+// Everything else — ARP, neighbour discovery, the node's own traffic, fragments after the
+// first, IPv6 packets with a routing header that has segments left — goes to the kernel.
+// The control thread keeps `steer` in step with each snapshot; `xsks` holds one AF_XDP
+// socket per receive queue.
 //
 // Built by dataplane/build.rs with `clang -target bpf`; no libbpf headers needed.
 
@@ -39,6 +46,7 @@ struct steer_key {
 #define STEER_SOURCE 1   // match the packet's source (a backend's reply)
 #define STEER_IPV6 2
 #define STEER_ANY_PORT 4 // match the destination address alone (an SNAT address)
+#define STEER_VIP_ADDR 8 // a Service's address (port and protocol 0): malformed packets to it
 
 // Up to 4 M keys (100 000 Services x 10 endpoints need 1.1 M in dnat mode: one per VIP and one
 // per backend), allocated as they are added rather than all at load.
@@ -67,10 +75,11 @@ struct {
 	__type(value, __u32);
 } port_base SEC(".maps");
 
-// Counters: [0] redirected, [1] passed.
+// Counters: [0] redirected, [1] passed, [2] xlb's but no socket is bound for the queue
+// (passed to the kernel).
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, 2);
+	__uint(max_entries, 3);
 	__type(key, __u32);
 	__type(value, __u64);
 } stats SEC(".maps");
@@ -79,6 +88,10 @@ struct ports {
 	__u16 src;
 	__u16 dst;
 };
+
+// IPv6 extension headers the filter walks before the transport header (xlb's parser walks up
+// to 8; a longer chain to a VIP is steered for the parser to judge).
+#define IPV6_EXTENSIONS 4
 
 static always_inline int lookup(struct steer_key *key)
 {
@@ -101,6 +114,17 @@ static always_inline int match(const __u8 *addr, int len, __u16 port, __u8 proto
 		return 0;
 	key.port = 0;
 	key.flags = flags | STEER_ANY_PORT;
+	return lookup(&key);
+}
+
+// Whether `addr` is a Service's address: a malformed packet to it is xlb's to count.
+static always_inline int vip_addr(const __u8 *addr, int len)
+{
+	struct steer_key key = {};
+	__builtin_memcpy(key.addr, addr, 4);
+	if (len == 16)
+		__builtin_memcpy(key.addr + 4, addr + 4, 12);
+	key.flags = STEER_VIP_ADDR | (len == 16 ? STEER_IPV6 : 0);
 	return lookup(&key);
 }
 
@@ -151,6 +175,7 @@ static always_inline int quoted_is_ours(void *q, void *end, int v6)
 	       match(src, alen, p->src, proto, fam);
 }
 
+// 1: xlb's, 0: the kernel's, -1: the transport header is cut short.
 static always_inline int steer_l4(void *l4, void *end, __u8 proto, __u8 *src, __u8 *dst,
 				  int alen, int v6)
 {
@@ -159,14 +184,14 @@ static always_inline int steer_l4(void *l4, void *end, __u8 proto, __u8 *src, __
 	if (proto == IPPROTO_TCP || proto == IPPROTO_UDP) {
 		struct ports *p = l4;
 		if ((void *)(p + 1) > end)
-			return 0;
+			return -1;
 		return match(dst, alen, p->dst, proto, fam) ||
 		       match(src, alen, p->src, proto, fam | STEER_SOURCE);
 	}
 	if (proto == IPPROTO_ICMP || proto == IPPROTO_ICMPV6) {
 		__u8 *icmp = l4;
 		if ((void *)(icmp + 8) > end)
-			return 0;
+			return -1;
 		if (is_icmp_error(proto, icmp[0]))
 			return quoted_is_ours(icmp + 8, end, v6);
 		// Echo request to a VIP, or an echo reply from a backend.
@@ -196,20 +221,59 @@ static always_inline int decide(struct xdp_md *ctx)
 	}
 	if (type == __builtin_bswap16(ETH_P_IP)) {
 		struct iphdr *ip = l3;
-		if ((void *)(ip + 1) > end || ip->ihl < 5)
-			return 0;
+		int verdict;
+		if ((void *)(ip + 1) > end)
+			return 0; // not even a destination to read
+		if (ip->ihl < 5)
+			return vip_addr((__u8 *)&ip->daddr, 4);
 		// Fragments after the first carry no ports: the kernel reassembles them.
 		if (ip->frag_off & __builtin_bswap16(0x1fff))
 			return 0;
-		return steer_l4(l3 + ip->ihl * 4, end, ip->protocol, (__u8 *)&ip->saddr,
-				(__u8 *)&ip->daddr, 4, 0);
+		// The mask bounds the offset for the verifier (an IHL is at most 60 bytes).
+		verdict = steer_l4(l3 + ((ip->ihl * 4) & 0x3c), end, ip->protocol,
+				   (__u8 *)&ip->saddr, (__u8 *)&ip->daddr, 4, 0);
+		if (verdict < 0)
+			return vip_addr((__u8 *)&ip->daddr, 4);
+		return verdict;
 	}
 	if (type == __builtin_bswap16(ETH_P_IPV6)) {
 		struct ipv6hdr *ip6 = l3;
+		__u8 *next;
+		__u8 proto;
+		int verdict;
 		if ((void *)(ip6 + 1) > end)
 			return 0;
-		return steer_l4(ip6 + 1, end, ip6->nexthdr, (__u8 *)&ip6->saddr,
-				(__u8 *)&ip6->daddr, 16, 1);
+		proto = ip6->nexthdr;
+		next = (__u8 *)(ip6 + 1);
+		// Extension headers (RFC 8200 section 4), as many as real traffic carries.
+#pragma unroll
+		for (int i = 0; i < IPV6_EXTENSIONS; i++) {
+			if (proto != IPPROTO_HOPOPTS && proto != IPPROTO_ROUTING &&
+			    proto != IPPROTO_DSTOPTS && proto != IPPROTO_FRAGMENT)
+				break;
+			if ((void *)(next + 8) > end)
+				return vip_addr((__u8 *)&ip6->daddr, 16);
+			if (proto == IPPROTO_FRAGMENT) {
+				// Offset bits of a fragment header: after the first, no ports.
+				if ((next[2] << 8 | next[3]) & 0xfff8)
+					return 0;
+				proto = next[0];
+				next += 8;
+				continue;
+			}
+			// A routing header with segments left: the destination is a waypoint.
+			if (proto == IPPROTO_ROUTING && next[3] != 0)
+				return 0;
+			proto = next[0];
+			next += ((__u32)next[1] + 1) * 8;
+		}
+		if (proto == IPPROTO_HOPOPTS || proto == IPPROTO_ROUTING ||
+		    proto == IPPROTO_DSTOPTS || proto == IPPROTO_FRAGMENT)
+			return vip_addr((__u8 *)&ip6->daddr, 16); // longer than walked here
+		verdict = steer_l4(next, end, proto, (__u8 *)&ip6->saddr, (__u8 *)&ip6->daddr, 16, 1);
+		if (verdict < 0)
+			return vip_addr((__u8 *)&ip6->daddr, 16);
+		return verdict;
 	}
 	return 0;
 }
@@ -221,11 +285,12 @@ int xlb_filter(struct xdp_md *ctx)
 	int ours = decide(ctx);
 	long action = XDP_PASS;
 
-	if (ours && ctx->rx_queue_index < XSK_QUEUES) {
+	if (ours) {
 		__u32 ifindex = ctx->ingress_ifindex;
 		__u32 *base = bpf_map_lookup_elem(&port_base, &ifindex);
+		slot = 2;
 		// XDP_PASS when no socket is bound to this port and queue: the kernel keeps working.
-		if (base) {
+		if (base && ctx->rx_queue_index < XSK_QUEUES) {
 			action = bpf_redirect_map(&xsks, *base + ctx->rx_queue_index, XDP_PASS);
 			if (action == XDP_REDIRECT)
 				slot = 0;

@@ -170,18 +170,20 @@ pub(super) fn metrics(state: &AdminState) -> String {
     if let Some(kube) = &state.kube {
         kube_metrics(&mut out, kube);
     }
-    let (redirected, passed) = **state.filter_counts.load();
+    let counts = **state.filter_counts.load();
     header(
         &mut out,
         "xlb_filter_packets_total",
         "counter",
-        "Packets seen by the XDP filter",
+        "Packets seen by the XDP filter: redirected to xlb, passed to the kernel, or xlb's but passed for want of a socket on their queue (unbound)",
     );
-    let _ = writeln!(
-        out,
-        "xlb_filter_packets_total{{action=\"redirect\"}} {redirected}"
-    );
-    let _ = writeln!(out, "xlb_filter_packets_total{{action=\"pass\"}} {passed}");
+    for (action, n) in [
+        ("redirect", counts.redirected),
+        ("pass", counts.passed),
+        ("unbound", counts.unbound),
+    ] {
+        let _ = writeln!(out, "xlb_filter_packets_total{{action=\"{action}\"}} {n}");
+    }
     out
 }
 

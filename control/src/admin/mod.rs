@@ -35,6 +35,7 @@ use serde_json::json;
 use tokio::sync::{mpsc, Semaphore};
 use xlb_dataplane::lb::flow::{FlowTable, FlowValue};
 use xlb_dataplane::worker::{Clock, Tables, WorkerStats};
+use xlb_dataplane::xsk::FilterCounts;
 
 /// Blocking requests (`/flows`, `/services`) served at once.
 pub const HEAVY_AT_ONCE: usize = 2;
@@ -68,8 +69,8 @@ pub struct AdminState {
     pub live_entries: AtomicU64,
     /// Time from a source change being seen to its snapshot being live.
     pub sync_seconds: crate::histogram::Histogram,
-    /// The XDP filter's (redirected, passed) counts.
-    pub filter_counts: ArcSwap<(u64, u64)>,
+    /// The XDP filter's counts.
+    pub filter_counts: ArcSwap<FilterCounts>,
     /// The Kubernetes source's counters, when it is configured.
     pub kube: Option<Arc<crate::kube_source::KubeMetrics>>,
 }

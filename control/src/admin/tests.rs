@@ -35,7 +35,11 @@ fn state(flows: u16) -> AdminState {
         generation: AtomicU64::new(7),
         live_entries: AtomicU64::new(u64::from(flows)),
         sync_seconds: crate::histogram::Histogram::default(),
-        filter_counts: ArcSwap::from_pointee((3, 4)),
+        filter_counts: ArcSwap::from_pointee(FilterCounts {
+            redirected: 3,
+            passed: 4,
+            unbound: 5,
+        }),
         kube: Some(Arc::default()),
     }
 }
@@ -60,6 +64,7 @@ fn health_metrics_and_unknown_paths_get_their_statuses() {
         "xlb_received_packets_total{worker=\"0\"} 0",
         "xlb_snapshot_generation 7",
         "xlb_filter_packets_total{action=\"pass\"} 4",
+        "xlb_filter_packets_total{action=\"unbound\"} 5",
         "xlb_flow_entries 3",
         "xlb_held_packets_total{worker=\"0\"} 0",
         "xlb_flow_events_total{worker=\"0\",event=\"Recreated\"} 0",

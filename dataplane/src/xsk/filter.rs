@@ -70,6 +70,27 @@ impl core::fmt::Display for FilterError {
 
 impl std::error::Error for FilterError {}
 
+/// The filter's counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FilterCounts {
+    /// Redirected to an AF_XDP socket.
+    pub redirected: u64,
+    /// Passed to the kernel: not xlb's.
+    pub passed: u64,
+    /// xlb's, but passed to the kernel because no socket is bound for the receiving queue
+    /// (more queues than workers, say).
+    pub unbound: u64,
+}
+
+/// What the filter does with a frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FilterAction {
+    /// To xlb (redirected to the queue's socket when one is bound).
+    Steer,
+    /// To the kernel.
+    Pass,
+}
+
 /// A key of the filter's `steer` map. Must match `struct steer_key` in `bpf/filter.c`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[repr(C)]
@@ -86,6 +107,7 @@ const XSK_QUEUES: u32 = 64;
 const STEER_SOURCE: u8 = 1;
 const STEER_IPV6: u8 = 2;
 const STEER_ANY_PORT: u8 = 4;
+const STEER_VIP_ADDR: u8 = 8;
 
 impl SteerKey {
     fn new(family: Family, addr: [u8; 16], port: u16, proto: IpProto, flags: u8) -> Self {
@@ -123,6 +145,13 @@ impl SteerKey {
     #[must_use]
     pub fn is_source(&self) -> bool {
         self.flags & STEER_SOURCE != 0
+    }
+
+    /// Malformed packets to this Service address (any port, any protocol), which the kernel
+    /// would drop silently and xlb's parser counts by reason.
+    #[must_use]
+    pub fn vip_address(family: Family, addr: [u8; 16]) -> Self {
+        Self::new(family, addr, 0, IpProto(0), STEER_VIP_ADDR)
     }
 
     /// Packets to this address with any port (an SNAT address: snat-mode replies).
@@ -297,10 +326,58 @@ impl XdpFilter {
         Ok(())
     }
 
-    /// Packets the filter redirected to xlb and passed to the kernel, over all CPUs.
+    /// Packets the filter redirected to xlb, passed to the kernel, and found to be xlb's but
+    /// passed for want of a socket on their queue, over all CPUs.
     #[must_use]
-    pub fn counts(&self) -> (u64, u64) {
-        (self.count(0), self.count(1))
+    pub fn counts(&self) -> FilterCounts {
+        FilterCounts {
+            redirected: self.count(0),
+            passed: self.count(1),
+            unbound: self.count(2),
+        }
+    }
+
+    /// What the filter decides for `frame`, run in the kernel on it (`BPF_PROG_TEST_RUN`),
+    /// without a device or socket: whether the frame is xlb's or the kernel's. For tests and
+    /// diagnostics; it moves the counters of [`Self::counts`].
+    ///
+    /// # Errors
+    /// [`FilterError::Map`] when the kernel refuses the run (no privilege).
+    pub fn classify(&self, frame: &[u8]) -> Result<FilterAction, FilterError> {
+        let before = self.counts();
+        let mut opts = sys::bpf_test_run_opts {
+            sz: core::mem::size_of::<sys::bpf_test_run_opts>(),
+            data_in: frame.as_ptr().cast(),
+            data_out: core::ptr::null_mut(),
+            data_size_in: u32::try_from(frame.len())
+                .map_err(|_| FilterError::Map(io::Error::from(io::ErrorKind::InvalidInput)))?,
+            data_size_out: 0,
+            ctx_in: core::ptr::null(),
+            ctx_out: core::ptr::null_mut(),
+            ctx_size_in: 0,
+            ctx_size_out: 0,
+            retval: 0,
+            repeat: 1,
+            duration: 0,
+            flags: 0,
+            cpu: 0,
+            batch_size: 0,
+        };
+        // SAFETY: `program` is our loaded program's fd; `opts` is a whole, sized options
+        // struct whose input pointer and length describe `frame`, which outlives the call and
+        // which the kernel only reads (no output buffer is given).
+        let err = unsafe { sys::bpf_prog_test_run_opts(self.program, &mut opts) };
+        if err != 0 {
+            return Err(FilterError::Map(io::Error::from_raw_os_error(-err)));
+        }
+        let after = self.counts();
+        Ok(
+            if after.unbound > before.unbound || after.redirected > before.redirected {
+                FilterAction::Steer
+            } else {
+                FilterAction::Pass
+            },
+        )
     }
 
     fn count(&self, slot: u32) -> u64 {

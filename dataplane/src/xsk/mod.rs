@@ -42,7 +42,9 @@ use xsk_rs::{CompQueue, FillQueue, FrameDesc, RxQueue, TxQueue, Umem};
 
 use crate::worker::{PacketIo, SocketStats};
 
-pub use filter::{raise_memlock_limit, FilterError, SteerKey, XdpFilter, XdpMode};
+pub use filter::{
+    raise_memlock_limit, FilterAction, FilterCounts, FilterError, SteerKey, XdpFilter, XdpMode,
+};
 pub use mem::{MemFrame, MemRing};
 pub use sender::XskSender;
 

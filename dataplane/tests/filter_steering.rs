@@ -1,0 +1,205 @@
+//! What the XDP filter steers to xlb and what it leaves to the kernel, decided by the filter
+//! itself in the kernel (`BPF_PROG_TEST_RUN`) on fixture frames: Service traffic and the
+//! replies of its flows, IPv6 behind extension headers, and malformed packets to a VIP
+//! (which xlb's parser counts by reason) are xlb's; other traffic, fragments after the
+//! first, routed IPv6 and malformed packets to other addresses are the kernel's. Loads the
+//! filter (attaches it nowhere), so it needs root; without it, it says why and skips.
+
+mod common;
+
+use common::*;
+use xlb_dataplane::packet::builder::pkt;
+use xlb_dataplane::packet::{key_addr, Endpoint, Family, IpProto};
+use xlb_dataplane::xsk::{FilterAction, SteerKey, XdpFilter};
+
+fn filter() -> Option<XdpFilter> {
+    match XdpFilter::load() {
+        Ok(f) => Some(f),
+        Err(e) => {
+            let root = std::fs::read_to_string("/proc/self/status").is_ok_and(|s| {
+                s.lines()
+                    .any(|l| l.starts_with("Uid:") && l.contains("\t0\t"))
+            });
+            assert!(!root, "as root the filter must load: {e}");
+            eprintln!("SKIPPED: loading an XDP program needs root or CAP_BPF: {e}");
+            None
+        }
+    }
+}
+
+/// The steering a dnat snapshot with one Service per family gives: the VIP and port, the
+/// VIP's address, and the backend's replies.
+fn steered(filter: &mut XdpFilter) {
+    let keys = [
+        SteerKey::destination(&Endpoint::new(VIP.into(), 80), IpProto::TCP),
+        SteerKey::vip_address(Family::Ipv4, key_addr(VIP.into())),
+        SteerKey::source(&Endpoint::new(BACKEND.into(), 8080), IpProto::TCP),
+        SteerKey::destination(&Endpoint::new(VIP6.into(), 80), IpProto::TCP),
+        SteerKey::destination(&Endpoint::new(VIP6.into(), 53), IpProto::UDP),
+        SteerKey::vip_address(Family::Ipv6, key_addr(VIP6.into())),
+    ];
+    filter.change(&keys, &[]).expect("keys added");
+}
+
+/// Frames and what the filter must do with each.
+fn cases() -> Vec<(&'static str, Vec<u8>, FilterAction)> {
+    use FilterAction::{Pass, Steer};
+    let syn = || pkt().ipv4(CLIENT, VIP).tcp(40000, 80).syn();
+    let syn6 = || pkt().ipv6(CLIENT6, VIP6);
+    let tcp_len = 14 + 20 + 20;
+    vec![
+        ("tcp to the vip's port", syn().build(), Steer),
+        (
+            "tcp to the vip behind a vlan tag",
+            pkt().vlan(7).ipv4(CLIENT, VIP).tcp(40000, 80).syn().build(),
+            Steer,
+        ),
+        (
+            "tcp to another port of the vip",
+            pkt().ipv4(CLIENT, VIP).tcp(40000, 22).syn().build(),
+            Pass,
+        ),
+        (
+            "tcp to the node",
+            pkt().ipv4(CLIENT, ROUTER).tcp(40000, 22).syn().build(),
+            Pass,
+        ),
+        (
+            "a backend's reply",
+            pkt().ipv4(BACKEND, CLIENT).tcp(8080, 40000).ack().build(),
+            Steer,
+        ),
+        (
+            "an ipv4 fragment after the first",
+            pkt()
+                .ipv4(CLIENT, VIP)
+                .proto(IpProto::TCP)
+                .payload(b"tail")
+                .fragment(5, 1480, false)
+                .build(),
+            Pass,
+        ),
+        // Malformed IPv4 to the VIP: xlb's parser counts it by reason.
+        ("ihl below 5, to the vip", syn().ihl(4).build(), Steer),
+        (
+            "ihl below 5, to the node",
+            pkt()
+                .ipv4(CLIENT, ROUTER)
+                .tcp(40000, 80)
+                .syn()
+                .ihl(4)
+                .build(),
+            Pass,
+        ),
+        (
+            "a tcp header cut short, to the vip",
+            syn().truncate(tcp_len - 18).build(),
+            Steer,
+        ),
+        (
+            "a tcp header cut short, to the node",
+            pkt()
+                .ipv4(CLIENT, ROUTER)
+                .tcp(40000, 80)
+                .truncate(tcp_len - 18)
+                .build(),
+            Pass,
+        ),
+        // IPv6 behind extension headers.
+        (
+            "ipv6 hop-by-hop and destination options, then tcp to the vip's port",
+            syn6()
+                .ipv6_ext(IpProto::HOP_BY_HOP, 6)
+                .ipv6_ext(IpProto::DESTINATION_OPTIONS, 14)
+                .tcp(40000, 80)
+                .syn()
+                .build(),
+            Steer,
+        ),
+        (
+            "ipv6 first fragment with the tcp header",
+            syn6()
+                .tcp(40000, 80)
+                .syn()
+                .payload(b"head")
+                .fragment(9, 0, true)
+                .build(),
+            Steer,
+        ),
+        (
+            "ipv6 fragment after the first",
+            syn6()
+                .proto(IpProto::TCP)
+                .payload(b"tail")
+                .fragment(9, 1448, false)
+                .build(),
+            Pass,
+        ),
+        (
+            "ipv6 routing header with segments left",
+            syn6()
+                .ipv6_ext(IpProto::ROUTING, 22)
+                .routing_segments_left(1)
+                .tcp(40000, 80)
+                .syn()
+                .build(),
+            Pass,
+        ),
+        (
+            "ipv6 routing header with no segment left, then tcp to the vip's port",
+            syn6()
+                .ipv6_ext(IpProto::ROUTING, 22)
+                .tcp(40000, 80)
+                .syn()
+                .build(),
+            Steer,
+        ),
+        (
+            "ipv6 with more extension headers than the filter walks, to the vip",
+            (0..5)
+                .fold(syn6(), |b, _| b.ipv6_ext(IpProto::DESTINATION_OPTIONS, 6))
+                .tcp(40000, 80)
+                .syn()
+                .build(),
+            Steer,
+        ),
+        (
+            "ipv6 extension header cut short, to the vip",
+            syn6()
+                .ipv6_ext(IpProto::DESTINATION_OPTIONS, 30)
+                .tcp(40000, 80)
+                .truncate(14 + 40 + 12)
+                .build(),
+            Steer,
+        ),
+        (
+            "ipv6 udp to the vip's dns port",
+            syn6().udp(5000, 53).payload(b"q").build(),
+            Steer,
+        ),
+        (
+            "ipv6 tcp to another port of the vip",
+            syn6().tcp(40000, 22).syn().build(),
+            Pass,
+        ),
+        (
+            "not ip",
+            pkt().ethertype(0x0806).payload(&[0; 28]).build(),
+            Pass,
+        ),
+    ]
+}
+
+#[test]
+fn the_filter_steers_service_traffic_replies_and_malformed_packets_to_a_vip_and_passes_the_rest() {
+    let Some(mut filter) = filter() else { return };
+    steered(&mut filter);
+    let mut failures = Vec::new();
+    for (name, frame, want) in cases() {
+        let got = filter.classify(&frame).expect("the kernel runs the filter");
+        if got != want {
+            failures.push(format!("{name}: {got:?}, expected {want:?}"));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
