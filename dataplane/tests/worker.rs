@@ -206,7 +206,7 @@ fn a_packet_without_a_next_hop_is_held_reported_and_sent_once_resolved() {
 }
 
 #[test]
-fn only_a_few_frames_per_unresolved_address_are_held_and_the_rest_counted() {
+fn only_the_last_few_frames_per_unresolved_address_are_held_and_the_rest_counted() {
     let mut rig = rig(vec![service(&[1])], hops(&[]));
     for port in 0..5 {
         rig.io.inject(CLIENT_PORT, &syn(41000 + port));

@@ -3,9 +3,11 @@
 //! just learned about (a new client's SYN-ACK, typically) is sent a moment later instead of
 //! being dropped and retransmitted a second later.
 //!
-//! At most [`PER_ADDRESS`] frames per address and [`HELD`] in all; a frame held longer than
-//! [`HOLD_SECONDS`] is given up. The worker retries held frames when new next hops are
-//! published.
+//! At most [`PER_ADDRESS`] frames per address and [`HELD`] in all; when either is reached the
+//! oldest frame (of that address, or of all) is given up for the new one, as the kernel does,
+//! so that a flood towards unresolvable addresses (spoofed sources) cannot keep a real new
+//! client's first answer out. A frame held longer than [`HOLD_SECONDS`] is given up. The worker
+//! retries held frames when new next hops are published.
 
 use crate::lb::flow::Second;
 use crate::packet::Family;
@@ -43,31 +45,32 @@ impl<F> HoldQueue<F> {
         self.held.is_empty()
     }
 
-    /// Holds `frame` for `addr`, or gives it back when the queue (or the address's share)
-    /// is full. Returns whether the address had no frame held before (so the caller asks for
-    /// it to be resolved once).
+    /// Holds `frame` for `addr`. Returns whether the address had no frame held before (so the
+    /// caller asks for it to be resolved once), and the frame given up to make room, if any.
     pub(super) fn hold(
         &mut self,
         frame: F,
         family: Family,
         addr: [u8; 16],
         now: Second,
-    ) -> Result<bool, F> {
-        let same = self
-            .held
-            .iter()
-            .filter(|h| h.family == family && h.addr == addr)
-            .count();
-        if same >= PER_ADDRESS || self.held.len() >= HELD {
-            return Err(frame);
+    ) -> (bool, Option<F>) {
+        let mine = |h: &Held<F>| h.family == family && h.addr == addr;
+        let same = self.held.iter().filter(|h| mine(h)).count();
+        let given_up = if same >= PER_ADDRESS {
+            self.held.iter().position(mine)
+        } else if self.held.len() >= HELD {
+            Some(0)
+        } else {
+            None
         }
+        .map(|oldest| self.held.remove(oldest).frame);
         self.held.push(Held {
             frame,
             family,
             addr,
             since: now,
         });
-        Ok(same == 0)
+        (same == 0, given_up)
     }
 
     /// Takes out, in arrival order, the frames whose address `resolved` now knows (into
@@ -111,19 +114,19 @@ mod tests {
     #[test]
     fn frames_are_held_per_address_up_to_a_bound_and_released_in_order() {
         let mut q = HoldQueue::new();
-        assert_eq!(q.hold(1, Family::Ipv4, addr(1), 0), Ok(true));
-        assert_eq!(q.hold(2, Family::Ipv4, addr(1), 0), Ok(false));
-        assert_eq!(q.hold(3, Family::Ipv4, addr(1), 0), Ok(false));
+        assert_eq!(q.hold(1, Family::Ipv4, addr(1), 0), (true, None));
+        assert_eq!(q.hold(2, Family::Ipv4, addr(1), 0), (false, None));
+        assert_eq!(q.hold(3, Family::Ipv4, addr(1), 0), (false, None));
         assert_eq!(
             q.hold(4, Family::Ipv4, addr(1), 0),
-            Err(4),
-            "three per address"
+            (false, Some(1)),
+            "three per address: the oldest goes"
         );
-        assert_eq!(q.hold(5, Family::Ipv4, addr(2), 0), Ok(true));
+        assert_eq!(q.hold(5, Family::Ipv4, addr(2), 0), (true, None));
         let (mut ready, mut expired) = (Vec::new(), Vec::new());
         q.release(1, |_, a| *a == addr(1), &mut ready, &mut expired);
         let frames: Vec<i32> = ready.iter().map(|h| h.frame).collect();
-        assert_eq!(frames, vec![1, 2, 3]);
+        assert_eq!(frames, vec![2, 3, 4]);
         assert!(expired.is_empty());
         ready.clear();
         q.release(HOLD_SECONDS, |_, _| false, &mut ready, &mut expired);
@@ -131,16 +134,20 @@ mod tests {
         assert!(q.is_empty());
     }
 
+    /// A flood towards many unresolvable addresses cannot keep a new frame out: the oldest
+    /// goes.
     #[test]
-    fn the_queue_is_bounded_in_all() {
+    fn the_queue_is_bounded_in_all_and_gives_up_its_oldest_frame() {
         let mut q = HoldQueue::new();
         for n in 0..HELD {
             let a = u8::try_from(n % 250).unwrap();
             let mut key = addr(a);
             key[4] = u8::try_from(n / 250).unwrap();
-            assert!(q.hold(n, Family::Ipv4, key, 0).is_ok());
+            assert_eq!(q.hold(n, Family::Ipv4, key, 0).1, None);
         }
-        assert_eq!(q.hold(9999, Family::Ipv4, addr(255), 0), Err(9999));
-        assert_eq!(q.drain().count(), HELD);
+        assert_eq!(q.hold(9999, Family::Ipv4, addr(255), 0), (true, Some(0)));
+        let frames: Vec<usize> = q.drain().collect();
+        assert_eq!(frames.len(), HELD);
+        assert_eq!(frames.last(), Some(&9999));
     }
 }

@@ -269,18 +269,17 @@ impl<F> Worker<F> {
                         Some(queue) => queue.push(frame),
                         None => self.drops.push(frame),
                     },
-                    Out::Hold(family, addr) => match self.hold.hold(frame, family, addr, now) {
-                        Ok(first) => {
-                            // The control thread resolves it and publishes new next hops.
-                            if first {
-                                reported |= self.shared.reports.unresolved(family, addr);
-                            }
+                    Out::Hold(family, addr) => {
+                        let (first, given_up) = self.hold.hold(frame, family, addr, now);
+                        // The control thread resolves it and publishes new next hops.
+                        if first {
+                            reported |= self.shared.reports.unresolved(family, addr);
                         }
-                        Err(frame) => {
+                        if let Some(frame) = given_up {
                             ctx.counters.io.no_next_hop += 1;
                             self.drops.push(frame);
                         }
-                    },
+                    }
                     Out::Drop => self.drops.push(frame),
                 }
             }
