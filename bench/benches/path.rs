@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use xlb_dataplane::lb::decide::{decide, Counters, Env, Mode, Verdict};
-use xlb_dataplane::lb::flow::{FlowState, FlowTable, FlowValue, Timeouts};
+use xlb_dataplane::lb::flow::{tick_of, FlowState, FlowTable, FlowValue, Timeouts};
 use xlb_dataplane::lb::hash::flow_hash;
 use xlb_dataplane::lb::snapshot::{
     Backend, BackendId, BackendState, Service, ServiceId, ServiceKey, ServiceSpec, Snapshot,
@@ -257,6 +257,7 @@ fn dnat<'a>(snapshot: &'a Snapshot, flows: &'a FlowTable, now: u32) -> Env<'a> {
         snapshot,
         flows,
         now,
+        tick: tick_of(now),
         mode: Mode::Dnat,
     }
 }

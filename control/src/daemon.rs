@@ -283,7 +283,7 @@ fn log_notice(notice: &Notice) {
     let proto = key.proto;
     match notice.kind {
         NoticeKind::NoNextHop => warn!(
-            address = %key.dst_ip(), %proto, %from, %to,
+            address = %key.dst_ip(),
             "no next hop: packets to this address were held, then dropped (is it reachable from xlb's interfaces?)"
         ),
         NoticeKind::BackendLeftReset => info!(

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 
 use xlb_dataplane::lb::decide::{decide, Counters, Env, Mode, Verdict};
-use xlb_dataplane::lb::flow::{FlowTable, Timeouts};
+use xlb_dataplane::lb::flow::{tick_of, FlowTable, Timeouts};
 use xlb_dataplane::lb::hash::flow_hash;
 use xlb_dataplane::lb::snapshot::ServiceKey;
 use xlb_dataplane::packet::builder::pkt;
@@ -113,6 +113,7 @@ pub fn explain(
         snapshot: &snapshot,
         flows: &flows,
         now: 0,
+        tick: tick_of(0),
         mode: Mode::Dnat,
     };
     let verdict = decide(&env, &parsed, hash, 0, &mut Counters::default());

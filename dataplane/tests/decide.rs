@@ -11,7 +11,7 @@ use common::*;
 use xlb_dataplane::lb::decide::{
     decide, recount_live_flows, Counters, DecideDrop, Env, Event, Mode, Refusal, SnatPool, Verdict,
 };
-use xlb_dataplane::lb::flow::{FlowState, FlowTable, FlowValue, Timeouts};
+use xlb_dataplane::lb::flow::{tick_of, FlowState, FlowTable, FlowValue, Timeouts};
 use xlb_dataplane::lb::hash::flow_hash;
 use xlb_dataplane::lb::snapshot::{
     Backend, BackendId, BackendState, NoBackend, Service, ServiceId, ServiceKey, ServiceSpec,
@@ -92,6 +92,7 @@ fn run_counted(
         snapshot,
         flows,
         now,
+        tick: tick_of(now),
         mode,
     };
     decide(&env, &p, h, 12345, counters)
@@ -125,6 +126,7 @@ fn a_syn_to_a_vip_is_forwarded_to_the_maglev_pick_and_recorded_both_ways() {
         snapshot: &snap,
         flows: &flows,
         now: 10,
+        tick: tick_of(10),
         mode: Mode::Dnat,
     };
     assert_eq!(

@@ -45,7 +45,7 @@ use core::num::NonZeroU32;
 use crate::counted::counted_enum;
 use crate::packet::{Class, Endpoint, Family, FlowKey, IpProto, Parsed, TcpFlags};
 
-use super::flow::{EntryRef, FlowState, FlowTable, FlowValue, Hit, Insert, Second, AFFINITY};
+use super::flow::{EntryRef, FlowState, FlowTable, FlowValue, Hit, Insert, Second, Tick, AFFINITY};
 use super::hash::flow_hash;
 use super::snapshot::{Backend, BackendId, NoBackend, Service, ServiceId, ServiceKey, Snapshot};
 
@@ -284,6 +284,8 @@ pub struct Env<'a> {
     pub flows: &'a FlowTable,
     /// Now, in the flow table's seconds.
     pub now: Second,
+    /// Now, in the flow table's ticks (orders evictions).
+    pub tick: Tick,
     /// dnat or snat.
     pub mode: Mode<'a>,
 }
@@ -570,7 +572,7 @@ fn recreate(
     let state = FlowState::Replied;
     if let Insert::Inserted(entry) =
         env.flows
-            .insert(forward_key, forward_hash, value, state, env.now)
+            .insert_at(forward_key, forward_hash, value, state, env.now, env.tick)
     {
         let _ = insert_reverse(env, reply_key, reverse_value(service, entry, false), state);
         service.flow_started(backend.id);
@@ -663,7 +665,10 @@ fn new_flow(
         backend: backend.id.0.get(),
         snat_port,
     };
-    match env.flows.insert(key, hash, forward, state, env.now) {
+    match env
+        .flows
+        .insert_at(key, hash, forward, state, env.now, env.tick)
+    {
         Insert::Inserted(entry) => {
             let to = reply_destination(env.mode, key, snat_port);
             let reverse = reverse_key(key, &backend.endpoint, to);
@@ -713,15 +718,16 @@ fn reverse_value(service: &Service, forward: EntryRef, snat: bool) -> FlowValue 
 /// replaced. Returns whether the entry is recorded (or another worker is recording it).
 fn insert_reverse(env: &Env<'_>, key: &FlowKey, value: FlowValue, state: FlowState) -> bool {
     let hash = flow_hash(key);
-    match env.flows.insert(key, hash, value, state, env.now) {
+    let insert = || {
+        env.flows
+            .insert_at(key, hash, value, state, env.now, env.tick)
+    };
+    match insert() {
         Insert::Inserted(_) | Insert::Pending => true,
         Insert::Existing(old) if old.value == value => true,
         Insert::Existing(old) => {
             env.flows.remove(old.entry, key);
-            matches!(
-                env.flows.insert(key, hash, value, state, env.now),
-                Insert::Inserted(_) | Insert::Pending
-            )
+            matches!(insert(), Insert::Inserted(_) | Insert::Pending)
         }
         Insert::Full => false,
     }

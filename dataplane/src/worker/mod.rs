@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 
 use crate::lb::decide::{decide, DecideDrop, Env, Event, Mode, Refusal, SnatPool, Verdict};
-use crate::lb::flow::{FlowTable, Second};
+use crate::lb::flow::{FlowTable, Second, Tick, TICKS_PER_SECOND};
 use crate::lb::hash::flow_hash;
 use crate::lb::snapshot::Snapshot;
 use crate::packet::{
@@ -131,6 +131,15 @@ impl Clock {
     pub fn now(&self) -> Second {
         u32::try_from(self.0.elapsed().as_secs()).unwrap_or(u32::MAX)
     }
+
+    /// Seconds and ticks since the start (ticks wrap; see [`Tick`]).
+    #[must_use]
+    pub fn now_and_tick(&self) -> (Second, Tick) {
+        let elapsed = self.0.elapsed();
+        let second = u32::try_from(elapsed.as_secs()).unwrap_or(u32::MAX);
+        let ticks = elapsed.as_millis() * u128::from(TICKS_PER_SECOND) / 1000;
+        (second, u16::try_from(ticks & 0xFFFF).unwrap_or(0))
+    }
 }
 
 /// What one worker shares with the rest of the process.
@@ -213,7 +222,7 @@ impl<F> Worker<F> {
     /// recycles, then flushes the I/O. Returns how many frames it received.
     pub fn poll<I: PacketIo<Frame = F>>(&mut self, io: &mut I) -> usize {
         let tables = self.shared.tables.load();
-        let now = self.shared.clock.now();
+        let (now, tick) = self.shared.clock.now_and_tick();
         if !self.hold.is_empty() {
             self.release_held(io, &tables, now);
         }
@@ -228,6 +237,7 @@ impl<F> Worker<F> {
             random: &mut self.random,
             mode,
             now,
+            tick,
         };
         let mut reported = false;
         let ports = io.port_count().min(self.tx.len());
@@ -278,6 +288,9 @@ impl<F> Worker<F> {
                         if let Some(frame) = given_up {
                             ctx.counters.io.no_next_hop += 1;
                             self.drops.push(frame);
+                            let notice = unresolved_notice(family, addr);
+                            reported |=
+                                notify(&self.shared.reports, &mut self.noticed, notice, now);
                         }
                     }
                     Out::Drop => self.drops.push(frame),
@@ -330,13 +343,27 @@ impl<F> Worker<F> {
         }
         self.held_against = against;
         let dropped = self.drops.len();
+        let mut last_given_up = None;
         self.hold.release(
             now,
-            |family, addr| tables.hops.lookup(family, addr).is_some(),
+            |family, addr| {
+                let resolved = tables.hops.lookup(family, addr).is_some();
+                if !resolved {
+                    last_given_up = Some((family, *addr));
+                }
+                resolved
+            },
             &mut self.released,
             &mut self.drops,
         );
-        self.counters.io.no_next_hop += (self.drops.len() - dropped) as u64;
+        let given_up = self.drops.len() - dropped;
+        self.counters.io.no_next_hop += given_up as u64;
+        if let (true, Some((family, addr))) = (given_up > 0, last_given_up) {
+            let notice = unresolved_notice(family, addr);
+            if notify(&self.shared.reports, &mut self.noticed, notice, now) {
+                self.shared.reports.wake();
+            }
+        }
         for mut held in self.released.drain(..) {
             let hop = tables.hops.lookup(held.family, &held.addr);
             let sent = hop.is_some_and(|hop| {
@@ -390,6 +417,15 @@ impl<F> Worker<F> {
     }
 }
 
+/// The notice of frames to `addr` given up for want of a next hop.
+#[cold]
+fn unresolved_notice(family: Family, addr: [u8; 16]) -> Notice {
+    Notice {
+        kind: NoticeKind::NoNextHop,
+        key: FlowKey::new(family, IpProto(0), ([0; 16], 0), (addr, 0)),
+    }
+}
+
 /// Sends `notice` unless one of its kind went out this second. Returns whether it was sent.
 #[cold]
 fn notify(
@@ -431,6 +467,7 @@ struct Context<'a> {
     random: &'a mut u64,
     mode: Mode<'a>,
     now: Second,
+    tick: Tick,
 }
 
 impl Context<'_> {
@@ -454,6 +491,7 @@ impl Context<'_> {
             snapshot: &self.tables.snapshot,
             flows: self.flows,
             now: self.now,
+            tick: self.tick,
             mode: self.mode,
         };
         let untracked = self.counters.decide.events[Event::Untracked.index()];
@@ -505,12 +543,8 @@ impl Context<'_> {
         }
         let key = &parsed.key;
         let Some(hop) = self.tables.hops.lookup(key.family, &key.dst_addr) else {
-            // Held until the control thread resolves it (or given up, and counted).
-            let notice = Notice {
-                kind: NoticeKind::NoNextHop,
-                key: *key,
-            };
-            return (len, (Out::Hold(key.family, key.dst_addr), Some(notice)));
+            // Held until the control thread resolves it (or given up, counted and noticed).
+            return (len, (Out::Hold(key.family, key.dst_addr), notice));
         };
         if set_ethernet(frame, hop.src_mac, hop.dst_mac).is_err() {
             return self.failed(len);

@@ -30,8 +30,8 @@ counted_enum! {
     }
 }
 
-/// One notice: what happened, to which flow (for [`NoticeKind::NoNextHop`], the key's
-/// destination is the unresolved address).
+/// One notice: what happened, to which flow (for [`NoticeKind::NoNextHop`], only the key's
+/// destination is set: the unresolved address).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Notice {
     /// What happened.

@@ -203,6 +203,46 @@ fn prefer_busy_poll(fd: std::os::fd::RawFd) -> io::Result<()> {
     Ok(())
 }
 
+/// The parts of a bound socket: transmit and receive rings, and its fill and completion
+/// rings when it has them.
+type BoundSocket = (TxQueue, RxQueue, Option<(FillQueue, CompQueue)>);
+
+/// How long a socket creation keeps trying a queue that is still busy.
+const BUSY_QUEUE_WAIT: Duration = Duration::from_secs(2);
+
+/// Creates an AF_XDP socket on `queue` of `interface` over `umem`, trying again for up to
+/// [`BUSY_QUEUE_WAIT`] while the queue is busy: the kernel releases a queue asynchronously
+/// after its socket closes, so a restarted xlb (or a second generator) binding at once can find
+/// it still taken. Each (interface, queue) pair must be asked for once per UMEM, and the
+/// configuration must inhibit libxdp's program load (xsk-rs's requirement for a shared UMEM).
+fn bind_socket(
+    config: SocketConfig,
+    umem: &Umem,
+    interface: &Interface,
+    queue: u32,
+) -> Result<BoundSocket, String> {
+    let deadline = std::time::Instant::now() + BUSY_QUEUE_WAIT;
+    loop {
+        // SAFETY: the caller asks for each (interface, queue) pair once from this UMEM, with
+        // the libxdp program load inhibited; a failed attempt binds nothing, so trying again
+        // keeps that true.
+        match unsafe { xsk_rs::Socket::new(config, umem, interface, queue) } {
+            Ok(socket) => return Ok(socket),
+            Err(e) => {
+                let cause = std::error::Error::source(&e)
+                    .and_then(|s| s.downcast_ref::<io::Error>())
+                    .and_then(io::Error::raw_os_error);
+                if cause == Some(libc::EBUSY) && std::time::Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(50));
+                    continue;
+                }
+                let why = std::error::Error::source(&e).map_or(String::new(), |s| format!(": {s}"));
+                return Err(format!("{e}{why}"));
+            }
+        }
+    }
+}
+
 /// The interface index of `name`.
 ///
 /// # Errors
@@ -282,11 +322,8 @@ impl XskIo {
                 queue,
                 reason,
             };
-            // SAFETY: each (interface, queue) pair is bound once from this UMEM, and the
-            // libxdp program load is inhibited, as xsk-rs requires for a shared UMEM.
             let (tx, rx, rings) =
-                unsafe { xsk_rs::Socket::new(socket_config, &umem, &interface, queue) }
-                    .map_err(|e| socket_error(e.to_string()))?;
+                bind_socket(socket_config, &umem, &interface, queue).map_err(socket_error)?;
             let (fill, completion) =
                 rings.ok_or_else(|| socket_error("no fill and completion rings".into()))?;
             if config.busy_poll {

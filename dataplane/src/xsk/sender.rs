@@ -5,7 +5,7 @@
 use xsk_rs::config::Interface;
 use xsk_rs::{CompQueue, FrameDesc, RxQueue, TxQueue, Umem};
 
-use super::{interface_index, kick, XskConfig, XskError};
+use super::{bind_socket, interface_index, kick, XskConfig, XskError};
 
 /// A transmit-only AF_XDP socket over its own UMEM of pre-written frames.
 pub struct XskSender {
@@ -49,13 +49,13 @@ impl XskSender {
         let name: Interface = interface
             .parse()
             .map_err(|_| XskError::NoSuchInterface(interface.to_owned()))?;
-        // SAFETY: the (interface, queue) pair is bound once from this new UMEM, with the
-        // libxdp program load inhibited.
-        let (tx, rx, rings) = unsafe { xsk_rs::Socket::new(socket_config, &umem, &name, queue) }
-            .map_err(|e| XskError::Socket {
+        // The (interface, queue) pair is bound once from this new UMEM, with the libxdp
+        // program load inhibited (the configuration's).
+        let (tx, rx, rings) =
+            bind_socket(socket_config, &umem, &name, queue).map_err(|reason| XskError::Socket {
                 interface: interface.to_owned(),
                 queue,
-                reason: e.to_string(),
+                reason,
             })?;
         let (_fill, completion) = rings.ok_or_else(|| XskError::Socket {
             interface: interface.to_owned(),

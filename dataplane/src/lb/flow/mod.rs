@@ -76,6 +76,22 @@ pub const ENTRY_BYTES: usize = 64;
 /// A second on the caller's monotonic clock; the table never reads time itself.
 pub type Second = u32;
 
+/// A finer time, 1/64 s per tick, modulo 2^16, on the same clock as [`Second`]: when an entry
+/// was published, so that an insert into a full bucket pair evicts the oldest entry first. A
+/// new connection's entries then last as long as the table takes to turn over under a flood
+/// (about 25 ms for 1 024 entries and 40 000 new flows a second), and a handshake quicker than
+/// that completes and is protected; with whole seconds every entry of a flood was equally old.
+pub type Tick = u16;
+
+/// Ticks per second.
+pub const TICKS_PER_SECOND: u32 = 64;
+
+/// The tick at the start of `second` (for callers that keep only seconds).
+#[must_use]
+pub fn tick_of(second: Second) -> Tick {
+    u16::try_from(second.wrapping_mul(TICKS_PER_SECOND) & 0xFFFF).unwrap_or(0)
+}
+
 /// A flow's lifecycle, for ageing and eviction. States only move forward, in this order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum FlowState {
@@ -151,7 +167,7 @@ pub const AFFINITY: IpProto = IpProto(0xFD);
 pub struct EntryRef {
     /// bucket * WAYS + way.
     pub index: u32,
-    /// The low 16 bits of the entry's claim counter when it was published. A reference
+    /// The entry's claim counter (16 bits) when it was published. A reference
     /// survives 65 535 reuses of its place without being mistaken for a later occupant;
     /// [`FlowTable::forward_of`] also checks the Service, so a mistake needs both to match.
     pub stamp: u16,
@@ -548,7 +564,8 @@ impl FlowTable {
         }
     }
 
-    /// Inserts `key` -> `value` in `state` unless it is there already.
+    /// Inserts `key` -> `value` in `state` unless it is there already, at the start of second
+    /// `now` (see [`Self::insert_at`]).
     pub fn insert(
         &self,
         key: &FlowKey,
@@ -557,16 +574,30 @@ impl FlowTable {
         state: FlowState,
         now: Second,
     ) -> Insert {
+        self.insert_at(key, hash, value, state, now, tick_of(now))
+    }
+
+    /// Inserts `key` -> `value` in `state` unless it is there already, at second `now` and
+    /// tick `tick` (which orders evictions).
+    pub fn insert_at(
+        &self,
+        key: &FlowKey,
+        hash: u64,
+        value: FlowValue,
+        state: FlowState,
+        now: Second,
+        tick: Tick,
+    ) -> Insert {
         let words = key_words(key);
         let tag = seq_tag(hash);
         if let Some(hit) = self.find(hash, tag, &words, now) {
             return Insert::Existing(hit);
         }
         let candidates = self.candidates(hash);
-        let Some(index) = self.claim(candidates.clone(), tag, now) else {
+        let Some(index) = self.claim(candidates.clone(), tag, now, tick) else {
             return Insert::Full;
         };
-        let stamp = self.publish(index, &words, value, key.proto, state, now);
+        let stamp = self.publish(index, &words, value, key.proto, state, now, tick);
         self.resolve_duplicates(candidates, index, stamp, tag, &words, now)
     }
 
@@ -578,6 +609,7 @@ impl FlowTable {
         entries: impl Iterator<Item = usize> + Clone,
         tag: u32,
         now: Second,
+        tick: Tick,
     ) -> Option<usize> {
         let try_claim = |i: usize, seq: u64| {
             let claimed = seq_word(tag, (seq & COUNTER_MASK) + COUNTER_ONE, WRITING);
@@ -631,7 +663,7 @@ impl FlowTable {
                     .filter(|&&(_, seq)| {
                         seq & STATE_MASK == VALID && states.contains(&seq_flow_state(seq))
                     })
-                    .max_by_key(|&&(i, seq)| (seq_age(seq, now), core::cmp::Reverse(i)))
+                    .max_by_key(|&&(i, seq)| (seq_age(seq, tick), core::cmp::Reverse(i)))
             };
             let evictable = victim(&[FlowState::New, FlowState::Replied])
                 .or_else(|| victim(&[FlowState::Closing]));
@@ -664,6 +696,10 @@ impl FlowTable {
     }
 
     /// Writes the claimed entry at `index` and makes it valid; returns its stamp.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "an insert's step; the entry's parts are distinct"
+    )]
     fn publish(
         &self,
         index: usize,
@@ -672,6 +708,7 @@ impl FlowTable {
         proto: IpProto,
         state: FlowState,
         now: Second,
+        tick: Tick,
     ) -> u16 {
         let entry = &self.bodies[index];
         let seq = self.seq(index);
@@ -689,7 +726,7 @@ impl FlowTable {
         entry.meta.store(meta, Ordering::Relaxed);
         // Release: readers that see *valid* see the words above.
         seq.store(
-            seq_with_state(seq_born((claimed & !STATE_MASK) | VALID, now), state),
+            seq_with_state(seq_born((claimed & !STATE_MASK) | VALID, tick), state),
             Ordering::Release,
         );
         seq_stamp(claimed)

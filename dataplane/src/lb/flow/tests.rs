@@ -283,3 +283,38 @@ fn a_forward_entry_of_another_service_is_not_a_reverse_entrys_flow() {
     };
     assert!(t.forward_of(&reverse, 0).is_none());
 }
+
+/// Under a flood every evictable entry is seconds young; eviction still takes the oldest by
+/// tick, so a new connection's entry lasts as long as the table takes to turn over, not
+/// until the next insert that lands in its bucket.
+#[test]
+fn eviction_takes_the_oldest_entry_by_tick_so_a_new_flow_outlives_the_flood_behind_it() {
+    let t = FlowTable::new(WAYS, Timeouts::default());
+    for p in 0..WAYS as u16 {
+        let k = key(p);
+        let tick = 100 + p;
+        assert!(matches!(
+            t.insert_at(&k, flow_hash(&k), value(1), FlowState::New, 1, tick),
+            Insert::Inserted(_)
+        ));
+    }
+    let legit = key(1000);
+    let _ = t.insert_at(&legit, flow_hash(&legit), value(2), FlowState::New, 1, 200);
+    assert!(
+        t.lookup(&key(0), flow_hash(&key(0)), 1).is_none(),
+        "the oldest went"
+    );
+    // The flood goes on: seven more inserts take the seven older entries, not the newcomer.
+    for p in 0..7u16 {
+        let k = key(2000 + p);
+        let _ = t.insert_at(&k, flow_hash(&k), value(1), FlowState::New, 1, 201 + p);
+        assert!(
+            t.lookup(&legit, flow_hash(&legit), 1).is_some(),
+            "after {p}"
+        );
+    }
+    // Only then is it the oldest.
+    let k = key(3000);
+    let _ = t.insert_at(&k, flow_hash(&k), value(1), FlowState::New, 1, 300);
+    assert!(t.lookup(&legit, flow_hash(&legit), 1).is_none());
+}

@@ -4,9 +4,9 @@
 //!
 //! Layouts (bit 0 is the least significant):
 //! * `seq`: entry state (bits 0–1: free, writing, valid) | flow state (bits 2–3) | birth
-//!   (bits 4–11: the second the entry was published, modulo 256) | claim counter (bits 12–31,
-//!   bumped by every claim and every freeing) | tag (bits 32–63, the high half of the flow
-//!   hash). The flow state is here, not in the body, so that a state change is a
+//!   (bits 4–15: the [`Tick`] the entry was published at, modulo 4096) | claim counter (bits
+//!   16–31, bumped by every claim and every freeing) | tag (bits 32–63, the high half of the
+//!   flow hash). The flow state is here, not in the body, so that a state change is a
 //!   compare-and-swap that fails when the entry's place was reused (the counter moved); state
 //!   and birth are here so that an insert into a full bucket pair chooses its victim (the
 //!   oldest entry that is not established) from the tag lines alone.
@@ -20,7 +20,7 @@
 
 use crate::packet::{Family, FlowKey, IpProto};
 
-use super::{EntryRef, FlowState, FlowValue, Second};
+use super::{EntryRef, FlowState, FlowValue, Second, Tick};
 
 pub(super) const FREE: u64 = 0;
 pub(super) const WRITING: u64 = 1;
@@ -29,10 +29,10 @@ pub(super) const STATE_MASK: u64 = 0b11;
 const FLOW_STATE_SHIFT: u32 = 2;
 const FLOW_STATE_MASK: u64 = 0b1100;
 const BIRTH_SHIFT: u32 = 4;
-const BIRTH_MASK: u64 = 0xFF << BIRTH_SHIFT;
-const COUNTER_SHIFT: u32 = 12;
+const BIRTH_MASK: u64 = 0xFFF << BIRTH_SHIFT;
+const COUNTER_SHIFT: u32 = 16;
 pub(super) const COUNTER_ONE: u64 = 1 << COUNTER_SHIFT;
-pub(super) const COUNTER_MASK: u64 = 0xFFFF_F000;
+pub(super) const COUNTER_MASK: u64 = 0xFFFF_0000;
 
 pub(super) fn seq_word(tag: u32, counter: u64, state: u64) -> u64 {
     (u64::from(tag) << 32) | (counter & COUNTER_MASK) | state
@@ -42,22 +42,22 @@ pub(super) fn seq_tag(seq: u64) -> u32 {
     u32::try_from(seq >> 32).unwrap_or(0)
 }
 
-/// The low 16 bits of the claim counter: what an [`EntryRef`] checks the entry against.
+/// The claim counter: what an [`EntryRef`] checks the entry against.
 pub(super) fn seq_stamp(seq: u64) -> u16 {
     u16::try_from((seq >> COUNTER_SHIFT) & 0xFFFF).unwrap_or(0)
 }
 
-/// The `seq` word with the birth second `now` (modulo 256).
-pub(super) fn seq_born(seq: u64, now: Second) -> u64 {
-    (seq & !BIRTH_MASK) | (u64::from(now) & 0xFF) << BIRTH_SHIFT
+/// The `seq` word with the birth tick `at` (modulo 4096).
+pub(super) fn seq_born(seq: u64, at: Tick) -> u64 {
+    (seq & !BIRTH_MASK) | (u64::from(at) & 0xFFF) << BIRTH_SHIFT
 }
 
-/// How many seconds ago (modulo 256) the entry was published. Entries that may be evicted
-/// live at most 120 s before they time out, so the wrap rarely matters; when it does, an
-/// old entry looks young and is evicted later than it could have been.
-pub(super) fn seq_age(seq: u64, now: Second) -> u8 {
-    let born = u8::try_from((seq & BIRTH_MASK) >> BIRTH_SHIFT).unwrap_or(0);
-    u8::try_from(now & 0xFF).unwrap_or(0).wrapping_sub(born)
+/// How many ticks ago (modulo 4096, 64 s) the entry was published. Under a flood, when
+/// evictions happen, every evictable entry is far younger than that; when it wraps, an old
+/// entry looks young and is evicted later than it could have been.
+pub(super) fn seq_age(seq: u64, now: Tick) -> u16 {
+    let born = u16::try_from((seq & BIRTH_MASK) >> BIRTH_SHIFT).unwrap_or(0);
+    now.wrapping_sub(born) & 0xFFF
 }
 
 /// The flow state of a valid entry.
@@ -267,14 +267,15 @@ mod tests {
     }
 
     #[test]
-    fn a_stamp_is_the_low_16_bits_of_the_claim_counter() {
+    fn a_stamp_is_the_claim_counter_and_an_age_the_ticks_since_birth() {
         let seq = seq_word(0xABCD, 5 * COUNTER_ONE, VALID);
         assert_eq!(seq_stamp(seq), 5);
         let wrapped = seq_word(0xABCD, 0x1_0005 * COUNTER_ONE, VALID);
-        assert_eq!(seq_stamp(wrapped), 5, "16 bits of a 20-bit counter");
+        assert_eq!(seq_stamp(wrapped), 5, "the 16-bit counter wraps");
         let born = seq_born(seq, 1000);
         assert_eq!(seq_stamp(born), 5);
         assert_eq!((seq_age(born, 1000), seq_age(born, 1010)), (0, 10));
-        assert_eq!(seq_age(born, 1000 + 255), 255);
+        assert_eq!(seq_age(born, 1000 + 4095), 4095);
+        assert_eq!(seq_age(seq_born(seq, 4090), 3), 9, "across the wrap");
     }
 }
