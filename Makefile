@@ -16,7 +16,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 XLB := target/release/xlb
 FRAMES := deploy/examples/frames
 
-.PHONY: all deps toolchain build demo test lint loom manifests bench bench-e2e
+.PHONY: all deps toolchain build demo test lint loom manifests fuzz bench bench-e2e bench-flood
 
 all: build
 
@@ -69,13 +69,26 @@ manifests: deps
 	$(KUBE_VALIDATE) --strict --quiet deploy/kubernetes/xlb.yaml
 	@echo "deploy/kubernetes/xlb.yaml: valid against the Kubernetes 1.37 schemas"
 
+# The packet layer's fuzz target for FUZZ_SECONDS, seeded with every fixture frame. cargo-fuzz
+# (installed once from crates.io) needs nightly flags; RUSTC_BOOTSTRAP=1 lets the stable
+# compiler take them. A crash fails the run and leaves its input in dataplane/fuzz/artifacts.
+FUZZ_SECONDS ?= 60
+fuzz: deps toolchain
+	@command -v cargo-fuzz >/dev/null || $(CARGO) install --locked cargo-fuzz@0.13.2
+	mkdir -p dataplane/fuzz/corpus/parse_rewrite
+	XLB_FIXTURE_CORPUS_DIR="$(CURDIR)/dataplane/fuzz/corpus/parse_rewrite" \
+	  $(CARGO) test -q -p xlb-dataplane --test packet_fixtures
+	cd dataplane && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run parse_rewrite -- \
+	  -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1
+
 # Everything: formatting, lints, the dataplane alone without test utilities, every test, the
-# loom models and the manifests.
+# loom models, the manifests and a short fuzz run.
 test: lint
 	$(CARGO) check -p xlb-dataplane
 	$(CARGO) test --workspace
 	$(MAKE) --no-print-directory loom
 	$(MAKE) --no-print-directory manifests
+	$(MAKE) --no-print-directory fuzz
 
 # Criterion stages, then their medians per packet; bench/callgrind.sh gives instruction counts
 # that do not depend on how busy the machine is.
@@ -96,3 +109,10 @@ bench-e2e: deps toolchain
 	@$(MAKE) --no-print-directory deps APT_PACKAGES="$(BENCH_PACKAGES)"
 	$(CARGO) build --release -p xlb-control -p xlb-pktgen -p xlb-bench --bins
 	$(SUDO) python3 bench/e2e.py --services $(SERVICES) --seconds $(SECONDS) --install-timeout $(INSTALL_TIMEOUT)
+
+# New connections during and after a SYN flood, and an established download's longest pause:
+# xlb against nftables + conntrack in one run (needs root); writes bench/results/flood.md.
+bench-flood: deps toolchain
+	@$(MAKE) --no-print-directory deps APT_PACKAGES="$(BENCH_PACKAGES)"
+	$(CARGO) build --release -p xlb-control -p xlb-pktgen
+	$(SUDO) python3 bench/flood.py $(XLB) target/release/xlb-pktgen
