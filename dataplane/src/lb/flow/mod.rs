@@ -58,8 +58,8 @@ use crate::packet::{FlowKey, IpProto};
 use crate::sync::{fence, AtomicU64, Ordering};
 
 use words::{
-    key_from_words, key_words, meta_proto, meta_seen, meta_seen_at, same_key, same_occupant,
-    seq_age, seq_born, seq_flow_state, seq_stamp, seq_tag, seq_with_state, seq_word,
+    eviction_rank, key_from_words, key_words, meta_proto, meta_seen, meta_seen_at, same_key,
+    same_occupant, seq_born, seq_flow_state, seq_stamp, seq_tag, seq_with_state, seq_word,
     value_from_words, value_words, COUNTER_MASK, COUNTER_ONE, FREE, STATE_MASK, VALID, WRITING,
 };
 
@@ -658,16 +658,17 @@ impl FlowTable {
             // pair wait on up to 16 cache misses (`make bench` decide/new-flow: 1193 ns per
             // packet); taking the first in way order made a new flow's reverse insert evict
             // its own forward entry, just published in the same bucket.
-            let victim = |states: &[FlowState]| {
-                seen.iter()
-                    .filter(|&&(_, seq)| {
-                        seq & STATE_MASK == VALID && states.contains(&seq_flow_state(seq))
-                    })
-                    .max_by_key(|&&(i, seq)| (seq_age(seq, tick), core::cmp::Reverse(i)))
-            };
-            let evictable = victim(&[FlowState::New, FlowState::Replied])
-                .or_else(|| victim(&[FlowState::Closing]));
-            if let Some(&(i, seq)) = evictable {
+            // One branch-free pass over the tag lines; the first of equals.
+            let mut evictable: Option<(u32, usize, u64)> = None;
+            let mut best = 0;
+            for &(i, seq) in seen {
+                let rank = eviction_rank(seq, tick);
+                if rank > best {
+                    best = rank;
+                    evictable = Some((rank, i, seq));
+                }
+            }
+            if let Some((_, i, seq)) = evictable {
                 if try_claim(i, seq) {
                     // Relaxed: a statistic (an expired entry may be counted too: the tag line
                     // does not carry ages).
