@@ -117,18 +117,9 @@ def main():
     args = parser.parse_args()
     rates = [args.rate, 0]
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
-    work = a.tempfile.mkdtemp(prefix="xlb-flood-")
-    ctx = a.Context()
-    ctx.pktgen = os.path.abspath(args.pktgen)
-    ctx.backends = a.Backends(work)
-    ctx.xlb = a.Xlb(os.path.abspath(args.xlb), work, "dnat", flow_capacity=args.flows)
+    ctx = a.setup("xlb-flood-", os.path.abspath(args.xlb), "dnat", args.pktgen, flow_capacity=args.flows)
     rows = {(name, rate): [] for rate in rates for name in ("xlb", "nftables")}
     try:
-        subprocess.run(["bash", "-c", f"source {a.TOPOLOGY}; topology_up {a.PREFIX} {a.BACKENDS}"], check=True)
-        a.run("ip", "route", "add", "198.19.0.0/16", "via", "198.18.0.1", ns=a.NODE)
-        a.settle()
-        ctx.backends.start()
-        ctx.xlb.write()
         for _ in range(args.repeat):
             for rate in rates:
                 ctx.xlb.start()
@@ -144,13 +135,7 @@ def main():
                 print(json.dumps({f"{k[0]}@{k[1] or 'full'}": v[-1] for k, v in rows.items() if k[1] == rate}),
                       flush=True)
     finally:
-        try:
-            ctx.xlb.kill(signal.SIGTERM)
-        except Exception:
-            pass
-        ctx.backends.stop()
-        subprocess.run(["bash", "-c", f"source {a.TOPOLOGY}; topology_down {a.PREFIX}"], check=False)
-        a.shutil.rmtree(work, ignore_errors=True)
+        a.teardown(ctx)
     table = ["| contender | flood rate asked | flood pps sent | new connections accepted during the flood "
              "| after | download longest pause (s) | download intact | frames dropped on a full receive ring "
              "(counted) |", "|---|---|---|---|---|---|---|---|"]

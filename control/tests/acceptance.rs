@@ -11,21 +11,11 @@
 //! It needs root, network namespaces and the Debian packages `make deps` installs; without
 //! them it says why and skips.
 
+mod common;
+
 use std::process::Command;
 
-fn skip_reason() -> Option<String> {
-    let uid = Command::new("id").arg("-u").output().ok()?;
-    if String::from_utf8_lossy(&uid.stdout).trim() != "0" {
-        return Some("not root: AF_XDP, XDP and network namespaces need root".into());
-    }
-    let probe = format!("xlbprobe{}", std::process::id());
-    let added = Command::new("ip").args(["netns", "add", &probe]).status();
-    let _ = Command::new("ip").args(["netns", "del", &probe]).status();
-    match added {
-        Ok(s) if s.success() => None,
-        _ => Some("this kernel or sandbox cannot create network namespaces".into()),
-    }
-}
+use common::skip_reason;
 
 fn acceptance(mode: &str) {
     let script = concat!(

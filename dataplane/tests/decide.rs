@@ -79,6 +79,18 @@ fn run(snap: &Snapshot, flows: &FlowTable, frame: &[u8], now: u32) -> Verdict {
     )
 }
 
+/// `decide()` in snat mode with `pool`.
+fn snat(snap: &Snapshot, flows: &FlowTable, pool: &SnatPool, frame: &[u8], now: u32) -> Verdict {
+    run_counted(
+        snap,
+        flows,
+        frame,
+        now,
+        Mode::Snat(pool),
+        &mut Counters::default(),
+    )
+}
+
 fn run_counted(
     snapshot: &Snapshot,
     flows: &FlowTable,
@@ -322,14 +334,7 @@ fn a_table_full_of_established_flows_forwards_new_flows_without_state_in_dnat_mo
     );
     let pool = SnatPool::new(Some(SNAT), None, 61000, 100);
     assert_eq!(
-        run_counted(
-            &snap,
-            &flows,
-            &syn(late + 1),
-            2,
-            Mode::Snat(&pool),
-            &mut counters
-        ),
+        snat(&snap, &flows, &pool, &syn(late + 1), 2),
         Verdict::Drop(DecideDrop::TableFull)
     );
 }
@@ -498,16 +503,7 @@ fn an_snat_reply_whose_forward_entrys_place_was_reused_is_not_sent_to_another_cl
     // One bucket: evictions reuse places.
     let flows = FlowTable::new(8, Timeouts::default());
     let pool = SnatPool::new(Some(SNAT), None, 61000, 1000);
-    let go = |frame: &[u8], now| {
-        run_counted(
-            &snap,
-            &flows,
-            frame,
-            now,
-            Mode::Snat(&pool),
-            &mut Counters::default(),
-        )
-    };
+    let go = |frame: &[u8], now| snat(&snap, &flows, &pool, frame, now);
     let Verdict::ForwardSnat { to, from } = go(&syn(40000), 1) else {
         panic!()
     };
@@ -844,16 +840,7 @@ fn snat_translates_the_source_and_brings_replies_back_to_the_client() {
     let snap = two_ready(IpProto::TCP);
     let flows = table();
     let pool = SnatPool::new(Some(SNAT), None, 61000, 100);
-    let go = |frame: &[u8], now| {
-        run_counted(
-            &snap,
-            &flows,
-            frame,
-            now,
-            Mode::Snat(&pool),
-            &mut Counters::default(),
-        )
-    };
+    let go = |frame: &[u8], now| snat(&snap, &flows, &pool, frame, now);
     let Verdict::ForwardSnat { to, from } = go(&syn(40000), 1) else {
         panic!("not translated")
     };
@@ -897,14 +884,7 @@ fn snat_translates_the_source_and_brings_replies_back_to_the_client() {
     )]);
     let frame = pkt().ipv6(CLIENT6, VIP6).tcp(1, 80).syn().build();
     assert_eq!(
-        run_counted(
-            &v6,
-            &flows,
-            &frame,
-            5,
-            Mode::Snat(&pool),
-            &mut Counters::default()
-        ),
+        snat(&v6, &flows, &pool, &frame, 5),
         Verdict::Forward(backend6.endpoint)
     );
 }
@@ -914,16 +894,7 @@ fn an_snat_reply_whose_forward_entry_expired_is_dropped() {
     let snap = two_ready(IpProto::TCP);
     let flows = table();
     let pool = SnatPool::new(Some(SNAT), None, 61000, 100);
-    let go = |frame: &[u8], now| {
-        run_counted(
-            &snap,
-            &flows,
-            frame,
-            now,
-            Mode::Snat(&pool),
-            &mut Counters::default(),
-        )
-    };
+    let go = |frame: &[u8], now| snat(&snap, &flows, &pool, frame, now);
     let Verdict::ForwardSnat { to, from } = go(&syn(40000), 1) else {
         panic!()
     };

@@ -2,25 +2,19 @@
 //! (a key per VIP and per backend: ~1.1 M), and gives it all back. Loads the filter into the
 //! kernel (attaches it nowhere), so it needs root; without it, it says why and skips.
 
+mod common;
+
 use std::net::Ipv4Addr;
 
+use common::filter_or_skip;
+
 use xlb_dataplane::packet::{Endpoint, IpProto};
-use xlb_dataplane::xsk::{SteerKey, XdpFilter};
+use xlb_dataplane::xsk::SteerKey;
 
 #[test]
 fn the_steering_map_takes_the_keys_of_100_000_services_of_10_endpoints_and_gives_them_back() {
-    let filter = XdpFilter::load();
-    let mut filter = match filter {
-        Ok(f) => f,
-        Err(e) => {
-            let root = std::fs::read_to_string("/proc/self/status").is_ok_and(|s| {
-                s.lines()
-                    .any(|l| l.starts_with("Uid:") && l.contains("\t0\t"))
-            });
-            assert!(!root, "as root the filter must load: {e}");
-            eprintln!("SKIPPED: loading an XDP program needs root or CAP_BPF: {e}");
-            return;
-        }
+    let Some(mut filter) = filter_or_skip() else {
+        return;
     };
     // 100 000 VIPs and 1 000 000 backends (address:port pairs), all distinct.
     let keys: Vec<SteerKey> = (0..1_100_000u32)

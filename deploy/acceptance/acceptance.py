@@ -30,11 +30,9 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -564,7 +562,41 @@ def dns_once(vip):
 
 
 class Context:
-    pass
+    """What the scenarios share: xlb, the backends' servers, the generator, the work folder."""
+
+
+def setup(prefix, xlb, mode, pktgen, flow_capacity=1 << 16):
+    """The topology with the flood's route, the backends' servers running, xlb configured
+    (not started). On failure, what was made is removed before the error goes on."""
+    ctx = Context()
+    ctx.work = tempfile.mkdtemp(prefix=prefix)
+    ctx.pktgen = os.path.abspath(pktgen) if pktgen else None
+    ctx.flood_rate = 20000
+    ctx.backends = Backends(ctx.work)
+    ctx.xlb = Xlb(xlb, ctx.work, mode, flow_capacity)
+    try:
+        subprocess.run(["bash", "-c", f"source {TOPOLOGY}; topology_up {PREFIX} {BACKENDS}"], check=True)
+        # The flood's sources (198.19.0.0/16) are routed to the client, which drops them.
+        run("ip", "route", "add", "198.19.0.0/16", "via", "198.18.0.1", ns=NODE)
+        settle()
+        ctx.backends.start()
+        ctx.xlb.write()
+    except BaseException:
+        teardown(ctx)
+        raise
+    return ctx
+
+
+def teardown(ctx):
+    """Stops xlb and the servers, removes the namespaces (their veths and XDP programs with
+    them) and the work folder."""
+    try:
+        ctx.xlb.kill(signal.SIGTERM)
+    except Exception:  # it may have died already; the namespaces go regardless
+        pass
+    ctx.backends.stop()
+    subprocess.run(["bash", "-c", f"source {TOPOLOGY}; topology_down {PREFIX}"], check=False)
+    shutil.rmtree(ctx.work, ignore_errors=True)
 
 
 def settle():
@@ -622,21 +654,15 @@ def main():
         if not shutil.which(tool):
             print(f"SKIPPED: {tool} is not installed (make deps installs it)")
             return 0
-    work = tempfile.mkdtemp(prefix="xlb-acceptance-")
-    ctx = Context()
-    ctx.pktgen = args.pktgen
+    try:
+        ctx = setup("xlb-acceptance-", os.path.abspath(args.xlb), args.mode, args.pktgen)
+    except Exception as e:
+        print(f"FAILED ({args.mode}): setting up: {type(e).__name__}: {e}", flush=True)
+        return 1
     ctx.flood_rate = args.flood_rate
-    ctx.backends = Backends(work)
-    ctx.xlb = Xlb(os.path.abspath(args.xlb), work, args.mode)
     only = set(filter(None, args.only.split(",")))
     failed = False
     try:
-        subprocess.run(["bash", "-c", f"source {TOPOLOGY}; topology_up {PREFIX} {BACKENDS}"], check=True)
-        # The flood's sources (198.19.0.0/16) are routed to the client, which drops them.
-        run("ip", "route", "add", "198.19.0.0/16", "via", "198.18.0.1", ns=NODE)
-        settle()
-        ctx.backends.start()
-        ctx.xlb.write()
         ctx.xlb.start()
         for name, scenario, vip in scenarios(args.mode):
             if only and name not in only:
@@ -656,13 +682,7 @@ def main():
         except Exception as more:  # the failure report must not hide the failure
             print(f"(no status: {more})")
     finally:
-        try:
-            ctx.xlb.kill(signal.SIGTERM)
-        except Exception:
-            pass
-        ctx.backends.stop()
-        subprocess.run(["bash", "-c", f"source {TOPOLOGY}; topology_down {PREFIX}"], check=False)
-        shutil.rmtree(work, ignore_errors=True)
+        teardown(ctx)
     return 1 if failed else 0
 
 

@@ -110,3 +110,20 @@ pub(crate) fn equal_up_to_checksum_zero(a: &[u8], b: &[u8]) -> bool {
     }
     true
 }
+
+/// The XDP filter loaded into the kernel (attached nowhere), or `None` after saying why the
+/// test is skipped (no root or CAP_BPF). As root it must load.
+pub(crate) fn filter_or_skip() -> Option<xlb_dataplane::xsk::XdpFilter> {
+    match xlb_dataplane::xsk::XdpFilter::load() {
+        Ok(f) => Some(f),
+        Err(e) => {
+            let root = std::fs::read_to_string("/proc/self/status").is_ok_and(|s| {
+                s.lines()
+                    .any(|l| l.starts_with("Uid:") && l.contains("\t0\t"))
+            });
+            assert!(!root, "as root the filter must load: {e}");
+            eprintln!("SKIPPED: loading an XDP program needs root or CAP_BPF: {e}");
+            None
+        }
+    }
+}
