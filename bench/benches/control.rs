@@ -8,7 +8,7 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use xlb_control::config::{BackendStateConfig, NoBackendConfig, ProtocolConfig, SchedulerConfig};
-use xlb_control::desired::{DesiredBackend, DesiredService};
+use xlb_control::desired::{DesiredBackend, DesiredService, VipKind};
 use xlb_control::translate::{translate_desired, Builder, Change, OnRefusal};
 use xlb_dataplane::lb::snapshot::Snapshot;
 
@@ -47,6 +47,8 @@ fn desired(n: u32) -> Vec<DesiredService> {
             affinity_timeout: None,
             no_backend: NoBackendConfig::Reject,
             table_size: None,
+            kind: VipKind::Configured,
+            source_ranges: Vec::new().into(),
         })
         .collect()
 }

@@ -70,6 +70,10 @@ pub struct KubernetesConfig {
     /// within it are published together (default 10, at most 1000).
     #[serde(default = "default_min_sync_ms")]
     pub min_sync_period_ms: u64,
+    /// Which addresses of xlb's interfaces serve node ports (kube-proxy's
+    /// `--nodeport-addresses`): those in any of these prefixes; empty: all of them.
+    #[serde(default)]
+    pub node_port_addresses: Vec<crate::desired::Cidr>,
 }
 
 fn default_min_sync_ms() -> u64 {
@@ -141,6 +145,10 @@ pub struct ServiceConfig {
     /// An explicit Maglev table size (a prime between 251 and 131071).
     #[serde(default)]
     pub table_size: Option<u32>,
+    /// Client prefixes allowed to open flows (as Kubernetes' `loadBalancerSourceRanges`);
+    /// empty: anyone.
+    #[serde(default)]
+    pub source_ranges: Vec<crate::desired::Cidr>,
 }
 
 /// One port of a Service.
@@ -627,6 +635,19 @@ services:
         assert!(Config::parse(&v6).unwrap_err().0.contains("loopback"));
         let snat = format!("mode: snat\nsnat: {{ ipv4: 0.0.0.0 }}\n{GOOD}");
         assert!(Config::parse(&snat).unwrap_err().0.contains("snat.ipv4"));
+    }
+
+    #[test]
+    fn source_ranges_parse_as_prefixes_and_a_bad_one_names_its_field() {
+        let with = GOOD.replace(
+            "    scheduler: least-connections",
+            "    source_ranges: [198.18.0.0/24, '2001:2::/48']\n    scheduler: least-connections",
+        );
+        let c = Config::parse(&with).unwrap();
+        assert_eq!(c.services[0].source_ranges.len(), 2);
+        let bad = with.replace("198.18.0.0/24", "198.18.0.0/40");
+        let e = Config::parse(&bad).unwrap_err().0;
+        assert!(e.contains("services[0].source_ranges"), "{e}");
     }
 
     #[test]

@@ -32,6 +32,7 @@ use xlb_dataplane::xsk::{FilterCounts, XdpFilter, XdpMode, XskConfig, XskIo};
 use crate::admin::{self, AdminState};
 use crate::config::{Config, KubernetesConfig, ModeConfig, XdpModeConfig};
 use crate::kube_source::{Batch, KubeMetrics, KubeSource};
+use crate::kubernetes::NodeContext;
 use crate::netlink::{Kernel, Port};
 use crate::publish::{Published, Publisher};
 use crate::translate::BuildStats;
@@ -92,7 +93,10 @@ pub fn run(path: &Path, node_name: Option<String>) -> Result<(), String> {
         hops: kernel.next_hops(),
     }));
     let kube = match &config.kubernetes {
-        Some(k) => Some(runtime.block_on(kube_source(k, node_name))?),
+        Some(k) => {
+            let addresses = runtime.block_on(kernel.addresses())?;
+            Some(runtime.block_on(kube_source(k, node_name, addresses))?)
+        }
         None => None,
     };
     let mut publisher = Publisher::new(&config, Arc::clone(&tables));
@@ -342,6 +346,7 @@ async fn next_batch(kube: &mut Option<KubeSource>) -> Batch {
 async fn kube_source(
     k: &KubernetesConfig,
     node_name: Option<String>,
+    addresses: Vec<std::net::IpAddr>,
 ) -> Result<KubeSource, String> {
     let config = match &k.kubeconfig {
         Some(path) => {
@@ -361,7 +366,18 @@ async fn kube_source(
     let node = k.node_name.clone().or(node_name).ok_or(
         "kubernetes: this node's name is needed (kubernetes.node_name, --node-name or NODE_NAME)",
     )?;
-    info!(api = %url, node = %node, "watching Services and EndpointSlices");
+    let node_port_addresses: Vec<std::net::IpAddr> = addresses
+        .into_iter()
+        .filter(|a| {
+            k.node_port_addresses.is_empty() || k.node_port_addresses.iter().any(|c| c.contains(*a))
+        })
+        .collect();
+    info!(api = %url, node = %node, ?node_port_addresses, "watching Services and EndpointSlices");
+    let node = NodeContext {
+        name: node,
+        zone: None,
+        node_port_addresses,
+    };
     Ok(KubeSource::new(
         &client,
         node,

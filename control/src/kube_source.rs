@@ -343,14 +343,11 @@ pub struct Store {
 }
 
 impl Store {
-    /// An empty store for the node called `node_name`.
+    /// An empty store for `node` (its zone is then learnt from its Node object).
     #[must_use]
-    pub fn new(node_name: String) -> Self {
+    pub fn new(node: NodeContext) -> Self {
         Self {
-            node: NodeContext {
-                name: node_name,
-                zone: None,
-            },
+            node,
             ..Self::default()
         }
     }
@@ -488,7 +485,7 @@ impl Store {
                         .iter()
                         .filter_map(|k| self.slices.objects.get(k)?.view.view.as_ref())
                         .collect();
-                    kubernetes::translate_views(view, &slices, self.node.zone.as_deref())
+                    kubernetes::translate_views(view, &slices, &self.node)
                 }
                 None => Vec::new(),
             };
@@ -567,16 +564,17 @@ where
 }
 
 impl KubeSource {
-    /// Starts watching through `client` as the node `node_name`: Services and EndpointSlices
-    /// in every namespace and this node's Node object. Nothing is requested before the first
+    /// Starts watching through `client` as `node`: Services and EndpointSlices in every
+    /// namespace and this node's Node object. Nothing is requested before the first
     /// [`KubeSource::next_batch`].
     #[must_use]
     pub fn new(
         client: &Client,
-        node_name: String,
+        node: NodeContext,
         min_sync: Duration,
         metrics: Arc<KubeMetrics>,
     ) -> Self {
+        let node_name = node.name.clone();
         let services = watch::<Service>(client, watcher::Config::default()).map(|e| match e {
             Ok(e) => Watched::Service(Box::new(e)),
             Err(e) => Watched::Error("service", e.to_string()),
@@ -594,7 +592,7 @@ impl KubeSource {
             futures::stream::select_all([services.boxed(), slices.boxed(), nodes.boxed()]).boxed();
         Self {
             events,
-            store: Store::new(node_name),
+            store: Store::new(node),
             min_sync,
             last_publish: None,
             arrivals: Vec::new(),

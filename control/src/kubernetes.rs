@@ -8,18 +8,25 @@
 //! and its slices' views into desired Services for this node.
 //!
 //! Owns: which Services xlb handles (not headless, not ExternalName, not labelled for another
-//! proxy), their VIPs (clusterIPs, LoadBalancer ingress IPs, externalIPs), ports (TCP and UDP;
-//! SCTP reported as unsupported), endpoints merged from all EndpointSlices of a Service and
-//! de-duplicated, endpoint conditions (KEP-1669: ready takes new flows; serving + terminating
-//! keeps its flows and takes new ones only when nothing is ready), traffic policies
-//! (internalTrafficPolicy / externalTrafficPolicy Local: node-local endpoints only; none there
-//! while others exist drops, as kube-proxy does, where no endpoint at all rejects),
-//! trafficDistribution (PreferSameZone / PreferClose, PreferSameNode, with fallback),
+//! proxy), their VIPs (clusterIPs; LoadBalancer ingress IPs unless their `ipMode` is `Proxy`;
+//! externalIPs; ingress and external IPs only of the Service's own IP families) and node
+//! ports (on this node's addresses, for NodePort and LoadBalancer Services), ports (TCP and
+//! UDP; SCTP reported as unsupported), endpoints merged from all EndpointSlices of a Service
+//! and de-duplicated (a ready copy wins over a terminating one; only an endpoint's first
+//! address counts), endpoint conditions (KEP-1669, as kube-proxy reads them: `ready` unset or
+//! true takes new flows even if terminating; not ready but serving (unset counts as serving)
+//! and terminating keeps its flows and takes new ones only when nothing is ready), traffic
+//! policies (internalTrafficPolicy / externalTrafficPolicy Local: node-local endpoints only;
+//! none there while others exist drops, as kube-proxy does, where no endpoint at all rejects;
+//! node ports follow the external policy), `loadBalancerSourceRanges` (on the ingress IPs
+//! only), trafficDistribution (PreferSameZone / PreferClose, PreferSameNode, with fallback),
 //! session affinity, and xlb's annotations (`xlb.io/scheduler`, `xlb.io/maglev-table-size`).
+//! kube-proxy's `pkg/proxy` (`endpointslicecache.go`, `servicechangetracker.go`, the nftables
+//! proxier) is the reference; the fixtures in `tests/kubernetes_translate.rs` cite it.
 //!
 //! Must not know: the API server, watches, time; packets.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -29,7 +36,7 @@ use k8s_openapi::api::discovery::v1::{Endpoint, EndpointSlice};
 use xlb_dataplane::lb::maglev::is_valid_table_size;
 
 use crate::config::{BackendStateConfig, NoBackendConfig, ProtocolConfig, SchedulerConfig};
-use crate::desired::{DesiredBackend, DesiredService};
+use crate::desired::{Cidr, DesiredBackend, DesiredService, VipKind};
 
 /// The label of EndpointSlices naming their Service.
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -38,13 +45,26 @@ const PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
 /// kube-proxy's default session affinity timeout.
 const DEFAULT_AFFINITY_SECONDS: u32 = 10_800;
 
-/// Where xlb runs, for node-local policies and topology.
+/// Where xlb runs, for node-local policies, topology and node ports.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct NodeContext {
     /// This node's name.
     pub name: String,
     /// This node's zone (`topology.kubernetes.io/zone`), if known.
     pub zone: Option<String>,
+    /// The addresses node ports are served on (kube-proxy's `--nodeport-addresses`).
+    pub node_port_addresses: Vec<IpAddr>,
+}
+
+impl NodeContext {
+    /// The node called `name`, zone unknown, serving no node port.
+    #[must_use]
+    pub fn named(name: &str) -> Self {
+        Self {
+            name: name.to_owned(),
+            ..Self::default()
+        }
+    }
 }
 
 /// Something the translation skipped or defaulted, for a warning log and a counter.
@@ -75,21 +95,26 @@ enum Distribution {
     SameNode,
 }
 
-/// A Service port xlb forwards.
+/// A Service port xlb forwards (or an EndpointSlice's port, without a node port).
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct PortView {
     name: Box<str>,
     protocol: ProtocolConfig,
     port: u16,
+    node_port: Option<u16>,
 }
 
 /// What translation reads of a Service xlb handles.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServiceView {
     name: Arc<str>,
-    /// VIPs, each with whether it is internal (cluster IPs) or external.
-    vips: Box<[(IpAddr, bool)]>,
+    /// VIPs with their kind.
+    vips: Box<[(IpAddr, VipKind)]>,
+    /// Which IP families the Service has (IPv4, IPv6), for node ports.
+    families: (bool, bool),
     ports: Box<[PortView]>,
+    /// `loadBalancerSourceRanges`, for the ingress IPs.
+    source_ranges: Arc<[Cidr]>,
     scheduler: SchedulerConfig,
     table_size: Option<u32>,
     affinity_timeout: Option<u32>,
@@ -165,8 +190,7 @@ pub fn translate(
             .into_iter()
             .flatten()
             .collect();
-        out.services
-            .extend(translate_views(&view, &own, node.zone.as_deref()));
+        out.services.extend(translate_views(&view, &own, node));
     }
     out
 }
@@ -218,7 +242,7 @@ impl ServiceView {
                 message,
             });
         };
-        let mut vips: Vec<(IpAddr, bool)> = Vec::new();
+        let mut vips: Vec<(IpAddr, VipKind)> = Vec::new();
         let cluster_ips: Vec<&String> = match &spec.cluster_ips {
             Some(ips) if !ips.is_empty() => ips.iter().collect(),
             _ => spec.cluster_ip.iter().collect(),
@@ -228,23 +252,44 @@ impl ServiceView {
                 continue; // headless
             }
             match ip.parse() {
-                Ok(addr) => vips.push((addr, true)),
+                Ok(addr) => vips.push((addr, VipKind::ClusterIp)),
                 Err(_) => warn("bad-address", format!("clusterIP {ip:?} is not an address")),
             }
         }
+        // The Service's families: ipFamilies, or those of its cluster IPs.
+        let families = match &spec.ip_families {
+            Some(f) if !f.is_empty() => {
+                (f.iter().any(|f| f == "IPv4"), f.iter().any(|f| f == "IPv6"))
+            }
+            _ => (
+                vips.iter().any(|(a, _)| a.is_ipv4()),
+                vips.iter().any(|(a, _)| a.is_ipv6()),
+            ),
+        };
+        let of_family = |a: &IpAddr| if a.is_ipv4() { families.0 } else { families.1 };
         let ingress = service
             .status
             .as_ref()
             .and_then(|s| s.load_balancer.as_ref())
             .and_then(|l| l.ingress.as_ref());
-        let external = ingress
+        // An ingress IP whose ipMode is Proxy is the load balancer's own: it proxies to node
+        // ports, and traffic to the IP must not be captured on the node (KEP-1860).
+        let ingress_ips = ingress
             .into_iter()
             .flatten()
+            .filter(|i| i.ip_mode.as_deref() != Some("Proxy"))
             .filter_map(|i| i.ip.as_ref())
-            .chain(spec.external_ips.iter().flatten());
-        for ip in external {
-            match ip.parse() {
-                Ok(addr) => vips.push((addr, false)),
+            .map(|ip| (ip, VipKind::LoadBalancer));
+        let external_ips = spec
+            .external_ips
+            .iter()
+            .flatten()
+            .map(|ip| (ip, VipKind::ExternalIp));
+        for (ip, kind) in ingress_ips.chain(external_ips) {
+            match ip.parse::<IpAddr>() {
+                // An address of a family the Service does not have: kube-proxy ignores it.
+                Ok(addr) if !of_family(&addr) => {}
+                Ok(addr) => vips.push((addr, kind)),
                 Err(_) => warn(
                     "bad-address",
                     format!("external address {ip:?} is not an address"),
@@ -254,6 +299,14 @@ impl ServiceView {
         if vips.is_empty() {
             return None;
         }
+        let mut source_ranges = Vec::new();
+        for range in spec.load_balancer_source_ranges.iter().flatten() {
+            match range.trim().parse::<Cidr>() {
+                Ok(cidr) => source_ranges.push(cidr),
+                Err(e) => warn("bad-address", format!("loadBalancerSourceRanges: {e}")),
+            }
+        }
+        let node_ports = matches!(spec.type_.as_deref(), Some("NodePort" | "LoadBalancer"));
         let annotations = meta.annotations.as_ref();
         let annotation = |key: &str| annotations.and_then(|a| a.get(key)).map(String::as_str);
         let scheduler = match annotation("xlb.io/scheduler") {
@@ -301,16 +354,25 @@ impl ServiceView {
                 warn("bad-port", format!("port {} is out of range", port.port));
                 continue;
             };
+            // allocateLoadBalancerNodePorts false: no node port was allocated, none served.
+            let node_port = port
+                .node_port
+                .filter(|_| node_ports)
+                .and_then(|n| u16::try_from(n).ok())
+                .filter(|n| *n != 0);
             ports.push(PortView {
                 name: port.name.as_deref().unwrap_or("").into(),
                 protocol,
                 port: number,
+                node_port,
             });
         }
         Some(Self {
             name,
             vips: vips.into(),
+            families,
             ports: ports.into(),
+            source_ranges: source_ranges.into(),
             scheduler,
             table_size,
             affinity_timeout,
@@ -350,6 +412,7 @@ impl SliceView {
                     name: p.name.as_deref().unwrap_or("").into(),
                     protocol,
                     port: p.port.and_then(|n| u16::try_from(n).ok())?,
+                    node_port: None,
                 })
             })
             .collect();
@@ -360,15 +423,15 @@ impl SliceView {
             };
             let local = endpoint.node_name.as_deref() == Some(node);
             let zone = endpoint.zone.as_deref().map(|z| zones.intern(z));
-            for address in &endpoint.addresses {
-                if let Ok(address) = address.parse::<IpAddr>() {
-                    endpoints.push(EndpointView {
-                        address,
-                        state,
-                        local,
-                        zone: zone.clone(),
-                    });
-                }
+            // Only the first address counts (the API says consumers must use it; the others
+            // are unused), as kube-proxy does.
+            if let Some(Ok(address)) = endpoint.addresses.first().map(|a| a.parse::<IpAddr>()) {
+                endpoints.push(EndpointView {
+                    address,
+                    state,
+                    local,
+                    zone,
+                });
             }
         }
         Some(Self {
@@ -379,19 +442,31 @@ impl SliceView {
     }
 }
 
-/// Translates one Service's view with its slices' views, for a node in `zone`: one desired
-/// Service per port and VIP.
+/// Translates one Service's view with its slices' views, for `node`: one desired Service per
+/// port and VIP, and per node port and node address.
 #[must_use]
 pub fn translate_views(
     service: &ServiceView,
     slices: &[&SliceView],
-    zone: Option<&str>,
+    node: &NodeContext,
 ) -> Vec<DesiredService> {
+    let node_ports = node.node_port_addresses.iter().filter(|a| {
+        if a.is_ipv4() {
+            service.families.0
+        } else {
+            service.families.1
+        }
+    });
     let mut out = Vec::with_capacity(service.ports.len() * service.vips.len());
     for port in service.ports.iter() {
-        for &(vip, internal) in service.vips.iter() {
+        let at_node_ports = port
+            .node_port
+            .into_iter()
+            .flat_map(|n| node_ports.clone().map(move |a| (*a, n, VipKind::NodePort)));
+        let vips = service.vips.iter().map(|&(a, kind)| (a, port.port, kind));
+        for (vip, vip_port, kind) in vips.chain(at_node_ports) {
             let all = endpoints(slices, port, vip);
-            let local_only = if internal {
+            let local_only = if kind == VipKind::ClusterIp {
                 service.internal_local
             } else {
                 service.external_local
@@ -406,12 +481,12 @@ pub fn translate_views(
                 }
                 local
             } else {
-                prefer(all, service.distribution, zone)
+                prefer(all, service.distribution, node.zone.as_deref())
             };
             out.push(DesiredService {
                 name: format!("{}:{}", service.name, port.name),
                 vip,
-                port: port.port,
+                port: vip_port,
                 protocol: port.protocol,
                 backends: chosen
                     .into_iter()
@@ -426,6 +501,12 @@ pub fn translate_views(
                 affinity_timeout: service.affinity_timeout,
                 no_backend,
                 table_size: service.table_size,
+                kind,
+                source_ranges: if kind == VipKind::LoadBalancer {
+                    Arc::clone(&service.source_ranges)
+                } else {
+                    Arc::from([])
+                },
             });
         }
     }
@@ -439,8 +520,8 @@ fn endpoints<'a>(
     port: &PortView,
     vip: IpAddr,
 ) -> Vec<(&'a EndpointView, u16)> {
-    let mut seen = BTreeSet::new();
-    let mut out = Vec::new();
+    let mut seen: HashMap<(IpAddr, u16), usize> = HashMap::new();
+    let mut out: Vec<(&'a EndpointView, u16)> = Vec::new();
     for slice in slices.iter().filter(|s| s.ipv6 == vip.is_ipv6()) {
         // The slice port with the Service port's name (both unnamed for a single-port Service).
         let Some(target) = slice
@@ -451,23 +532,36 @@ fn endpoints<'a>(
             continue;
         };
         for endpoint in slice.endpoints.iter() {
-            if seen.insert((endpoint.address, target.port)) {
-                out.push((endpoint, target.port));
+            match seen.get(&(endpoint.address, target.port)) {
+                // An endpoint in several slices (a slice being rebalanced, a pod terminating
+                // in one and ready in another): the ready copy wins, as in kube-proxy's
+                // endpointslicecache.
+                Some(&at) => {
+                    if endpoint.state == BackendStateConfig::Ready {
+                        out[at] = (endpoint, target.port);
+                    }
+                }
+                None => {
+                    seen.insert((endpoint.address, target.port), out.len());
+                    out.push((endpoint, target.port));
+                }
             }
         }
     }
     out
 }
 
-/// An endpoint's condition (KEP-1669): ready, or serving and terminating; neither is left out.
-/// An unset `ready` or `serving` means ready (the API's documented meaning); `serving`
-/// defaults to `ready`.
+/// An endpoint's condition (KEP-1669), read as kube-proxy reads it (`endpointslicecache.go`:
+/// `Ready == nil || *Ready`, `Serving == nil || *Serving`, `Terminating != nil &&
+/// *Terminating`; `topology.go` takes ready endpoints, else serving and terminating ones):
+/// ready takes new flows (even when terminating); not ready but serving and terminating keeps
+/// its flows and takes new ones only when nothing is ready; anything else is left out.
 fn state(endpoint: &Endpoint) -> Option<BackendStateConfig> {
     let c = endpoint.conditions.as_ref();
     let ready = c.and_then(|c| c.ready).unwrap_or(true);
-    let serving = c.and_then(|c| c.serving).unwrap_or(ready);
+    let serving = c.and_then(|c| c.serving).unwrap_or(true);
     let terminating = c.and_then(|c| c.terminating).unwrap_or(false);
-    if ready && !terminating {
+    if ready {
         Some(BackendStateConfig::Ready)
     } else if serving && terminating {
         Some(BackendStateConfig::Terminating)

@@ -18,6 +18,7 @@ use futures::channel::mpsc::UnboundedReceiver;
 use futures::{StreamExt, TryStreamExt};
 use hashbrown::HashMap;
 use rtnetlink::packet_core::{NetlinkMessage, NetlinkPayload};
+use rtnetlink::packet_route::address::AddressAttribute;
 use rtnetlink::packet_route::neighbour::{
     NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
 };
@@ -139,6 +140,35 @@ impl Kernel {
         };
         kernel.reread().await?;
         Ok(kernel)
+    }
+
+    /// The addresses of the ports (for node ports), in port order.
+    ///
+    /// # Errors
+    /// The netlink error, as text.
+    pub async fn addresses(&self) -> Result<Vec<IpAddr>, String> {
+        let mut out = Vec::new();
+        for port in &self.ports {
+            let mut addresses = self
+                .handle
+                .address()
+                .get()
+                .set_link_index_filter(port.ifindex)
+                .execute();
+            while let Some(msg) = addresses.try_next().await.map_err(|e| e.to_string())? {
+                for attr in &msg.attributes {
+                    if let AddressAttribute::Address(ip) = attr {
+                        // Link-local addresses serve nothing a Service is reached by.
+                        let link_local =
+                            matches!(ip, IpAddr::V6(v6) if v6.segments()[0] & 0xffc0 == 0xfe80);
+                        if !link_local && !out.contains(ip) {
+                            out.push(*ip);
+                        }
+                    }
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// The next-hop table the view gives.

@@ -11,11 +11,12 @@ use hashbrown::HashMap;
 use std::num::NonZeroU32;
 use std::sync::Arc;
 
+use xlb_dataplane::lb::prefix::{Prefix, PrefixMap};
 use xlb_dataplane::lb::snapshot::{
     Backend, BackendId, BackendState, NoBackend, Scheduler, Service, ServiceId, ServiceKey,
     ServiceSpec, Snapshot, SnapshotError,
 };
-use xlb_dataplane::packet::{Endpoint, IpProto};
+use xlb_dataplane::packet::{key_addr, Endpoint, Family, IpProto};
 
 use crate::config::{
     BackendStateConfig, Config, ConfigError, NoBackendConfig, ProtocolConfig, SchedulerConfig,
@@ -347,6 +348,16 @@ fn spec(d: &DesiredService, ids: &mut Builder) -> ServiceSpec {
         NoBackendConfig::Drop => NoBackend::Drop,
     };
     spec.table_size = d.table_size;
+    if !d.source_ranges.is_empty() {
+        spec.source_ranges = Some(Arc::new(PrefixMap::new(d.source_ranges.iter().map(|c| {
+            let family = if c.addr.is_ipv4() {
+                Family::Ipv4
+            } else {
+                Family::Ipv6
+            };
+            (Prefix::new(family, key_addr(c.addr), c.len), ())
+        }))));
+    }
     spec
 }
 

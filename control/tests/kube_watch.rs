@@ -77,7 +77,12 @@ impl Harness {
         let config = kube::Config::new(url.parse().unwrap());
         let client = kube::Client::try_from(config).unwrap();
         let metrics = Arc::new(KubeMetrics::default());
-        let source = KubeSource::new(&client, "node-a".into(), min_sync, Arc::clone(&metrics));
+        let source = KubeSource::new(
+            &client,
+            xlb_control::kubernetes::NodeContext::named("node-a"),
+            min_sync,
+            Arc::clone(&metrics),
+        );
         let tables = Arc::new(ArcSwap::from_pointee(Tables::empty()));
         let config = Config::parse("interfaces: [a]").unwrap();
         Self {

@@ -47,6 +47,10 @@ fn run(services: Vec<Value>, slices: Vec<Value>) -> Translation {
     let node = NodeContext {
         name: "node-a".into(),
         zone: Some("zone-1".into()),
+        node_port_addresses: vec![
+            "198.18.0.254".parse().unwrap(),
+            "2001:2::fe".parse().unwrap(),
+        ],
     };
     translate(&services, &slices, &node)
 }
@@ -315,4 +319,202 @@ fn client_ip_affinity_and_annotations_are_honoured_and_bad_values_warned() {
     );
     assert_eq!(t.warnings.len(), 2);
     assert!(t.warnings.iter().all(|w| w.kind == "bad-annotation"));
+}
+
+fn states(t: &Translation) -> Vec<(String, BackendStateConfig)> {
+    t.services[0]
+        .backends
+        .iter()
+        .map(|b| (b.address.to_string(), b.state))
+        .collect()
+}
+
+/// Issue 12, item 2, as kube-proxy's `endpointslicecache.go` reads conditions
+/// (`Ready == nil || *Ready`, `Serving == nil || *Serving`) and `topology.go` picks (ready,
+/// else serving and terminating): a terminating endpoint with `serving` unset is a fallback,
+/// and a ready one is ready even while terminating.
+#[test]
+fn serving_unset_counts_as_serving_and_ready_wins_over_terminating() {
+    let t = run(
+        vec![web()],
+        vec![web_slice(
+            "w",
+            8080,
+            json!([
+                { "addresses": ["198.18.129.1"], "conditions": { "ready": false, "terminating": true } },
+                { "addresses": ["198.18.129.2"], "conditions": { "ready": true, "terminating": true } },
+                { "addresses": ["198.18.129.3"], "conditions": { "ready": false, "serving": true } },
+            ]),
+        )],
+    );
+    assert_eq!(
+        states(&t),
+        [
+            ("198.18.129.1".into(), BackendStateConfig::Terminating),
+            ("198.18.129.2".into(), BackendStateConfig::Ready),
+        ]
+    );
+}
+
+/// Issue 12, item 2: only `addresses[0]` counts (the API: "consumers must use the first
+/// element"), and of one address in two slices the ready copy wins over a terminating one
+/// (kube-proxy's endpointslicecache keeps the ready copy).
+#[test]
+fn only_the_first_address_counts_and_a_ready_copy_wins_over_a_terminating_one() {
+    let t = run(
+        vec![web()],
+        vec![
+            web_slice(
+                "old",
+                8080,
+                json!([
+                    ep("198.18.129.1", "node-b", "zone-1", false, true, true),
+                    { "addresses": ["198.18.129.2", "198.18.129.9"] },
+                ]),
+            ),
+            web_slice(
+                "new",
+                8080,
+                json!([ep("198.18.129.1", "node-b", "zone-1", true, true, false)]),
+            ),
+        ],
+    );
+    assert_eq!(
+        states(&t),
+        [
+            ("198.18.129.1".into(), BackendStateConfig::Ready),
+            ("198.18.129.2".into(), BackendStateConfig::Ready),
+        ]
+    );
+}
+
+/// Issue 12, item 3: an external or ingress address of a family the Service does not have is
+/// ignored (kube-proxy's servicechangetracker filters by the Service's IP families), not
+/// turned into a VIP without backends that rejects.
+#[test]
+fn external_and_ingress_addresses_of_another_family_are_ignored() {
+    let svc = json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": { "name": "web", "namespace": "default" },
+        "spec": { "type": "LoadBalancer", "clusterIP": "198.18.64.1", "clusterIPs": ["198.18.64.1"],
+                  "ipFamilies": ["IPv4"], "externalIPs": ["198.18.65.1", "2001:2:0:65::1"],
+                  "ports": [{ "name": "http", "protocol": "TCP", "port": 80 }] },
+        "status": { "loadBalancer": { "ingress": [{ "ip": "2001:2:0:66::1" }, { "ip": "198.18.66.1" }] } },
+    });
+    let t = run(vec![svc], vec![]);
+    let mut vips: Vec<String> = t.services.iter().map(|s| s.vip.to_string()).collect();
+    vips.sort();
+    assert_eq!(vips, ["198.18.64.1", "198.18.65.1", "198.18.66.1"]);
+    assert!(t.warnings.is_empty(), "{:?}", t.warnings);
+}
+
+/// Issue 12, item 4: an ingress IP whose `ipMode` is `Proxy` belongs to a load balancer that
+/// proxies to node ports: it is not served on the node; `VIP` or unset is.
+#[test]
+fn an_ingress_ip_in_proxy_mode_is_not_served() {
+    let svc = json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": { "name": "web", "namespace": "default" },
+        "spec": { "type": "LoadBalancer", "clusterIP": "198.18.64.1",
+                  "ports": [{ "name": "http", "protocol": "TCP", "port": 80 }] },
+        "status": { "loadBalancer": { "ingress": [
+            { "ip": "198.18.66.1", "ipMode": "Proxy" },
+            { "ip": "198.18.66.2", "ipMode": "VIP" },
+            { "ip": "198.18.66.3" } ] } },
+    });
+    let t = run(vec![svc], vec![]);
+    let mut vips: Vec<String> = t.services.iter().map(|s| s.vip.to_string()).collect();
+    vips.sort();
+    assert_eq!(vips, ["198.18.64.1", "198.18.66.2", "198.18.66.3"]);
+}
+
+/// Issue 12, item 1: `loadBalancerSourceRanges` applies to the ingress IPs only (kube-proxy's
+/// nftables proxier puts the firewall check on load-balancer IPs; external IPs and the cluster
+/// IP are not filtered).
+#[test]
+fn source_ranges_apply_to_the_load_balancer_ips_only() {
+    let svc = json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": { "name": "web", "namespace": "default" },
+        "spec": { "type": "LoadBalancer", "clusterIP": "198.18.64.1", "externalIPs": ["198.18.65.1"],
+                  "loadBalancerSourceRanges": ["198.18.0.0/24", " 203.0.113.0/24 ", "bogus"],
+                  "ports": [{ "name": "http", "protocol": "TCP", "port": 80 }] },
+        "status": { "loadBalancer": { "ingress": [{ "ip": "198.18.66.1" }] } },
+    });
+    let t = run(vec![svc], vec![]);
+    for s in &t.services {
+        let ranges: Vec<String> = s.source_ranges.iter().map(ToString::to_string).collect();
+        if s.vip.to_string() == "198.18.66.1" {
+            assert_eq!(ranges, ["198.18.0.0/24", "203.0.113.0/24"]);
+        } else {
+            assert!(ranges.is_empty(), "{} has {ranges:?}", s.vip);
+        }
+    }
+    assert_eq!(t.warnings.len(), 1, "the bad range is reported");
+}
+
+/// Issue 12, item 5: node ports are served on the node's addresses of the Service's
+/// families, for NodePort and LoadBalancer Services, following externalTrafficPolicy (Local:
+/// this node's endpoints only, none there drops); a LoadBalancer without allocated node ports
+/// (allocateLoadBalancerNodePorts: false) has none.
+#[test]
+fn node_ports_are_served_on_the_nodes_addresses_with_the_external_policy() {
+    let node_port = |ty: &str, local: bool| {
+        json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": { "name": "web", "namespace": "default" },
+            "spec": { "type": ty, "clusterIP": "198.18.64.1", "ipFamilies": ["IPv4"],
+                      "externalTrafficPolicy": if local { "Local" } else { "Cluster" },
+                      "ports": [{ "name": "http", "protocol": "TCP", "port": 80, "nodePort": 30080 }] },
+        })
+    };
+    let slices = vec![web_slice(
+        "w",
+        8080,
+        json!([
+            ep("198.18.129.1", "node-a", "zone-1", true, true, false),
+            ep("198.18.129.2", "node-b", "zone-1", true, true, false)
+        ]),
+    )];
+    let at_node_port = |t: &Translation| {
+        t.services
+            .iter()
+            .filter(|s| s.port == 30080)
+            .map(|s| (s.vip.to_string(), s.backends.len(), s.no_backend))
+            .collect::<Vec<_>>()
+    };
+    let t = run(vec![node_port("NodePort", false)], slices.clone());
+    assert_eq!(
+        at_node_port(&t),
+        [("198.18.0.254".into(), 2, NoBackendConfig::Reject)],
+        "IPv4 only: the Service has no IPv6"
+    );
+    let t = run(vec![node_port("LoadBalancer", true)], slices.clone());
+    assert_eq!(
+        at_node_port(&t),
+        [("198.18.0.254".into(), 1, NoBackendConfig::Reject)]
+    );
+    let remote = vec![web_slice(
+        "w",
+        8080,
+        json!([ep("198.18.129.2", "node-b", "zone-1", true, true, false)]),
+    )];
+    let t = run(vec![node_port("NodePort", true)], remote);
+    assert_eq!(
+        at_node_port(&t),
+        [("198.18.0.254".into(), 0, NoBackendConfig::Drop)],
+        "Local and no endpoint here: dropped"
+    );
+    let mut no_alloc = node_port("LoadBalancer", false);
+    no_alloc["spec"]["allocateLoadBalancerNodePorts"] = json!(false);
+    no_alloc["spec"]["ports"][0]
+        .as_object_mut()
+        .unwrap()
+        .remove("nodePort");
+    assert!(at_node_port(&run(vec![no_alloc], slices.clone())).is_empty());
+    let cluster_ip = node_port("ClusterIP", false);
+    assert!(
+        at_node_port(&run(vec![cluster_ip], slices)).is_empty(),
+        "a ClusterIP Service has no node port"
+    );
 }

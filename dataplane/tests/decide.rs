@@ -909,3 +909,49 @@ fn an_snat_reply_whose_forward_entry_expired_is_dropped() {
     flows.remove(hit.entry, &fp.key);
     assert_eq!(go(&reply, 2), Verdict::Drop(DecideDrop::FlowGone));
 }
+
+/// Issue 12, item 1: `loadBalancerSourceRanges` was ignored. New flows from outside a
+/// Service's allowed prefixes are dropped and counted; other Services are not affected.
+#[test]
+fn new_flows_from_outside_the_allowed_source_ranges_are_dropped() {
+    use xlb_dataplane::lb::prefix::{Prefix, PrefixMap};
+    use xlb_dataplane::packet::{key_addr, Family};
+    let key = ServiceKey {
+        vip: Endpoint::new(VIP.into(), 80),
+        proto: IpProto::TCP,
+    };
+    let mut spec = ServiceSpec::new(ServiceId(id(1)), key, vec![backend(1, BackendState::Ready)]);
+    let ranges = [
+        ([198, 18, 0, 0], 24),
+        ([203, 0, 113, 0], 24),
+        ([198, 51, 100, 7], 32),
+    ];
+    spec.source_ranges = Some(Arc::new(PrefixMap::new(ranges.iter().map(|(a, len)| {
+        (
+            Prefix::new(
+                Family::Ipv4,
+                key_addr(std::net::Ipv4Addr::from(*a).into()),
+                *len,
+            ),
+            (),
+        )
+    }))));
+    let snap = snapshot(vec![Arc::new(Service::new(spec).unwrap())]);
+    let flows = table();
+    let from = |src: [u8; 4], port| pkt().ipv4(src.into(), VIP).tcp(port, 80).syn().build();
+    assert!(matches!(
+        run(&snap, &flows, &from([198, 18, 0, 1], 1), 1),
+        Verdict::Forward(_)
+    ));
+    assert!(matches!(
+        run(&snap, &flows, &from([198, 51, 100, 7], 2), 1),
+        Verdict::Forward(_)
+    ));
+    for outside in [[198, 18, 1, 1], [198, 51, 100, 8], [10, 0, 0, 1]] {
+        assert_eq!(
+            run(&snap, &flows, &from(outside, 3), 1),
+            Verdict::Drop(DecideDrop::SourceNotAllowed),
+            "{outside:?}"
+        );
+    }
+}

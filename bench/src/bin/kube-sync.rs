@@ -204,7 +204,7 @@ fn measure(n: u32, changes: u32) -> Result<Value, String> {
         let started = Instant::now();
         let mut source = KubeSource::new(
             &client,
-            "node-0".into(),
+            xlb_control::kubernetes::NodeContext::named("node-0"),
             Duration::from_millis(10),
             Arc::new(KubeMetrics::default()),
         );

@@ -29,7 +29,8 @@
 //! * A SYN on a closing flow, or on a flow whose backend left, starts a new flow with a fresh
 //!   pick (a client reusing its port), as conntrack does.
 //! * A new flow from a martian source (unspecified, loopback, multicast, broadcast, the
-//!   destination itself) is dropped and counted.
+//!   destination itself), or from outside a Service's allowed source ranges, is dropped and
+//!   counted (flows already established are not re-checked, as with conntrack).
 //!
 //! Session affinity (`ClientIP`) sends a client's new flows to the backend of its previous
 //! one while that is younger than the Service's timeout and the backend still takes new
@@ -120,6 +121,9 @@ counted_enum! {
         /// A new flow from a martian source: unspecified, loopback, multicast, broadcast,
         /// reserved, IPv4-mapped, or the destination itself.
         MartianSource,
+        /// A new flow from outside the Service's allowed source ranges
+        /// (`loadBalancerSourceRanges`).
+        SourceNotAllowed,
     }
 }
 
@@ -620,6 +624,11 @@ fn new_flow(
         return Verdict::Drop(DecideDrop::MartianSource);
     }
     let spec = service.spec();
+    if let Some(ranges) = &spec.source_ranges {
+        if ranges.longest_match(key.family, &key.src_addr).is_none() {
+            return Verdict::Drop(DecideDrop::SourceNotAllowed);
+        }
+    }
     let affinity = spec
         .affinity_timeout
         .map(|timeout| Affinity::of(service, parsed, timeout));

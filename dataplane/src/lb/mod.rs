@@ -2,7 +2,7 @@
 //!
 //! Owns: Maglev lookup tables ([`maglev`]), the hashes that every xlb instance must compute
 //! alike ([`hash`]), the immutable service table the workers read ([`snapshot`]), and the
-//! lock-free flow table they share ([`flow`]), and the per-packet
+//! lock-free flow table they share ([`flow`]), IP prefix sets ([`prefix`]), and the per-packet
 //! decision that joins them ([`decide`]). Must not know: sockets, threads, time sources, Kubernetes. No unsafe.
 
 #![forbid(unsafe_code)]
@@ -11,4 +11,5 @@ pub mod decide;
 pub mod flow;
 pub mod hash;
 pub mod maglev;
+pub mod prefix;
 pub mod snapshot;

@@ -25,6 +25,7 @@ use crate::sync::{AtomicU64, Ordering};
 use crate::packet::{Endpoint, FlowKey, IpProto};
 
 use super::maglev::{MaglevError, MaglevTable};
+use super::prefix::PrefixMap;
 
 /// A Service's stable identity across snapshots. Zero is reserved.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -121,6 +122,9 @@ pub struct ServiceSpec {
     pub no_backend: NoBackend,
     /// An explicit Maglev table size (a prime), or automatic.
     pub table_size: Option<u32>,
+    /// The client prefixes allowed to open flows (Kubernetes' `loadBalancerSourceRanges`, on
+    /// a load balancer's ingress address), or anyone.
+    pub source_ranges: Option<Arc<PrefixMap<()>>>,
 }
 
 impl ServiceSpec {
@@ -136,6 +140,7 @@ impl ServiceSpec {
             affinity_timeout: None,
             no_backend: NoBackend::default(),
             table_size: None,
+            source_ranges: None,
         }
     }
 }

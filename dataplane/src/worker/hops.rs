@@ -10,6 +10,7 @@
 
 use hashbrown::HashMap;
 
+use crate::lb::prefix::{Prefix, PrefixMap};
 use crate::packet::{Family, MacAddr};
 
 /// Where a packet to some address goes next.
@@ -36,20 +37,11 @@ pub struct Route {
     pub hop: NextHop,
 }
 
-/// Routes of one family and one prefix length, by masked prefix.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-struct Length {
-    len: u8,
-    family: Family,
-    prefixes: HashMap<[u8; 16], NextHop>,
-}
-
 /// The next-hop table of one snapshot.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct NextHops {
     hosts: HashMap<(Family, [u8; 16]), NextHop>,
-    /// Routes grouped by family and prefix length, longest first.
-    lengths: Vec<Length>,
+    routes: PrefixMap<NextHop>,
 }
 
 impl NextHops {
@@ -60,32 +52,13 @@ impl NextHops {
         hosts: impl IntoIterator<Item = (Family, [u8; 16], NextHop)>,
         routes: Vec<Route>,
     ) -> Self {
-        let mut lengths: Vec<Length> = Vec::new();
-        for r in routes {
-            let len = r.len.min(128);
-            let at = match lengths
-                .iter()
-                .position(|l| l.len == len && l.family == r.family)
-            {
-                Some(at) => at,
-                None => {
-                    lengths.push(Length {
-                        len,
-                        family: r.family,
-                        prefixes: HashMap::new(),
-                    });
-                    lengths.len() - 1
-                }
-            };
-            lengths[at]
-                .prefixes
-                .entry(masked(&r.prefix, len))
-                .or_insert(r.hop);
-        }
-        lengths.sort_by_key(|l| core::cmp::Reverse(l.len));
         Self {
             hosts: hosts.into_iter().map(|(f, a, h)| ((f, a), h)).collect(),
-            lengths,
+            routes: PrefixMap::new(
+                routes
+                    .into_iter()
+                    .map(|r| (Prefix::new(r.family, r.prefix, r.len), r.hop)),
+            ),
         }
     }
 
@@ -96,25 +69,14 @@ impl NextHops {
         if let Some(hop) = self.hosts.get(&(family, *addr)) {
             return Some(*hop);
         }
-        self.lengths
-            .iter()
-            .filter(|l| l.family == family)
-            .find_map(|l| l.prefixes.get(&masked(addr, l.len)).copied())
+        self.routes.longest_match(family, addr).copied()
     }
 
     /// How many resolved hosts and routes it holds.
     #[must_use]
     pub fn len(&self) -> (usize, usize) {
-        let routes = self.lengths.iter().map(|l| l.prefixes.len()).sum();
-        (self.hosts.len(), routes)
+        (self.hosts.len(), self.routes.len())
     }
-}
-
-/// `addr` with every bit past the first `len` cleared.
-fn masked(addr: &[u8; 16], len: u8) -> [u8; 16] {
-    let len = u32::from(len.min(128));
-    let mask = u128::MAX.checked_shl(128 - len).unwrap_or(0);
-    (u128::from_be_bytes(*addr) & mask).to_be_bytes()
 }
 
 /// Whether `addr` lies in `prefix`/`len` (addresses in key form).
@@ -200,37 +162,5 @@ mod tests {
         );
         assert_eq!(hops.lookup(Family::Ipv4, &v4([10, 0, 0, 1])), None);
         assert_eq!(hops.lookup(Family::Ipv6, &v4([198, 18, 70, 1])), None);
-    }
-
-    #[test]
-    fn lookups_agree_with_a_scan_for_the_longest_match() {
-        // Routes of many lengths, some nested; addresses in and around them.
-        let mut routes = Vec::new();
-        let mut x = 0x9e37_79b9u32;
-        for i in 0..200u32 {
-            x ^= x << 13;
-            x ^= x >> 17;
-            x ^= x << 5;
-            let len = u8::try_from(8 + x % 25).unwrap();
-            let base = 0xc612_0000u32 | (x & 0x0001_ffff);
-            routes.push(Route {
-                prefix: v4(base.to_be_bytes()),
-                len,
-                family: Family::Ipv4,
-                hop: hop(u16::try_from(i).unwrap()),
-            });
-        }
-        let hops = NextHops::new([], routes.clone());
-        for a in (0xc611_f000u32..0xc614_1000).step_by(97) {
-            let addr = v4(a.to_be_bytes());
-            let expected = routes
-                .iter()
-                .filter(|r| prefix_matches(&r.prefix, r.len, &addr))
-                .max_by_key(|r| (r.len, core::cmp::Reverse(r.hop.port)))
-                .map(|r| r.hop);
-            assert_eq!(hops.lookup(Family::Ipv4, &addr), expected, "{a:#x}");
-        }
-        assert_eq!(masked(&v4([198, 18, 255, 255]), 0), [0; 16]);
-        assert_eq!(masked(&v4([198, 18, 255, 255]), 17), v4([198, 18, 128, 0]));
     }
 }
