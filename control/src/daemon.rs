@@ -31,7 +31,7 @@ use xlb_dataplane::xsk::{FilterCounts, XdpFilter, XdpMode, XskConfig, XskIo};
 
 use crate::admin::{self, AdminState};
 use crate::config::{Config, KubernetesConfig, ModeConfig, XdpModeConfig};
-use crate::kube_source::{Batch, KubeMetrics, KubeSource};
+use crate::kube_source::{Batch, KubeMetrics, KubeSource, SourceOptions};
 use crate::kubernetes::NodeContext;
 use crate::netlink::{Kernel, Port};
 use crate::publish::{Published, Publisher};
@@ -329,9 +329,6 @@ fn backends_of<'a>(
         .collect()
 }
 
-/// At most this many translation warnings are logged per batch (all are counted).
-const WARNINGS_LOGGED: usize = 20;
-
 /// The next batch of the Kubernetes source, or never without one.
 async fn next_batch(kube: &mut Option<KubeSource>) -> Batch {
     match kube {
@@ -361,8 +358,6 @@ async fn kube_source(
         })?,
     };
     let url = config.cluster_url.clone();
-    let client = kube::Client::try_from(config)
-        .map_err(|e| format!("kubernetes: cannot make a client for {url}: {e}"))?;
     let node = k.node_name.clone().or(node_name).ok_or(
         "kubernetes: this node's name is needed (kubernetes.node_name, --node-name or NODE_NAME)",
     )?;
@@ -378,12 +373,12 @@ async fn kube_source(
         zone: None,
         node_port_addresses,
     };
-    Ok(KubeSource::new(
-        &client,
-        node,
-        Duration::from_millis(k.min_sync_period_ms),
-        Arc::new(KubeMetrics::default()),
-    ))
+    let options = SourceOptions {
+        min_sync: Duration::from_millis(k.min_sync_period_ms),
+        ..SourceOptions::default()
+    };
+    KubeSource::new(config, node, options, Arc::new(KubeMetrics::default()))
+        .map_err(|e| format!("kubernetes: cannot make a client for {url}: {e}"))
 }
 
 fn snat_pool(config: &Config, worker: usize) -> Option<SnatPool> {
@@ -467,15 +462,6 @@ impl Control {
     fn publish_kube(&mut self, batch: Batch) {
         let started = Instant::now();
         let metrics = self.admin.kube.as_deref();
-        for w in batch.warnings.iter().take(WARNINGS_LOGGED) {
-            warn!(object = %w.object, kind = w.kind, "{}", w.message);
-        }
-        if batch.warnings.len() > WARNINGS_LOGGED {
-            warn!(
-                more = batch.warnings.len() - WARNINGS_LOGGED,
-                "more translation warnings (counted in /metrics)"
-            );
-        }
         match self
             .publisher
             .publish_kubernetes(batch.change, &mut self.filter)
@@ -489,9 +475,10 @@ impl Control {
                         m.error("conflict");
                     }
                 }
+                let changed = published.stats.built + published.stats.removed > 0;
                 self.published(&published, started);
-                // Event to live, for each event in the batch.
-                for arrival in &batch.arrivals {
+                // Event to live, for each event in the batch that changed the dataplane.
+                for arrival in batch.arrivals.iter().filter(|_| changed) {
                     self.admin
                         .sync_seconds
                         .observe(arrival.elapsed().as_secs_f64());

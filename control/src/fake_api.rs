@@ -7,10 +7,15 @@
 //! watches from a resourceVersion (the events since, then live ones) as a chunked stream of
 //! JSON lines (ADDED, MODIFIED, DELETED with kind and apiVersion), BOOKMARK events when asked
 //! for, and a watch from a compacted resourceVersion answered with an ERROR event carrying a
-//! 410 Expired Status. Objects get resourceVersion, uid, creationTimestamp and managedFields
-//! as the API sets them. What a test can do to it: change objects, send bookmarks, compact
-//! history, drop every open watch connection, refuse connections for a while (a lost API
-//! server).
+//! 410 Expired Status, a watch from a resourceVersion the server has not reached answered
+//! 504 "Too large resource version" (as after a restore from backup), a continue token from
+//! before a compaction answered 410, watches ended after their `timeoutSeconds`, 429 with
+//! `Retry-After` when throttling. Objects get resourceVersion, uid, creationTimestamp and
+//! managedFields as the API sets them. What a test can do to it: change objects, send
+//! bookmarks, compact history (also in the middle of a paginated list), drop every open
+//! watch connection, stall watches (open, silent, never ending), throttle, refuse connections
+//! for a while (a lost API server), and restore an earlier state (its resourceVersion goes
+//! backwards).
 //!
 //! Test tooling only: its state sits behind an async mutex, which xlb itself never uses.
 
@@ -18,6 +23,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -77,9 +83,14 @@ enum Signal {
     Change(Change),
     Bookmark,
     Drop,
+    Stall,
 }
 
-#[derive(Debug, Default)]
+/// The server's objects and history at one moment (see [`FakeApi::backup`]).
+#[derive(Clone, Debug, Default)]
+pub struct Backup(State);
+
+#[derive(Clone, Debug, Default)]
 struct State {
     rv: u64,
     /// Objects by resource, then `namespace/name`.
@@ -97,6 +108,11 @@ pub struct FakeApi {
     state: Arc<Mutex<State>>,
     signals: broadcast::Sender<Signal>,
     down: Arc<AtomicBool>,
+    stalled: Arc<AtomicBool>,
+    /// Compact history right after serving the next first page of a paginated list.
+    compact_mid_list: Arc<AtomicBool>,
+    /// Until when requests get 429, and the Retry-After they carry.
+    throttle: Arc<Mutex<Option<(Instant, u64)>>>,
     requests: Arc<Mutex<Vec<String>>>,
 }
 
@@ -121,6 +137,9 @@ impl FakeApi {
             state: Arc::new(Mutex::new(State::default())),
             signals,
             down: Arc::new(AtomicBool::new(false)),
+            stalled: Arc::new(AtomicBool::new(false)),
+            compact_mid_list: Arc::new(AtomicBool::new(false)),
+            throttle: Arc::new(Mutex::new(None)),
             requests: Arc::new(Mutex::new(Vec::new())),
         };
         let server = api.clone();
@@ -219,6 +238,43 @@ impl FakeApi {
         let _ = self.signals.send(Signal::Drop);
     }
 
+    /// The current objects and history, to [`FakeApi::restore`] later.
+    pub async fn backup(&self) -> Backup {
+        Backup(self.state.lock().await.clone())
+    }
+
+    /// Goes back to `backup`, as an API server whose etcd was restored from it: objects,
+    /// history and resourceVersion as they were then (so a client's resourceVersion may now
+    /// be ahead of the server's). Open watches are dropped.
+    pub async fn restore(&self, backup: Backup) {
+        *self.state.lock().await = backup.0;
+        let _ = self.signals.send(Signal::Drop);
+    }
+
+    /// Compacts history right after the next first page of a paginated list is served, so
+    /// that its continue token has expired when the client asks for the second page.
+    pub fn compact_during_next_list(&self) {
+        // Relaxed: a flag read on its own.
+        self.compact_mid_list.store(true, Ordering::Relaxed);
+    }
+
+    /// While stalled, watches (those open now and those started meanwhile) send nothing more
+    /// and never end; connections stay open. Watches started after it are served again.
+    pub fn stall_watches(&self, stalled: bool) {
+        // Relaxed: a flag read on its own.
+        self.stalled.store(stalled, Ordering::Relaxed);
+        if stalled {
+            let _ = self.signals.send(Signal::Stall);
+        }
+    }
+
+    /// For `window`, every request is answered 429 Too Many Requests with `Retry-After:
+    /// retry_after_s` (and `details.retryAfterSeconds`), as an API server under priority and
+    /// fairness limits answers.
+    pub async fn throttle(&self, window: Duration, retry_after_s: u64) {
+        *self.throttle.lock().await = Some((Instant::now() + window, retry_after_s));
+    }
+
     /// While down, connections are closed as soon as they are accepted.
     pub fn set_down(&self, down: bool) {
         // Relaxed: a flag read on its own.
@@ -259,6 +315,23 @@ impl FakeApi {
                 .unwrap_or("/")
                 .to_owned();
             self.requests.lock().await.push(target.clone());
+            if let Some(retry_after) = self.throttled().await {
+                let mut body: Value = serde_json::from_str(&status(
+                    429,
+                    "TooManyRequests",
+                    "too many requests, please try again later",
+                ))
+                .unwrap_or_default();
+                body["details"] = json!({ "retryAfterSeconds": retry_after });
+                let header = format!("Retry-After: {retry_after}\r\n");
+                if respond_with(&mut stream, 429, &header, &body.to_string())
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                continue;
+            }
             let (path, query) = target.split_once('?').unwrap_or((target.as_str(), ""));
             let params: BTreeMap<String, String> = query
                 .split('&')
@@ -277,15 +350,21 @@ impl FakeApi {
                 self.watch(stream, resource, &params).await;
                 return;
             }
-            let body = self.list(resource, &params).await;
-            if respond(&mut stream, 200, &body).await.is_err() {
+            let (code, body) = self.list(resource, &params).await;
+            if respond(&mut stream, code, &body).await.is_err() {
                 return;
             }
         }
     }
 
-    async fn list(&self, resource: Resource, params: &BTreeMap<String, String>) -> String {
-        let state = self.state.lock().await;
+    /// The Retry-After of a throttle in force.
+    async fn throttled(&self) -> Option<u64> {
+        let (until, retry_after) = (*self.throttle.lock().await)?;
+        (Instant::now() < until).then_some(retry_after)
+    }
+
+    async fn list(&self, resource: Resource, params: &BTreeMap<String, String>) -> (u16, String) {
+        let mut state = self.state.lock().await;
         let all: Vec<&Value> = state
             .objects
             .get(&resource)
@@ -293,20 +372,34 @@ impl FakeApi {
             .flat_map(BTreeMap::values)
             .filter(|o| selected(o, params))
             .collect();
-        let start: usize = params
+        // A continue token: where the next page starts, and the resourceVersion of the list.
+        let token: Option<(usize, u64)> = params
             .get("continue")
             .and_then(|c| c.strip_prefix("page-"))
-            .and_then(|c| c.parse().ok())
-            .unwrap_or(0);
+            .and_then(|c| c.split_once('-'))
+            .and_then(|(start, rv)| Some((start.parse().ok()?, rv.parse().ok()?)));
+        if let Some((_, rv)) = token {
+            if rv < state.compacted {
+                let body = status(
+                    410,
+                    "Expired",
+                    "The provided continue parameter is too old to display a consistent list \
+                     result. You can start a new list without the continue parameter.",
+                );
+                return (410, body);
+            }
+        }
+        let start = token.map_or(0, |(start, _)| start);
         let limit: usize = params
             .get("limit")
             .and_then(|l| l.parse().ok())
             .filter(|&l| l > 0)
             .unwrap_or(usize::MAX);
         let end = start.saturating_add(limit).min(all.len());
-        let mut metadata = json!({ "resourceVersion": state.rv.to_string() });
+        let list_rv = token.map_or(state.rv, |(_, rv)| rv);
+        let mut metadata = json!({ "resourceVersion": list_rv.to_string() });
         if end < all.len() {
-            metadata["continue"] = json!(format!("page-{end}"));
+            metadata["continue"] = json!(format!("page-{end}-{list_rv}"));
             metadata["remainingItemCount"] = json!(all.len() - end);
         }
         // List items carry neither kind nor apiVersion; the list does.
@@ -323,7 +416,15 @@ impl FakeApi {
             out.push_str(&o.to_string());
         }
         out.push_str("]}");
-        out
+        // Relaxed: see compact_during_next_list.
+        if end < all.len() && start == 0 && self.compact_mid_list.swap(false, Ordering::Relaxed) {
+            drop(all);
+            // A write after the list, then compaction: the list's continue token is too old.
+            state.rv += 1;
+            state.compacted = state.rv;
+            state.history.clear();
+        }
+        (200, out)
     }
 
     async fn watch(
@@ -337,12 +438,32 @@ impl FakeApi {
             .and_then(|v| v.parse().ok())
             .unwrap_or(0);
         let bookmarks = params.get("allowWatchBookmarks").map(String::as_str) == Some("true");
+        let ends = params
+            .get("timeoutSeconds")
+            .and_then(|t| t.parse().ok())
+            .map(|t| tokio::time::Instant::now() + Duration::from_secs(t));
         let head = "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\
                     Transfer-Encoding: chunked\r\n\r\n";
         // Subscribe before reading history so nothing falls between the two.
         let mut signals = self.signals.subscribe();
         let (backlog, expired, mut seen) = {
             let state = self.state.lock().await;
+            if from > state.rv {
+                // As the watch cache answers a version it has not reached (after waiting).
+                let mut body: Value = serde_json::from_str(&status(
+                    504,
+                    "Timeout",
+                    &format!("Too large resource version: {from}, current: {}", state.rv),
+                ))
+                .unwrap_or_default();
+                body["details"] = json!({
+                    "causes": [{"reason": "ResourceVersionTooLarge", "message": "Too large resource version"}],
+                    "retryAfterSeconds": 1,
+                });
+                drop(state);
+                let _ = respond(&mut stream, 504, &body.to_string()).await;
+                return;
+            }
             let expired = from < state.compacted;
             let backlog: Vec<Change> = state
                 .history
@@ -365,13 +486,25 @@ impl FakeApi {
             let _ = stream.write_all(b"0\r\n\r\n").await;
             return;
         }
+        // Relaxed: see stall_watches.
+        if self.stalled.load(Ordering::Relaxed) {
+            return hang(stream).await;
+        }
         for change in backlog {
             if chunk(&mut stream, &event(&change)).await.is_err() {
                 return;
             }
         }
         loop {
-            match signals.recv().await {
+            let signal = tokio::select! {
+                s = signals.recv() => s,
+                () = until(ends) => {
+                    // Ended on time, as the API server ends a watch: the final chunk.
+                    let _ = stream.write_all(b"0\r\n\r\n").await;
+                    return;
+                }
+            };
+            match signal {
                 Ok(Signal::Change(change)) if change.resource == resource && change.rv > from => {
                     seen = seen.max(change.rv);
                     if chunk(&mut stream, &event(&change)).await.is_err() {
@@ -394,11 +527,26 @@ impl FakeApi {
                 }
                 // Dropped: close without the final chunk, as a lost connection does.
                 Ok(Signal::Drop) | Err(broadcast::error::RecvError::Closed) => return,
+                Ok(Signal::Stall) => return hang(stream).await,
                 Err(broadcast::error::RecvError::Lagged(_)) => return,
                 Ok(_) => {}
             }
         }
     }
+}
+
+/// Sleeps until `at`, or for ever.
+async fn until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Keeps a watch connection open and silent until the client closes it.
+async fn hang(mut stream: TcpStream) {
+    let mut buf = [0u8; 512];
+    while matches!(stream.read(&mut buf).await, Ok(n) if n > 0) {}
 }
 
 fn object_name(object: &Value) -> String {
@@ -443,9 +591,26 @@ async fn chunk(stream: &mut TcpStream, line: &str) -> std::io::Result<()> {
 }
 
 async fn respond(stream: &mut TcpStream, code: u16, body: &str) -> std::io::Result<()> {
-    let reason = if code == 200 { "OK" } else { "Not Found" };
+    respond_with(stream, code, "", body).await
+}
+
+/// Responds with `code`, the extra header lines `headers` (each ending in CRLF) and `body`.
+async fn respond_with(
+    stream: &mut TcpStream,
+    code: u16,
+    headers: &str,
+    body: &str,
+) -> std::io::Result<()> {
+    let reason = match code {
+        200 => "OK",
+        404 => "Not Found",
+        410 => "Gone",
+        429 => "Too Many Requests",
+        504 => "Gateway Timeout",
+        _ => "Error",
+    };
     let head = format!(
-        "HTTP/1.1 {code} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        "HTTP/1.1 {code} {reason}\r\nContent-Type: application/json\r\n{headers}Content-Length: {}\r\n\r\n",
         body.len()
     );
     stream.write_all(head.as_bytes()).await?;

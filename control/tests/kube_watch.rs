@@ -1,6 +1,10 @@
 //! The Kubernetes source against an in-process API server (control::fake_api) that speaks
 //! list and watch: resourceVersions, paginated lists, chunked watch streams, bookmarks, 410
-//! Gone, dropped connections, an API server that is not there.
+//! Gone, dropped connections, an API server that is not there, one restored from a backup
+//! (its resourceVersion goes backwards), expired continue tokens, stalled watches, 429 with
+//! Retry-After. client-go's reflector (`tools/cache/reflector.go`: relist on
+//! `isExpiredError` and `isTooLargeResourceVersionError`, back-off reset by success) is the
+//! reference for what each fault must lead to.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -11,7 +15,8 @@ use serde_json::{json, Value};
 use tokio::time::{timeout_at, Instant};
 use xlb_control::config::Config;
 use xlb_control::fake_api::{FakeApi, Resource};
-use xlb_control::kube_source::{KubeMetrics, KubeSource, ERROR_KINDS};
+use xlb_control::kube_source::watch::WatchOptions;
+use xlb_control::kube_source::{KubeMetrics, KubeSource, SourceOptions, ERROR_KINDS};
 use xlb_control::publish::{NoSteering, Publisher};
 use xlb_dataplane::lb::snapshot::{ServiceKey, Snapshot};
 use xlb_dataplane::packet::{Endpoint, IpProto};
@@ -69,26 +74,39 @@ struct Harness {
     source: KubeSource,
     publisher: Publisher,
     published: Vec<Arc<Snapshot>>,
+    /// The arrivals each batch reported.
+    arrivals: Vec<Vec<std::time::Instant>>,
     metrics: Arc<KubeMetrics>,
 }
 
 impl Harness {
     fn new(url: &str, min_sync: Duration) -> Self {
+        Self::with(
+            url,
+            SourceOptions {
+                min_sync,
+                ..SourceOptions::default()
+            },
+        )
+    }
+
+    fn with(url: &str, options: SourceOptions) -> Self {
         let config = kube::Config::new(url.parse().unwrap());
-        let client = kube::Client::try_from(config).unwrap();
         let metrics = Arc::new(KubeMetrics::default());
         let source = KubeSource::new(
-            &client,
+            config,
             xlb_control::kubernetes::NodeContext::named("node-a"),
-            min_sync,
+            options,
             Arc::clone(&metrics),
-        );
+        )
+        .unwrap();
         let tables = Arc::new(ArcSwap::from_pointee(Tables::empty()));
         let config = Config::parse("interfaces: [a]").unwrap();
         Self {
             source,
             publisher: Publisher::new(&config, tables),
             published: Vec::new(),
+            arrivals: Vec::new(),
             metrics,
         }
     }
@@ -100,6 +118,7 @@ impl Harness {
             let Ok(batch) = timeout_at(deadline, self.source.next_batch()).await else {
                 panic!("timed out waiting until {what}");
             };
+            self.arrivals.push(batch.arrivals);
             self.publisher
                 .publish_kubernetes(batch.change, &mut NoSteering)
                 .unwrap();
@@ -112,6 +131,7 @@ impl Harness {
         let deadline = Instant::now() + window;
         let mut n = 0;
         while let Ok(batch) = timeout_at(deadline, self.source.next_batch()).await {
+            self.arrivals.push(batch.arrivals);
             self.publisher
                 .publish_kubernetes(batch.change, &mut NoSteering)
                 .unwrap();
@@ -381,4 +401,329 @@ async fn changes_within_the_minimum_sync_period_are_published_together() {
         (1..=3).contains(&publications),
         "20 changes in one burst took {publications} publications"
     );
+}
+
+/// Options with a short grace, so that tests see `synced` drop within seconds.
+fn quick(watch_timeout: Duration) -> SourceOptions {
+    SourceOptions {
+        min_sync: Duration::from_millis(10),
+        watch: WatchOptions {
+            watch_timeout,
+            ..WatchOptions::default()
+        },
+        failing_grace: Duration::from_secs(2),
+    }
+}
+
+/// Applies `slice` where only a relist will find it: watches dropped while the server
+/// refuses connections, the change made, history compacted (so re-watching gets 410).
+async fn behind_a_relist(api: &FakeApi, slice: Value) {
+    api.set_down(true);
+    api.drop_watches();
+    api.apply(Resource::EndpointSlices, slice).await;
+    api.compact().await;
+    api.set_down(false);
+}
+
+fn synced(h: &Harness) -> bool {
+    h.metrics.synced.load(Ordering::Relaxed)
+}
+
+fn refusing(h: &Harness, kind: &str) -> u64 {
+    let i = ERROR_KINDS.iter().position(|k| *k == kind).unwrap();
+    h.metrics.refusing[i].load(Ordering::Relaxed)
+}
+
+/// Item 8: etcd restored from a backup (or a control plane rebuilt at the same address):
+/// xlb's resourceVersion is ahead of the server's. client-go relists on
+/// `isTooLargeResourceVersionError`; so does xlb, instead of re-watching from its version
+/// until the server's counter passes it and then applying only later events.
+#[tokio::test]
+async fn a_resource_version_ahead_of_a_restored_api_server_leads_to_a_relist() {
+    let api = api_with(&[
+        ("a", "198.18.64.1", &["198.18.128.1"]),
+        ("b", "198.18.64.2", &["198.18.128.2"]),
+    ])
+    .await;
+    let backup = api.backup().await;
+    let mut h = Harness::with(&api.url(), quick(Duration::from_secs(60)));
+    // After the backup: a deleted, c added, b given a second endpoint.
+    api.delete(Resource::Services, "default/a").await;
+    api.apply(Resource::Services, service("c", "198.18.64.3"))
+        .await;
+    api.apply(
+        Resource::EndpointSlices,
+        slice("b", "b-1", &["198.18.128.2", "198.18.128.20"]),
+    )
+    .await;
+    h.until("the state after the backup", |s| {
+        backends(s, "198.18.64.1").is_none()
+            && backends(s, "198.18.64.2") == Some(2)
+            && backends(s, "198.18.64.3") == Some(0)
+    })
+    .await;
+    let lists = api.lists().await;
+    api.restore(backup).await;
+    let restored = std::time::Instant::now();
+    h.until("the restored state", |s| {
+        backends(s, "198.18.64.1") == Some(1)
+            && backends(s, "198.18.64.2") == Some(1)
+            && backends(s, "198.18.64.3").is_none()
+    })
+    .await;
+    let took = restored.elapsed();
+    println!("converged {took:?} after the restore");
+    assert!(took < Duration::from_secs(5), "converged in {took:?}");
+    assert!(api.lists().await > lists, "listed again");
+    assert!(h.metrics.relists.load(Ordering::Relaxed) >= 1);
+    assert!(api
+        .requests()
+        .await
+        .iter()
+        .any(|r| r.contains("watch=true") && r.contains("resourceVersion=8")));
+    // The restored server moves on past xlb's old version: what changes after is seen,
+    // and nothing from before the restore comes back.
+    for i in 0..8u8 {
+        api.apply(
+            Resource::EndpointSlices,
+            slice("a", "a-1", &first(1 + i % 3)),
+        )
+        .await;
+    }
+    api.apply(Resource::Services, service("d", "198.18.64.4"))
+        .await;
+    h.until("d, after the server's counter passed the old one", |s| {
+        backends(s, "198.18.64.4") == Some(0) && backends(s, "198.18.64.1") == Some(2)
+    })
+    .await;
+    assert!(backends(&h.publisher.snapshot(), "198.18.64.3").is_none());
+    assert!(synced(&h));
+}
+
+/// Item 8: a continue token that expired between two pages of a list (history compacted
+/// meanwhile) is answered 410; the list starts again and nothing partial is published.
+#[tokio::test]
+async fn an_expired_continue_token_starts_the_list_again_and_nothing_partial_is_published() {
+    let names = ["a", "b", "c", "d", "e"];
+    let api = FakeApi::start().await.unwrap();
+    for (i, name) in names.iter().enumerate() {
+        let ip = format!("198.18.64.{}", i + 1);
+        api.apply(Resource::Services, service(name, &ip)).await;
+        api.apply(
+            Resource::EndpointSlices,
+            slice(name, &format!("{name}-1"), &["198.18.128.1"]),
+        )
+        .await;
+    }
+    api.compact_during_next_list();
+    let mut options = quick(Duration::from_secs(60));
+    options.watch.page_size = 2;
+    let mut h = Harness::with(&api.url(), options);
+    h.until("five Services", |s| s.len() == 5).await;
+    assert_eq!(h.published.len(), 1, "one whole first snapshot");
+    assert!(h.metrics.relists.load(Ordering::Relaxed) >= 1);
+    let requests = api.requests().await;
+    let restarts = requests
+        .iter()
+        .filter(|r| r.starts_with("/api/v1/services?") && !r.contains("continue"))
+        .filter(|r| !r.contains("watch=true"))
+        .count();
+    assert!(
+        restarts >= 2,
+        "the Service list started again: {requests:#?}"
+    );
+}
+
+/// Item 9: a watch that stays open and silent (no events, no bookmarks, never ended by the
+/// server) is dropped after the read timeout and started again from where it was; a watch
+/// the server ends on time (`timeoutSeconds`) is resumed without an error or a relist.
+#[tokio::test]
+async fn a_stalled_watch_is_dropped_and_resumed_within_its_read_timeout() {
+    let api = api_with(&[("web", "198.18.64.1", &["198.18.128.1"])]).await;
+    let options = quick(Duration::from_secs(2));
+    let read_timeout = options.watch.read_timeout();
+    let mut h = Harness::with(&api.url(), options);
+    h.until("web is served", |s| backends(s, "198.18.64.1") == Some(1))
+        .await;
+    // Several server-side timeouts pass: watches end and resume quietly.
+    h.for_a_while(Duration::from_secs(5)).await;
+    let lists = api.lists().await;
+    assert_eq!(h.metrics.watch_errors.load(Ordering::Relaxed), 0);
+    let watches = api
+        .requests()
+        .await
+        .iter()
+        .filter(|r| r.starts_with("/api/v1/services?") && r.contains("watch=true"))
+        .inspect(|r| assert!(r.contains("timeoutSeconds=2"), "{r}"))
+        .count();
+    assert!(watches >= 3, "watches ended on time and resumed: {watches}");
+    // Now every watch stalls; a change is made that no open watch will deliver.
+    api.stall_watches(true);
+    api.apply(Resource::EndpointSlices, slice("web", "web-1", &first(2)))
+        .await;
+    let stalled = std::time::Instant::now();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    api.stall_watches(false);
+    h.until("the change made during the stall", |s| {
+        backends(s, "198.18.64.1") == Some(2)
+    })
+    .await;
+    let took = stalled.elapsed();
+    println!("seen {took:?} after the stall (read timeout {read_timeout:?})");
+    assert!(
+        took < read_timeout + Duration::from_secs(2),
+        "bounded by the read timeout: {took:?}"
+    );
+    assert_eq!(api.lists().await, lists, "resumed, not relisted");
+}
+
+/// Item 10: 429 with Retry-After (API priority and fairness) is waited out, not hammered
+/// at the back-off's pace.
+#[tokio::test]
+async fn a_throttled_api_server_is_left_alone_for_its_retry_after() {
+    let api = api_with(&[("web", "198.18.64.1", &["198.18.128.1"])]).await;
+    let mut h = Harness::with(&api.url(), quick(Duration::from_secs(60)));
+    h.until("web is served", |s| backends(s, "198.18.64.1") == Some(1))
+        .await;
+    let before = api.requests().await.len();
+    api.throttle(Duration::from_secs(3), 2).await;
+    api.drop_watches();
+    api.apply(Resource::EndpointSlices, slice("web", "web-1", &first(3)))
+        .await;
+    let started = std::time::Instant::now();
+    h.until("the change, once the throttle is over", |s| {
+        backends(s, "198.18.64.1") == Some(3)
+    })
+    .await;
+    let took = started.elapsed();
+    let throttled = api.requests().await.len() - before;
+    println!("{throttled} requests; converged {took:?} after a 3 s throttle");
+    // Three watches, each: 429 at once, 429 after 2 s, served after 4 s. Paced by the
+    // back-off (0.2, 0.4, 0.8, 1.6 s) it would be five each within the throttle.
+    assert!(throttled <= 12, "{throttled} requests");
+    assert!(took >= Duration::from_secs(3));
+    assert!(took < Duration::from_secs(7), "{took:?}");
+}
+
+/// Items 10 and 11: an outage longer than the back-off's cap, with history compacted
+/// meanwhile; within 5 s of the API server answering again the source has relisted and
+/// published. `synced` drops while the watches have been failing past the grace period and
+/// comes back with the relist.
+#[tokio::test]
+async fn after_an_outage_the_source_converges_within_five_seconds_and_synced_tells_the_truth() {
+    let api = api_with(&[
+        ("a", "198.18.64.1", &["198.18.128.1"]),
+        ("b", "198.18.64.2", &["198.18.128.2"]),
+    ])
+    .await;
+    let mut h = Harness::with(&api.url(), quick(Duration::from_secs(60)));
+    h.until("two Services", |s| s.len() == 2).await;
+    assert!(synced(&h));
+    api.set_down(true);
+    api.drop_watches();
+    api.delete(Resource::Services, "default/a").await;
+    api.apply(
+        Resource::EndpointSlices,
+        slice("b", "b-1", &["198.18.128.2", "198.18.128.20"]),
+    )
+    .await;
+    api.compact().await;
+    // Longer than the grace (2 s) and than the back-off's cap (3 s) several times over.
+    h.for_a_while(Duration::from_secs(8)).await;
+    assert!(!synced(&h), "watches failing for 8 s: not synced");
+    assert_eq!(
+        h.publisher.snapshot().len(),
+        2,
+        "the last good snapshot stays"
+    );
+    api.set_down(false);
+    let back = std::time::Instant::now();
+    h.until("the state after the outage", |s| {
+        backends(s, "198.18.64.1").is_none() && backends(s, "198.18.64.2") == Some(2)
+    })
+    .await;
+    let took = back.elapsed();
+    println!("converged {took:?} after the API server answered again");
+    assert!(took < Duration::from_secs(5), "converged in {took:?}");
+    h.for_a_while(Duration::from_millis(1500)).await;
+    assert!(synced(&h), "synced again");
+}
+
+/// Item 11: a malformed object is counted once, not again on every relist; the gauge of
+/// refused objects says how many are refused now.
+#[tokio::test]
+async fn a_malformed_object_is_counted_once_across_relists_and_the_gauge_follows_it() {
+    let api = api_with(&[("good", "198.18.64.1", &["198.18.128.1"])]).await;
+    let mut bad = service("bad", "198.18.64.2");
+    bad["spec"]["ports"][0]["port"] = json!("eighty");
+    api.apply(Resource::Services, bad).await;
+    let mut h = Harness::with(&api.url(), quick(Duration::from_secs(60)));
+    h.until("good is served", |s| backends(s, "198.18.64.1") == Some(1))
+        .await;
+    for round in 0..3u8 {
+        // A relist, with a change in it so that it is seen to be done.
+        behind_a_relist(&api, slice("good", "good-1", &first(round + 2))).await;
+        let want = usize::from(round) + 2;
+        h.until("the change after the relist", |s| {
+            backends(s, "198.18.64.1") == Some(want)
+        })
+        .await;
+    }
+    assert!(h.metrics.relists.load(Ordering::Relaxed) >= 3);
+    assert_eq!(h.errors("malformed"), 1, "counted once");
+    assert_eq!(refusing(&h, "malformed"), 1);
+    api.delete(Resource::Services, "default/bad").await;
+    api.apply(Resource::Services, service("later", "198.18.64.3"))
+        .await;
+    h.until("later is served", |s| s.len() == 2).await;
+    assert_eq!(refusing(&h, "malformed"), 0, "deleted: refused no more");
+    assert_eq!(h.errors("malformed"), 1);
+}
+
+/// Item 11: the event-to-live histogram is fed only events that changed some Service's
+/// translation, from their arrival; a relist counts once, from when it started.
+#[tokio::test]
+async fn only_events_that_change_the_dataplane_are_timed_and_a_relist_once() {
+    let services: Vec<(String, String)> = (1..=20u8)
+        .map(|i| (format!("s{i}"), format!("198.18.64.{i}")))
+        .collect();
+    let api = FakeApi::start().await.unwrap();
+    api.apply(Resource::Nodes, node("zone-a")).await;
+    for (name, ip) in &services {
+        api.apply(Resource::Services, service(name, ip)).await;
+        api.apply(
+            Resource::EndpointSlices,
+            slice(name, &format!("{name}-1"), &["198.18.128.1"]),
+        )
+        .await;
+    }
+    let mut h = Harness::with(&api.url(), quick(Duration::from_secs(60)));
+    h.until("twenty Services", |s| s.len() == 20).await;
+    let first_batches: usize = h.arrivals.iter().map(Vec::len).sum();
+    assert!(
+        first_batches <= 2,
+        "the first lists are one or two arrivals, not one per object: {:?}",
+        h.arrivals
+    );
+    // A malformed change, then a real one: only the real one is timed, from its arrival.
+    let mut bad = service("s1", "198.18.64.1");
+    bad["spec"]["ports"][0]["port"] = json!("eighty");
+    api.apply(Resource::Services, bad).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let real = std::time::Instant::now();
+    api.apply(Resource::EndpointSlices, slice("s2", "s2-1", &first(2)))
+        .await;
+    h.arrivals.clear();
+    h.until("s2 changed", |s| backends(s, "198.18.64.2") == Some(2))
+        .await;
+    let timed: Vec<_> = h.arrivals.iter().flatten().collect();
+    assert_eq!(timed.len(), 1, "{timed:?}");
+    assert!(*timed[0] >= real, "from the real change's arrival");
+    // A relist that changes one Service of twenty: one arrival.
+    h.arrivals.clear();
+    behind_a_relist(&api, slice("s3", "s3-1", &first(3))).await;
+    h.until("s3 changed", |s| backends(s, "198.18.64.3") == Some(3))
+        .await;
+    let timed: usize = h.arrivals.iter().map(Vec::len).sum();
+    assert_eq!(timed, 1, "{:?}", h.arrivals);
 }

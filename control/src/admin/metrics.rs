@@ -245,12 +245,25 @@ fn kube_metrics(out: &mut String, kube: &crate::kube_source::KubeMetrics) {
         out,
         "xlb_kubernetes_translation_errors_total",
         "counter",
-        "Objects or values skipped or defaulted in translation, by kind",
+        "Objects or values skipped or defaulted in translation, by kind, each counted when it appears",
     );
     for (kind, n) in crate::kube_source::ERROR_KINDS.iter().zip(&kube.errors) {
         let _ = writeln!(
             out,
             "xlb_kubernetes_translation_errors_total{{kind=\"{kind}\"}} {}",
+            load(n)
+        );
+    }
+    header(
+        out,
+        "xlb_kubernetes_refused_objects",
+        "gauge",
+        "Objects currently skipped or partly skipped in translation, by kind",
+    );
+    for (kind, n) in crate::kube_source::ERROR_KINDS.iter().zip(&kube.refusing) {
+        let _ = writeln!(
+            out,
+            "xlb_kubernetes_refused_objects{{kind=\"{kind}\"}} {}",
             load(n)
         );
     }
@@ -267,9 +280,16 @@ fn kube_metrics(out: &mut String, kube: &crate::kube_source::KubeMetrics) {
     );
     header(
         out,
+        "xlb_kubernetes_relists_total",
+        "counter",
+        "Lists started again because the API server said a resourceVersion or continue token was unusable",
+    );
+    let _ = writeln!(out, "xlb_kubernetes_relists_total {}", load(&kube.relists));
+    header(
+        out,
         "xlb_kubernetes_synced",
         "gauge",
-        "1 once Services and EndpointSlices have been listed",
+        "1 while Services and EndpointSlices are listed and no watch has been failing for longer than the grace period",
     );
     let _ = writeln!(
         out,
