@@ -26,10 +26,10 @@
 //!
 //! Must not know: the API server, watches, time; packets.
 
-use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 
+use hashbrown::HashMap;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointSlice};
 
@@ -513,6 +513,9 @@ pub fn translate_views(
     out
 }
 
+/// Up to this many endpoints, duplicates are found by scanning.
+const SCAN_UP_TO: usize = 32;
+
 /// The Service port's endpoints of the VIP's family, merged over all slices, de-duplicated,
 /// each with the target port its slice gives.
 fn endpoints<'a>(
@@ -520,8 +523,17 @@ fn endpoints<'a>(
     port: &PortView,
     vip: IpAddr,
 ) -> Vec<(&'a EndpointView, u16)> {
+    // Where each (address, port) is in `out`: found by a scan while `out` is short (most
+    // Services), by a map once it is not.
     let mut seen: HashMap<(IpAddr, u16), usize> = HashMap::new();
     let mut out: Vec<(&'a EndpointView, u16)> = Vec::new();
+    let find = |out: &[(&EndpointView, u16)], seen: &HashMap<(IpAddr, u16), usize>, key| {
+        if out.len() <= SCAN_UP_TO {
+            out.iter().position(|(e, p)| (e.address, *p) == key)
+        } else {
+            seen.get(&key).copied()
+        }
+    };
     for slice in slices.iter().filter(|s| s.ipv6 == vip.is_ipv6()) {
         // The slice port with the Service port's name (both unnamed for a single-port Service).
         let Some(target) = slice
@@ -532,18 +544,27 @@ fn endpoints<'a>(
             continue;
         };
         for endpoint in slice.endpoints.iter() {
-            match seen.get(&(endpoint.address, target.port)) {
+            let key = (endpoint.address, target.port);
+            match find(&out, &seen, key) {
                 // An endpoint in several slices (a slice being rebalanced, a pod terminating
                 // in one and ready in another): the ready copy wins, as in kube-proxy's
                 // endpointslicecache.
-                Some(&at) => {
+                Some(at) => {
                     if endpoint.state == BackendStateConfig::Ready {
                         out[at] = (endpoint, target.port);
                     }
                 }
                 None => {
-                    seen.insert((endpoint.address, target.port), out.len());
                     out.push((endpoint, target.port));
+                    if out.len() == SCAN_UP_TO + 1 {
+                        seen.extend(
+                            out.iter()
+                                .enumerate()
+                                .map(|(i, (e, p))| ((e.address, *p), i)),
+                        );
+                    } else if out.len() > SCAN_UP_TO {
+                        seen.insert(key, out.len() - 1);
+                    }
                 }
             }
         }

@@ -155,6 +155,10 @@ impl Builder {
         let mut kept = Vec::with_capacity(change.upsert.len());
         // Ids are handed out in order, here; building (Maglev tables) needs nothing shared.
         let mut specs = Vec::with_capacity(change.upsert.len());
+        // Room for new ids, so that a first build does not grow the maps as it goes.
+        self.services.reserve(change.upsert.len());
+        self.backends
+            .reserve(change.upsert.iter().map(|d| d.backends.len()).sum());
         for d in change.upsert {
             let k = key(&d);
             if self.built.get(&k) == Some(&d) && base.service_arc(&k).is_some() {

@@ -10,13 +10,13 @@
 //!
 //! Must not know: the API server, watches and their failures (that is `watch`); snapshots.
 
-use std::collections::hash_map::DefaultHasher;
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::hash::{Hash, Hasher};
+use std::collections::{BTreeMap, BTreeSet};
+use std::hash::BuildHasher;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
+use hashbrown::{DefaultHashBuilder, HashMap, HashSet};
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -411,12 +411,6 @@ struct Produced {
     digest: Option<u64>,
 }
 
-fn digest_of(desired: &[DesiredService]) -> u64 {
-    let mut h = DefaultHasher::new();
-    desired.hash(&mut h);
-    h.finish()
-}
-
 /// The stale Services, translated.
 #[derive(Debug, Default)]
 pub struct Translated {
@@ -446,6 +440,9 @@ pub struct Store {
     claims: HashMap<ServiceKey, ObjKey>,
     /// The Services refused each held key, translated again when it is released.
     waiting: HashMap<ServiceKey, BTreeSet<ObjKey>>,
+    /// Hashes translations into digests (seeded at random, like every map here: names
+    /// come from the API).
+    digests: DefaultHashBuilder,
     /// The digest of an empty translation.
     nothing: u64,
 }
@@ -454,6 +451,7 @@ impl Store {
     /// An empty store for `node` (its zone is then learnt from its Node object).
     #[must_use]
     pub fn new(node: NodeContext) -> Self {
+        let digests = DefaultHashBuilder::default();
         Self {
             services: Kind::new(Source::Service),
             slices: Kind::new(Source::Slice),
@@ -466,7 +464,8 @@ impl Store {
             produced: HashMap::new(),
             claims: HashMap::new(),
             waiting: HashMap::new(),
-            nothing: digest_of(&[]),
+            nothing: digests.hash_one::<&[DesiredService]>(&[]),
+            digests,
         }
     }
 
@@ -615,7 +614,7 @@ impl Store {
                 }
                 None => Vec::new(),
             };
-            let digest = digest_of(&desired);
+            let digest = self.digests.hash_one(&desired);
             let before = self
                 .produced
                 .get(&name)
