@@ -74,10 +74,28 @@ pub struct KubernetesConfig {
     /// `--nodeport-addresses`): those in any of these prefixes; empty: all of them.
     #[serde(default)]
     pub node_port_addresses: Vec<crate::desired::Cidr>,
+    /// Where kube-proxy's health server (`/healthz`, `/livez`) listens (kube-proxy's
+    /// `--healthz-bind-address`, default `0.0.0.0:10256`); `null`: nowhere. The Services'
+    /// healthCheckNodePorts are served on the node port addresses.
+    #[serde(default = "default_health_address")]
+    pub health_address: Option<SocketAddr>,
+    /// How long a change may wait to be live before the health server says unhealthy, in
+    /// seconds (default 60, as kube-proxy's twice 30 s sync period).
+    #[serde(default = "default_health_timeout_s")]
+    pub health_timeout_s: u64,
 }
 
 fn default_min_sync_ms() -> u64 {
     10
+}
+
+#[allow(clippy::unnecessary_wraps)] // serde's default for an optional field
+fn default_health_address() -> Option<SocketAddr> {
+    Some(SocketAddr::from(([0, 0, 0, 0], 10256)))
+}
+
+fn default_health_timeout_s() -> u64 {
+    crate::health::DEFAULT_TIMEOUT.as_secs()
 }
 
 /// Forwarding mode.
@@ -357,6 +375,9 @@ impl Config {
         if let Some(k) = &self.kubernetes {
             if k.min_sync_period_ms > 1000 {
                 return fail("kubernetes.min_sync_period_ms: at most 1000".into());
+            }
+            if k.health_timeout_s == 0 {
+                return fail("kubernetes.health_timeout_s: at least 1".into());
             }
         }
         let mut seen = std::collections::HashMap::new();

@@ -31,6 +31,7 @@ use xlb_dataplane::xsk::{FilterCounts, XdpFilter, XdpMode, XskConfig, XskIo};
 
 use crate::admin::{self, AdminState};
 use crate::config::{Config, KubernetesConfig, ModeConfig, XdpModeConfig};
+use crate::health::{HealthServer, ProxyHealth};
 use crate::kube_source::{Batch, KubeMetrics, KubeSource, SourceOptions};
 use crate::kubernetes::NodeContext;
 use crate::netlink::{Kernel, Port};
@@ -92,12 +93,29 @@ pub fn run(path: &Path, node_name: Option<String>) -> Result<(), String> {
         snapshot: Arc::new(Snapshot::default()),
         hops: kernel.next_hops(),
     }));
-    let kube = match &config.kubernetes {
+    let (kube, health) = match &config.kubernetes {
         Some(k) => {
             let addresses = runtime.block_on(kernel.addresses())?;
-            Some(runtime.block_on(kube_source(k, node_name, addresses))?)
+            let source = runtime.block_on(kube_source(k, node_name, addresses.clone()))?;
+            let proxy = Arc::new(ProxyHealth::new(
+                Duration::from_secs(k.health_timeout_s),
+                Some(Arc::clone(source.metrics())),
+            ));
+            // healthCheckNodePorts: on the node port addresses, as kube-proxy serves them.
+            let at: Vec<std::net::IpAddr> = if k.node_port_addresses.is_empty() {
+                Vec::new()
+            } else {
+                addresses
+                    .into_iter()
+                    .filter(|a| k.node_port_addresses.iter().any(|c| c.contains(*a)))
+                    .collect()
+            };
+            (
+                Some(source.with_health(Arc::clone(&proxy))),
+                Some((proxy, at, k.health_address)),
+            )
         }
-        None => None,
+        None => (None, None),
     };
     let mut publisher = Publisher::new(&config, Arc::clone(&tables));
     publisher
@@ -153,6 +171,12 @@ pub fn run(path: &Path, node_name: Option<String>) -> Result<(), String> {
     }
     let listener = std::net::TcpListener::bind(config.admin)
         .map_err(|e| format!("cannot listen on {} for the admin API: {e}", config.admin))?;
+    let health_listener = match health.as_ref().and_then(|h| h.2) {
+        Some(at) => Some(std::net::TcpListener::bind(at).map_err(|e| {
+            format!("cannot listen on {at} for the health server (kubernetes.health_address): {e}")
+        })?),
+        None => None,
+    };
     for port in &ports {
         filter
             .attach(port.ifindex, mode)
@@ -212,10 +236,19 @@ pub fn run(path: &Path, node_name: Option<String>) -> Result<(), String> {
         file_stamp: file_stamp(path),
         to_resolve: backends_of(tables.load().snapshot.services()),
         wake,
+        health: None,
     };
     let admin_server = admin::spawn(listener, Arc::clone(&admin_state))
         .map_err(|e| format!("cannot start the admin API: {e}"))?;
     info!(address = %control.config.admin, "admin API listening");
+    if let Some((proxy, at, address)) = health {
+        let server = HealthServer::spawn(health_listener, Arc::clone(&proxy), at)
+            .map_err(|e| format!("cannot start the health server: {e}"))?;
+        if let Some(address) = address {
+            info!(%address, "health server listening (/healthz, /livez)");
+        }
+        control.health = Some((proxy, server));
+    }
     let chores = housekeeping(
         control.shared.clone(),
         Arc::clone(&admin_state),
@@ -417,6 +450,8 @@ struct Control {
     to_resolve: Vec<(Family, [u8; 16])>,
     /// Notified by workers that reported something.
     wake: Arc<tokio::sync::Notify>,
+    /// kube-proxy's health servers (with the Kubernetes source).
+    health: Option<(Arc<ProxyHealth>, HealthServer)>,
 }
 
 impl Control {
@@ -477,6 +512,12 @@ impl Control {
                 }
                 let changed = published.stats.built + published.stats.removed > 0;
                 self.published(&published, started);
+                if let Some((proxy, server)) = &self.health {
+                    proxy.updated(Instant::now());
+                    if let Some(services) = batch.health {
+                        server.set_services(services);
+                    }
+                }
                 // Event to live, for each event in the batch that changed the dataplane.
                 for arrival in batch.arrivals.iter().filter(|_| changed) {
                     self.admin

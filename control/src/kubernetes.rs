@@ -121,6 +121,9 @@ pub struct ServiceView {
     internal_local: bool,
     external_local: bool,
     distribution: Distribution,
+    /// `spec.healthCheckNodePort` of a LoadBalancer Service with externalTrafficPolicy
+    /// Local: where external load balancers ask whether this node has endpoints.
+    health_check_port: Option<u16>,
 }
 
 /// One address of an endpoint that may take or keep flows.
@@ -383,8 +386,55 @@ impl ServiceView {
                 Some("PreferSameZone" | "PreferClose") => Distribution::SameZone,
                 _ => Distribution::Any,
             },
+            // kube-proxy serves it only for these Services (ServiceChangeTracker:
+            // `ExternalPolicyLocal() && HealthCheckNodePort != 0`).
+            health_check_port: spec
+                .health_check_node_port
+                .filter(|_| spec.type_.as_deref() == Some("LoadBalancer"))
+                .filter(|_| spec.external_traffic_policy.as_deref() == Some("Local"))
+                .and_then(|p| u16::try_from(p).ok())
+                .filter(|p| *p != 0),
         })
     }
+
+    /// The Service's `namespace/name`.
+    #[must_use]
+    pub fn name(&self) -> &Arc<str> {
+        &self.name
+    }
+
+    /// Its healthCheckNodePort, for a LoadBalancer Service with externalTrafficPolicy Local.
+    #[must_use]
+    pub fn health_check_port(&self) -> Option<u16> {
+        self.health_check_port
+    }
+}
+
+/// The Service's ready endpoints on this node, as kube-proxy counts them for its
+/// healthCheckNodePort answer (`EndpointsMap.LocalReadyEndpoints`): distinct address and
+/// target port pairs over all the Service's ports, local and ready (terminating ones are not
+/// counted, so that load balancers drain the node).
+#[must_use]
+pub fn local_ready_endpoints(service: &ServiceView, slices: &[&SliceView]) -> u32 {
+    let mut seen: Vec<(IpAddr, u16)> = Vec::new();
+    for port in service.ports.iter() {
+        for slice in slices {
+            let Some(target) = slice
+                .ports
+                .iter()
+                .find(|p| p.name == port.name && p.protocol == port.protocol)
+            else {
+                continue;
+            };
+            for e in slice.endpoints.iter() {
+                let pair = (e.address, target.port);
+                if e.local && e.state == BackendStateConfig::Ready && !seen.contains(&pair) {
+                    seen.push(pair);
+                }
+            }
+        }
+    }
+    u32::try_from(seen.len()).unwrap_or(u32::MAX)
 }
 
 impl SliceView {

@@ -231,6 +231,33 @@ say "$(in_ns "$NODE" "$XLB" status | grep -v '^#' | grep -v ' 0$')"
 say "== a few flows"
 say "$(in_ns "$NODE" "$XLB" flows --limit 3)"
 
+# http_get URL: the status code and the body on one line (from the node's namespace).
+http_get() {
+  in_ns "$NODE" python3 -c 'import sys, urllib.request, urllib.error
+try: r = urllib.request.urlopen(sys.argv[1], timeout=3); print(r.status, r.read().decode().replace("\n", " "))
+except urllib.error.HTTPError as e: print(e.code, e.read().decode().replace("\n", " "))' "$1"
+}
+# until_http URL STATUS: waits (5 s at most) for URL to answer STATUS.
+until_http() {
+  for _ in $(seq 1 50); do http_get "$1" 2>/dev/null | grep -q "^$2 " && return 0; sleep 0.1; done
+  fail "$1 did not answer $2: $(http_get "$1" 2>&1)"
+}
+if [ "$SOURCE" = kubernetes ]; then
+  say "== kube-proxy's health server: /healthz, and a LoadBalancer Service's healthCheckNodePort"
+  until_http http://127.0.0.1:10256/healthz 200
+  say "$(http_get http://127.0.0.1:10256/healthz)"
+  k8s_service gw '{"type":"LoadBalancer","clusterIP":"198.18.64.3","clusterIPs":["198.18.64.3"],"externalTrafficPolicy":"Local","healthCheckNodePort":32100,"ports":[{"name":"http","protocol":"TCP","port":80,"nodePort":30080}]}'
+  gw_slice() { # NODE_NAME: gw's one endpoint, on that node
+    api '{"apply":"endpointslices","object":{"metadata":{"namespace":"demo","name":"gw-1","labels":{"kubernetes.io/service-name":"gw"}},"addressType":"IPv4","ports":[{"name":"http","protocol":"TCP","port":8080}],"endpoints":[{"addresses":["198.18.129.1"],"conditions":{"ready":true},"nodeName":"'"$1"'"}]}}'
+  }
+  gw_slice backend-1
+  until_http http://127.0.0.1:32100/ 503
+  say "endpoint elsewhere: $(http_get http://127.0.0.1:32100/)"
+  gw_slice node
+  until_http http://127.0.0.1:32100/ 200
+  say "endpoint on this node: $(http_get http://127.0.0.1:32100/)"
+fi
+
 if [ -z "$QUICK" ]; then
   say "== edit: backend-3 removed from the $SOURCE source; xlb applies it live"
   config 1 2

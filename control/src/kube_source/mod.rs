@@ -31,6 +31,7 @@ use tracing::{debug, info, warn};
 
 pub use self::store::{Event, Lenient, Store, Watched};
 use self::watch::{Progress, RetryAfter, Watch, WatchOptions};
+use crate::health::{ProxyHealth, ServiceHealth};
 use crate::kubernetes::{NodeContext, Warning};
 
 use crate::translate::Change;
@@ -248,6 +249,8 @@ pub struct KubeSource {
     failing: [Option<Instant>; 3],
     complaint_log: ComplaintLog,
     metrics: Arc<KubeMetrics>,
+    /// Told when a change arrives and whether the node is eligible, if a health server runs.
+    health: Option<Arc<ProxyHealth>>,
 }
 
 impl Debug for KubeSource {
@@ -270,6 +273,9 @@ pub struct Batch {
     pub arrivals: Vec<Instant>,
     /// How long translating the stale Services took.
     pub translated_in: Duration,
+    /// Every Service with a healthCheckNodePort and its local ready endpoints, when that
+    /// changed.
+    pub health: Option<Vec<ServiceHealth>>,
 }
 
 impl KubeSource {
@@ -312,7 +318,16 @@ impl KubeSource {
                 suppressed: 0,
             },
             metrics,
+            health: None,
         })
+    }
+
+    /// Tells `health` when changes arrive (kube-proxy's `QueuedUpdate`; the daemon says
+    /// when they are live) and whether this node is eligible for load balancer traffic.
+    #[must_use]
+    pub fn with_health(mut self, health: Arc<ProxyHealth>) -> Self {
+        self.health = Some(health);
+        self
     }
 
     /// The source's counters.
@@ -360,6 +375,12 @@ impl KubeSource {
             Step::Store(watched) => {
                 self.store.apply(watched, now, &self.metrics);
                 self.complaint_log.log(self.store.take_complaints(), now);
+                if let Some(h) = &self.health {
+                    if self.store.is_dirty() {
+                        h.queued(now);
+                    }
+                    h.set_node_eligible(self.store.node_eligible());
+                }
             }
             Step::Answered(r) => {
                 if let Some(since) = self.failing[r as usize].take() {
@@ -423,6 +444,7 @@ impl KubeSource {
             change: t.change,
             arrivals: t.arrivals,
             translated_in: now.elapsed(),
+            health: t.health,
         }
     }
 }

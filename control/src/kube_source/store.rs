@@ -27,6 +27,7 @@ use xlb_dataplane::lb::snapshot::ServiceKey;
 
 use super::KubeMetrics;
 use crate::desired::DesiredService;
+use crate::health::ServiceHealth;
 use crate::kubernetes::{self, NodeContext, SliceView, Warning, Zones};
 use crate::translate::{key, Change};
 
@@ -392,9 +393,16 @@ impl Owned for SliceEntry {
     }
 }
 
-/// A Node's zone label.
+/// A Node's zone label, and whether it may take load balancer traffic: not being deleted
+/// and not tainted for deletion by the cluster autoscaler (kube-proxy's `nodeEligible`).
 #[derive(Debug)]
-struct NodeEntry(Option<String>);
+struct NodeEntry {
+    zone: Option<String>,
+    eligible: bool,
+}
+
+/// The taint the cluster autoscaler puts on a node it is about to delete.
+const TO_BE_DELETED_TAINT: &str = "ToBeDeletedByClusterAutoscaler";
 
 impl Owned for NodeEntry {
     fn owner(&self, _: &ObjKey) -> Option<ObjKey> {
@@ -416,6 +424,8 @@ struct Produced {
 pub struct Translated {
     /// What changed in the desired state.
     pub change: Change,
+    /// Every Service with a healthCheckNodePort, when that set or a count changed.
+    pub health: Option<Vec<ServiceHealth>>,
     /// When the events behind it arrived, each instant once (a relist is one arrival, when
     /// it started); only events whose Services' translations changed.
     pub arrivals: Vec<Instant>,
@@ -445,6 +455,12 @@ pub struct Store {
     digests: DefaultHashBuilder,
     /// The digest of an empty translation.
     nothing: u64,
+    /// The Services with a healthCheckNodePort: its port and their local ready endpoints.
+    health: BTreeMap<ObjKey, (u16, u32)>,
+    /// Whether `health` changed since the last [`Store::take_change`].
+    health_changed: bool,
+    /// Whether this node may take load balancer traffic (true until its Node says not).
+    node_eligible: bool,
 }
 
 impl Store {
@@ -466,7 +482,17 @@ impl Store {
             waiting: HashMap::new(),
             nothing: digests.hash_one::<&[DesiredService]>(&[]),
             digests,
+            health: BTreeMap::new(),
+            health_changed: false,
+            node_eligible: true,
         }
+    }
+
+    /// Whether this node may take load balancer traffic: its Node is neither being deleted
+    /// nor tainted `ToBeDeletedByClusterAutoscaler` (true while it is unknown).
+    #[must_use]
+    pub fn node_eligible(&self) -> bool {
+        self.node_eligible
     }
 
     /// Whether Services and EndpointSlices have both been listed (a snapshot before that
@@ -559,18 +585,26 @@ impl Store {
                             .as_ref()
                             .and_then(|l| l.get(ZONE_LABEL))
                             .cloned();
-                        (NodeEntry(zone), Vec::new())
+                        let tainted = n
+                            .spec
+                            .as_ref()
+                            .and_then(|s| s.taints.as_ref())
+                            .is_some_and(|t| t.iter().any(|t| t.key == TO_BE_DELETED_TAINT));
+                        let eligible = n.metadata.deletion_timestamp.is_none() && !tainted;
+                        (NodeEntry { zone, eligible }, Vec::new())
                     },
                     &mut self.complaints,
                     m,
                 );
                 // Nodes are cluster-scoped: stored under "default/<name>".
-                let zone = self
+                let this = self
                     .nodes
                     .objects
                     .iter()
                     .find(|(k, _)| k.rsplit('/').next() == Some(self.node.name.as_str()))
-                    .and_then(|(_, n)| n.view.0.clone());
+                    .map(|(_, n)| &n.view);
+                self.node_eligible = this.is_none_or(|n| n.eligible);
+                let zone = this.and_then(|n| n.zone.clone());
                 if zone != self.node.zone {
                     self.node.zone = zone;
                     // Topology choices may change for every Service.
@@ -601,6 +635,7 @@ impl Store {
                 .objects
                 .get(&name)
                 .and_then(|s| s.view.0.as_ref());
+            let mut health = None;
             let desired: Vec<DesiredService> = match view {
                 Some(view) => {
                     let slices: Vec<&SliceView> = self
@@ -610,10 +645,18 @@ impl Store {
                         .iter()
                         .filter_map(|k| self.slices.objects.get(k)?.view.view.as_ref())
                         .collect();
+                    health = view
+                        .health_check_port()
+                        .map(|p| (p, kubernetes::local_ready_endpoints(view, &slices)));
                     kubernetes::translate_views(view, &slices, &self.node)
                 }
                 None => Vec::new(),
             };
+            let was = match health {
+                Some(h) => self.health.insert(Arc::clone(&name), h),
+                None => self.health.remove(&name),
+            };
+            self.health_changed |= was != health;
             let digest = self.digests.hash_one(&desired);
             let before = self
                 .produced
@@ -676,6 +719,18 @@ impl Store {
         }
         out.arrivals.sort_unstable();
         out.arrivals.dedup();
+        if std::mem::take(&mut self.health_changed) {
+            out.health = Some(
+                self.health
+                    .iter()
+                    .map(|(name, &(port, local_endpoints))| ServiceHealth {
+                        name: Arc::clone(name),
+                        port,
+                        local_endpoints,
+                    })
+                    .collect(),
+            );
+        }
         out
     }
 
