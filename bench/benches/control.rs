@@ -8,7 +8,7 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use xlb_control::config::{BackendStateConfig, NoBackendConfig, ProtocolConfig, SchedulerConfig};
-use xlb_control::desired::{DesiredBackend, DesiredService, VipKind};
+use xlb_control::desired::{DesiredBackend, DesiredService, TrafficPolicy, VipKind};
 use xlb_control::translate::{translate_desired, Builder, Change, OnRefusal};
 use xlb_dataplane::lb::snapshot::Snapshot;
 
@@ -22,6 +22,7 @@ fn desired_distinct(n: u32) -> Vec<DesiredService> {
                 port: 8080 + ((i * 10 + j) / 65_536) as u16,
                 weight: 1,
                 state: BackendStateConfig::Ready,
+                local: false,
             })
             .collect();
     }
@@ -41,6 +42,7 @@ fn desired(n: u32) -> Vec<DesiredService> {
                     port: 5353,
                     weight: 1,
                     state: BackendStateConfig::Ready,
+                    local: false,
                 })
                 .collect(),
             scheduler: SchedulerConfig::Maglev,
@@ -49,6 +51,7 @@ fn desired(n: u32) -> Vec<DesiredService> {
             table_size: None,
             kind: VipKind::Configured,
             source_ranges: Vec::new().into(),
+            traffic_policy: TrafficPolicy::Cluster,
         })
         .collect()
 }

@@ -107,6 +107,19 @@ pub struct DesiredService {
     pub kind: VipKind,
     /// The client prefixes allowed to open flows; empty: anyone.
     pub source_ranges: Arc<[Cidr]>,
+    /// Which endpoints it was given: all of them, or only this node's.
+    pub traffic_policy: TrafficPolicy,
+}
+
+/// Which endpoints a VIP was given (Kubernetes' traffic policies: internal for a cluster IP,
+/// external for the others), for the operator.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum TrafficPolicy {
+    /// Endpoints anywhere (the file's Services, and Kubernetes' default).
+    #[default]
+    Cluster,
+    /// Only this node's endpoints.
+    Local,
 }
 
 /// One backend of a [`DesiredService`].
@@ -120,6 +133,8 @@ pub struct DesiredBackend {
     pub weight: u32,
     /// Its condition.
     pub state: BackendStateConfig,
+    /// Whether it runs on this node (Kubernetes' endpoint `nodeName`; the file's: never).
+    pub local: bool,
 }
 
 impl Config {
@@ -143,6 +158,7 @@ impl Config {
                             port: target,
                             weight: b.weight,
                             state: b.state,
+                            local: false,
                         })
                         .collect(),
                     scheduler: s.scheduler,
@@ -151,6 +167,7 @@ impl Config {
                     table_size: s.table_size,
                     kind: VipKind::Configured,
                     source_ranges: s.source_ranges.clone().into(),
+                    traffic_policy: TrafficPolicy::Cluster,
                 });
             }
         }

@@ -36,7 +36,7 @@ use k8s_openapi::api::discovery::v1::{Endpoint, EndpointSlice};
 use xlb_dataplane::lb::maglev::is_valid_table_size;
 
 use crate::config::{BackendStateConfig, NoBackendConfig, ProtocolConfig, SchedulerConfig};
-use crate::desired::{Cidr, DesiredBackend, DesiredService, VipKind};
+use crate::desired::{Cidr, DesiredBackend, DesiredService, TrafficPolicy, VipKind};
 
 /// The label of EndpointSlices naming their Service.
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -545,6 +545,7 @@ pub fn translate_views(
                         port,
                         weight: 1,
                         state: e.state,
+                        local: e.local,
                     })
                     .collect(),
                 scheduler: service.scheduler,
@@ -556,6 +557,11 @@ pub fn translate_views(
                     Arc::clone(&service.source_ranges)
                 } else {
                     Arc::from([])
+                },
+                traffic_policy: if local_only {
+                    TrafficPolicy::Local
+                } else {
+                    TrafficPolicy::Cluster
                 },
             });
         }

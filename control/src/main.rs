@@ -81,7 +81,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Print a running xlb's counters (its /metrics).
+    /// Print a running xlb's Services (its /services: each with its VIP kind, scheduler,
+    /// affinity, traffic policy, source ranges, no-endpoint behaviour and backends) and
+    /// counters (its /metrics).
     Status {
         /// The admin API's address.
         #[arg(long, default_value = "127.0.0.1:9901")]
@@ -168,6 +170,10 @@ fn run(cli: Cli) -> Result<(), InputError> {
             }
         }
         Command::Status { admin } => {
+            print!(
+                "{}",
+                admin_client::services_table(admin).map_err(InputError)?
+            );
             print!(
                 "{}",
                 admin_client::get(admin, "/metrics").map_err(InputError)?

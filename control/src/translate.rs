@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use xlb_dataplane::lb::prefix::{Prefix, PrefixMap};
 use xlb_dataplane::lb::snapshot::{
-    Backend, BackendId, BackendState, NoBackend, Scheduler, Service, ServiceId, ServiceKey,
+    Backend, BackendId, BackendState, NoBackend, Origin, Scheduler, Service, ServiceId, ServiceKey,
     ServiceSpec, Snapshot, SnapshotError,
 };
 use xlb_dataplane::packet::{key_addr, Endpoint, Family, IpProto};
@@ -86,7 +86,7 @@ pub struct Builder {
     next_backend: u32,
     /// The desired state each Service of the last snapshot was built from (hashbrown with
     /// foldhash: std's SipHash was 17% of a 100 000-Service rebuild).
-    built: hashbrown::HashMap<ServiceKey, DesiredService>,
+    built: hashbrown::HashMap<ServiceKey, Arc<DesiredService>>,
     last: BuildStats,
 }
 
@@ -127,7 +127,7 @@ impl Builder {
                 .collect(),
             upsert: desired
                 .iter()
-                .filter(|d| self.built.get(&key(d)) != Some(*d))
+                .filter(|d| self.built.get(&key(d)).map(|b| &**b) != Some(*d))
                 .cloned()
                 .collect(),
         }
@@ -161,10 +161,11 @@ impl Builder {
             .reserve(change.upsert.iter().map(|d| d.backends.len()).sum());
         for d in change.upsert {
             let k = key(&d);
-            if self.built.get(&k) == Some(&d) && base.service_arc(&k).is_some() {
+            if self.built.get(&k).map(|b| &**b) == Some(&d) && base.service_arc(&k).is_some() {
                 stats.reused += 1;
                 continue;
             }
+            let d = Arc::new(d);
             specs.push((spec(&d, self), d));
         }
         for (result, d) in build_all(specs) {
@@ -273,8 +274,8 @@ const PARALLEL_FROM: usize = 512;
 /// Builds Services (their Maglev tables, mostly: ~10 us each at 10 backends), on every core
 /// for a large batch (a first snapshot, a relist), in order.
 fn build_all(
-    specs: Vec<(ServiceSpec, DesiredService)>,
-) -> Vec<(Result<Service, SnapshotError>, DesiredService)> {
+    specs: Vec<(ServiceSpec, Arc<DesiredService>)>,
+) -> Vec<(Result<Service, SnapshotError>, Arc<DesiredService>)> {
     // available_parallelism reads cgroup files (~80 us): only for a large batch.
     let threads = if specs.len() < PARALLEL_FROM {
         1
@@ -318,8 +319,9 @@ fn build_all(
     })
 }
 
-/// The dataplane's spec of a desired Service, with its stable ids.
-fn spec(d: &DesiredService, ids: &mut Builder) -> ServiceSpec {
+/// The dataplane's spec of a desired Service, with its stable ids (and the desired Service
+/// itself as its origin, for `/services`).
+fn spec(d: &Arc<DesiredService>, ids: &mut Builder) -> ServiceSpec {
     let key = key(d);
     let proto = key.proto;
     let backends = d
@@ -352,6 +354,7 @@ fn spec(d: &DesiredService, ids: &mut Builder) -> ServiceSpec {
         NoBackendConfig::Drop => NoBackend::Drop,
     };
     spec.table_size = d.table_size;
+    spec.origin = Origin::new(Arc::clone(d));
     if !d.source_ranges.is_empty() {
         spec.source_ranges = Some(Arc::new(PrefixMap::new(d.source_ranges.iter().map(|c| {
             let family = if c.addr.is_ipv4() {

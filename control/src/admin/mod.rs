@@ -32,10 +32,16 @@ use axum::routing::get;
 use axum::Router;
 use serde::Deserialize;
 use serde_json::json;
+use std::collections::HashMap;
+use std::net::IpAddr;
 use tokio::sync::{mpsc, Semaphore};
+
 use xlb_dataplane::lb::flow::{FlowTable, FlowValue};
+use xlb_dataplane::lb::snapshot::{BackendState, NoBackend, Scheduler, Service};
 use xlb_dataplane::worker::{Clock, Tables, WorkerStats};
 use xlb_dataplane::xsk::FilterCounts;
+
+use crate::desired::{DesiredService, TrafficPolicy, VipKind};
 
 /// Blocking requests (`/flows`, `/services`) served at once.
 pub const HEAVY_AT_ONCE: usize = 2;
@@ -216,28 +222,7 @@ async fn services_page(State(shared): State<Shared>, Query(page): Query<Page>) -
         let snapshot = &tables.snapshot;
         out.write(format!("{{\"generation\":{},\"services\":[", snapshot.generation()).as_bytes());
         for (n, s) in snapshot.services().skip(from).take(limit).enumerate() {
-            let spec = s.spec();
-            let backends: Vec<_> = spec
-                .backends
-                .iter()
-                .map(|b| {
-                    json!({
-                        "address": b.endpoint.ip().to_string(),
-                        "port": b.endpoint.port(),
-                        "state": format!("{:?}", b.state),
-                        "weight": b.weight,
-                        "live_flows": s.live_flows(b.id),
-                    })
-                })
-                .collect();
-            let service = json!({
-                "vip": spec.key.vip.ip().to_string(),
-                "port": spec.key.vip.port(),
-                "protocol": proto_name(spec.key.proto.0),
-                "scheduler": format!("{:?}", spec.scheduler),
-                "backends": backends,
-            });
-            if !out.item(n, &service) {
+            if !out.item(n, &describe(s)) {
                 return;
             }
         }
@@ -246,6 +231,74 @@ async fn services_page(State(shared): State<Shared>, Query(page): Query<Page>) -
         out.write(format!("],\"next\":{}}}", json!(next)).as_bytes());
     })
     .await
+}
+
+/// One Service of the live snapshot for the operator: where it came from and what kind of
+/// VIP it is, how it picks, its policies, and each backend with its condition, whether it
+/// runs on this node, and its live flows.
+fn describe(s: &Service) -> serde_json::Value {
+    let spec = s.spec();
+    let desired = spec.origin.get::<DesiredService>();
+    // Node-locality is the desired state's; the dataplane does not keep it.
+    let local: HashMap<(IpAddr, u16), bool> = desired
+        .map(|d| {
+            d.backends
+                .iter()
+                .map(|b| ((b.address, b.port), b.local))
+                .collect()
+        })
+        .unwrap_or_default();
+    let backends: Vec<_> = spec
+        .backends
+        .iter()
+        .map(|b| {
+            let at = (b.endpoint.ip(), b.endpoint.port());
+            json!({
+                "address": at.0.to_string(),
+                "port": at.1,
+                "state": match b.state {
+                    BackendState::Ready => "ready",
+                    BackendState::Terminating => "terminating",
+                    BackendState::Draining => "draining",
+                },
+                "weight": b.weight,
+                "local": local.get(&at).copied().unwrap_or(false),
+                "live_flows": s.live_flows(b.id),
+            })
+        })
+        .collect();
+    json!({
+        "name": desired.map(|d| d.name.as_str()),
+        "kind": desired.map(|d| match d.kind {
+            VipKind::Configured => "configured",
+            VipKind::ClusterIp => "cluster-ip",
+            VipKind::ExternalIp => "external-ip",
+            VipKind::LoadBalancer => "load-balancer",
+            VipKind::NodePort => "node-port",
+        }),
+        "vip": spec.key.vip.ip().to_string(),
+        "port": spec.key.vip.port(),
+        "protocol": proto_name(spec.key.proto.0),
+        "scheduler": match spec.scheduler {
+            Scheduler::Maglev => "maglev",
+            Scheduler::Random => "random",
+            Scheduler::RoundRobin => "round-robin",
+            Scheduler::LeastConnections => "least-connections",
+        },
+        "affinity_timeout_seconds": spec.affinity_timeout,
+        "traffic_policy": desired.map(|d| match d.traffic_policy {
+            TrafficPolicy::Cluster => "Cluster",
+            TrafficPolicy::Local => "Local",
+        }),
+        "source_ranges": desired
+            .map(|d| d.source_ranges.iter().map(ToString::to_string).collect::<Vec<_>>())
+            .unwrap_or_default(),
+        "no_endpoints": match spec.no_backend {
+            NoBackend::Reject => "reject",
+            NoBackend::Drop => "drop",
+        },
+        "backends": backends,
+    })
 }
 
 /// Runs `produce` on a blocking thread once one of the [`HEAVY_AT_ONCE`] turns is free, and

@@ -177,3 +177,99 @@ fn health_is_answered_while_heavy_requests_hold_every_turn() {
     let _ = stop.send(());
     server.join().unwrap();
 }
+
+/// What `/services` tells an operator about a Kubernetes Service, translated as the source
+/// translates it: every VIP with its kind and policy, and each backend with its condition
+/// and node.
+#[test]
+fn services_show_what_each_vip_is_and_each_backend_with_its_condition_and_node() {
+    use k8s_openapi::api::core::v1::Service as KService;
+    use k8s_openapi::api::discovery::v1::EndpointSlice;
+
+    let service: KService = serde_json::from_value(serde_json::json!({
+        "metadata": {"namespace": "shop", "name": "web"},
+        "spec": {"type": "LoadBalancer", "clusterIP": "198.18.64.1", "clusterIPs": ["198.18.64.1"],
+                 "externalTrafficPolicy": "Local", "sessionAffinity": "ClientIP",
+                 "loadBalancerSourceRanges": ["198.18.0.0/24"],
+                 "ports": [{"name": "http", "protocol": "TCP", "port": 80}]},
+        "status": {"loadBalancer": {"ingress": [{"ip": "198.18.65.1"}]}},
+    }))
+    .unwrap();
+    let slice: EndpointSlice = serde_json::from_value(serde_json::json!({
+        "metadata": {"namespace": "shop", "name": "web-1",
+                     "labels": {"kubernetes.io/service-name": "web"}},
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "protocol": "TCP", "port": 8080}],
+        "endpoints": [
+            {"addresses": ["198.18.128.1"], "nodeName": "node-a", "conditions": {"ready": true}},
+            {"addresses": ["198.18.128.2"], "nodeName": "node-b",
+             "conditions": {"ready": false, "serving": true, "terminating": true}},
+        ],
+    }))
+    .unwrap();
+    let desired = crate::kubernetes::translate(
+        &[service],
+        &[slice],
+        &crate::kubernetes::NodeContext::named("node-a"),
+    )
+    .services;
+    let snapshot = crate::translate::translate_desired(
+        &desired,
+        &mut crate::translate::Builder::default(),
+        &xlb_dataplane::lb::snapshot::Snapshot::default(),
+        3,
+    )
+    .unwrap()
+    .snapshot;
+    let state = state(0);
+    state.tables.store(Arc::new(Tables {
+        snapshot: Arc::new(snapshot),
+        hops: Tables::empty().hops,
+    }));
+    let (_server, addr) = serve(state);
+    let page = json(addr, "/services");
+    let services = page["services"].as_array().unwrap();
+    let by_vip = |vip: &str| {
+        services
+            .iter()
+            .find(|s| s["vip"] == vip)
+            .unwrap_or_else(|| panic!("{vip} in {page}"))
+    };
+    let cluster = by_vip("198.18.64.1");
+    assert_eq!(cluster["name"], "shop/web:http");
+    assert_eq!(cluster["kind"], "cluster-ip");
+    assert_eq!(cluster["traffic_policy"], "Cluster");
+    assert_eq!(cluster["scheduler"], "maglev");
+    assert_eq!(cluster["affinity_timeout_seconds"], 10_800);
+    assert_eq!(cluster["source_ranges"], serde_json::json!([]));
+    assert_eq!(cluster["no_endpoints"], "reject");
+    let backends = cluster["backends"].as_array().unwrap();
+    let backend = |a: &str| backends.iter().find(|b| b["address"] == a).unwrap();
+    assert_eq!(
+        (
+            backend("198.18.128.1")["state"].as_str(),
+            backend("198.18.128.1")["local"].as_bool()
+        ),
+        (Some("ready"), Some(true))
+    );
+    assert_eq!(
+        (
+            backend("198.18.128.2")["state"].as_str(),
+            backend("198.18.128.2")["local"].as_bool()
+        ),
+        (Some("terminating"), Some(false))
+    );
+    let ingress = by_vip("198.18.65.1");
+    assert_eq!(ingress["kind"], "load-balancer");
+    assert_eq!(ingress["traffic_policy"], "Local");
+    assert_eq!(
+        ingress["source_ranges"],
+        serde_json::json!(["198.18.0.0/24"])
+    );
+    assert_eq!(
+        ingress["backends"].as_array().unwrap().len(),
+        1,
+        "Local: this node's endpoint only"
+    );
+    assert_eq!(ingress["backends"][0]["live_flows"], 0);
+}

@@ -125,7 +125,51 @@ pub struct ServiceSpec {
     /// The client prefixes allowed to open flows (Kubernetes' `loadBalancerSourceRanges`, on
     /// a load balancer's ingress address), or anyone.
     pub source_ranges: Option<Arc<PrefixMap<()>>>,
+    /// What the control plane built it from, for its reports; never read here.
+    pub origin: Origin,
 }
+
+/// What the control plane built a Service from (its desired state, for `/services`), carried
+/// with the Service so that a report reads the live snapshot alone. The dataplane neither
+/// reads nor knows its type. Two origins are equal when they are the same object.
+#[derive(Clone, Default)]
+pub struct Origin(Option<Arc<dyn core::any::Any + Send + Sync>>);
+
+impl Origin {
+    /// An origin holding `what`.
+    #[must_use]
+    pub fn new<T: core::any::Any + Send + Sync>(what: Arc<T>) -> Self {
+        Self(Some(what))
+    }
+
+    /// What it holds, if it is a `T`.
+    #[must_use]
+    pub fn get<T: core::any::Any>(&self) -> Option<&T> {
+        self.0.as_deref()?.downcast_ref()
+    }
+}
+
+impl core::fmt::Debug for Origin {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "Origin(..)"
+        } else {
+            "Origin(none)"
+        })
+    }
+}
+
+impl PartialEq for Origin {
+    fn eq(&self, other: &Self) -> bool {
+        match (&self.0, &other.0) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            (None, None) => true,
+            _ => false,
+        }
+    }
+}
+
+impl Eq for Origin {}
 
 impl ServiceSpec {
     /// A Service with the defaults: Maglev, no session affinity, reject when no backend is
@@ -141,6 +185,7 @@ impl ServiceSpec {
             no_backend: NoBackend::default(),
             table_size: None,
             source_ranges: None,
+            origin: Origin::default(),
         }
     }
 }
