@@ -192,6 +192,8 @@ pub enum ProtocolConfig {
     Tcp,
     /// UDP.
     Udp,
+    /// SCTP (single-homed associations: the address each packet carries is translated).
+    Sctp,
 }
 
 /// One backend.
@@ -559,7 +561,7 @@ services:
 
     #[test]
     fn an_unknown_value_names_the_field_and_the_line() {
-        let bad = GOOD.replace("protocol: udp", "protocol: sctp");
+        let bad = GOOD.replace("protocol: udp", "protocol: dccp");
         let e = Config::parse(&bad).unwrap_err().0;
         assert!(e.contains("services[0].ports[1].protocol"), "{e}");
         assert!(e.contains("line 8"), "{e}");

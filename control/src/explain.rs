@@ -104,7 +104,8 @@ pub fn explain(
     let frame = match protocol {
         "tcp" => builder.tcp(source.port(), destination.port()).syn().build(),
         "udp" => builder.udp(source.port(), destination.port()).build(),
-        other => return Err(format!("protocol {other:?}: tcp or udp")),
+        "sctp" => builder.sctp(source.port(), destination.port(), 0).build(),
+        other => return Err(format!("protocol {other:?}: tcp, udp or sctp")),
     };
     let parsed = parse(&frame).map_err(|e| format!("{e:?}"))?;
     let hash = flow_hash(&parsed.key);

@@ -10,8 +10,8 @@
 //! Owns: which Services xlb handles (not headless, not ExternalName, not labelled for another
 //! proxy), their VIPs (clusterIPs; LoadBalancer ingress IPs unless their `ipMode` is `Proxy`;
 //! externalIPs; ingress and external IPs only of the Service's own IP families) and node
-//! ports (on this node's addresses, for NodePort and LoadBalancer Services), ports (TCP and
-//! UDP; SCTP reported as unsupported), endpoints merged from all EndpointSlices of a Service
+//! ports (on this node's addresses, for NodePort and LoadBalancer Services), ports (TCP, UDP
+//! and SCTP; anything else reported as unsupported), endpoints merged from all EndpointSlices of a Service
 //! and de-duplicated (a ready copy wins over a terminating one; only an endpoint's first
 //! address counts), endpoint conditions (KEP-1669, as kube-proxy reads them: `ready` unset or
 //! true takes new flows even if terminating; not ready but serving (unset counts as serving)
@@ -345,6 +345,7 @@ impl ServiceView {
             let protocol = match port.protocol.as_deref().unwrap_or("TCP") {
                 "TCP" => ProtocolConfig::Tcp,
                 "UDP" => ProtocolConfig::Udp,
+                "SCTP" => ProtocolConfig::Sctp,
                 other => {
                     warn(
                         "unsupported-protocol",
@@ -456,6 +457,7 @@ impl SliceView {
                 let protocol = match p.protocol.as_deref().unwrap_or("TCP") {
                     "TCP" => ProtocolConfig::Tcp,
                     "UDP" => ProtocolConfig::Udp,
+                    "SCTP" => ProtocolConfig::Sctp,
                     _ => return None,
                 };
                 Some(PortView {

@@ -71,7 +71,7 @@ enum Command {
         /// The YAML configuration.
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
-        /// tcp or udp.
+        /// tcp, udp or sctp.
         protocol: String,
         /// The client's address and port.
         source: SocketAddr,

@@ -226,6 +226,7 @@ pub fn proto(p: ProtocolConfig) -> IpProto {
     match p {
         ProtocolConfig::Tcp => IpProto::TCP,
         ProtocolConfig::Udp => IpProto::UDP,
+        ProtocolConfig::Sctp => IpProto::SCTP,
     }
 }
 
@@ -390,6 +391,17 @@ services:
     ports: [{ port: 80, target_port: 8080 }, { port: 53, protocol: udp }]
     backends: [{ address: 198.18.128.1 }, { address: 198.18.128.2 }]
 ";
+
+    #[test]
+    fn an_sctp_port_becomes_an_sctp_service() {
+        let config = Config::parse(&TWO.replace("protocol: udp", "protocol: sctp")).unwrap();
+        let snap = build_all(&config, &mut Builder::default());
+        let key = ServiceKey {
+            vip: Endpoint::new([198, 18, 64, 1].into(), 53),
+            proto: IpProto::SCTP,
+        };
+        assert_eq!(snap.service(&key).unwrap().spec().backends.len(), 2);
+    }
 
     #[test]
     fn each_port_of_a_service_becomes_a_dataplane_service_with_its_target_port() {

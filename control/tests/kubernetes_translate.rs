@@ -218,21 +218,34 @@ fn ready_endpoints_take_flows_serving_terminating_ones_keep_them_and_others_are_
 }
 
 #[test]
-fn sctp_is_reported_as_unsupported_not_silently_dropped() {
+fn sctp_ports_are_forwarded_as_kube_proxy_forwards_them_and_other_protocols_reported() {
     let svc = service(
-        "sctp",
+        "diameter",
         json!({ "clusterIP": "198.18.64.9",
-        "ports": [{ "name": "s", "protocol": "SCTP", "port": 9 }, { "name": "t", "protocol": "TCP", "port": 10 }] }),
+        "ports": [{ "name": "s", "protocol": "SCTP", "port": 3868 },
+                  { "name": "d", "protocol": "DCCP", "port": 9 },
+                  { "name": "t", "protocol": "TCP", "port": 10 }] }),
     );
-    let t = run(vec![svc], vec![]);
-    assert_eq!(t.services.len(), 1, "the TCP port still is");
+    let endpoints = slice(
+        "diameter",
+        "diameter-1",
+        "IPv4",
+        json!([{ "name": "s", "protocol": "SCTP", "port": 3869 },
+               { "name": "t", "protocol": "TCP", "port": 11 }]),
+        json!([ep("198.18.129.1", "node-b", "zone-1", true, true, false)]),
+    );
+    let t = run(vec![svc], vec![endpoints]);
+    let sctp = t
+        .services
+        .iter()
+        .find(|s| s.protocol == ProtocolConfig::Sctp)
+        .expect("the SCTP port is served");
+    assert_eq!((sctp.port, sctp.backends.len()), (3868, 1));
+    assert_eq!(sctp.backends[0].port, 3869, "its slice's SCTP target port");
+    assert_eq!(t.services.len(), 2, "SCTP and TCP");
+    assert_eq!(t.warnings.len(), 1);
     assert_eq!(t.warnings[0].kind, "unsupported-protocol");
-    assert!(t.warnings[0].message.contains("SCTP"));
-    assert_eq!(
-        t.services[0].backends.len(),
-        0,
-        "no endpoints: refused per policy"
-    );
+    assert!(t.warnings[0].message.contains("DCCP"));
 }
 
 #[test]

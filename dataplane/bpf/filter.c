@@ -40,7 +40,7 @@ static long (*bpf_redirect_map)(void *map, __u64 key, __u64 flags) = (void *)BPF
 struct steer_key {
 	__u8 addr[16];  // IPv4: the first four bytes, the rest zero
 	__u16 port;     // network order; 0 for ICMP echo and for any-port entries
-	__u8 proto;     // IPPROTO_TCP, IPPROTO_UDP, IPPROTO_ICMP, IPPROTO_ICMPV6
+	__u8 proto;     // IPPROTO_TCP, IPPROTO_UDP, IPPROTO_SCTP, IPPROTO_ICMP, IPPROTO_ICMPV6
 	__u8 flags;     // STEER_*
 };
 #define STEER_SOURCE 1   // match the packet's source (a backend's reply)
@@ -165,7 +165,7 @@ static always_inline int quoted_is_ours(void *q, void *end, int v6)
 		dst = (__u8 *)&ip6->daddr;
 		alen = 16;
 	}
-	if (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
+	if (proto != IPPROTO_TCP && proto != IPPROTO_UDP && proto != IPPROTO_SCTP)
 		return 0;
 	// The mask bounds the offset for the verifier (an IHL is at most 60 bytes).
 	struct ports *p = q + (hlen & 0x3c);
@@ -181,7 +181,8 @@ static always_inline int steer_l4(void *l4, void *end, __u8 proto, __u8 *src, __
 {
 	__u8 fam = v6 ? STEER_IPV6 : 0;
 
-	if (proto == IPPROTO_TCP || proto == IPPROTO_UDP) {
+	// SCTP's common header starts with its ports, as TCP's and UDP's headers do.
+	if (proto == IPPROTO_TCP || proto == IPPROTO_UDP || proto == IPPROTO_SCTP) {
 		struct ports *p = l4;
 		if ((void *)(p + 1) > end)
 			return -1;

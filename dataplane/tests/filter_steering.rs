@@ -22,6 +22,8 @@ fn steered(filter: &mut XdpFilter) {
         SteerKey::destination(&Endpoint::new(VIP6.into(), 80), IpProto::TCP),
         SteerKey::destination(&Endpoint::new(VIP6.into(), 53), IpProto::UDP),
         SteerKey::vip_address(Family::Ipv6, key_addr(VIP6.into())),
+        SteerKey::destination(&Endpoint::new(VIP.into(), 3868), IpProto::SCTP),
+        SteerKey::source(&Endpoint::new(BACKEND.into(), 3868), IpProto::SCTP),
     ];
     filter.change(&keys, &[]).expect("keys added");
 }
@@ -171,6 +173,30 @@ fn cases() -> Vec<(&'static str, Vec<u8>, FilterAction)> {
             "not ip",
             pkt().ethertype(0x0806).payload(&[0; 28]).build(),
             Pass,
+        ),
+        (
+            "sctp to the vip's sctp port",
+            pkt().ipv4(CLIENT, VIP).sctp(40000, 3868, 0).build(),
+            Steer,
+        ),
+        (
+            "a backend's sctp reply",
+            pkt().ipv4(BACKEND, CLIENT).sctp(3868, 40000, 1).build(),
+            Steer,
+        ),
+        (
+            "sctp to another address",
+            pkt().ipv4(CLIENT, ROUTER).sctp(40000, 3868, 0).build(),
+            Pass,
+        ),
+        (
+            "an icmp error about an sctp packet forwarded to a backend",
+            pkt()
+                .ipv4(ROUTER, CLIENT)
+                .icmp(3, 1, [0; 4])
+                .payload(&pkt().ipv4(CLIENT, BACKEND).sctp(40000, 3868, 0).ip_packet()[..28])
+                .build(),
+            Steer,
         ),
     ]
 }

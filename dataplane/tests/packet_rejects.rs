@@ -99,6 +99,14 @@ fn drop_cases() -> Vec<Case> {
         )
         .drops(UdpLengthOverrun),
         case(
+            "an sctp common header cut short",
+            &pkt()
+                .ipv4(CLIENT, VIP)
+                .proto(IpProto::SCTP)
+                .payload(&[0; 11]),
+        )
+        .drops(SctpTruncated),
+        case(
             "an icmp header cut short",
             &pkt().ipv4(CLIENT, VIP).echo_request(1, 1).total_len(20 + 7),
         )
@@ -145,11 +153,8 @@ fn pass_cases() -> Vec<Case> {
         )
         .passes(NotIp),
         case(
-            "sctp is not translated",
-            &pkt()
-                .ipv4(CLIENT, VIP)
-                .proto(IpProto::SCTP)
-                .payload(&[0; 12]),
+            "gre is not translated",
+            &pkt().ipv4(CLIENT, VIP).proto(IpProto(47)).payload(&[0; 12]),
         )
         .passes(UnsupportedProtocol),
         case(

@@ -27,6 +27,10 @@ const BACKEND_PORT: usize = 1;
 const FRAMES: u32 = 512;
 
 fn service(backends: &[u8]) -> Arc<Service> {
+    service_of(IpProto::TCP, backends)
+}
+
+fn service_of(proto: IpProto, backends: &[u8]) -> Arc<Service> {
     let backends = backends
         .iter()
         .map(|&n| Backend {
@@ -38,7 +42,7 @@ fn service(backends: &[u8]) -> Arc<Service> {
         .collect();
     let key = ServiceKey {
         vip: Endpoint::new(VIP.into(), 80),
-        proto: IpProto::TCP,
+        proto,
     };
     Arc::new(
         Service::new(ServiceSpec::new(
@@ -383,4 +387,110 @@ fn in_snat_mode_the_backend_sees_the_snat_address_and_the_reply_finds_the_client
         "the reply comes from the VIP to the client's own port"
     );
     assert_eq!(io.free_frames(), FRAMES as usize);
+}
+
+/// Whether an SCTP packet's CRC32c (RFC 9260 appendix A, computed bit by bit here) is right.
+fn sctp_crc_is_valid(sctp: &[u8]) -> bool {
+    let mut crc = !0u32;
+    for (i, &byte) in sctp.iter().enumerate() {
+        crc ^= u32::from(if (8..12).contains(&i) { 0 } else { byte });
+        for _ in 0..8 {
+            crc = if crc & 1 == 1 {
+                (crc >> 1) ^ 0x82F6_3B78
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    (!crc).to_le_bytes() == sctp[8..12]
+}
+
+#[test]
+fn an_sctp_association_is_forwarded_with_valid_checksums_both_ways_in_dnat_and_snat() {
+    for snat in [false, true] {
+        let tables = Tables {
+            snapshot: Arc::new(Snapshot::new(1, vec![service_of(IpProto::SCTP, &[1])]).unwrap()),
+            hops: hops(&[1]),
+        };
+        let shared = Shared {
+            tables: Arc::new(ArcSwap::from_pointee(tables)),
+            flows: Arc::new(FlowTable::new(4096, Timeouts::default())),
+            clock: Clock::start(),
+            reports: Arc::new(Reports::unwatched(4)),
+        };
+        let pool =
+            snat.then(|| xlb_dataplane::lb::decide::SnatPool::new(Some(SNAT), None, 40000, 100));
+        let stats = Arc::new(WorkerStats::new(2));
+        let mut worker = Worker::new(shared, 2, pool, Arc::clone(&stats), 3);
+        let mut io = MemRing::new(2, FRAMES, 2048, 4096);
+        // INIT (chunk type 1) from the client to the VIP.
+        let init = pkt()
+            .eth(CLIENT_MAC, NODE_MAC)
+            .ipv4(CLIENT, VIP)
+            .sctp(50000, 80, 0)
+            .payload(&[
+                1, 0, 0, 20, 1, 2, 3, 4, 0, 0, 0xff, 0xff, 0, 10, 0, 10, 0, 0, 0, 1,
+            ])
+            .build();
+        io.inject(CLIENT_PORT, &init);
+        worker.poll(&mut io);
+        let out = io.transmitted(BACKEND_PORT);
+        assert_eq!(out.len(), 1, "snat {snat}");
+        let p = parse(&out[0]).unwrap();
+        assert_eq!(p.key.proto, IpProto::SCTP);
+        assert_eq!(
+            (p.key.dst_ip(), p.key.dst_port),
+            ([198, 18, 128, 1].into(), 8080)
+        );
+        let seen = (p.key.src_ip(), p.key.src_port);
+        if snat {
+            assert_eq!(seen.0, std::net::IpAddr::from(SNAT));
+        } else {
+            assert_eq!(seen, (CLIENT.into(), 50000));
+        }
+        assert!(
+            sctp_crc_is_valid(&out[0][usize::from(p.l4_offset)..]),
+            "snat {snat}"
+        );
+
+        // INIT ACK (chunk type 2) back from the backend.
+        let to = match seen.0 {
+            std::net::IpAddr::V4(a) => a,
+            std::net::IpAddr::V6(_) => unreachable!(),
+        };
+        let ack = pkt()
+            .eth(MacAddr([2, 0, 0, 0, 2, 1]), NODE_OUT_MAC)
+            .ipv4([198, 18, 128, 1].into(), to)
+            .sctp(8080, seen.1, 0x0102_0304)
+            .payload(&[
+                2, 0, 0, 20, 5, 6, 7, 8, 0, 0, 0xff, 0xff, 0, 10, 0, 10, 0, 0, 0, 1,
+            ])
+            .build();
+        io.inject(BACKEND_PORT, &ack);
+        worker.poll(&mut io);
+        let back = io.transmitted(CLIENT_PORT);
+        assert_eq!(back.len(), 1, "snat {snat}");
+        let p = parse(&back[0]).unwrap();
+        assert_eq!(
+            (
+                p.key.src_ip(),
+                p.key.src_port,
+                p.key.dst_ip(),
+                p.key.dst_port
+            ),
+            (VIP.into(), 80, CLIENT.into(), 50000),
+            "snat {snat}"
+        );
+        assert!(
+            sctp_crc_is_valid(&back[0][usize::from(p.l4_offset)..]),
+            "snat {snat}"
+        );
+        let c = stats.load();
+        assert_eq!(
+            (c.decide.forwarded, c.decide.replied),
+            (1, 1),
+            "snat {snat}"
+        );
+        assert_eq!(io.free_frames(), FRAMES as usize);
+    }
 }

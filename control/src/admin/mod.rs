@@ -374,6 +374,7 @@ fn proto_name(p: u8) -> String {
     match p {
         6 => "tcp".into(),
         17 => "udp".into(),
+        132 => "sctp".into(),
         1 => "icmp".into(),
         58 => "icmpv6".into(),
         other => other.to_string(),

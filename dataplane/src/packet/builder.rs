@@ -51,6 +51,11 @@ enum Transport {
         code: u8,
         rest: [u8; 4],
     },
+    Sctp {
+        src: u16,
+        dst: u16,
+        tag: u32,
+    },
 }
 
 /// A frame under construction. Every setter returns the builder.
@@ -329,6 +334,13 @@ impl PacketBuilder {
         self
     }
 
+    /// An SCTP common header with this verification tag; give the chunks as the payload.
+    #[must_use]
+    pub fn sctp(mut self, src: u16, dst: u16, tag: u32) -> Self {
+        self.transport = Transport::Sctp { src, dst, tag };
+        self
+    }
+
     /// An ICMP (or ICMPv6, by family) echo request.
     #[must_use]
     pub fn echo_request(self, id: u16, seq: u16) -> Self {
@@ -451,6 +463,7 @@ impl PacketBuilder {
             Transport::Udp { .. } => IpProto::UDP,
             Transport::Icmp { .. } if self.src.is_ipv6() => IpProto::ICMPV6,
             Transport::Icmp { .. } => IpProto::ICMP,
+            Transport::Sctp { .. } => IpProto::SCTP,
         }
     }
 
@@ -490,6 +503,12 @@ impl PacketBuilder {
                 l4.extend_from_slice(&[ty, code, 0, 0]);
                 l4.extend_from_slice(&rest);
             }
+            Transport::Sctp { src, dst, tag } => {
+                l4.extend_from_slice(&src.to_be_bytes());
+                l4.extend_from_slice(&dst.to_be_bytes());
+                l4.extend_from_slice(&tag.to_be_bytes());
+                l4.extend_from_slice(&[0; 4]);
+            }
         }
         l4.extend_from_slice(&self.payload);
         l4
@@ -498,8 +517,19 @@ impl PacketBuilder {
     /// Writes the transport checksum, given the pseudo-header sum for (protocol, length).
     fn finish_l4(&self, l4: &mut [u8], pseudo: impl Fn(u8, u16) -> u64) {
         let proto = self.proto_number();
+        if let Transport::Sctp { .. } = self.transport {
+            // CRC32c over the packet with the field zero, least significant byte first.
+            let crc = match self.l4_checksum {
+                L4Checksum::Raw(v) => u32::from(v),
+                _ => crc32c::crc32c(l4),
+            };
+            if let Some(field) = l4.get_mut(8..12) {
+                field.copy_from_slice(&crc.to_le_bytes());
+            }
+            return;
+        }
         let off = match self.transport {
-            Transport::None(_) => return,
+            Transport::None(_) | Transport::Sctp { .. } => return,
             Transport::Tcp { .. } => 16,
             Transport::Udp { .. } => 6,
             Transport::Icmp { .. } => 2,

@@ -9,8 +9,8 @@ use super::checksum::{add_bytes, fold, pseudo_header_v4, pseudo_header_v6};
 use super::key::FlowKey;
 use super::wire::{
     be16, Family, IpProto, TcpFlags, ETHERNET_HEADER_LEN, ETHERTYPE_IPV4, ETHERTYPE_IPV6,
-    ETHERTYPE_VLAN, ICMP_HEADER_LEN, IPV4_MIN_HEADER_LEN, IPV6_HEADER_LEN, TCP_MIN_HEADER_LEN,
-    UDP_HEADER_LEN, VLAN_TAG_LEN,
+    ETHERTYPE_VLAN, ICMP_HEADER_LEN, IPV4_MIN_HEADER_LEN, IPV6_HEADER_LEN, SCTP_HEADER_LEN,
+    TCP_MIN_HEADER_LEN, UDP_HEADER_LEN, VLAN_TAG_LEN,
 };
 
 /// Frames are parsed up to this length; offsets then fit in `u16`. No link xlb runs on carries
@@ -44,7 +44,7 @@ pub struct Parsed {
 /// The classification the load balancer acts on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Class {
-    /// A TCP segment, UDP datagram or ICMP echo message, not fragmented.
+    /// A TCP segment, UDP datagram, SCTP packet or ICMP echo message, not fragmented.
     Ordinary,
     /// A fragment of an IP packet. The first fragment has the full key; a non-first fragment
     /// has no transport header, so its ports are zero.
@@ -115,7 +115,7 @@ pub enum ChecksumState {
 pub enum PassReason {
     /// Not IPv4 or IPv6 (ARP, LLDP, a second VLAN tag, ...).
     NotIp,
-    /// An IP protocol xlb does not translate (SCTP, ESP, GRE, no next header, ...).
+    /// An IP protocol xlb does not translate (ESP, GRE, no next header, ...).
     UnsupportedProtocol,
     /// An ICMP message that is neither echo nor a translatable error (neighbour discovery,
     /// router advertisements, an error quoting an error or a non-first fragment, ...).
@@ -165,6 +165,8 @@ crate::counted::counted_enum! {
         UdpLengthTooShort,
         /// UDP length field beyond the IP payload.
         UdpLengthOverrun,
+        /// Shorter than the SCTP common header.
+        SctpTruncated,
         /// Shorter than an ICMP header.
         IcmpTruncated,
         /// An ICMP error whose quoted packet is cut short or malformed.
@@ -325,7 +327,7 @@ fn finish(
     }
     let fragmented = at.fragment.is_some();
     match at.proto {
-        IpProto::TCP | IpProto::UDP => {
+        IpProto::TCP | IpProto::UDP | IpProto::SCTP => {
             let t = transport(at.proto, segment, fragmented)?;
             let checksum = match t.checksum {
                 Some((field, len)) if !fragmented => checksum_state(at.proto, field, pseudo(len)),
@@ -469,7 +471,7 @@ fn walk_extension_headers(packet: &[u8], first: u8) -> Result<Ipv6Walk, DropReas
     Err(DropReason::Ipv6ExtensionChainTooLong)
 }
 
-/// Parses a TCP or UDP header within `segment` (bounded by the IP length).
+/// Parses a TCP, UDP or SCTP header within `segment` (bounded by the IP length).
 #[inline(always)]
 fn transport(proto: IpProto, segment: &[u8], fragmented: bool) -> Result<Transport, DropReason> {
     if proto == IpProto::TCP {
@@ -489,6 +491,8 @@ fn transport(proto: IpProto, segment: &[u8], fragmented: bool) -> Result<Transpo
                 offset(segment.len()),
             )),
         })
+    } else if proto == IpProto::SCTP {
+        sctp(segment)
     } else {
         let hdr = segment
             .first_chunk::<UDP_HEADER_LEN>()
@@ -508,6 +512,21 @@ fn transport(proto: IpProto, segment: &[u8], fragmented: bool) -> Result<Transpo
             checksum: Some((u16::from_be_bytes([hdr[6], hdr[7]]), len)),
         })
     }
+}
+
+/// Parses an SCTP common header; its CRC32c is not verified here: a rewrite that must
+/// recompute it keeps an incoming error (see `rewrite`), and one that need not leaves it.
+#[cold]
+fn sctp(segment: &[u8]) -> Result<Transport, DropReason> {
+    let hdr = segment
+        .first_chunk::<SCTP_HEADER_LEN>()
+        .ok_or(DropReason::SctpTruncated)?;
+    Ok(Transport {
+        src_port: u16::from_be_bytes([hdr[0], hdr[1]]),
+        dst_port: u16::from_be_bytes([hdr[2], hdr[3]]),
+        flags: TcpFlags::default(),
+        checksum: None,
+    })
 }
 
 /// Tells a finished checksum from a pseudo-header-only one (CHECKSUM_PARTIAL).
@@ -660,7 +679,7 @@ fn quoted_packet(family: Family, quote: &[u8]) -> Result<Option<Quoted>, DropRea
         .get(q.l4..)
         .and_then(<[u8]>::first_chunk::<8>)
         .ok_or(bad)?;
-    if q.proto == IpProto::TCP || q.proto == IpProto::UDP {
+    if matches!(q.proto, IpProto::TCP | IpProto::UDP | IpProto::SCTP) {
         q.src_port = u16::from_be_bytes([l4[0], l4[1]]);
         q.dst_port = u16::from_be_bytes([l4[2], l4[3]]);
     } else if q.proto == icmp_proto(family) && is_echo(family, l4[0]) {

@@ -11,6 +11,12 @@
 //! An incoming checksum that is simply wrong stays wrong by exactly the same amount: the
 //! receiver still detects the corruption, as RFC 1624 intends for a forwarding node.
 //!
+//! SCTP's checksum is a CRC32c over the SCTP packet alone (RFC 9260 section 6.8, no
+//! pseudo-header): an address change leaves it valid, and a port change recomputes it over the
+//! whole packet (two passes, one before and one after, so that an incoming error stays the
+//! same error: CRCs are linear, and the new field is the new CRC XOR the old syndrome). A
+//! first fragment whose port changes is refused: its CRC covers fragments that are not here.
+//!
 //! Translating an ICMP error (RFC 5508 section 4.2, RFC 4443 section 2.4) follows the flow the
 //! error travels along, whose key is the quoted packet's key reversed:
 //! * [`set_destination`] rewrites the quoted packet's source address and port, and the outer
@@ -39,6 +45,9 @@ pub enum RewriteError {
     /// The frame is shorter than the offsets recorded when it was parsed: it is not the frame
     /// that was parsed.
     FrameMismatch,
+    /// An SCTP first fragment whose port would change: its checksum covers the whole packet,
+    /// which is not here to compute it over.
+    SctpFragmentPort,
 }
 
 /// Which end of the flow a rewrite changes.
@@ -210,6 +219,9 @@ fn translate<const N: usize>(
     new_addr: &[u8; N],
     port: u16,
 ) -> Result<(), RewriteError> {
+    if parsed.key.proto == IpProto::SCTP {
+        return translate_sctp(packet, parsed, ip, l4, side, new_addr, port);
+    }
     let addr_delta = replace(packet, ip.addr(side), new_addr)?;
     ip.update_header_checksum(packet, addr_delta)?;
     let l4_fields = L4Fields::of(parsed.key.proto, ip.family);
@@ -231,6 +243,65 @@ fn translate<const N: usize>(
         }
     }
     Ok(())
+}
+
+/// Rewrites an SCTP packet or first fragment: address (its CRC32c does not cover it), port,
+/// and the CRC32c when the port changes (see the module documentation).
+#[cold]
+fn translate_sctp<const N: usize>(
+    packet: &mut [u8],
+    parsed: &Parsed,
+    ip: IpFields,
+    l4: usize,
+    side: Side,
+    new_addr: &[u8; N],
+    port: u16,
+) -> Result<(), RewriteError> {
+    let mismatch = RewriteError::FrameMismatch;
+    let port_at = l4 + L4Fields::of(IpProto::SCTP, ip.family).port(side);
+    let moves = crate::packet::wire::be16(packet, port_at).ok_or(mismatch)? != port;
+    if moves && matches!(parsed.class, Class::Fragment(_)) {
+        return Err(RewriteError::SctpFragmentPort);
+    }
+    // What the incoming CRC is off by (zero for an intact packet), kept through the rewrite.
+    let syndrome = if moves {
+        let segment = packet.get(l4..).ok_or(mismatch)?;
+        Some(sctp_field(segment).ok_or(mismatch)? ^ sctp_crc(segment).ok_or(mismatch)?)
+    } else {
+        None
+    };
+    let addr_delta = replace(packet, ip.addr(side), new_addr)?;
+    ip.update_header_checksum(packet, addr_delta)?;
+    if let Some(syndrome) = syndrome {
+        replace(packet, port_at, &port.to_be_bytes())?;
+        let segment = packet.get(l4..).ok_or(mismatch)?;
+        let crc = sctp_crc(segment).ok_or(mismatch)? ^ syndrome;
+        let field = packet
+            .get_mut(l4 + SCTP_CHECKSUM..)
+            .and_then(<[u8]>::first_chunk_mut::<4>)
+            .ok_or(mismatch)?;
+        *field = crc.to_le_bytes();
+    }
+    Ok(())
+}
+
+/// Offset of the checksum in the SCTP common header.
+const SCTP_CHECKSUM: usize = 8;
+
+/// The CRC32c an SCTP packet should carry: over the packet with its checksum field as zero
+/// (RFC 9260 appendix A). `None` if it is shorter than the common header.
+pub(super) fn sctp_crc(segment: &[u8]) -> Option<u32> {
+    let head = segment.get(..SCTP_CHECKSUM)?;
+    let rest = segment.get(SCTP_CHECKSUM + 4..)?;
+    let crc = crc32c::crc32c_append(crc32c::crc32c(head), &[0; 4]);
+    Some(crc32c::crc32c_append(crc, rest))
+}
+
+/// The CRC32c an SCTP packet carries (stored least significant byte first, as RFC 9260's
+/// reference code and Linux do).
+fn sctp_field(segment: &[u8]) -> Option<u32> {
+    let field = segment.get(SCTP_CHECKSUM..)?.first_chunk::<4>()?;
+    Some(u32::from_le_bytes(*field))
 }
 
 /// Rewrites an ICMP error and the packet it quotes (see the module documentation).
@@ -287,7 +358,9 @@ fn translate_icmp_error<const N: usize>(
     // A quote of only 8 transport bytes holds no TCP checksum, and one cut through it holds
     // half, which stays as it is; a UDP checksum of zero is "none" and stays so (the quote is
     // truncated, so it cannot be computed anyway).
-    let quoted_csum = crate::packet::wire::be16(packet, inner_csum);
+    // A quoted SCTP packet's CRC32c cannot be computed from a quote; it stays as it was.
+    let quoted_csum =
+        crate::packet::wire::be16(packet, inner_csum).filter(|_| parsed.key.proto != IpProto::SCTP);
     if quoted_csum.is_some_and(|c| !(l4_fields.udp && c == 0)) {
         let delta = port_delta.merge(if l4_fields.pseudo_header {
             inner_addr_delta
@@ -432,6 +505,13 @@ impl L4Fields {
                 checksum: 6,
                 pseudo_header: true,
                 udp: true,
+            },
+            // Its CRC32c is not a ones'-complement sum: `translate_sctp` recomputes it.
+            IpProto::SCTP => Self {
+                ports: [0, 2],
+                checksum: SCTP_CHECKSUM,
+                pseudo_header: false,
+                udp: false,
             },
             // ICMP echo: the identifier at offset 4 (parse admits nothing else here).
             _ => Self {

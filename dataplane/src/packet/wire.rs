@@ -26,6 +26,8 @@ pub const IPV6_HEADER_LEN: usize = 40;
 pub const TCP_MIN_HEADER_LEN: usize = 20;
 /// Length of a UDP header.
 pub const UDP_HEADER_LEN: usize = 8;
+/// Length of the SCTP common header (ports, verification tag, checksum).
+pub(super) const SCTP_HEADER_LEN: usize = 12;
 /// Length of the ICMP and ICMPv6 header (type, code, checksum, four bytes of rest-of-header).
 pub const ICMP_HEADER_LEN: usize = 8;
 
@@ -52,7 +54,7 @@ impl IpProto {
     pub const NO_NEXT_HEADER: Self = Self(0x3b);
     /// IPv6 destination options extension header.
     pub const DESTINATION_OPTIONS: Self = Self(0x3c);
-    /// SCTP, recognised so that it can be reported rather than confused with garbage.
+    /// SCTP (RFC 9260): ports like TCP and UDP, a CRC32c checksum without pseudo-header.
     pub const SCTP: Self = Self(0x84);
 }
 

@@ -123,12 +123,15 @@ pub struct Timeouts {
     pub udp: Second,
     /// UDP and ICMP established (a stream).
     pub udp_stream: Second,
+    /// SCTP established (an association that went on after its first answer); before that,
+    /// SCTP has UDP's timeout.
+    pub sctp_established: Second,
 }
 
 impl Default for Timeouts {
     /// The Linux conntrack defaults kube-proxy users know: SYN_SENT 120 s, SYN_RECV 60 s,
     /// ESTABLISHED as kube-proxy sets it (86 400 s), TIME_WAIT 120 s, UDP 30 s, UDP stream
-    /// 120 s.
+    /// 120 s, SCTP ESTABLISHED 210 s (`nf_conntrack_sctp_timeout_established`).
     fn default() -> Self {
         Self {
             tcp_new: 120,
@@ -137,6 +140,7 @@ impl Default for Timeouts {
             tcp_closing: 120,
             udp: 30,
             udp_stream: 120,
+            sctp_established: 210,
         }
     }
 }
@@ -151,6 +155,7 @@ impl Timeouts {
             (IpProto::TCP, FlowState::Replied) => self.tcp_replied,
             (IpProto::TCP, FlowState::Established) => self.tcp_established,
             (IpProto::TCP, FlowState::Closing) => self.tcp_closing,
+            (IpProto::SCTP, FlowState::Established) => self.sctp_established,
             (_, FlowState::Established) => self.udp_stream,
             _ => self.udp,
         }

@@ -318,3 +318,12 @@ fn eviction_takes_the_oldest_entry_by_tick_so_a_new_flow_outlives_the_flood_behi
     let _ = t.insert_at(&k, flow_hash(&k), value(1), FlowState::New, 1, 300);
     assert!(t.lookup(&legit, flow_hash(&legit), 1).is_none());
 }
+
+#[test]
+fn sctp_has_udps_timeout_until_established_then_conntracks_210_seconds() {
+    let t = Timeouts::default();
+    assert_eq!(t.of(IpProto::SCTP, FlowState::New), t.udp);
+    assert_eq!(t.of(IpProto::SCTP, FlowState::Replied), t.udp);
+    assert_eq!(t.of(IpProto::SCTP, FlowState::Established), 210);
+    assert_eq!(t.of(IpProto::UDP, FlowState::Established), t.udp_stream);
+}
