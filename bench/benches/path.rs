@@ -28,6 +28,14 @@ const BATCH: usize = 64;
 const VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 64, 1);
 
 fn snapshot() -> Snapshot {
+    snapshot_with_ranges(0)
+}
+
+/// The Service with `ranges` loadBalancerSourceRanges (of 17 prefix lengths, /16 to /32, the
+/// clients' 198.18.0.0/24 among them) when `ranges` is not zero.
+fn snapshot_with_ranges(ranges: u32) -> Snapshot {
+    use xlb_dataplane::lb::prefix::{Prefix, PrefixMap};
+    use xlb_dataplane::packet::{key_addr, Family};
     let backends = (1..=4u32)
         .map(|b| Backend {
             id: BackendId(NonZeroU32::MIN.saturating_add(b - 1)),
@@ -40,7 +48,15 @@ fn snapshot() -> Snapshot {
         vip: Endpoint::new(VIP.into(), 80),
         proto: IpProto::TCP,
     };
-    let spec = ServiceSpec::new(ServiceId(NonZeroU32::MIN), key, backends);
+    let mut spec = ServiceSpec::new(ServiceId(NonZeroU32::MIN), key, backends);
+    if ranges > 0 {
+        let prefix =
+            |addr: Ipv4Addr, len: u8| (Prefix::new(Family::Ipv4, key_addr(addr.into()), len), ());
+        let others = (1..ranges)
+            .map(|i| prefix(Ipv4Addr::from(0x0a00_0000 + (i << 8)), 16 + (i % 17) as u8));
+        let clients = prefix(Ipv4Addr::new(198, 18, 0, 0), 24);
+        spec.source_ranges = Some(Arc::new(PrefixMap::new(others.chain([clients]))));
+    }
     Snapshot::new(1, vec![Arc::new(Service::new(spec).expect("valid"))]).expect("one Service")
 }
 
@@ -160,17 +176,20 @@ fn established(c: &mut Criterion) {
 ///
 /// Both prefetch stages run before `decide()`, as in the hand-built path above.
 fn through_decide(c: &mut Criterion) {
-    let snapshot = snapshot();
+    let plain = snapshot();
+    let ranged = snapshot_with_ranges(1000);
     let mut group = c.benchmark_group("decide");
     group.throughput(Throughput::Elements(BATCH as u64));
-    for (name, flows, capacity) in [
-        ("established/100000", 100_000u32, 200_000usize),
-        ("new-flow", 1_000_000, 1 << 18),
+    for (name, flows, capacity, snapshot) in [
+        ("established/100000", 100_000u32, 200_000usize, &plain),
+        ("new-flow", 1_000_000, 1 << 18, &plain),
+        // Every new flow checked against 1 000 source ranges (allowed by the last).
+        ("new-flow/1000-source-ranges", 1_000_000, 1 << 18, &ranged),
     ] {
         let table = FlowTable::new(capacity, Timeouts::default());
         let frames = umem_frames(flows);
         if name.starts_with("established") {
-            record_flows(&snapshot, &table, &frames);
+            record_flows(snapshot, &table, &frames);
         }
         let mut at = 0usize;
         let mut bufs = [[0u8; 64]; BATCH];
@@ -184,7 +203,7 @@ fn through_decide(c: &mut Criterion) {
                     random ^= random << 13;
                     random ^= random >> 7;
                     random ^= random << 17;
-                    let env = dnat(&snapshot, &table, 1);
+                    let env = dnat(snapshot, &table, 1);
                     if let Verdict::Forward(to) = decide(&env, p, *h, random, &mut counters) {
                         black_box(set_destination(buf, p, &to)).ok();
                     }

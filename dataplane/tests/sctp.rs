@@ -190,3 +190,15 @@ fn an_icmp_error_quoting_sctp_follows_its_flow_and_leaves_the_quoted_checksum() 
     assert_eq!(&quote[22..24], &80u16.to_be_bytes());
     assert_eq!(quote[28..32], hex(INIT_TO_BACKEND)[14 + 28..14 + 32]);
 }
+
+#[test]
+fn the_frame_description_names_sctp_and_verifies_its_crc() {
+    use xlb_dataplane::packet::Layers;
+    let mut frame = hex(DATA_V6);
+    let text = Layers(&frame).to_string();
+    assert!(text.contains("sctp  40000 > 80 tag 0x0a0b0c0d"), "{text}");
+    assert!(text.contains(" ok"), "{text}");
+    let last = frame.len() - 1;
+    frame[last] ^= 1;
+    assert!(Layers(&frame).to_string().contains("BAD"));
+}

@@ -171,6 +171,19 @@ fn transport_line(
             )?;
             payload_line(f, seg.len().saturating_sub(hlen), prefix)
         }
+        IpProto::SCTP => {
+            write!(
+                f,
+                "\n{prefix}sctp  {} > {} tag {:#010x} crc32c {:#010x} {csum}",
+                word(0),
+                word(2),
+                long(4),
+                seg.get(8..12)
+                    .and_then(|b| <[u8; 4]>::try_from(b).ok())
+                    .map_or(0, u32::from_le_bytes),
+            )?;
+            payload_line(f, seg.len().saturating_sub(12), prefix)
+        }
         IpProto::UDP => {
             write!(
                 f,
@@ -216,6 +229,13 @@ fn l4_checksum_status(p: &Parsed, proto: IpProto, packet: &[u8], l4: usize) -> &
         ChecksumState::Complete => {}
     }
     let segment = packet.get(l4..).unwrap_or_default();
+    if proto == IpProto::SCTP {
+        let field = segment.get(8..12).and_then(|b| <[u8; 4]>::try_from(b).ok());
+        return match (super::rewrite::sctp_crc(segment), field) {
+            (Some(crc), Some(field)) if crc == u32::from_le_bytes(field) => "ok",
+            _ => "BAD",
+        };
+    }
     let segment = if proto == IpProto::UDP {
         let len = usize::from(be16(segment, 4).unwrap_or(0));
         segment.get(..len).unwrap_or(segment)
