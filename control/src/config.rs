@@ -52,6 +52,10 @@ pub struct Config {
     /// file's `services`, which keep their keys if both name one).
     #[serde(default)]
     pub kubernetes: Option<KubernetesConfig>,
+    /// A number the file's editor may carry: `xlb_config_generation` shows it once the file
+    /// is live, so a tool can wait for its own edit.
+    #[serde(default)]
+    pub generation: Option<u64>,
 }
 
 /// Where and how to watch the Kubernetes API.

@@ -13,7 +13,7 @@
 //!
 //! Must not know: packet bytes (workers and the dataplane own them).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -31,6 +31,7 @@ use xlb_dataplane::xsk::{FilterCounts, XdpFilter, XdpMode, XskConfig, XskIo};
 
 use crate::admin::{self, AdminState};
 use crate::config::{Config, KubernetesConfig, ModeConfig, XdpModeConfig};
+use crate::file_source::{content_hash, FileSource};
 use crate::health::{HealthServer, ProxyHealth};
 use crate::kube_source::{Batch, KubeMetrics, KubeSource, SourceOptions};
 use crate::kubernetes::NodeContext;
@@ -59,6 +60,7 @@ const FILE_PERIOD: Duration = Duration::from_secs(1);
 /// queue, missing privileges.
 pub fn run(path: &Path, node_name: Option<String>) -> Result<(), String> {
     let config = Config::load(path).map_err(|e| e.to_string())?;
+    let loaded_hash = std::fs::read(path).ok().map(|b| content_hash(&b));
     let ports = config
         .interfaces
         .iter()
@@ -224,16 +226,21 @@ pub fn run(path: &Path, node_name: Option<String>) -> Result<(), String> {
         live_entries: std::sync::atomic::AtomicU64::new(0),
         filter_counts: ArcSwap::from_pointee(FilterCounts::default()),
         kube: kube.as_ref().map(|k| Arc::clone(k.metrics())),
+        config_hash: std::sync::atomic::AtomicU64::new(loaded_hash.unwrap_or(0)),
+        config_generation: std::sync::atomic::AtomicU64::new(config.generation.unwrap_or(0)),
     });
+    let (file, unwatched) = FileSource::new(path, loaded_hash);
+    if let Some(why) = unwatched {
+        warn!(error = %why, "cannot watch the configuration's directory; edits are seen within a second");
+    }
     let mut control = Control {
-        path: path.to_owned(),
         config,
         publisher,
         kernel,
         filter,
         shared,
         admin: Arc::clone(&admin_state),
-        file_stamp: file_stamp(path),
+        file,
         to_resolve: backends_of(tables.load().snapshot.services()),
         wake,
         health: None,
@@ -432,20 +439,15 @@ fn snat_pool(config: &Config, worker: usize) -> Option<SnatPool> {
     ))
 }
 
-fn file_stamp(path: &Path) -> Option<(std::time::SystemTime, u64)> {
-    let meta = std::fs::metadata(path).ok()?;
-    Some((meta.modified().ok()?, meta.len()))
-}
-
 struct Control {
-    path: PathBuf,
     config: Config,
     publisher: Publisher,
     kernel: Kernel,
     filter: XdpFilter,
     shared: Shared,
     admin: Arc<AdminState>,
-    file_stamp: Option<(std::time::SystemTime, u64)>,
+    /// The configuration file: its content hash and the watch of its directory.
+    file: FileSource,
     /// Backend addresses whose next hops to look for at the next round.
     to_resolve: Vec<(Family, [u8; 16])>,
     /// Notified by workers that reported something.
@@ -461,6 +463,8 @@ impl Control {
         let mut file_tick = tokio::time::interval(FILE_PERIOD);
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .map_err(|e| format!("cannot watch SIGTERM: {e}"))?;
+        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .map_err(|e| format!("cannot watch SIGHUP: {e}"))?;
         loop {
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => { info!("SIGINT: stopping"); return Ok(()); }
@@ -481,8 +485,14 @@ impl Control {
                     Err(e) => warn!(error = %e, "cannot read neighbours and routes; keeping the last ones"),
                 },
                 batch = next_batch(&mut kube) => self.publish_kube(batch),
+                () = self.file.changed() => self.reload(false),
+                _ = hup.recv() => {
+                    info!("SIGHUP: reading the configuration again");
+                    self.reload(true);
+                }
+                // Also polled: inotify can be unavailable, and a watched directory can go.
                 _ = file_tick.tick() => {
-                    self.reload_if_changed();
+                    self.reload(false);
                     if let Err(e) = self.publisher.expire_steering(Instant::now(), &mut self.filter) {
                         warn!(error = %e, "cannot remove retired keys from the XDP filter");
                     }
@@ -543,15 +553,14 @@ impl Control {
         }
     }
 
-    /// Applies an edited file as a new snapshot; an invalid edit keeps the last good one.
-    fn reload_if_changed(&mut self) {
-        let stamp = file_stamp(&self.path);
-        if stamp == self.file_stamp {
+    /// Applies an edited file as a new snapshot (`force`: even if its content is the same,
+    /// for SIGHUP); an invalid edit keeps the last good one.
+    fn reload(&mut self, force: bool) {
+        let Some(read) = self.file.read_if_changed(force) else {
             return;
-        }
-        self.file_stamp = stamp;
+        };
         let started = Instant::now();
-        let config = match Config::load(&self.path) {
+        let config = match read.config {
             Ok(config) => config,
             Err(e) => {
                 warn!(error = %e, "configuration edit refused; keeping the last good snapshot");
@@ -575,6 +584,12 @@ impl Control {
             }
         };
         self.published(&published, started);
+        // Relaxed: gauges read on their own.
+        self.admin.config_hash.store(read.hash, Ordering::Relaxed);
+        self.admin
+            .config_generation
+            .store(config.generation.unwrap_or(0), Ordering::Relaxed);
+        info!(hash = read.hash, generation = ?config.generation, "configuration live");
         if published.stats != BuildStats::default() {
             self.admin
                 .sync_seconds

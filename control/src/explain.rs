@@ -23,8 +23,11 @@ pub fn check(path: &Path) -> Result<String, String> {
     let config = Config::load(path).map_err(|e| e.to_string())?;
     let snapshot = snapshot_of(&config).map_err(|e| e.to_string())?;
     let backends: usize = snapshot.services().map(|s| s.spec().backends.len()).sum();
+    let hash = std::fs::read(path)
+        .map(|b| crate::file_source::content_hash(&b))
+        .map_err(|e| format!("{}: {e}", path.display()))?;
     let mut out = format!(
-        "{}: ok — {:?} mode on {}, {} Service ports, {} backends\n",
+        "{}: ok — {:?} mode on {}, {} Service ports, {} backends\n  content hash {hash} (xlb_config_hash once live)\n",
         path.display(),
         config.mode,
         config.interfaces.join(", "),

@@ -30,6 +30,7 @@ pub mod desired;
 pub mod explain;
 #[cfg(feature = "fake-api")]
 pub mod fake_api;
+pub mod file_source;
 pub mod health;
 pub mod histogram;
 pub mod inspect;

@@ -260,8 +260,27 @@ fi
 
 if [ -z "$QUICK" ]; then
   say "== edit: backend-3 removed from the $SOURCE source; xlb applies it live"
-  config 1 2
-  sleep 2.5
+  if [ "$SOURCE" = file ]; then
+    # inotify: the edit is live as soon as it is written (xlb_config_hash says which file).
+    started=$(date +%s%N)
+    config 1 2
+    want=$("$XLB" check --config "$WORK/xlb.yaml" | sed -n 's/.*content hash \([0-9]*\).*/\1/p')
+    for _ in $(seq 1 100); do
+      in_ns "$NODE" "$XLB" status 2>/dev/null | grep -q "^xlb_config_hash $want\$" && break
+      sleep 0.02
+    done
+    live_ms=$(( ($(date +%s%N) - started) / 1000000 ))
+    in_ns "$NODE" "$XLB" status | grep -q "^xlb_config_hash $want\$" || fail "the edit was not live within 2 s"
+    [ "$live_ms" -lt 1000 ] || fail "the edit took $live_ms ms to be live"
+    say "edit live after $live_ms ms (content hash $want)"
+    kill -HUP "$XLB_PID"
+    for _ in $(seq 1 50); do grep -q "SIGHUP: reading the configuration again" "$WORK/xlb.log" && break; sleep 0.1; done
+    grep -q "SIGHUP: reading the configuration again" "$WORK/xlb.log" || fail "SIGHUP was not acted on"
+    say "SIGHUP: configuration read again"
+  else
+    config 1 2
+    sleep 2.5
+  fi
   traffic 20 backend-1,backend-2 again || fail "traffic after removing a backend"
   say "$(cat "$WORK/client.out")"
   if [ "$SOURCE" = kubernetes ]; then

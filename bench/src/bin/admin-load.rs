@@ -105,6 +105,8 @@ fn run() -> Result<(), String> {
         sync_seconds: xlb_control::histogram::Histogram::default(),
         filter_counts: ArcSwap::from_pointee(FilterCounts::default()),
         kube: None,
+        config_hash: AtomicU64::new(0),
+        config_generation: AtomicU64::new(0),
     });
     let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
     let addr: SocketAddr = listener.local_addr().map_err(|e| e.to_string())?;

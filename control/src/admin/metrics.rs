@@ -126,7 +126,7 @@ pub(super) fn metrics(state: &AdminState) -> String {
     // Relaxed: gauges read on their own.
     let live = state.live_entries.load(Ordering::Relaxed);
     let generation = state.generation.load(Ordering::Relaxed);
-    let singles: [(&str, &str, &str, u64); 5] = [
+    let singles: [(&str, &str, &str, u64); 7] = [
         (
             "xlb_flow_entries",
             "gauge",
@@ -156,6 +156,18 @@ pub(super) fn metrics(state: &AdminState) -> String {
             "gauge",
             "The live snapshot's generation",
             generation,
+        ),
+        (
+            "xlb_config_hash",
+            "gauge",
+            "The live configuration file's content hash (xxh3-64 of its bytes, 48 bits; xlb check prints it)",
+            state.config_hash.load(Ordering::Relaxed),
+        ),
+        (
+            "xlb_config_generation",
+            "gauge",
+            "The live configuration file's generation: field (0 without one)",
+            state.config_generation.load(Ordering::Relaxed),
         ),
     ];
     for (name, kind, help, value) in singles {

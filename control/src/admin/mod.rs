@@ -79,6 +79,10 @@ pub struct AdminState {
     pub filter_counts: ArcSwap<FilterCounts>,
     /// The Kubernetes source's counters, when it is configured.
     pub kube: Option<Arc<crate::kube_source::KubeMetrics>>,
+    /// The live configuration file's content hash (`file_source::content_hash`).
+    pub config_hash: AtomicU64,
+    /// The live configuration file's `generation:` (0 without one).
+    pub config_generation: AtomicU64,
 }
 
 /// The running admin server. Dropping it stops the server and joins its thread.

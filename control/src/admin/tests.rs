@@ -41,6 +41,8 @@ fn state(flows: u16) -> AdminState {
             unbound: 5,
         }),
         kube: Some(Arc::default()),
+        config_hash: AtomicU64::new(0x1234),
+        config_generation: AtomicU64::new(9),
     }
 }
 
@@ -63,6 +65,8 @@ fn health_metrics_and_unknown_paths_get_their_statuses() {
     for line in [
         "xlb_received_packets_total{worker=\"0\"} 0",
         "xlb_snapshot_generation 7",
+        "xlb_config_hash 4660",
+        "xlb_config_generation 9",
         "xlb_filter_packets_total{action=\"pass\"} 4",
         "xlb_filter_packets_total{action=\"unbound\"} 5",
         "xlb_flow_entries 3",
