@@ -187,8 +187,8 @@ pub struct PortConfig {
     pub target_port: Option<u16>,
 }
 
-/// A transport protocol.
-#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq, Hash)]
+/// A transport protocol (in the file, and as `xlb explain`'s argument).
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq, Hash, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum ProtocolConfig {
     /// TCP.

@@ -12,7 +12,7 @@ use xlb_dataplane::lb::snapshot::ServiceKey;
 use xlb_dataplane::packet::builder::pkt;
 use xlb_dataplane::packet::parse;
 
-use crate::config::Config;
+use crate::config::{Config, ProtocolConfig};
 use crate::translate::snapshot_of;
 
 /// Checks the file and summarises it.
@@ -94,7 +94,7 @@ impl Explanation {
 /// A bad file, protocol or address mix.
 pub fn explain(
     path: &Path,
-    protocol: &str,
+    protocol: ProtocolConfig,
     source: SocketAddr,
     destination: SocketAddr,
 ) -> Result<Explanation, String> {
@@ -105,11 +105,11 @@ pub fn explain(
     }
     let builder = pkt().ip(source.ip(), destination.ip());
     let frame = match protocol {
-        "tcp" => builder.tcp(source.port(), destination.port()).syn().build(),
-        "udp" => builder.udp(source.port(), destination.port()).build(),
-        "sctp" => builder.sctp(source.port(), destination.port(), 0).build(),
-        other => return Err(format!("protocol {other:?}: tcp, udp or sctp")),
+        ProtocolConfig::Tcp => builder.tcp(source.port(), destination.port()).syn().build(),
+        ProtocolConfig::Udp => builder.udp(source.port(), destination.port()).build(),
+        ProtocolConfig::Sctp => builder.sctp(source.port(), destination.port(), 0).build(),
     };
+    let protocol = crate::translate::proto(protocol);
     let parsed = parse(&frame).map_err(|e| format!("{e:?}"))?;
     let hash = flow_hash(&parsed.key);
     let flows = FlowTable::new(1024, Timeouts::default());

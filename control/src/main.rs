@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use xlb_control::config::ProtocolConfig;
 use xlb_control::inspect::{self, InputError, Rewrites};
 use xlb_control::{admin_client, daemon, explain, maglev_report};
 
@@ -71,8 +72,9 @@ enum Command {
         /// The YAML configuration.
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
-        /// tcp, udp or sctp.
-        protocol: String,
+        /// The flow's protocol.
+        #[arg(value_enum)]
+        protocol: ProtocolConfig,
         /// The client's address and port.
         source: SocketAddr,
         /// The Service's address and port.
@@ -161,8 +163,7 @@ fn run(cli: Cli) -> Result<(), InputError> {
             destination,
             json,
         } => {
-            let e =
-                explain::explain(&config, &protocol, source, destination).map_err(InputError)?;
+            let e = explain::explain(&config, protocol, source, destination).map_err(InputError)?;
             if json {
                 println!("{}", e.to_json());
             } else {
