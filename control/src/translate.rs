@@ -178,10 +178,8 @@ impl Builder {
                 Err(e) => failed.push(ConfigError(format!("{}: {e}", d.name))),
             }
         }
-        if on_refusal == OnRefusal::RefuseAll {
-            if let Some(e) = failed.pop() {
-                return Err(e);
-            }
+        if on_refusal == OnRefusal::RefuseAll && !failed.is_empty() {
+            return Err(failed.swap_remove(0));
         }
         let mut removed: Vec<Arc<Service>> = change
             .remove
@@ -401,6 +399,18 @@ services:
             proto: IpProto::SCTP,
         };
         assert_eq!(snap.service(&key).unwrap().spec().backends.len(), 2);
+    }
+
+    #[test]
+    fn a_change_refused_whole_names_its_first_refused_service() {
+        let config = Config::parse(TWO).unwrap();
+        let mut desired = config.desired();
+        for d in &mut desired {
+            d.table_size = Some(1000); // not a prime: both refused
+        }
+        let e = translate_desired(&desired, &mut Builder::default(), &Snapshot::default(), 1)
+            .unwrap_err();
+        assert!(e.0.starts_with(&desired[0].name), "{e:?}");
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! The immutable service table the workers read: (VIP, port, protocol) -> Service.
 //!
-//! A [`Snapshot`] is built beside the current one and published whole; nothing in it changes
-//! afterwards. Services are shared between consecutive snapshots (`Arc`), so a snapshot that
+//! A [`Snapshot`] is built beside the current one and published whole; its Services, their
+//! tables and its indexes never change afterwards (only the counters workers keep in a
+//! Service do: the round-robin turn and live-flow counts, atomics). Services are shared between consecutive snapshots (`Arc`), so a snapshot that
 //! changes one Service rebuilds one Maglev table, not all of them.
 //!
 //! A Service picks a backend for a new flow with its [`Scheduler`] ([`Service::pick`]):
