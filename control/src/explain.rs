@@ -9,8 +9,9 @@ use xlb_dataplane::lb::decide::{decide, Counters, Env, Mode, Verdict};
 use xlb_dataplane::lb::flow::{tick_of, FlowTable, Timeouts};
 use xlb_dataplane::lb::hash::flow_hash;
 use xlb_dataplane::lb::snapshot::ServiceKey;
-use xlb_dataplane::packet::builder::pkt;
-use xlb_dataplane::packet::parse;
+use xlb_dataplane::packet::{
+    key_addr, ChecksumState, Class, Family, FlowKey, IpProto, Parsed, TcpFlags,
+};
 
 use crate::config::{Config, ProtocolConfig};
 use crate::translate::snapshot_of;
@@ -103,14 +104,32 @@ pub fn explain(
     if source.is_ipv4() != destination.is_ipv4() {
         return Err("source and destination must be of one address family".into());
     }
-    let builder = pkt().ip(source.ip(), destination.ip());
-    let frame = match protocol {
-        ProtocolConfig::Tcp => builder.tcp(source.port(), destination.port()).syn().build(),
-        ProtocolConfig::Udp => builder.udp(source.port(), destination.port()).build(),
-        ProtocolConfig::Sctp => builder.sctp(source.port(), destination.port(), 0).build(),
-    };
     let protocol = crate::translate::proto(protocol);
-    let parsed = parse(&frame).map_err(|e| format!("{e:?}"))?;
+    // What the parser gives for a flow's first packet (a SYN for TCP); `decide` reads no
+    // more than this, so no frame is built.
+    let family = if source.is_ipv4() {
+        Family::Ipv4
+    } else {
+        Family::Ipv6
+    };
+    let parsed = Parsed {
+        key: FlowKey::new(
+            family,
+            protocol,
+            (key_addr(source.ip()), source.port()),
+            (key_addr(destination.ip()), destination.port()),
+        ),
+        class: Class::Ordinary,
+        l3_offset: 14,
+        l4_offset: if source.is_ipv4() { 34 } else { 54 },
+        l3_end: if source.is_ipv4() { 54 } else { 74 },
+        tcp_flags: if protocol == IpProto::TCP {
+            TcpFlags::SYN
+        } else {
+            TcpFlags::default()
+        },
+        checksum: ChecksumState::Complete,
+    };
     let hash = flow_hash(&parsed.key);
     let flows = FlowTable::new(1024, Timeouts::default());
     let env = Env {
