@@ -8,7 +8,7 @@ use std::path::Path;
 use xlb_dataplane::lb::decide::{decide, Counters, Env, Mode, Verdict};
 use xlb_dataplane::lb::flow::{tick_of, FlowTable, Timeouts};
 use xlb_dataplane::lb::hash::flow_hash;
-use xlb_dataplane::lb::snapshot::ServiceKey;
+use xlb_dataplane::lb::snapshot::{ServiceKey, Snapshot};
 use xlb_dataplane::packet::{
     key_addr, ChecksumState, Class, Family, FlowKey, IpProto, Parsed, TcpFlags,
 };
@@ -99,72 +99,151 @@ pub fn explain(
     source: SocketAddr,
     destination: SocketAddr,
 ) -> Result<Explanation, String> {
-    let config = Config::load(path).map_err(|e| e.to_string())?;
-    let snapshot = snapshot_of(&config).map_err(|e| e.to_string())?;
-    if source.is_ipv4() != destination.is_ipv4() {
-        return Err("source and destination must be of one address family".into());
+    Explainer::load(path)?.flow(protocol, source, destination)
+}
+
+/// A configuration's snapshot, to explain many flows against (`xlb explain --batch`).
+pub struct Explainer {
+    snapshot: Snapshot,
+    flows: FlowTable,
+}
+
+impl std::fmt::Debug for Explainer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Explainer")
+            .field("services", &self.snapshot.len())
+            .finish_non_exhaustive()
     }
-    let protocol = crate::translate::proto(protocol);
-    // What the parser gives for a flow's first packet (a SYN for TCP); `decide` reads no
-    // more than this, so no frame is built.
-    let family = if source.is_ipv4() {
-        Family::Ipv4
-    } else {
-        Family::Ipv6
-    };
-    let parsed = Parsed {
-        key: FlowKey::new(
-            family,
-            protocol,
-            (key_addr(source.ip()), source.port()),
-            (key_addr(destination.ip()), destination.port()),
-        ),
-        class: Class::Ordinary,
-        l3_offset: 14,
-        l4_offset: if source.is_ipv4() { 34 } else { 54 },
-        l3_end: if source.is_ipv4() { 54 } else { 74 },
-        tcp_flags: if protocol == IpProto::TCP {
-            TcpFlags::SYN
-        } else {
-            TcpFlags::default()
-        },
-        checksum: ChecksumState::Complete,
-    };
-    let hash = flow_hash(&parsed.key);
-    let flows = FlowTable::new(1024, Timeouts::default());
-    let env = Env {
-        snapshot: &snapshot,
-        flows: &flows,
-        now: 0,
-        tick: tick_of(0),
-        mode: Mode::Dnat,
-    };
-    let verdict = decide(&env, &parsed, hash, 0, &mut Counters::default());
-    let service = snapshot.service(&ServiceKey::of_destination(&parsed.key));
-    let (backend, text) = match (verdict, service) {
-        (Verdict::Forward(to), Some(s)) => {
-            let spec = s.spec();
-            let ready = spec.backends.iter().filter(|b| s.takes_new_flows(b.id)).count();
-            (
-                Some(SocketAddr::new(to.ip(), to.port())),
-                format!(
-                    "{destination}/{protocol} is a Service with {} backends ({ready} taking new flows); \
-                     scheduler {:?}; flow hash {hash:016x} picks {}:{}",
-                    spec.backends.len(),
-                    spec.scheduler,
-                    to.ip(),
-                    to.port()
-                ),
-            )
+}
+
+impl Explainer {
+    /// The snapshot of the configuration at `path`, as the daemon would build it.
+    ///
+    /// # Errors
+    /// A bad file.
+    pub fn load(path: &Path) -> Result<Self, String> {
+        let config = Config::load(path).map_err(|e| e.to_string())?;
+        let snapshot = snapshot_of(&config).map_err(|e| e.to_string())?;
+        Ok(Self {
+            snapshot,
+            flows: FlowTable::new(1024, Timeouts::default()),
+        })
+    }
+
+    /// Explains flows read from `input`, one `PROTOCOL SOURCE DESTINATION` a line (`tcp
+    /// 198.18.0.1:40000 198.18.64.1:80`; blank lines and `#` comments skipped), writing each
+    /// line back with the backend picked, or `-`. Returns how many flows it explained.
+    ///
+    /// # Errors
+    /// A line that is not a flow (with its number), or a failed read or write.
+    pub fn batch(
+        &self,
+        input: impl std::io::BufRead,
+        mut out: impl std::io::Write,
+    ) -> Result<usize, String> {
+        let mut n = 0;
+        for (i, line) in input.lines().enumerate() {
+            let line = line.map_err(|e| format!("reading flows: {e}"))?;
+            let text = line.trim();
+            if text.is_empty() || text.starts_with('#') {
+                continue;
+            }
+            let bad = |why: &str| format!("line {}: {why}: {text:?}", i + 1);
+            let [protocol, source, destination] = text.split_whitespace().collect::<Vec<_>>()[..]
+            else {
+                return Err(bad("expected PROTOCOL SOURCE DESTINATION"));
+            };
+            let protocol = <ProtocolConfig as clap::ValueEnum>::from_str(protocol, true)
+                .map_err(|_| bad("the protocol is tcp, udp or sctp"))?;
+            let source: SocketAddr = source.parse().map_err(|_| bad("a bad source"))?;
+            let destination: SocketAddr =
+                destination.parse().map_err(|_| bad("a bad destination"))?;
+            let e = self
+                .flow(protocol, source, destination)
+                .map_err(|e| bad(&e))?;
+            let backend = e.backend.map_or_else(|| "-".to_owned(), |b| b.to_string());
+            writeln!(out, "{text} {backend}").map_err(|e| format!("writing: {e}"))?;
+            n += 1;
         }
-        (Verdict::Reject(_), _) => (None, format!("{destination}/{protocol} has no usable backend: the flow is refused (TCP reset or ICMP unreachable)")),
-        (Verdict::Drop(reason), _) => (None, format!("{destination}/{protocol}: dropped ({reason:?})")),
-        _ => (None, format!("{destination}/{protocol} is not a Service: the kernel handles it")),
-    };
-    Ok(Explanation {
-        backend,
-        text,
-        verdict: format!("{verdict:?}"),
-        hash,
-    })
+        Ok(n)
+    }
+
+    /// Which backend a new flow `source` → `destination` over `protocol` gets.
+    ///
+    /// # Errors
+    /// An address mix.
+    pub fn flow(
+        &self,
+        protocol: ProtocolConfig,
+        source: SocketAddr,
+        destination: SocketAddr,
+    ) -> Result<Explanation, String> {
+        let snapshot = &self.snapshot;
+        let flows = &self.flows;
+        if source.is_ipv4() != destination.is_ipv4() {
+            return Err("source and destination must be of one address family".into());
+        }
+        let protocol = crate::translate::proto(protocol);
+        // What the parser gives for a flow's first packet (a SYN for TCP); `decide` reads no
+        // more than this, so no frame is built.
+        let family = if source.is_ipv4() {
+            Family::Ipv4
+        } else {
+            Family::Ipv6
+        };
+        let parsed = Parsed {
+            key: FlowKey::new(
+                family,
+                protocol,
+                (key_addr(source.ip()), source.port()),
+                (key_addr(destination.ip()), destination.port()),
+            ),
+            class: Class::Ordinary,
+            l3_offset: 14,
+            l4_offset: if source.is_ipv4() { 34 } else { 54 },
+            l3_end: if source.is_ipv4() { 54 } else { 74 },
+            tcp_flags: if protocol == IpProto::TCP {
+                TcpFlags::SYN
+            } else {
+                TcpFlags::default()
+            },
+            checksum: ChecksumState::Complete,
+        };
+        let hash = flow_hash(&parsed.key);
+        let env = Env {
+            snapshot,
+            flows,
+            now: 0,
+            tick: tick_of(0),
+            mode: Mode::Dnat,
+        };
+        let verdict = decide(&env, &parsed, hash, 0, &mut Counters::default());
+        let service = snapshot.service(&ServiceKey::of_destination(&parsed.key));
+        let (backend, text) = match (verdict, service) {
+            (Verdict::Forward(to), Some(s)) => {
+                let spec = s.spec();
+                let ready = spec.backends.iter().filter(|b| s.takes_new_flows(b.id)).count();
+                (
+                    Some(SocketAddr::new(to.ip(), to.port())),
+                    format!(
+                        "{destination}/{protocol} is a Service with {} backends ({ready} taking new flows); \
+                         scheduler {:?}; flow hash {hash:016x} picks {}:{}",
+                        spec.backends.len(),
+                        spec.scheduler,
+                        to.ip(),
+                        to.port()
+                    ),
+                )
+            }
+            (Verdict::Reject(_), _) => (None, format!("{destination}/{protocol} has no usable backend: the flow is refused (TCP reset or ICMP unreachable)")),
+            (Verdict::Drop(reason), _) => (None, format!("{destination}/{protocol}: dropped ({reason:?})")),
+            _ => (None, format!("{destination}/{protocol} is not a Service: the kernel handles it")),
+        };
+        Ok(Explanation {
+            backend,
+            text,
+            verdict: format!("{verdict:?}"),
+            hash,
+        })
+    }
 }

@@ -73,15 +73,21 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
         /// The flow's protocol.
-        #[arg(value_enum)]
-        protocol: ProtocolConfig,
+        #[arg(value_enum, required_unless_present = "batch")]
+        protocol: Option<ProtocolConfig>,
         /// The client's address and port.
-        source: SocketAddr,
+        #[arg(required_unless_present = "batch")]
+        source: Option<SocketAddr>,
         /// The Service's address and port.
-        destination: SocketAddr,
+        #[arg(required_unless_present = "batch")]
+        destination: Option<SocketAddr>,
         /// Print JSON.
         #[arg(long)]
         json: bool,
+        /// Explain the flows of this file (- for standard input), one `PROTOCOL SOURCE
+        /// DESTINATION` a line, each written back with its backend (or -).
+        #[arg(long, value_name = "FILE", conflicts_with_all = ["protocol", "source", "destination", "json"])]
+        batch: Option<PathBuf>,
     },
     /// Print a running xlb's Services (its /services: each with its VIP kind, scheduler,
     /// affinity, traffic policy, source ranges, no-endpoint behaviour and backends) and
@@ -158,10 +164,27 @@ fn run(cli: Cli) -> Result<(), InputError> {
         }
         Command::Explain {
             config,
-            protocol,
-            source,
-            destination,
+            batch: Some(flows),
+            ..
+        } => {
+            let explainer = explain::Explainer::load(&config).map_err(InputError)?;
+            let out = std::io::BufWriter::new(std::io::stdout().lock());
+            if flows.as_os_str() == "-" {
+                explainer.batch(std::io::stdin().lock(), out)
+            } else {
+                let file = std::fs::File::open(&flows)
+                    .map_err(|e| InputError(format!("{}: {e}", flows.display())))?;
+                explainer.batch(std::io::BufReader::new(file), out)
+            }
+            .map_err(InputError)?;
+        }
+        Command::Explain {
+            config,
+            protocol: Some(protocol),
+            source: Some(source),
+            destination: Some(destination),
             json,
+            ..
         } => {
             let e = explain::explain(&config, protocol, source, destination).map_err(InputError)?;
             if json {
@@ -169,6 +192,11 @@ fn run(cli: Cli) -> Result<(), InputError> {
             } else {
                 println!("{}", e.text);
             }
+        }
+        Command::Explain { .. } => {
+            return Err(InputError(
+                "explain: PROTOCOL SOURCE DESTINATION, or --batch FILE".into(),
+            ));
         }
         Command::Status { admin } => {
             print!(
