@@ -147,7 +147,23 @@ mod tests {
 
     const GOOD: &str = "interfaces: [a]\nservices:\n  - { name: web, vip: 198.18.64.1, ports: [{ port: 80 }], backends: [{ address: 198.18.128.1 }] }\n";
 
-    fn dir() -> PathBuf {
+    /// A fresh directory, removed when dropped (a failing test too).
+    struct TempDir(PathBuf);
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    impl std::ops::Deref for TempDir {
+        type Target = Path;
+        fn deref(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    fn dir() -> TempDir {
         let d = std::env::temp_dir().join(format!(
             "xlb-file-source-{}-{:?}",
             std::process::id(),
@@ -155,7 +171,7 @@ mod tests {
         ));
         let _ = std::fs::remove_dir_all(&d);
         std::fs::create_dir_all(&d).unwrap();
-        d
+        TempDir(d)
     }
 
     /// Waits for `changed` (at most 2 s) and returns how long it took.
@@ -191,7 +207,6 @@ mod tests {
         noticed(&mut source).await;
         assert!(source.read_if_changed(false).is_none());
         assert!(source.read_if_changed(true).is_some());
-        let _ = std::fs::remove_dir_all(&d);
     }
 
     #[tokio::test]
@@ -220,7 +235,6 @@ mod tests {
             .read_if_changed(false)
             .expect("the swap changed the content");
         assert_eq!(read.config.unwrap().services[0].name, "shop");
-        let _ = std::fs::remove_dir_all(&d);
     }
 
     #[tokio::test]
@@ -243,6 +257,5 @@ mod tests {
         std::fs::write(&path, GOOD).unwrap();
         noticed(&mut source).await;
         assert!(source.read_if_changed(false).unwrap().config.is_ok());
-        let _ = std::fs::remove_dir_all(&d);
     }
 }

@@ -38,6 +38,7 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::kube_source::KubeMetrics;
+use crate::server_thread::ServerThread;
 
 /// How long a change may be pending before the proxy is unhealthy, by default (kube-proxy:
 /// twice its 30 s sync period).
@@ -165,19 +166,7 @@ type Services = Arc<HashMap<Arc<str>, ServiceHealth>>;
 #[derive(Debug)]
 pub struct HealthServer {
     services: watch::Sender<Services>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Drop for HealthServer {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
+    _thread: ServerThread,
 }
 
 impl HealthServer {
@@ -200,28 +189,16 @@ impl HealthServer {
             .enable_all()
             .build()?;
         let (services, watched) = watch::channel(Services::default());
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let thread = std::thread::Builder::new()
-            .name("xlb-health".into())
-            .spawn(move || {
-                runtime.block_on(async move {
-                    let proxy = listener
-                        .and_then(|l| tokio::net::TcpListener::from_std(l).ok())
-                        .map(|l| tokio::spawn(serve(l, proxy_routes(Arc::clone(&health)))));
-                    tokio::select! {
-                        () = keep_service_ports(watched, health, addresses) => {}
-                        _ = stopped => {}
-                    }
-                    if let Some(p) = proxy {
-                        p.abort();
-                    }
-                });
-                runtime.shutdown_background();
-            })?;
+        let thread = ServerThread::spawn("xlb-health", runtime, move || async move {
+            // The proxy's server is a task of the runtime: it ends with it.
+            if let Some(l) = listener.and_then(|l| tokio::net::TcpListener::from_std(l).ok()) {
+                tokio::spawn(serve(l, proxy_routes(Arc::clone(&health))));
+            }
+            keep_service_ports(watched, health, addresses).await;
+        })?;
         Ok(Self {
             services,
-            stop: Some(stop),
-            thread: Some(thread),
+            _thread: thread,
         })
     }
 

@@ -420,25 +420,32 @@ pub fn local_ready_endpoints(service: &ServiceView, slices: &[&SliceView]) -> u3
     let mut seen: Vec<(IpAddr, u16)> = Vec::new();
     for port in service.ports.iter() {
         for slice in slices {
-            let Some(target) = slice
-                .ports
-                .iter()
-                .find(|p| p.name == port.name && p.protocol == port.protocol)
-            else {
+            let Some(target) = slice.port(port) else {
                 continue;
             };
-            for e in slice.endpoints.iter() {
-                let pair = (e.address, target.port);
-                if e.local && e.state == BackendStateConfig::Ready && !seen.contains(&pair) {
-                    seen.push(pair);
-                }
-            }
+            seen.extend(
+                slice
+                    .endpoints
+                    .iter()
+                    .filter(|e| e.local && e.state == BackendStateConfig::Ready)
+                    .map(|e| (e.address, target.port)),
+            );
         }
     }
+    seen.sort_unstable();
+    seen.dedup();
     u32::try_from(seen.len()).unwrap_or(u32::MAX)
 }
 
 impl SliceView {
+    /// The slice's port for a Service port: the one with its name and protocol (both
+    /// unnamed for a single-port Service).
+    fn port(&self, service_port: &PortView) -> Option<&PortView> {
+        self.ports
+            .iter()
+            .find(|p| p.name == service_port.name && p.protocol == service_port.protocol)
+    }
+
     /// What translation needs of `slice` as seen from the node `node` (`None` for an address
     /// type xlb cannot forward to, such as FQDN). Endpoints that neither take nor keep flows,
     /// and addresses that do not parse, are left out.
@@ -593,12 +600,7 @@ fn endpoints<'a>(
         }
     };
     for slice in slices.iter().filter(|s| s.ipv6 == vip.is_ipv6()) {
-        // The slice port with the Service port's name (both unnamed for a single-port Service).
-        let Some(target) = slice
-            .ports
-            .iter()
-            .find(|p| p.name == port.name && p.protocol == port.protocol)
-        else {
+        let Some(target) = slice.port(port) else {
             continue;
         };
         for endpoint in slice.endpoints.iter() {

@@ -39,5 +39,6 @@ pub mod kubernetes;
 pub mod maglev_report;
 pub mod netlink;
 pub mod publish;
+pub mod server_thread;
 pub mod steering;
 pub mod translate;

@@ -84,6 +84,15 @@ struct Rig {
 }
 
 fn rig(services: Vec<Arc<Service>>, hops: NextHops) -> Rig {
+    rig_with(services, hops, None)
+}
+
+/// A rig whose worker translates sources from `snat` (snat mode) when given one.
+fn rig_with(
+    services: Vec<Arc<Service>>,
+    hops: NextHops,
+    snat: Option<xlb_dataplane::lb::decide::SnatPool>,
+) -> Rig {
     let tables = Arc::new(ArcSwap::from_pointee(Tables {
         snapshot: Arc::new(Snapshot::new(1, services).unwrap()),
         hops,
@@ -98,7 +107,7 @@ fn rig(services: Vec<Arc<Service>>, hops: NextHops) -> Rig {
     let stats = Arc::new(WorkerStats::new(2));
     Rig {
         io: MemRing::new(2, FRAMES, 2048, 4096),
-        worker: Worker::new(shared, 2, None, Arc::clone(&stats), 7),
+        worker: Worker::new(shared, 2, snat, Arc::clone(&stats), 7),
         reports,
         tables,
         stats,
@@ -335,19 +344,10 @@ fn a_new_snapshot_is_picked_up_on_the_next_loop() {
 
 #[test]
 fn in_snat_mode_the_backend_sees_the_snat_address_and_the_reply_finds_the_client() {
-    let tables = Tables {
-        snapshot: Arc::new(Snapshot::new(1, vec![service(&[1])]).unwrap()),
-        hops: hops(&[1]),
-    };
-    let shared = Shared {
-        tables: Arc::new(ArcSwap::from_pointee(tables)),
-        flows: Arc::new(FlowTable::new(4096, Timeouts::default())),
-        clock: Clock::start(),
-        reports: Arc::new(Reports::unwatched(4)),
-    };
     let pool = xlb_dataplane::lb::decide::SnatPool::new(Some(SNAT), None, 40000, 100);
-    let mut worker = Worker::new(shared, 2, Some(pool), Arc::new(WorkerStats::new(2)), 3);
-    let mut io = MemRing::new(2, FRAMES, 2048, 4096);
+    let Rig {
+        mut worker, mut io, ..
+    } = rig_with(vec![service(&[1])], hops(&[1]), Some(pool));
     io.inject(CLIENT_PORT, &syn(50000));
     worker.poll(&mut io);
     let out = io.transmitted(BACKEND_PORT);
@@ -389,40 +389,17 @@ fn in_snat_mode_the_backend_sees_the_snat_address_and_the_reply_finds_the_client
     assert_eq!(io.free_frames(), FRAMES as usize);
 }
 
-/// Whether an SCTP packet's CRC32c (RFC 9260 appendix A, computed bit by bit here) is right.
-fn sctp_crc_is_valid(sctp: &[u8]) -> bool {
-    let mut crc = !0u32;
-    for (i, &byte) in sctp.iter().enumerate() {
-        crc ^= u32::from(if (8..12).contains(&i) { 0 } else { byte });
-        for _ in 0..8 {
-            crc = if crc & 1 == 1 {
-                (crc >> 1) ^ 0x82F6_3B78
-            } else {
-                crc >> 1
-            };
-        }
-    }
-    (!crc).to_le_bytes() == sctp[8..12]
-}
-
 #[test]
 fn an_sctp_association_is_forwarded_with_valid_checksums_both_ways_in_dnat_and_snat() {
     for snat in [false, true] {
-        let tables = Tables {
-            snapshot: Arc::new(Snapshot::new(1, vec![service_of(IpProto::SCTP, &[1])]).unwrap()),
-            hops: hops(&[1]),
-        };
-        let shared = Shared {
-            tables: Arc::new(ArcSwap::from_pointee(tables)),
-            flows: Arc::new(FlowTable::new(4096, Timeouts::default())),
-            clock: Clock::start(),
-            reports: Arc::new(Reports::unwatched(4)),
-        };
         let pool =
             snat.then(|| xlb_dataplane::lb::decide::SnatPool::new(Some(SNAT), None, 40000, 100));
-        let stats = Arc::new(WorkerStats::new(2));
-        let mut worker = Worker::new(shared, 2, pool, Arc::clone(&stats), 3);
-        let mut io = MemRing::new(2, FRAMES, 2048, 4096);
+        let Rig {
+            mut worker,
+            mut io,
+            stats,
+            ..
+        } = rig_with(vec![service_of(IpProto::SCTP, &[1])], hops(&[1]), pool);
         // INIT (chunk type 1) from the client to the VIP.
         let init = pkt()
             .eth(CLIENT_MAC, NODE_MAC)

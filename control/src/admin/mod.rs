@@ -42,6 +42,7 @@ use xlb_dataplane::worker::{Clock, Tables, WorkerStats};
 use xlb_dataplane::xsk::FilterCounts;
 
 use crate::desired::{DesiredService, TrafficPolicy, VipKind};
+use crate::server_thread::ServerThread;
 
 /// Blocking requests (`/flows`, `/services`) served at once.
 pub const HEAVY_AT_ONCE: usize = 2;
@@ -86,22 +87,7 @@ pub struct AdminState {
 }
 
 /// The running admin server. Dropping it stops the server and joins its thread.
-#[derive(Debug)]
-pub struct AdminServer {
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Drop for AdminServer {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
-}
+pub type AdminServer = ServerThread;
 
 /// Serves the API on `listener` (already bound, so a taken port fails the caller's start) on
 /// a new thread named `xlb-admin` with its own runtime.
@@ -118,26 +104,10 @@ pub fn spawn(
         .thread_name("xlb-admin")
         .enable_all()
         .build()?;
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let thread = std::thread::Builder::new()
-        .name("xlb-admin".into())
-        .spawn(move || {
-            runtime.block_on(async move {
-                let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
-                    return;
-                };
-                let serve = axum::serve(listener, router(state));
-                tokio::select! {
-                    _ = serve => {}
-                    _ = stopped => {}
-                }
-            });
-            // Streams still being written are abandoned, not waited for.
-            runtime.shutdown_background();
-        })?;
-    Ok(AdminServer {
-        stop: Some(stop),
-        thread: Some(thread),
+    ServerThread::spawn("xlb-admin", runtime, move || async move {
+        if let Ok(listener) = tokio::net::TcpListener::from_std(listener) {
+            let _ = axum::serve(listener, router(state)).await;
+        }
     })
 }
 

@@ -127,3 +127,21 @@ pub(crate) fn filter_or_skip() -> Option<xlb_dataplane::xsk::XdpFilter> {
         }
     }
 }
+
+/// Whether an SCTP packet's CRC32c is right, computed bit by bit from RFC 9260 appendix A
+/// (reflected polynomial 0x82F63B78, stored least significant byte first), independently of
+/// the dataplane's.
+pub(crate) fn sctp_crc_is_valid(sctp: &[u8]) -> bool {
+    let mut crc = !0u32;
+    for (i, &byte) in sctp.iter().enumerate() {
+        crc ^= u32::from(if (8..12).contains(&i) { 0 } else { byte });
+        for _ in 0..8 {
+            crc = if crc & 1 == 1 {
+                (crc >> 1) ^ 0x82F6_3B78
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    sctp.get(8..12) == Some(&(!crc).to_le_bytes()[..])
+}
