@@ -17,6 +17,9 @@
 // first fragment) are walked, up to four, to find the transport header.
 // Everything else — ARP, neighbour discovery, the node's own traffic, fragments after the
 // first, IPv6 packets with a routing header that has segments left — goes to the kernel.
+// On a node's link (`link_ports`: the veth xlb owns, into which the kernel routes the
+// node's and its pods' Service traffic, see control/src/node_link.rs) every unicast IPv4 and
+// IPv6 packet is xlb's: the kernel sent it there for xlb, and xlb hands back what is not.
 // The control thread keeps `steer` in step with each snapshot; `xsks` holds one AF_XDP
 // socket per receive queue.
 //
@@ -74,6 +77,14 @@ struct {
 	__type(key, __u32);
 	__type(value, __u32);
 } port_base SEC(".maps");
+
+// The ports that are a node's link (ifindex -> 1).
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 64);
+	__type(key, __u32);
+	__type(value, __u8);
+} link_ports SEC(".maps");
 
 // Counters: [0] redirected, [1] passed, [2] xlb's but no socket is bound for the queue
 // (passed to the kernel).
@@ -279,11 +290,40 @@ static always_inline int decide(struct xdp_md *ctx)
 	return 0;
 }
 
+// On a link: every unicast IP packet (multicast, and IPv6 from link-local addresses —
+// neighbour discovery, MLD — stay the kernel's).
+static always_inline int link_unicast(struct xdp_md *ctx)
+{
+	void *data = (void *)(long)ctx->data;
+	void *end = (void *)(long)ctx->data_end;
+	struct ethhdr *eth = data;
+
+	if ((void *)(eth + 1) > end)
+		return 0;
+	if (eth->h_proto == __builtin_bswap16(ETH_P_IP)) {
+		struct iphdr *ip = (void *)(eth + 1);
+		if ((void *)(ip + 1) > end)
+			return 0;
+		__u8 first = ((__u8 *)&ip->daddr)[0];
+		return first < 224 && ip->daddr != 0xffffffff;
+	}
+	if (eth->h_proto == __builtin_bswap16(ETH_P_IPV6)) {
+		struct ipv6hdr *ip6 = (void *)(eth + 1);
+		if ((void *)(ip6 + 1) > end)
+			return 0;
+		__u8 *src = (__u8 *)&ip6->saddr;
+		__u8 *dst = (__u8 *)&ip6->daddr;
+		return dst[0] != 0xff && !(src[0] == 0xfe && (src[1] & 0xc0) == 0x80);
+	}
+	return 0;
+}
+
 SEC("xdp")
 int xlb_filter(struct xdp_md *ctx)
 {
 	__u32 slot = 1;
-	int ours = decide(ctx);
+	__u32 ingress = ctx->ingress_ifindex;
+	int ours = bpf_map_lookup_elem(&link_ports, &ingress) ? link_unicast(ctx) : decide(ctx);
 	long action = XDP_PASS;
 
 	if (ours) {

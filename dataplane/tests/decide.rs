@@ -955,3 +955,87 @@ fn new_flows_from_outside_the_allowed_source_ranges_are_dropped() {
         );
     }
 }
+
+/// kube-proxy's detect-local (issue 13): a pool that masquerades only clients outside the
+/// cluster's prefixes keeps an in-cluster client's address, translates an outside client's,
+/// and always translates a hairpin flow (a client whose pick is itself), whose replies then
+/// come back through xlb instead of straight from the client to itself.
+#[test]
+fn a_detect_local_pool_masquerades_outside_clients_and_hairpin_flows_only() {
+    use xlb_dataplane::lb::decide::Masquerade;
+    use xlb_dataplane::lb::prefix::{Prefix, PrefixMap};
+    use xlb_dataplane::packet::Family;
+
+    let snap = two_ready(IpProto::TCP);
+    let flows = table();
+    // The cluster: 198.18.128.0/24 (where the backends are); CLIENT is outside it.
+    let cluster = PrefixMap::new([(
+        Prefix::new(
+            Family::Ipv4,
+            [198, 18, 128, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            24,
+        ),
+        (),
+    )]);
+    let pool =
+        SnatPool::new(Some(SNAT), None, 61000, 100).masquerading(Masquerade::Outside(cluster));
+    let go = |frame: &[u8], now| snat(&snap, &flows, &pool, frame, now);
+
+    // An outside client is masqueraded.
+    let Verdict::ForwardSnat { from, .. } = go(&syn(40000), 1) else {
+        panic!("an outside client is not masqueraded")
+    };
+    assert_eq!(from.ip(), std::net::IpAddr::from(SNAT));
+
+    // A pod of the cluster keeps its address, and its backend's reply is un-NATed to it.
+    let pod: std::net::Ipv4Addr = [198, 18, 128, 77].into();
+    let from_pod = |port| pkt().ipv4(pod, VIP).tcp(port, 80).syn().build();
+    let Verdict::Forward(to) = go(&from_pod(40001), 2) else {
+        panic!("an in-cluster client is translated")
+    };
+    let reply = pkt()
+        .ip(to.ip(), pod.into())
+        .tcp(to.port(), 40001)
+        .syn()
+        .ack()
+        .build();
+    assert_eq!(go(&reply, 3), Verdict::Reply(vip()));
+
+    // A backend connecting to its own Service: whichever port lands on itself is hairpinned
+    // through the pool, the others keep the source.
+    let (mut hairpin, mut direct) = (0, 0);
+    for port in 41000..41064 {
+        let b1: std::net::Ipv4Addr = [198, 18, 128, 1].into();
+        let frame = pkt().ipv4(b1, VIP).tcp(port, 80).syn().build();
+        match go(&frame, 4) {
+            Verdict::ForwardSnat { to, from } => {
+                assert_eq!(to.ip(), std::net::IpAddr::from(b1), "only hairpin flows");
+                assert_eq!(from.ip(), std::net::IpAddr::from(SNAT));
+                // The backend answers the pool's address; the reply goes back from the VIP.
+                let answer = pkt()
+                    .ip(to.ip(), from.ip())
+                    .tcp(to.port(), from.port())
+                    .syn()
+                    .ack()
+                    .build();
+                assert_eq!(
+                    go(&answer, 5),
+                    Verdict::ReplySnat {
+                        from: vip(),
+                        to: Endpoint::new(b1.into(), port),
+                    }
+                );
+                hairpin += 1;
+            }
+            Verdict::Forward(to) => {
+                assert_ne!(to.ip(), std::net::IpAddr::from(b1));
+                direct += 1;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(
+        hairpin > 0 && direct > 0,
+        "{hairpin} hairpin, {direct} direct"
+    );
+}

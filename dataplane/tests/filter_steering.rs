@@ -216,3 +216,84 @@ fn the_filter_steers_service_traffic_replies_and_malformed_packets_to_a_vip_and_
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+/// On a node's link (issue 13) the kernel routed every packet there for xlb: all unicast IP
+/// is xlb's, whatever `steer` says, while multicast and IPv6 from link-local addresses
+/// (neighbour discovery, MLD) stay the kernel's. Other ports are unchanged. The loopback
+/// port (ifindex 1) stands in for the link.
+#[test]
+fn on_a_nodes_link_every_unicast_ip_packet_is_xlbs_and_multicast_and_link_local_are_not() {
+    use FilterAction::{Pass, Steer};
+    let Some(filter) = filter_or_skip() else {
+        return;
+    };
+    let link = 1;
+    let anything = pkt().ipv4(CLIENT, ROUTER).tcp(40000, 22).syn().build();
+    let cases = [
+        (
+            "tcp to an address steer does not name",
+            anything.clone(),
+            Steer,
+        ),
+        (
+            "udp from a pod to another pod",
+            pkt()
+                .ipv4(CLIENT, BACKEND)
+                .udp(5000, 53)
+                .payload(b"q")
+                .build(),
+            Steer,
+        ),
+        (
+            "ipv6 to a global address",
+            pkt().ipv6(CLIENT6, VIP6).tcp(40000, 22).syn().build(),
+            Steer,
+        ),
+        (
+            "ipv4 multicast",
+            pkt()
+                .ipv4(CLIENT, [224, 0, 0, 251].into())
+                .udp(5353, 5353)
+                .payload(b"m")
+                .build(),
+            Pass,
+        ),
+        (
+            "ipv6 multicast",
+            pkt()
+                .ipv6(CLIENT6, "ff02::1".parse().unwrap())
+                .udp(5353, 5353)
+                .payload(b"m")
+                .build(),
+            Pass,
+        ),
+        (
+            "ipv6 from a link-local address",
+            pkt()
+                .ipv6("fe80::1".parse().unwrap(), CLIENT6)
+                .udp(5353, 5353)
+                .payload(b"m")
+                .build(),
+            Pass,
+        ),
+    ];
+    // Another port being a link changes nothing here (a test run without a port runs on
+    // the loopback port).
+    filter.mark_link(999_999).expect("another link is marked");
+    assert_eq!(
+        filter.classify(&anything).unwrap(),
+        Pass,
+        "not a link: the steer map decides"
+    );
+    filter.mark_link(link).expect("the link is marked");
+    let mut failures = Vec::new();
+    for (name, frame, want) in cases {
+        let got = filter
+            .classify_on(&frame, Some(link))
+            .expect("the kernel runs the filter");
+        if got != want {
+            failures.push(format!("{name}: {got:?}, expected {want:?}"));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}

@@ -471,3 +471,51 @@ fn an_sctp_association_is_forwarded_with_valid_checksums_both_ways_in_dnat_and_s
         assert_eq!(io.free_frames(), FRAMES as usize);
     }
 }
+
+/// On a node (issue 13) the kernel routes traffic into xlb's link and xlb is the only way
+/// back: a packet that is the kernel's after all leaves by the link unchanged but for its
+/// Ethernet addresses (the link's peer, the kernel's side), counted; Service traffic is
+/// still translated.
+#[test]
+fn with_a_node_link_packets_that_are_the_kernels_are_handed_back_through_it_unchanged() {
+    let link = NextHop {
+        port: BACKEND_PORT as u16,
+        src_mac: NODE_OUT_MAC,
+        dst_mac: MacAddr([2, 0, 0, 0, 9, 9]),
+    };
+    let mut rig = rig(vec![service(&[1])], hops(&[1]));
+    rig.worker = {
+        let shared = Shared {
+            tables: Arc::clone(&rig.tables),
+            flows: Arc::new(FlowTable::new(4096, Timeouts::default())),
+            clock: Clock::start(),
+            reports: Arc::clone(&rig.reports),
+        };
+        Worker::new(shared, 2, None, Arc::clone(&rig.stats), 7).handing_back(link)
+    };
+    let other = pkt()
+        .eth(CLIENT_MAC, NODE_MAC)
+        .ipv4(CLIENT, ROUTER)
+        .tcp(1, 22)
+        .syn()
+        .build();
+    rig.io.inject(CLIENT_PORT, &other);
+    rig.io.inject(CLIENT_PORT, &syn(40000));
+    rig.worker.poll(&mut rig.io);
+    let c = rig.worker.counters();
+    assert_eq!((c.decide.passed, c.io.handed_back), (1, 1));
+    assert_eq!(c.decide.forwarded, 1);
+    let out = rig.io.transmitted(BACKEND_PORT);
+    assert_eq!(out.len(), 2);
+    let back = out
+        .iter()
+        .find(|f| parse(f).unwrap().key.dst_port == 22)
+        .expect("the kernel's packet left by the link");
+    assert_eq!(
+        &back[..6],
+        &link.dst_mac.0,
+        "to the kernel's side of the link"
+    );
+    assert_eq!(&back[6..12], &link.src_mac.0);
+    assert_eq!(&back[12..], &other[12..], "otherwise unchanged");
+}

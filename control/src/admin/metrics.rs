@@ -19,7 +19,7 @@ type Series = (&'static str, &'static str, fn(&WorkerCounters) -> u64);
 pub(super) fn metrics(state: &AdminState) -> String {
     let mut out = String::new();
     let workers: Vec<WorkerCounters> = state.workers.iter().map(|w| w.load()).collect();
-    let series: [Series; 12] = [
+    let series: [Series; 13] = [
         ("xlb_received_packets_total", "Frames received", |c| {
             c.io.received
         }),
@@ -50,8 +50,13 @@ pub(super) fn metrics(state: &AdminState) -> String {
         ),
         (
             "xlb_passed_packets_total",
-            "Packets not for xlb (dropped: AF_XDP cannot pass)",
+            "Packets not for xlb (dropped, or handed back to the kernel through a node's link)",
             |c| c.decide.passed,
+        ),
+        (
+            "xlb_handed_back_packets_total",
+            "Packets not for xlb handed back to the kernel through the node's link",
+            |c| c.io.handed_back,
         ),
         (
             "xlb_tx_ring_full_drops_total",

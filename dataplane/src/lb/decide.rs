@@ -11,7 +11,10 @@
 //! route back through xlb, get the VIP back as their source. In snat mode ([`Mode::Snat`]) the
 //! source also becomes an xlb address and a port from the worker's [`SnatPool`], and replies
 //! (to that address and port) are translated back to the VIP and the client, whom only the
-//! forward entry knows.
+//! forward entry knows. A pool may translate only some flows ([`Masquerade`]), as kube-proxy's
+//! detect-local does: those of clients outside the cluster's prefixes, and hairpin flows (a
+//! client whose pick is itself, which would otherwise answer itself directly); the others
+//! keep their source as in dnat mode.
 //!
 //! What happens at the edges:
 //! * A backend's packet that no flow explains (xlb restarted, or the flow was evicted, or the
@@ -162,11 +165,15 @@ pub enum Mode<'a> {
     Snat(&'a SnatPool),
 }
 
-impl Mode<'_> {
-    /// Whether flows of `family` are source-translated.
-    fn translates(&self, family: Family) -> bool {
-        matches!(self, Mode::Snat(pool) if pool.addr(family).is_some())
-    }
+/// Which flows an [`SnatPool`] translates.
+#[derive(Clone, Debug, Default)]
+pub enum Masquerade {
+    /// Every flow of a family the pool has an address for (snat mode).
+    #[default]
+    All,
+    /// Hairpin flows (the client is its own pick), and flows from clients outside these
+    /// prefixes (kube-proxy's detect-local; empty: hairpin flows only).
+    Outside(super::prefix::PrefixMap<()>),
 }
 
 /// The source addresses and ports of snat mode, one pool per worker (its own port range, so
@@ -178,6 +185,7 @@ pub struct SnatPool {
     first_port: u16,
     ports: u16,
     next: crate::sync::AtomicU64,
+    masquerade: Masquerade,
 }
 
 impl SnatPool {
@@ -196,7 +204,15 @@ impl SnatPool {
             first_port,
             ports: ports.max(1),
             next: crate::sync::AtomicU64::new(0),
+            masquerade: Masquerade::All,
         }
+    }
+
+    /// The same pool translating only the flows `masquerade` names.
+    #[must_use]
+    pub fn masquerading(mut self, masquerade: Masquerade) -> Self {
+        self.masquerade = masquerade;
+        self
     }
 
     fn addr(&self, family: Family) -> Option<[u8; 16]> {
@@ -204,6 +220,26 @@ impl SnatPool {
             Family::Ipv4 => self.v4,
             Family::Ipv6 => self.v6,
         }
+    }
+
+    /// Whether every flow of `family` is translated (so that a reply no flow explains cannot
+    /// be a source-preserving flow's).
+    fn translates_all(&self, family: Family) -> bool {
+        matches!(self.masquerade, Masquerade::All) && self.addr(family).is_some()
+    }
+
+    /// The address a new flow from `key`'s source to `backend` is translated to, if it is.
+    #[inline]
+    fn translation(&self, key: &FlowKey, backend: &Endpoint) -> Option<[u8; 16]> {
+        let addr = self.addr(key.family)?;
+        let translated = match &self.masquerade {
+            Masquerade::All => true,
+            Masquerade::Outside(local) => {
+                *backend.key_addr() == key.src_addr
+                    || local.longest_match(key.family, &key.src_addr).is_none()
+            }
+        };
+        translated.then_some(addr)
     }
 
     fn next_port(&self) -> u16 {
@@ -514,13 +550,13 @@ fn icmp_error(env: &Env<'_>, key: &FlowKey, hash: u64) -> Verdict {
 /// xlb lost (recreated in dnat mode, see the module documentation), an snat reply without its
 /// flow, or something the kernel should have had.
 fn unexplained(env: &Env<'_>, key: &FlowKey, counters: &mut Counters) -> Verdict {
-    if env.mode.translates(key.family) {
-        if let Mode::Snat(pool) = env.mode {
-            if pool.addr(key.family) == Some(key.dst_addr) {
-                return Verdict::Drop(DecideDrop::FlowGone);
-            }
+    if let Mode::Snat(pool) = env.mode {
+        if pool.addr(key.family) == Some(key.dst_addr) {
+            return Verdict::Drop(DecideDrop::FlowGone);
         }
-        return Verdict::Pass;
+        if pool.translates_all(key.family) {
+            return Verdict::Pass;
+        }
     }
     let from = Endpoint::from_key_form(key.family, key.src_addr, key.src_port);
     let mut serving = 0;
@@ -649,7 +685,7 @@ fn new_flow(
     // In snat mode the flow's source becomes an xlb address and a port whose reverse key
     // (backend -> that address and port) is not taken.
     let snat_port = match env.mode {
-        Mode::Snat(pool) => match pool.addr(key.family) {
+        Mode::Snat(pool) => match pool.translation(key, &backend.endpoint) {
             Some(addr) => {
                 let free = (0..4).map(|_| pool.next_port()).find(|&port| {
                     let reverse = reverse_key(key, &backend.endpoint, (addr, port));

@@ -22,7 +22,9 @@
 //!
 //! A packet `decide()` says is not for xlb ([`Verdict::Pass`]) is counted and dropped: an
 //! AF_XDP socket cannot hand a frame back to the kernel, so the XDP filter must not redirect
-//! such packets in the first place; the `passed` counter shows when it does.
+//! such packets in the first place; the `passed` counter shows when it does. On a node, where
+//! xlb owns a veth pair whose far end is the kernel's (see [`Worker::handing_back`]), such a
+//! packet is handed back to the kernel unchanged through it instead.
 
 mod hold;
 mod hops;
@@ -159,6 +161,8 @@ pub struct Shared {
 pub struct Worker<F> {
     shared: Shared,
     snat: Option<SnatPool>,
+    /// Where packets that are the kernel's go back to it (a node's link), if anywhere.
+    kernel: Option<NextHop>,
     stats: Arc<WorkerStats>,
     counters: WorkerCounters,
     random: u64,
@@ -201,6 +205,7 @@ impl<F> Worker<F> {
         Self {
             shared,
             snat,
+            kernel: None,
             stats,
             counters: WorkerCounters::default(),
             random: seed | 1,
@@ -216,6 +221,15 @@ impl<F> Worker<F> {
             noticed: [None; NoticeKind::COUNT],
             sockets_read: None,
         }
+    }
+
+    /// The same worker handing packets that are the kernel's ([`Verdict::Pass`]) back to it
+    /// through `kernel`: a node's link, whose peer the kernel receives on (as if from a
+    /// neighbour), instead of dropping them.
+    #[must_use]
+    pub fn handing_back(mut self, kernel: NextHop) -> Self {
+        self.kernel = Some(kernel);
+        self
     }
 
     /// One pass over every port: receives a batch on each, processes it, transmits and
@@ -236,6 +250,7 @@ impl<F> Worker<F> {
             counters: &mut self.counters,
             random: &mut self.random,
             mode,
+            kernel: self.kernel,
             now,
             tick,
         };
@@ -466,6 +481,7 @@ struct Context<'a> {
     counters: &'a mut WorkerCounters,
     random: &'a mut u64,
     mode: Mode<'a>,
+    kernel: Option<NextHop>,
     now: Second,
     tick: Tick,
 }
@@ -518,7 +534,8 @@ impl Context<'_> {
                     Err(_) => self.failed(len),
                 };
             }
-            Verdict::Pass | Verdict::Drop(_) => return (len, (Out::Drop, notice)),
+            Verdict::Pass => return self.hand_back(buf, len, notice),
+            Verdict::Drop(_) => return (len, (Out::Drop, notice)),
             // Everything else leaves by an untagged port.
             _ => strip_vlan(buf, len, &mut parsed).map(|stripped| len = stripped),
         };
@@ -549,6 +566,24 @@ impl Context<'_> {
         if set_ethernet(frame, hop.src_mac, hop.dst_mac).is_err() {
             return self.failed(len);
         }
+        (len, (Out::Transmit(hop.port), notice))
+    }
+
+    /// A packet that is the kernel's, unchanged: back to the kernel through the node's link,
+    /// or dropped where there is none.
+    fn hand_back(
+        &mut self,
+        buf: &mut [u8],
+        len: usize,
+        notice: Option<Notice>,
+    ) -> (usize, (Out, Option<Notice>)) {
+        let Some(hop) = self.kernel else {
+            return (len, (Out::Drop, notice));
+        };
+        if set_ethernet(&mut buf[..len], hop.src_mac, hop.dst_mac).is_err() {
+            return self.failed(len);
+        }
+        self.counters.io.handed_back += 1;
         (len, (Out::Transmit(hop.port), notice))
     }
 

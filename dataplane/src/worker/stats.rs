@@ -25,6 +25,8 @@ pub struct IoCounters {
     pub held: u64,
     /// Packets a verdict could not be applied to (a rewrite or refusal that did not fit).
     pub rewrite_failed: u64,
+    /// Packets that were the kernel's, handed back to it through a node's link.
+    pub handed_back: u64,
     /// Loop iterations that found work.
     pub busy_polls: u64,
 }
@@ -42,7 +44,7 @@ pub struct WorkerCounters {
 const FIELDS: usize = 5 + DecideDrop::COUNT + DropReason::COUNT + Event::COUNT + IoCounters::FIELDS;
 
 impl IoCounters {
-    const FIELDS: usize = 7;
+    const FIELDS: usize = 8;
 }
 
 /// The kernel's counters of one AF_XDP socket (`XDP_STATISTICS`, `struct xdp_statistics`).
@@ -177,6 +179,7 @@ fn fields(c: &mut WorkerCounters) -> impl Iterator<Item = &mut u64> {
                 no_next_hop,
                 held,
                 rewrite_failed,
+                handed_back,
                 busy_polls,
             },
     } = c;
@@ -192,6 +195,7 @@ fn fields(c: &mut WorkerCounters) -> impl Iterator<Item = &mut u64> {
             no_next_hop,
             held,
             rewrite_failed,
+            handed_back,
             busy_polls,
         ])
 }

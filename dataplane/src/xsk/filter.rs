@@ -169,6 +169,7 @@ pub struct XdpFilter {
     steer: RawFd,
     xsks: RawFd,
     port_base: RawFd,
+    link_ports: RawFd,
     stats: RawFd,
     attached: Vec<(u32, XdpMode)>,
     steered: HashSet<SteerKey>,
@@ -204,6 +205,7 @@ impl XdpFilter {
             steer,
             xsks,
             port_base: -1,
+            link_ports: -1,
             stats,
             attached: Vec::new(),
             steered: HashSet::new(),
@@ -227,6 +229,7 @@ impl XdpFilter {
         this.xsks = this.map_fd(c"xsks")?;
         this.stats = this.map_fd(c"stats")?;
         this.port_base = this.map_fd(c"port_base")?;
+        this.link_ports = this.map_fd(c"link_ports")?;
         Ok(this)
     }
 
@@ -289,6 +292,15 @@ impl XdpFilter {
         update(self.xsks, &(base + queue), &value)
     }
 
+    /// Makes the port `ifindex` a node's link: every unicast IP packet it receives is xlb's
+    /// (the kernel routed it there for xlb), not only what `steer` names.
+    ///
+    /// # Errors
+    /// [`FilterError::Map`] when the kernel refuses the update.
+    pub fn mark_link(&self, ifindex: u32) -> Result<(), FilterError> {
+        update(self.link_ports, &ifindex, &1u8)
+    }
+
     /// Makes the `steer` map hold exactly `wanted`: adds what is missing, removes the rest.
     /// Returns (added, removed).
     ///
@@ -344,17 +356,41 @@ impl XdpFilter {
     /// # Errors
     /// [`FilterError::Map`] when the kernel refuses the run (no privilege).
     pub fn classify(&self, frame: &[u8]) -> Result<FilterAction, FilterError> {
+        self.classify_on(frame, None)
+    }
+
+    /// [`Self::classify`] as if `frame` arrived on the port `ingress` (an ifindex of this
+    /// network namespace), for what depends on the port (a node's link).
+    ///
+    /// # Errors
+    /// [`FilterError::Map`] when the kernel refuses the run (no privilege, no such port).
+    pub fn classify_on(
+        &self,
+        frame: &[u8],
+        ingress: Option<u32>,
+    ) -> Result<FilterAction, FilterError> {
         let before = self.counts();
+        let size = u32::try_from(frame.len())
+            .map_err(|_| FilterError::Map(io::Error::from(io::ErrorKind::InvalidInput)))?;
+        // `struct xdp_md` as the kernel reads it for a test run: no metadata, the whole frame.
+        let md: [u32; 6] = [0, size, 0, ingress.unwrap_or(0), 0, 0];
         let mut opts = sys::bpf_test_run_opts {
             sz: core::mem::size_of::<sys::bpf_test_run_opts>(),
             data_in: frame.as_ptr().cast(),
             data_out: core::ptr::null_mut(),
-            data_size_in: u32::try_from(frame.len())
-                .map_err(|_| FilterError::Map(io::Error::from(io::ErrorKind::InvalidInput)))?,
+            data_size_in: size,
             data_size_out: 0,
-            ctx_in: core::ptr::null(),
+            ctx_in: if ingress.is_some() {
+                md.as_ptr().cast()
+            } else {
+                core::ptr::null()
+            },
             ctx_out: core::ptr::null_mut(),
-            ctx_size_in: 0,
+            ctx_size_in: if ingress.is_some() {
+                u32::try_from(core::mem::size_of_val(&md)).unwrap_or(0)
+            } else {
+                0
+            },
             ctx_size_out: 0,
             retval: 0,
             repeat: 1,
@@ -364,8 +400,8 @@ impl XdpFilter {
             batch_size: 0,
         };
         // SAFETY: `program` is our loaded program's fd; `opts` is a whole, sized options
-        // struct whose input pointer and length describe `frame`, which outlives the call and
-        // which the kernel only reads (no output buffer is given).
+        // struct whose input pointers and lengths describe `frame` and `md`, which outlive the
+        // call and which the kernel only reads (no output buffer is given).
         let err = unsafe { sys::bpf_prog_test_run_opts(self.program, &mut opts) };
         if err != 0 {
             return Err(FilterError::Map(io::Error::from_raw_os_error(-err)));
