@@ -21,9 +21,21 @@ pub struct Config {
     /// `dnat` (source-preserving, the default) or `snat`.
     #[serde(default)]
     pub mode: ModeConfig,
-    /// snat mode: the addresses and ports replaced sources get.
+    /// The addresses and ports replaced sources get: every flow's in snat mode; in dnat mode
+    /// the hairpin flows' and those of clients outside `cluster_cidrs` (on a node: the node's
+    /// own addresses, and a port range outside `net.ipv4.ip_local_port_range`).
     #[serde(default)]
     pub snat: Option<SnatConfig>,
+    /// kube-proxy's detect-local (`--cluster-cidr`, or the node's pod CIDR for NodeCIDR): in
+    /// dnat mode, clients in these prefixes keep their address and all others are masqueraded
+    /// to the `snat` addresses; empty: everyone keeps it.
+    #[serde(default)]
+    pub cluster_cidrs: Vec<crate::desired::Cidr>,
+    /// xlb as this node's kube-proxy: the veth pair through which the kernel hands xlb the
+    /// Service traffic of the node's own processes and of its pods (see
+    /// `control/src/node_link.rs`).
+    #[serde(default)]
+    pub node: Option<NodeConfig>,
     /// The cores to run workers on, one worker each (default: core 0).
     #[serde(default = "default_cores")]
     pub cores: Vec<usize>,
@@ -100,6 +112,53 @@ fn default_health_address() -> Option<SocketAddr> {
 
 fn default_health_timeout_s() -> u64 {
     crate::health::DEFAULT_TIMEOUT.as_secs()
+}
+
+/// The node's link: names and the policy-routing numbers xlb takes.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// The kernel's end of the veth pair, into which Service traffic is routed (default
+    /// `xlb0`).
+    #[serde(default = "default_link")]
+    pub link: String,
+    /// xlb's end, which workers serve (default `xlb1`).
+    #[serde(default = "default_peer")]
+    pub peer: String,
+    /// The firewall mark bit that routes replies into the link (default 0x00080000; one bit
+    /// no other user of marks on the node takes).
+    #[serde(default = "default_mark")]
+    pub mark: u32,
+    /// The routing table marked packets are routed by (default 4270).
+    #[serde(default = "default_table")]
+    pub table: u32,
+    /// The priority of the rule that sends marked packets to that table (default 90; the
+    /// kernel's `local` rule is moved from 0 to 100 so that it comes after).
+    #[serde(default = "default_rule_priority")]
+    pub rule_priority: u32,
+    /// An IPv4 address for the link's kernel end (default 169.254.42.1, scope link): the
+    /// kernel's reverse-path filter refuses every packet from a device without one.
+    #[serde(default = "default_link_address")]
+    pub address: std::net::Ipv4Addr,
+}
+
+fn default_link() -> String {
+    "xlb0".into()
+}
+fn default_peer() -> String {
+    "xlb1".into()
+}
+fn default_mark() -> u32 {
+    0x0008_0000
+}
+fn default_table() -> u32 {
+    4270
+}
+fn default_rule_priority() -> u32 {
+    90
+}
+fn default_link_address() -> std::net::Ipv4Addr {
+    std::net::Ipv4Addr::new(169, 254, 42, 1)
 }
 
 /// Forwarding mode.
@@ -323,8 +382,13 @@ impl Config {
 
     fn validate(&self) -> Result<(), ConfigError> {
         let fail = |msg: String| Err(ConfigError(msg));
-        if self.interfaces.is_empty() {
-            return fail("interfaces: at least one interface is needed".into());
+        if self.interfaces.is_empty() && self.node.is_none() {
+            return fail("interfaces: at least one interface is needed (or a node section)".into());
+        }
+        if let Some(node) = &self.node {
+            if let Some(why) = node_problem(node, &self.interfaces) {
+                return fail(why);
+            }
         }
         if let Some(twice) = first_repeated(&self.interfaces) {
             return fail(format!("interfaces: {twice} is named twice"));
@@ -356,10 +420,22 @@ impl Config {
                 FlowTable::memory_for(MAX_FLOW_CAPACITY) >> 30
             ));
         }
-        if self.mode == ModeConfig::Snat {
-            let Some(snat) = &self.snat else {
-                return fail("mode: snat needs an snat section with an address".into());
-            };
+        if !self.cluster_cidrs.is_empty() && self.mode == ModeConfig::Snat {
+            return fail(
+                "cluster_cidrs: only in dnat mode (snat mode masquerades every client)".into(),
+            );
+        }
+        if self.snat.is_none() && self.mode == ModeConfig::Snat {
+            return fail("mode: snat needs an snat section with an address".into());
+        }
+        if self.snat.is_none() && !self.cluster_cidrs.is_empty() {
+            return fail(
+                "cluster_cidrs: clients outside them are masqueraded: an snat section with an \
+                 address is needed"
+                    .into(),
+            );
+        }
+        if let Some(snat) = &self.snat {
             if snat.ipv4.is_none() && snat.ipv6.is_none() {
                 return fail("snat: give ipv4, ipv6 or both".into());
             }
@@ -476,6 +552,48 @@ fn not_a_host(addr: IpAddr) -> Option<&'static str> {
         _ => None,
     }
 }
+
+/// What is wrong with a node section, if anything: names the kernel cannot take, a link that
+/// is also a served interface, a mark that is not one bit.
+fn node_problem(node: &NodeConfig, interfaces: &[String]) -> Option<String> {
+    for (field, name) in [("link", &node.link), ("peer", &node.peer)] {
+        // IFNAMSIZ is 16 with the terminating zero.
+        if name.is_empty() || name.len() > 15 || name.contains(['/', ' ', ':']) {
+            return Some(format!("node.{field}: {name:?} is not an interface name"));
+        }
+        if interfaces.contains(name) {
+            return Some(format!(
+                "node.{field}: {name} is xlb's own link; do not list it in interfaces"
+            ));
+        }
+    }
+    if node.link == node.peer {
+        return Some("node.peer: must differ from node.link".into());
+    }
+    if let Some(why) = not_a_host(IpAddr::V4(node.address)) {
+        return Some(format!("node.address: {} is {why}", node.address));
+    }
+    if node.mark.count_ones() != 1 {
+        return Some(format!("node.mark: {:#x} is not a single bit", node.mark));
+    }
+    if node.table == 0 || (253..=255).contains(&node.table) {
+        return Some(format!(
+            "node.table: {} is one of the kernel's own tables",
+            node.table
+        ));
+    }
+    if node.rule_priority == 0 || node.rule_priority >= LOCAL_RULE_PRIORITY {
+        return Some(format!(
+            "node.rule_priority: {} must be between 1 and {} (the local rule moves to {LOCAL_RULE_PRIORITY})",
+            node.rule_priority,
+            LOCAL_RULE_PRIORITY - 1
+        ));
+    }
+    None
+}
+
+/// Where a node's `local` routing rule is moved to, after xlb's (see `node_link`).
+pub const LOCAL_RULE_PRIORITY: u32 = 100;
 
 /// The first item that appears twice.
 fn first_repeated<T: PartialEq + core::fmt::Display>(items: &[T]) -> Option<&T> {
@@ -693,5 +811,55 @@ services:
     fn snat_mode_without_an_address_is_refused() {
         let bad = format!("mode: snat\n{GOOD}");
         assert!(Config::parse(&bad).unwrap_err().0.contains("snat"));
+    }
+
+    #[test]
+    fn a_node_section_needs_no_interfaces_and_its_bad_values_are_named() {
+        let node = GOOD.replace("interfaces: [xlb-c, xlb-b]", "interfaces: []\nnode: {}");
+        let c = Config::parse(&node).unwrap();
+        let n = c.node.unwrap();
+        assert_eq!((n.link.as_str(), n.peer.as_str()), ("xlb0", "xlb1"));
+        assert_eq!((n.mark, n.table, n.rule_priority), (0x8_0000, 4270, 90));
+        for (field, value, says) in [
+            ("mark", "0x3", "not a single bit"),
+            ("table", "254", "kernel's own tables"),
+            ("rule_priority", "100", "between 1 and 99"),
+            ("link", "xlb-c", "do not list it in interfaces"),
+            ("peer", "xlb0", "must differ"),
+            ("address", "224.0.0.1", "multicast"),
+            ("link", "a-name-far-too-long", "not an interface name"),
+        ] {
+            let bad = GOOD.replace(
+                "interfaces: [xlb-c, xlb-b]",
+                &format!("interfaces: [xlb-c]\nnode: {{ {field}: {value} }}"),
+            );
+            let e = Config::parse(&bad).unwrap_err().0;
+            assert!(
+                e.contains(&format!("node.{field}")) && e.contains(says),
+                "{field}: {e}"
+            );
+        }
+        let none = GOOD.replace("interfaces: [xlb-c, xlb-b]", "interfaces: []");
+        assert!(Config::parse(&none).unwrap_err().0.contains("node section"));
+    }
+
+    #[test]
+    fn detect_local_needs_dnat_mode_and_an_snat_address() {
+        let cidrs = format!("cluster_cidrs: [198.18.128.0/17]\n{GOOD}");
+        assert!(Config::parse(&cidrs)
+            .unwrap_err()
+            .0
+            .contains("an snat section with an address is needed"));
+        let with_pool = format!("snat: {{ ipv4: 198.18.0.9 }}\n{cidrs}");
+        assert_eq!(
+            Config::parse(&with_pool).unwrap().cluster_cidrs.len(),
+            1,
+            "dnat with a pool: detect-local"
+        );
+        let snat = format!("mode: snat\n{with_pool}");
+        assert!(Config::parse(&snat)
+            .unwrap_err()
+            .0
+            .contains("only in dnat mode"));
     }
 }

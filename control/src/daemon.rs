@@ -20,8 +20,9 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use tracing::{info, warn};
-use xlb_dataplane::lb::decide::{recount_live_flows, SnatPool};
+use xlb_dataplane::lb::decide::{recount_live_flows, Masquerade, SnatPool};
 use xlb_dataplane::lb::flow::{FlowTable, Timeouts};
+use xlb_dataplane::lb::prefix::PrefixMap;
 use xlb_dataplane::lb::snapshot::Snapshot;
 use xlb_dataplane::packet::Family;
 use xlb_dataplane::worker::{
@@ -36,6 +37,7 @@ use crate::health::{HealthServer, ProxyHealth};
 use crate::kube_source::{Batch, KubeMetrics, KubeSource, SourceOptions};
 use crate::kubernetes::NodeContext;
 use crate::netlink::{Kernel, Port};
+use crate::node_link::NodeLink;
 use crate::publish::{Published, Publisher};
 use crate::translate::BuildStats;
 
@@ -61,11 +63,26 @@ const FILE_PERIOD: Duration = Duration::from_secs(1);
 pub fn run(path: &Path, node_name: Option<String>) -> Result<(), String> {
     let config = Config::load(path).map_err(|e| e.to_string())?;
     let loaded_hash = std::fs::read(path).ok().map(|b| content_hash(&b));
-    let ports = config
+    let mut ports = config
         .interfaces
         .iter()
         .map(|name| Port::lookup(name))
         .collect::<Result<Vec<_>, _>>()?;
+    // On a node, xlb's end of its link is one more port, the last (removed again on return).
+    let node = match &config.node {
+        Some(n) => {
+            let queues = config.queue + u32::try_from(config.cores.len()).unwrap_or(1);
+            if let Some(snat) = &config.snat {
+                crate::node_link::warn_if_ports_overlap(snat.first_port, snat.last_port);
+            }
+            Some(NodeLink::up(n, queues)?)
+        }
+        None => None,
+    };
+    let hand_back = node.as_ref().map(|n| {
+        ports.push(n.peer.clone());
+        n.hand_back(u16::try_from(ports.len() - 1).unwrap_or(u16::MAX))
+    });
     let existing = core_affinity::get_core_ids().unwrap_or_default();
     if let Some(missing) = config
         .cores
@@ -90,7 +107,14 @@ pub fn run(path: &Path, node_name: Option<String>) -> Result<(), String> {
     };
     // The netlink socket registers with the runtime's reactor as it is created.
     let _context = runtime.enter();
-    let kernel = runtime.block_on(Kernel::open(ports.clone()))?;
+    let mut kernel = runtime.block_on(Kernel::open(ports.clone()))?;
+    if let Some(hop) = hand_back {
+        kernel.hand_back_to(hop);
+    }
+    let local = match &node {
+        Some(_) => Arc::new(runtime.block_on(kernel.addresses())?),
+        None => Arc::default(),
+    };
     let tables = Arc::new(ArcSwap::from_pointee(Tables {
         snapshot: Arc::new(Snapshot::default()),
         hops: kernel.next_hops(),
@@ -185,6 +209,11 @@ pub fn run(path: &Path, node_name: Option<String>) -> Result<(), String> {
             .map_err(|e| format!("{}: {e}", port.name))?;
         info!(interface = %port.name, ?mode, "XDP filter attached");
     }
+    if let Some(node) = &node {
+        filter
+            .mark_link(node.peer.ifindex)
+            .map_err(|e| format!("{}: {e}", node.peer.name))?;
+    }
 
     let mut workers = Vec::new();
     let mut stats = Vec::new();
@@ -200,6 +229,9 @@ pub fn run(path: &Path, node_name: Option<String>) -> Result<(), String> {
             worker_stats,
             0x9e37_79b9 + i as u64,
         );
+        if let Some(hop) = hand_back {
+            worker = worker.handing_back(hop);
+        }
         let stop = Arc::clone(&stop);
         let thread = std::thread::Builder::new()
             .name(format!("xlb-worker-{i}"))
@@ -244,7 +276,10 @@ pub fn run(path: &Path, node_name: Option<String>) -> Result<(), String> {
         to_resolve: backends_of(tables.load().snapshot.services()),
         wake,
         health: None,
+        node,
+        local,
     };
+    control.steer_node();
     let admin_server = admin::spawn(listener, Arc::clone(&admin_state))
         .map_err(|e| format!("cannot start the admin API: {e}"))?;
     info!(address = %control.config.admin, "admin API listening");
@@ -421,22 +456,30 @@ async fn kube_source(
         .map_err(|e| format!("kubernetes: cannot make a client for {url}: {e}"))
 }
 
+/// Worker `worker`'s SNAT pool: in snat mode for every flow; in dnat mode, when the file
+/// gives addresses, for hairpin flows and clients outside `cluster_cidrs` (detect-local).
 fn snat_pool(config: &Config, worker: usize) -> Option<SnatPool> {
-    if config.mode != ModeConfig::Snat {
-        return None;
-    }
     let snat = config.snat.as_ref()?;
+    let masquerade = match config.mode {
+        ModeConfig::Snat => Masquerade::All,
+        ModeConfig::Dnat => Masquerade::Outside(PrefixMap::new(
+            config.cluster_cidrs.iter().map(|c| (c.prefix(), ())),
+        )),
+    };
     // Each worker its own slice of the port range, so workers never hand out the same port.
     let workers = u32::try_from(config.cores.len().max(1)).unwrap_or(1);
     let range = u32::from(snat.last_port) - u32::from(snat.first_port) + 1;
     let share = (range / workers).max(1);
     let first = u32::from(snat.first_port) + share * u32::try_from(worker).unwrap_or(0);
-    Some(SnatPool::new(
-        snat.ipv4,
-        snat.ipv6,
-        u16::try_from(first).unwrap_or(u16::MAX),
-        u16::try_from(share).unwrap_or(u16::MAX),
-    ))
+    Some(
+        SnatPool::new(
+            snat.ipv4,
+            snat.ipv6,
+            u16::try_from(first).unwrap_or(u16::MAX),
+            u16::try_from(share).unwrap_or(u16::MAX),
+        )
+        .masquerading(masquerade),
+    )
 }
 
 struct Control {
@@ -454,6 +497,10 @@ struct Control {
     wake: Arc<tokio::sync::Notify>,
     /// kube-proxy's health servers (with the Kubernetes source).
     health: Option<(Arc<ProxyHealth>, HealthServer)>,
+    /// On a node, its link (last: removed after the filter is detached).
+    node: Option<NodeLink>,
+    /// The node's own addresses (for the link's steering).
+    local: Arc<Vec<std::net::IpAddr>>,
 }
 
 impl Control {
@@ -598,6 +645,13 @@ impl Control {
         self.config.services = config.services;
     }
 
+    /// On a node: the link's steering follows the snapshot just published.
+    fn steer_node(&self) {
+        if let Some(node) = &self.node {
+            node.steer(self.publisher.snapshot(), Arc::clone(&self.local));
+        }
+    }
+
     /// Accounts for a publication: generation, sync time, logs.
     fn published(&mut self, published: &Published, started: Instant) {
         self.to_resolve
@@ -614,6 +668,7 @@ impl Control {
         if published.stats == BuildStats::default() {
             return;
         }
+        self.steer_node();
         let seconds = started.elapsed().as_secs_f64();
         // Relaxed: a gauge read on its own.
         self.admin

@@ -36,6 +36,21 @@ pub struct Cidr {
 }
 
 impl Cidr {
+    /// The dataplane's form of the prefix.
+    #[must_use]
+    pub fn prefix(&self) -> xlb_dataplane::lb::prefix::Prefix {
+        let family = if self.addr.is_ipv4() {
+            xlb_dataplane::packet::Family::Ipv4
+        } else {
+            xlb_dataplane::packet::Family::Ipv6
+        };
+        xlb_dataplane::lb::prefix::Prefix::new(
+            family,
+            xlb_dataplane::packet::key_addr(self.addr),
+            self.len,
+        )
+    }
+
     /// Whether `addr` lies in the prefix.
     #[must_use]
     pub fn contains(&self, addr: IpAddr) -> bool {

@@ -38,6 +38,7 @@ pub mod kube_source;
 pub mod kubernetes;
 pub mod maglev_report;
 pub mod netlink;
+pub mod node_link;
 pub mod publish;
 pub mod server_thread;
 pub mod steering;

@@ -104,6 +104,8 @@ pub struct Kernel {
     )>,
     /// Addresses to resolve at the next call of [`Self::resolve`] (carried over).
     pending: Vec<(Family, [u8; 16])>,
+    /// On a node: the link to the kernel, the next hop of everything no port routes.
+    fallback: Option<NextHop>,
 }
 
 impl core::fmt::Debug for Kernel {
@@ -137,31 +139,38 @@ impl Kernel {
             view: KernelView::default(),
             notifications,
             pending: Vec::new(),
+            fallback: None,
         };
         kernel.reread().await?;
         Ok(kernel)
     }
 
-    /// The addresses of the ports (for node ports), in port order.
+    /// The addresses of the ports (for node ports), in port order; on a node (see
+    /// [`Self::hand_back_to`]), those of every interface but loopback, since the kernel
+    /// routes what reaches any of them to xlb.
     ///
     /// # Errors
     /// The netlink error, as text.
     pub async fn addresses(&self) -> Result<Vec<IpAddr>, String> {
         let mut out = Vec::new();
-        for port in &self.ports {
-            let mut addresses = self
-                .handle
-                .address()
-                .get()
-                .set_link_index_filter(port.ifindex)
-                .execute();
+        let filters: Vec<Option<u32>> = if self.fallback.is_some() {
+            vec![None]
+        } else {
+            self.ports.iter().map(|p| Some(p.ifindex)).collect()
+        };
+        for filter in filters {
+            let mut request = self.handle.address().get();
+            if let Some(ifindex) = filter {
+                request = request.set_link_index_filter(ifindex);
+            }
+            let mut addresses = request.execute();
             while let Some(msg) = addresses.try_next().await.map_err(|e| e.to_string())? {
                 for attr in &msg.attributes {
                     if let AddressAttribute::Address(ip) = attr {
                         // Link-local addresses serve nothing a Service is reached by.
                         let link_local =
                             matches!(ip, IpAddr::V6(v6) if v6.segments()[0] & 0xffc0 == 0xfe80);
-                        if !link_local && !out.contains(ip) {
+                        if !link_local && !ip.is_loopback() && !out.contains(ip) {
                             out.push(*ip);
                         }
                     }
@@ -171,10 +180,16 @@ impl Kernel {
         Ok(out)
     }
 
+    /// On a node: everything no port has a route for goes to the kernel through `link` (the
+    /// node's link, [`crate::node_link`]), which routes it on.
+    pub fn hand_back_to(&mut self, link: NextHop) {
+        self.fallback = Some(link);
+    }
+
     /// The next-hop table the view gives.
     #[must_use]
     pub fn next_hops(&self) -> NextHops {
-        self.view.next_hops(&self.ports)
+        self.view.next_hops(&self.ports, self.fallback)
     }
 
     /// Reads every neighbour and route of the ports again (the safety net for a lost
@@ -395,9 +410,10 @@ impl KernelView {
     }
 
     /// The next-hop table: every resolved neighbour on a port, and every route through a
-    /// resolved gateway on a port.
+    /// resolved gateway on a port; and `fallback`, if given, as the default route of both
+    /// families (ahead of any default route of a port).
     #[must_use]
-    pub fn next_hops(&self, ports: &[Port]) -> NextHops {
+    pub fn next_hops(&self, ports: &[Port], fallback: Option<NextHop>) -> NextHops {
         let hop = |port: usize, mac: MacAddr| NextHop {
             port: u16::try_from(port).unwrap_or(u16::MAX),
             src_mac: ports[port].mac,
@@ -407,10 +423,16 @@ impl KernelView {
             .neighbours
             .iter()
             .map(|(&(port, ip), &mac)| (family_of(ip), key_addr(ip), hop(port, mac)));
-        let routes = self
-            .routes
-            .iter()
-            .filter_map(|r| {
+        let defaults = fallback.into_iter().flat_map(|hop| {
+            [Family::Ipv4, Family::Ipv6].map(|family| Route {
+                prefix: [0; 16],
+                len: 0,
+                family,
+                hop,
+            })
+        });
+        let routes = defaults
+            .chain(self.routes.iter().filter_map(|r| {
                 let mac = self.neighbours.get(&(r.port, r.gateway?))?;
                 Some(Route {
                     prefix: r.prefix,
@@ -418,7 +440,7 @@ impl KernelView {
                     family: r.family,
                     hop: hop(r.port, *mac),
                 })
-            })
+            }))
             .collect();
         NextHops::new(hosts, routes)
     }
@@ -518,7 +540,7 @@ mod tests {
     fn routes_through_resolved_gateways_and_resolved_hosts_become_next_hops() {
         let ports = [port(0), port(1)];
         let view = view();
-        let hops = view.next_hops(&ports);
+        let hops = view.next_hops(&ports, None);
         let client = hops
             .lookup(Family::Ipv4, &key_addr("198.18.0.1".parse().unwrap()))
             .unwrap();
@@ -540,6 +562,31 @@ mod tests {
         );
     }
 
+    /// Issue 13: on a node, what no port routes goes to the kernel through the link (local
+    /// pods, other nodes, the node's own sockets); what a port routes keeps its hop.
+    #[test]
+    fn on_a_node_the_link_is_the_next_hop_of_everything_no_port_routes() {
+        let ports = [port(0), port(1)];
+        let link = NextHop {
+            port: 2,
+            src_mac: MacAddr([2, 0, 0, 0, 0xa, 1]),
+            dst_mac: MacAddr([2, 0, 0, 0, 0xa, 0]),
+        };
+        let hops = view().next_hops(&ports, Some(link));
+        for unrouted in ["198.18.0.2", "198.19.7.7", "2001:2:0:99::1"] {
+            let ip: IpAddr = unrouted.parse().unwrap();
+            assert_eq!(
+                hops.lookup(family_of(ip), &key_addr(ip)),
+                Some(link),
+                "{unrouted}"
+            );
+        }
+        let client = hops
+            .lookup(Family::Ipv4, &key_addr("198.18.0.1".parse().unwrap()))
+            .unwrap();
+        assert_eq!(client.port, 0, "a resolved neighbour keeps its port");
+    }
+
     /// Issue 11, fault 6: neighbours learnt from notifications, one by one, not from a
     /// periodic re-read of the whole table.
     #[test]
@@ -558,15 +605,24 @@ mod tests {
             !view.apply_neighbour(&ports, &learnt, true),
             "the same again"
         );
-        let hop = view.next_hops(&ports).lookup(Family::Ipv4, &addr).unwrap();
+        let hop = view
+            .next_hops(&ports, None)
+            .lookup(Family::Ipv4, &addr)
+            .unwrap();
         assert_eq!(hop.dst_mac, MacAddr([2, 7, 7, 7, 7, 7]));
         // Failed, then deleted: gone.
         let failed = neighbour(0, new, None, NeighbourState::Failed);
         assert!(view.apply_neighbour(&ports, &failed, true));
-        assert!(view.next_hops(&ports).lookup(Family::Ipv4, &addr).is_none());
+        assert!(view
+            .next_hops(&ports, None)
+            .lookup(Family::Ipv4, &addr)
+            .is_none());
         assert!(view.apply_neighbour(&ports, &learnt, true));
         assert!(view.apply_neighbour(&ports, &learnt, false));
-        assert!(view.next_hops(&ports).lookup(Family::Ipv4, &addr).is_none());
+        assert!(view
+            .next_hops(&ports, None)
+            .lookup(Family::Ipv4, &addr)
+            .is_none());
         // A neighbour of another interface is not xlb's.
         let elsewhere = neighbour(9, new, Some([2, 9, 9, 9, 9, 9]), NeighbourState::Reachable);
         assert!(!view.apply_neighbour(&ports, &elsewhere, true));

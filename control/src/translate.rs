@@ -11,12 +11,12 @@ use hashbrown::HashMap;
 use std::num::NonZeroU32;
 use std::sync::Arc;
 
-use xlb_dataplane::lb::prefix::{Prefix, PrefixMap};
+use xlb_dataplane::lb::prefix::PrefixMap;
 use xlb_dataplane::lb::snapshot::{
     Backend, BackendId, BackendState, NoBackend, Origin, Scheduler, Service, ServiceId, ServiceKey,
     ServiceSpec, Snapshot, SnapshotError,
 };
-use xlb_dataplane::packet::{key_addr, Endpoint, Family, IpProto};
+use xlb_dataplane::packet::{Endpoint, IpProto};
 
 use crate::config::{
     BackendStateConfig, Config, ConfigError, NoBackendConfig, ProtocolConfig, SchedulerConfig,
@@ -355,14 +355,9 @@ fn spec(d: &Arc<DesiredService>, ids: &mut Builder) -> ServiceSpec {
     spec.table_size = d.table_size;
     spec.origin = Origin::new(Arc::clone(d));
     if !d.source_ranges.is_empty() {
-        spec.source_ranges = Some(Arc::new(PrefixMap::new(d.source_ranges.iter().map(|c| {
-            let family = if c.addr.is_ipv4() {
-                Family::Ipv4
-            } else {
-                Family::Ipv6
-            };
-            (Prefix::new(family, key_addr(c.addr), c.len), ())
-        }))));
+        spec.source_ranges = Some(Arc::new(PrefixMap::new(
+            d.source_ranges.iter().map(|c| (c.prefix(), ())),
+        )));
     }
     spec
 }

@@ -499,14 +499,35 @@ fn with_a_node_link_packets_that_are_the_kernels_are_handed_back_through_it_unch
         .tcp(1, 22)
         .syn()
         .build();
+    // A datagram whose sender left its checksum to offload: handed back finished.
+    let datagram = || {
+        pkt()
+            .eth(CLIENT_MAC, NODE_MAC)
+            .ipv4(CLIENT, ROUTER)
+            .udp(5000, 53)
+            .payload(b"query")
+    };
+    let unfinished = datagram()
+        .l4_checksum(xlb_dataplane::packet::builder::L4Checksum::PseudoHeaderOnly)
+        .build();
     rig.io.inject(CLIENT_PORT, &other);
     rig.io.inject(CLIENT_PORT, &syn(40000));
+    rig.io.inject(CLIENT_PORT, &unfinished);
     rig.worker.poll(&mut rig.io);
     let c = rig.worker.counters();
-    assert_eq!((c.decide.passed, c.io.handed_back), (1, 1));
+    assert_eq!((c.decide.passed, c.io.handed_back), (2, 2));
     assert_eq!(c.decide.forwarded, 1);
     let out = rig.io.transmitted(BACKEND_PORT);
-    assert_eq!(out.len(), 2);
+    assert_eq!(out.len(), 3);
+    let finished = out
+        .iter()
+        .find(|f| parse(f).unwrap().key.dst_port == 53)
+        .expect("the datagram left by the link");
+    assert_eq!(
+        &finished[12..],
+        &datagram().build()[12..],
+        "checksum finished"
+    );
     let back = out
         .iter()
         .find(|f| parse(f).unwrap().key.dst_port == 22)

@@ -42,8 +42,8 @@ use crate::lb::hash::flow_hash;
 use crate::lb::snapshot::Snapshot;
 use crate::packet::{
     parse, reject_with_port_unreachable, reject_with_tcp_reset, reset_in_place, set_destination,
-    set_ethernet, set_source, strip_vlan, DropReason, Family, FlowKey, IpProto, Parsed,
-    RewriteError,
+    set_ethernet, set_source, strip_vlan, ChecksumState, Class, DropReason, Endpoint, Family,
+    FlowKey, IpProto, Parsed, RewriteError,
 };
 
 use hold::{Held, HoldQueue};
@@ -534,7 +534,7 @@ impl Context<'_> {
                     Err(_) => self.failed(len),
                 };
             }
-            Verdict::Pass => return self.hand_back(buf, len, notice),
+            Verdict::Pass => return self.hand_back(buf, len, &mut parsed, notice),
             Verdict::Drop(_) => return (len, (Out::Drop, notice)),
             // Everything else leaves by an untagged port.
             _ => strip_vlan(buf, len, &mut parsed).map(|stripped| len = stripped),
@@ -570,17 +570,32 @@ impl Context<'_> {
     }
 
     /// A packet that is the kernel's, unchanged: back to the kernel through the node's link,
-    /// or dropped where there is none.
+    /// or dropped where there is none. A TCP or UDP checksum its sender left unfinished
+    /// (offload) is finished first: the kernel that receives the frame from the link cannot
+    /// know it is unfinished, and neither can the host it forwards it to.
     fn hand_back(
         &mut self,
         buf: &mut [u8],
         len: usize,
+        parsed: &mut Parsed,
         notice: Option<Notice>,
     ) -> (usize, (Out, Option<Notice>)) {
         let Some(hop) = self.kernel else {
             return (len, (Out::Drop, notice));
         };
-        if set_ethernet(&mut buf[..len], hop.src_mac, hop.dst_mac).is_err() {
+        let frame = &mut buf[..len];
+        if parsed.checksum == ChecksumState::PseudoHeaderOnly
+            && matches!(parsed.class, Class::Ordinary)
+            && (parsed.key.proto == IpProto::TCP || parsed.key.proto == IpProto::UDP)
+        {
+            // Rewriting the destination to itself finishes the checksum, changing nothing else.
+            let key = &parsed.key;
+            let same = Endpoint::from_key_form(key.family, key.dst_addr, key.dst_port);
+            if set_destination(frame, parsed, &same).is_err() {
+                return self.failed(len);
+            }
+        }
+        if set_ethernet(frame, hop.src_mac, hop.dst_mac).is_err() {
             return self.failed(len);
         }
         self.counters.io.handed_back += 1;

@@ -1,0 +1,40 @@
+//! xlb as a node's kube-proxy on the kernel (issue 13): `deploy/acceptance/node.py` builds two
+//! node namespaces with pods behind routed per-pod veths, runs `xlb run` with a `node:`
+//! section on one of them, and checks with curl and UDP sockets that the node's pods and the
+//! node itself reach ClusterIPs served on either node (IPv4 and IPv6), hairpin, detect-local
+//! masquerading, a node port from outside, an unknown port refused, direct pod-to-pod traffic
+//! left alone, a restart after kill -9, and a SIGTERM that removes the link, the nftables
+//! table and the rules. The script removes everything it created, on failure too.
+//!
+//! It needs root, network namespaces, curl and nft; without them it says why and skips.
+
+mod common;
+
+use std::process::Command;
+
+use common::skip_reason;
+
+#[test]
+fn pods_and_the_node_itself_reach_cluster_ips_through_xlb_on_the_node() {
+    if let Some(why) = skip_reason() {
+        eprintln!("SKIPPED: {why}");
+        return;
+    }
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/acceptance/node.py");
+    let out = Command::new("python3")
+        .arg(script)
+        .arg(env!("CARGO_BIN_EXE_xlb"))
+        .output()
+        .expect("python3 runs the node suite");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if let Some(why) = stdout.lines().find(|l| l.starts_with("SKIPPED")) {
+        eprintln!("{why}");
+        return;
+    }
+    assert!(
+        out.status.success() && stdout.contains("node (kube-proxy): all passed"),
+        "the node suite failed\n--- stdout\n{stdout}\n--- stderr\n{stderr}"
+    );
+    eprintln!("{stdout}");
+}
