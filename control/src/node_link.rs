@@ -151,6 +151,9 @@ impl NodeLink {
         ])?;
         write_sysctl(&format!("net/ipv4/conf/{link}/rp_filter"), "2")?;
         write_sysctl(&format!("net/ipv4/conf/{link}/accept_local"), "1")?;
+        // The kernel never forwards what reaches xlb's end (the filter drops the link's
+        // traffic while no worker serves it).
+        write_sysctl(&format!("net/ipv4/conf/{peer}/forwarding"), "0")?;
         if ipv6 {
             write_sysctl(&format!("net/ipv6/conf/{peer}/disable_ipv6"), "1")?;
             if read_sysctl("net/ipv6/conf/all/forwarding").as_deref() != Some("1") {

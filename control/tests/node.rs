@@ -4,7 +4,9 @@
 //! node itself reach ClusterIPs served on either node (IPv4 and IPv6), hairpin, detect-local
 //! masquerading, a node port from outside, an unknown port refused, direct pod-to-pod traffic
 //! left alone, a restart after kill -9, and a SIGTERM that removes the link, the nftables
-//! table and the rules. The script removes everything it created, on failure too.
+//! table and the rules; and with two workers on a two-queue link, that flows spread over
+//! both, connections whose directions land on different workers work, and a Service change
+//! reaches both. The script removes everything it created, on failure too.
 //!
 //! It needs root, network namespaces, curl and nft; without them it says why and skips.
 
@@ -14,16 +16,12 @@ use std::process::Command;
 
 use common::skip_reason;
 
-#[test]
-fn pods_and_the_node_itself_reach_cluster_ips_through_xlb_on_the_node() {
-    if let Some(why) = skip_reason() {
-        eprintln!("SKIPPED: {why}");
-        return;
-    }
+fn suite(workers: u32) {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/acceptance/node.py");
     let out = Command::new("python3")
         .arg(script)
         .arg(env!("CARGO_BIN_EXE_xlb"))
+        .args(["--workers", &workers.to_string()])
         .output()
         .expect("python3 runs the node suite");
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -32,9 +30,24 @@ fn pods_and_the_node_itself_reach_cluster_ips_through_xlb_on_the_node() {
         eprintln!("{why}");
         return;
     }
+    let plural = if workers > 1 { "s" } else { "" };
     assert!(
-        out.status.success() && stdout.contains("node (kube-proxy): all passed"),
-        "the node suite failed\n--- stdout\n{stdout}\n--- stderr\n{stderr}"
+        out.status.success()
+            && stdout.contains(&format!(
+                "node (kube-proxy, {workers} worker{plural}): all passed"
+            )),
+        "the node suite ({workers} workers) failed\n--- stdout\n{stdout}\n--- stderr\n{stderr}"
     );
     eprintln!("{stdout}");
+}
+
+/// One worker, then two (one after the other: they would compete for the two cores).
+#[test]
+fn pods_and_the_node_itself_reach_cluster_ips_through_xlb_on_the_node_with_one_worker_or_two() {
+    if let Some(why) = skip_reason() {
+        eprintln!("SKIPPED: {why}");
+        return;
+    }
+    suite(1);
+    suite(2);
 }

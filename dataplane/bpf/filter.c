@@ -87,7 +87,7 @@ struct {
 } link_ports SEC(".maps");
 
 // Counters: [0] redirected, [1] passed, [2] xlb's but no socket is bound for the queue
-// (passed to the kernel).
+// (passed to the kernel, or dropped on a link).
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, 3);
@@ -323,16 +323,21 @@ int xlb_filter(struct xdp_md *ctx)
 {
 	__u32 slot = 1;
 	__u32 ingress = ctx->ingress_ifindex;
-	int ours = bpf_map_lookup_elem(&link_ports, &ingress) ? link_unicast(ctx) : decide(ctx);
+	int link = bpf_map_lookup_elem(&link_ports, &ingress) != 0;
+	int ours = link ? link_unicast(ctx) : decide(ctx);
 	long action = XDP_PASS;
 
 	if (ours) {
-		__u32 ifindex = ctx->ingress_ifindex;
-		__u32 *base = bpf_map_lookup_elem(&port_base, &ifindex);
+		__u32 *base = bpf_map_lookup_elem(&port_base, &ingress);
+		// When no socket is bound to this port and queue (xlb is restarting): on an ordinary
+		// port XDP_PASS, so the kernel keeps working; on a link, whose traffic the kernel
+		// routed there for xlb, XDP_DROP, so that it is retransmitted when xlb is back
+		// instead of being routed by the kernel as if xlb were not there.
+		long fallback = link ? XDP_DROP : XDP_PASS;
 		slot = 2;
-		// XDP_PASS when no socket is bound to this port and queue: the kernel keeps working.
+		action = fallback;
 		if (base && ctx->rx_queue_index < XSK_QUEUES) {
-			action = bpf_redirect_map(&xsks, *base + ctx->rx_queue_index, XDP_PASS);
+			action = bpf_redirect_map(&xsks, *base + ctx->rx_queue_index, fallback);
 			if (action == XDP_REDIRECT)
 				slot = 0;
 		}

@@ -987,6 +987,13 @@ fn a_detect_local_pool_masquerades_outside_clients_and_hairpin_flows_only() {
     };
     assert_eq!(from.ip(), std::net::IpAddr::from(SNAT));
 
+    // The node itself (the pool's own address) keeps its address and its port.
+    let from_node = pkt().ipv4(SNAT, VIP).tcp(40002, 80).syn().build();
+    assert!(
+        matches!(go(&from_node, 1), Verdict::Forward(_)),
+        "the pool's own address is translated"
+    );
+
     // A pod of the cluster keeps its address, and its backend's reply is un-NATed to it.
     let pod: std::net::Ipv4Addr = [198, 18, 128, 77].into();
     let from_pod = |port| pkt().ipv4(pod, VIP).tcp(port, 80).syn().build();

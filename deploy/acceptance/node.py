@@ -15,10 +15,14 @@ link. Checked, for IPv4 and IPv6 where it applies:
   * a NodePort from outside the cluster (node B's own address), masqueraded;
   * a ClusterIP on a port no Service has: refused at once, not leaked;
   * a pod's direct connection to another pod's Service port: untouched by xlb;
-  * many connections (no loss), a restart after kill -9 (the stale link is replaced), and a
-    SIGTERM that removes the link, the nftables table and the rules.
+  * many connections (no loss), a restart after kill -9 with connections open (they live
+    through it; the stale link is replaced), and a SIGTERM that removes the link, the
+    nftables table and the rules.
 
-Usage: node.py XLB. Prints "ok NAME {figures}" lines and "node (kube-proxy): all passed".
+Usage: node.py XLB [--workers 2]. With two workers (two queues on the link), it checks
+instead that flows spread over both, a connection whose directions land on different workers
+works, and a Service change reaches both. Prints "ok NAME {figures}" lines and
+"node (kube-proxy, N worker(s)): all passed".
 Everything it creates is removed on exit, failure included; traffic is bounded (timeouts,
 counts) and stays in the namespaces. Addresses: 198.18.0.0/15 and 2001:2::/48 only.
 """
@@ -41,6 +45,7 @@ PODS = {  # name: (node, v4 /30 base, v6 /64 index)
     "a1": (NODE_A, "198.18.10.0", 0x10),
     "a2": (NODE_A, "198.18.10.4", 0x11),
     "b1": (NODE_B, "198.18.30.0", 0x30),
+    "b2": (NODE_B, "198.18.30.4", 0x31),
 }
 A4, B4, A6, B6 = "198.18.20.1", "198.18.20.2", "2001:2:0:20::1", "2001:2:0:20::2"
 REMOTE4, REMOTE6 = "198.18.100.1", "2001:2:0:100::1"
@@ -75,7 +80,18 @@ def tcp():
         except OSError:
             pass
         c.close()
+def echo():
+    s = socket.socket(socket.AF_INET6); s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(("::", 9000)); s.listen(64)
+    def serve(c):
+        with c:
+            while data := c.recv(4096):
+                c.sendall(data)
+    while True:
+        c, _ = s.accept()
+        threading.Thread(target=serve, args=(c,), daemon=True).start()
 threading.Thread(target=tcp, daemon=True).start()
+threading.Thread(target=echo, daemon=True).start()
 u = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM); u.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
 u.bind(("::", 5353))
 while True:
@@ -99,6 +115,29 @@ for i in range(n):
         lost += 1
     s.close()
 print(json.dumps({"answers": answers, "lost": lost}))
+"""
+
+
+# A connection that lives through an xlb restart: a line every 50 ms for `seconds`, each
+# echoed back; prints how many came back and the longest wait for one.
+KEEPALIVE = r"""
+import socket, sys, time, json
+host, seconds = sys.argv[1], float(sys.argv[2])
+fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+s = socket.create_connection((host, 9000), timeout=10)
+sent = echoed = 0; worst = 0.0; end = time.time() + seconds
+while time.time() < end:
+    line = b"ping %d\n" % sent; started = time.time()
+    s.sendall(line); sent += 1
+    got = b""
+    while len(got) < len(line):
+        chunk = s.recv(len(line) - len(got))
+        if not chunk:
+            raise SystemExit("closed")
+        got += chunk
+    echoed += got == line; worst = max(worst, time.time() - started)
+    time.sleep(0.05)
+print(json.dumps({"sent": sent, "echoed": echoed, "worst_wait_s": round(worst, 3)}))
 """
 
 
@@ -154,12 +193,13 @@ def teardown():
             run("ip", "netns", "del", ns, check=False)
 
 
-def config(path):
+def config(path, workers=1, remote=("b1",)):
     def service(name, vip, backends, port=80):
         lines = [
             f"  - name: {name}",
             f"    vip: '{vip}'",
-            f"    ports: [{{ port: {port}, target_port: 8080 }}, {{ port: 53, protocol: udp, target_port: 5353 }}]",
+            f"    ports: [{{ port: {port}, target_port: 8080 }}, {{ port: 53, protocol: udp, target_port: 5353 }},"
+            " { port: 9000 }]",
             "    backends:",
         ]
         return lines + [f"      - {{ address: '{b}' }}" for b in backends]
@@ -169,14 +209,14 @@ def config(path):
         # The link's address: 169.254.42.1 by default; here from the test range.
         "node: { address: 198.19.255.1 }",
         "mode: dnat",
-        "cores: [1]" if os.cpu_count() > 1 else "cores: [0]",
+        "cores: [0, 1]" if workers == 2 else ("cores: [1]" if os.cpu_count() > 1 else "cores: [0]"),
         "flow_capacity: 65536",
         # Detect-local: the pod prefixes are the cluster; node addresses are not.
         "cluster_cidrs: [198.18.10.0/24, 198.18.30.0/24, '2001:2:0:10::/63', '2001:2:0:30::/64']",
         f"snat: {{ ipv4: {A4}, ipv6: '{A6}', first_port: 20000, last_port: 29999 }}",
         "services:",
     ]
-    lines += service("remote", REMOTE4, [pod4("b1")])
+    lines += service("remote", REMOTE4, [pod4(r) for r in remote])
     lines += service("remote-v6", REMOTE6, [pod6("b1")])
     lines += service("local", LOCAL4, [pod4("a2")])
     lines += service("local-v6", LOCAL6, [pod6("a2")])
@@ -187,12 +227,22 @@ def config(path):
 
 
 class Xlb:
-    def __init__(self, binary, work):
-        self.binary, self.work = binary, work
+    def __init__(self, binary, work, workers):
+        self.binary, self.work, self.workers = binary, work, workers
         self.path = os.path.join(work, "xlb.yaml")
         self.log = os.path.join(work, "xlb.log")
         self.proc = None
-        config(self.path)
+        config(self.path, workers)
+
+    def reload(self, **changes):
+        """Writes a changed configuration and waits until xlb has published it."""
+        before = self.metric("xlb_snapshot_generation")
+        config(self.path + ".new", self.workers, **changes)
+        os.replace(self.path + ".new", self.path)
+        deadline = time.time() + 10
+        while self.metric("xlb_snapshot_generation") <= before:
+            expect(time.time() < deadline, "xlb did not apply the edit")
+            time.sleep(0.05)
 
     def start(self):
         self.proc = spawn(self.binary, "run", "--config", self.path, ns=NODE_A, log=self.log)
@@ -215,12 +265,14 @@ class Xlb:
             self.proc.wait(timeout=20)
         self.proc = None
 
-    def metric(self, name):
+    def metric(self, name, **labels):
+        """The sum of a metric's series (those matching `labels`)."""
         out = run(self.binary, "status", ns=NODE_A, check=False, timeout=10)
         total = 0.0
         for line in out.splitlines():
             if line.startswith(name + " ") or line.startswith(name + "{"):
-                total += float(line.rsplit(" ", 1)[1])
+                if all(f'{k}="{v}"' in line for k, v in labels.items()):
+                    total += float(line.rsplit(" ", 1)[1])
         return total
 
     def tail(self):
@@ -316,6 +368,76 @@ def direct():
     return {"requests": 10, "packets_through_xlb": int(seen)}
 
 
+def restart():
+    """kill -9 mid-connection: the crash leaves the link behind, the next start replaces it,
+    and connections that lived through it go on (their replies are still steered to xlb by
+    their connection-tracking entries, and xlb recreates their flows from them)."""
+    live = [subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-c", KEEPALIVE, host, "6"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for ns, host in ((f"{P}-a1", REMOTE4), (f"{P}-a1", LOCAL6), (NODE_A, REMOTE6))]
+    time.sleep(1.5)
+    XLB.stop(signal.SIGKILL)
+    expect("xlb0" in run("ip", "-o", "link", "show", ns=NODE_A), "kill -9 cannot have removed the link")
+    down = time.time()
+    XLB.start()
+    gap = time.time() - down
+    figures = {"restart_s": round(gap, 2)}
+    for p, name in zip(live, ("pod-remote-v4", "pod-local-v6", "node-remote-v6")):
+        out, err = p.communicate(timeout=30)
+        expect(p.returncode == 0, f"the {name} connection did not live through the restart: {err.strip()[-300:]}")
+        got = json.loads(out)
+        expect(got["echoed"] == got["sent"], f"{name}: {got}")
+        figures[name] = got
+    check_tcp(f"{P}-a1", REMOTE4, f"b1 {pod4('a1')}", times=5)
+    return figures
+
+
+def spread():
+    """Two workers, one queue each on a two-queue link: the kernel spreads flows over the
+    queues by hash, and a connection's two directions hash independently, so over 200
+    connections some have their forward packets on one worker and their replies on the
+    other (the chance that none does is 2^-200): every connection must still work, through
+    the one flow table they share, and each worker must forward and un-NAT."""
+    out = run(sys.executable, "-c", MANY, REMOTE4, "200", ns=f"{P}-a1", timeout=120)
+    got = json.loads(out)
+    expect(got == {f"b1 {pod4('a1')}": 200}, f"200 connections through two workers: {got}")
+    per_worker = {}
+    for w in (0, 1):
+        fwd = XLB.metric("xlb_forwarded_packets_total", worker=w)
+        rep = XLB.metric("xlb_replied_packets_total", worker=w)
+        expect(fwd > 0 and rep > 0, f"worker {w} forwarded {fwd} and replied {rep}: the queues are not spread")
+        per_worker[f"worker{w}"] = {"forwarded": int(fwd), "replied": int(rep)}
+    return per_worker
+
+
+def change_reaches_both():
+    """A Service change is published to both workers: after it, every new connection, on
+    whichever worker, goes to the new backend."""
+    XLB.reload(remote=("b2",))
+    out = run(sys.executable, "-c", MANY, REMOTE4, "100", ns=f"{P}-a1", timeout=120)
+    got = json.loads(out)
+    expect(got == {f"b2 {pod4('a1')}": 100}, f"after the change: {got}")
+    return {"connections": 100}
+
+
+# `n` HTTP/1.0 requests, each on a new connection, counted by answer.
+MANY = r"""
+import socket, sys, json
+host, n = sys.argv[1], int(sys.argv[2])
+seen = {}
+for i in range(n):
+    s = socket.create_connection((host, 80), timeout=5)
+    s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+    data = b""
+    while chunk := s.recv(4096):
+        data += chunk
+    s.close()
+    body = data.split(b"\r\n\r\n", 1)[1].decode().strip()
+    seen[body] = seen.get(body, 0) + 1
+print(json.dumps(seen))
+"""
+
+
 def leftovers():
     """What xlb leaves in node A: links, nftables table, rules (none after a clean stop)."""
     links = run("ip", "-o", "link", "show", ns=NODE_A)
@@ -336,9 +458,14 @@ XLB = None
 
 def main():
     global XLB
-    if len(sys.argv) != 2:
+    if len(sys.argv) not in (2, 4) or (len(sys.argv) == 4 and sys.argv[2] != "--workers") \
+            or (len(sys.argv) == 4 and sys.argv[3] not in ("1", "2")):
         print(__doc__)
         return 2
+    workers = int(sys.argv[3]) if len(sys.argv) == 4 else 1
+    if workers == 2 and os.cpu_count() < 2:
+        print("SKIPPED: two workers need two cores")
+        return 0
     for tool in ("curl", "nft"):
         if subprocess.run(["which", tool], capture_output=True).returncode != 0:
             print(f"SKIPPED: {tool} is not installed (make deps installs it)")
@@ -351,25 +478,22 @@ def main():
         build()
         for name, (node, _, _) in PODS.items():
             procs.append(spawn(sys.executable, "-c", SERVER, name, ns=f"{P}-{name}"))
-        XLB = Xlb(os.path.abspath(sys.argv[1]), work)
+        XLB = Xlb(os.path.abspath(sys.argv[1]), work, workers)
         XLB.start()
-        for name, scenario in scenarios():
+        rows = scenarios() if workers == 1 else [("two-workers-spread", spread),
+                                                 ("change-reaches-both-workers", change_reaches_both)]
+        for name, scenario in rows:
             started = time.time()
             figures = scenario()
             figures["seconds"] = round(time.time() - started, 2)
             print(f"ok {name} {json.dumps(figures)}", flush=True)
-        # A crash leaves the link behind; the next start replaces it.
-        XLB.stop(signal.SIGKILL)
-        expect("xlb0" in run("ip", "-o", "link", "show", ns=NODE_A), "kill -9 cannot have removed the link")
-        XLB.start()
-        check_tcp(f"{P}-a1", REMOTE4, f"b1 {pod4('a1')}", times=5)
-        check_tcp(NODE_A, LOCAL6, f"a2 {A6}", times=5)
-        print("ok restart-after-kill-9 {}", flush=True)
+        if workers == 1:
+            print(f"ok restart-after-kill-9 {json.dumps(restart())}", flush=True)
         XLB.stop(signal.SIGTERM)
         left = leftovers()
         expect(not left, f"SIGTERM left {left}")
         print("ok sigterm-removes-link-table-and-rules {}", flush=True)
-        print("node (kube-proxy): all passed", flush=True)
+        print(f"node (kube-proxy, {workers} worker{'s' if workers > 1 else ''}): all passed", flush=True)
     except Exception as e:  # every failure is reported the same way, and cleaned up after
         failed = True
         print(f"FAILED: {type(e).__name__}: {e}", flush=True)

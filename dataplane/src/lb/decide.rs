@@ -172,7 +172,8 @@ pub enum Masquerade {
     #[default]
     All,
     /// Hairpin flows (the client is its own pick), and flows from clients outside these
-    /// prefixes (kube-proxy's detect-local; empty: hairpin flows only).
+    /// prefixes (kube-proxy's detect-local; empty: hairpin flows only) — but not flows
+    /// whose client has the pool's address already (the node's own connections).
     Outside(super::prefix::PrefixMap<()>),
 }
 
@@ -234,6 +235,10 @@ impl SnatPool {
         let addr = self.addr(key.family)?;
         let translated = match &self.masquerade {
             Masquerade::All => true,
+            // A client that already has the pool's address (the node itself) keeps its
+            // port: translating it would change nothing that routes the reply, and would
+            // make its flow one that a restart cannot recreate.
+            Masquerade::Outside(_) if key.src_addr == addr => false,
             Masquerade::Outside(local) => {
                 *backend.key_addr() == key.src_addr
                     || local.longest_match(key.family, &key.src_addr).is_none()
