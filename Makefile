@@ -42,11 +42,16 @@ build: deps toolchain
 	$(CARGO) build --release --workspace
 
 # xlb balancing real TCP and UDP traffic between network namespaces it creates and removes:
-# a client, the node running `xlb run`, three backends (see deploy/demo/netns-demo.sh). Then
+# a client, the node running `xlb run`, three backends (see deploy/demo/netns-demo.sh); then
+# two nodes each running xlb as its kube-proxy (deploy/demo/two-nodes.py). Then
 # `xlb explain` says, without a kernel, which backend a flow gets and why.
 demo: build
 	@echo "== xlb demo: real traffic through xlb in network namespaces (needs root)"
 	$(SUDO) bash deploy/demo/netns-demo.sh $(XLB)
+	@echo
+	@echo "== two nodes, xlb in place of kube-proxy on each, Services from a Kubernetes API server"
+	$(CARGO) build --release -p xlb-control --features fake-api --bin xlb-fake-api
+	$(SUDO) python3 deploy/demo/two-nodes.py $(XLB) target/release/xlb-fake-api
 	@echo
 	@echo "== xlb explain: which backend a flow gets, computed by the workers' own code"
 	$(XLB) explain --config deploy/examples/xlb.yaml tcp 198.18.0.1:40000 198.18.64.1:80

@@ -8,6 +8,8 @@
 //! both, connections whose directions land on different workers work, and a Service change
 //! reaches both. The script removes everything it created, on failure too.
 //!
+//! Then the two-node demo of `make demo` (`deploy/demo/two-nodes.py`), checked.
+//!
 //! It needs root, network namespaces, curl and nft; without them it says why and skips.
 
 mod common;
@@ -41,13 +43,35 @@ fn suite(workers: u32) {
     eprintln!("{stdout}");
 }
 
-/// One worker, then two (one after the other: they would compete for the two cores).
+/// `make demo`'s two-node demo, checked: both nodes run xlb with the Services from one
+/// Kubernetes API server, and every answer (which pod, which client address) is the
+/// expected one, before and after an endpoint moves between the nodes.
+fn two_node_demo() {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/demo/two-nodes.py");
+    let out = Command::new("python3")
+        .arg(script)
+        .arg(env!("CARGO_BIN_EXE_xlb"))
+        .arg(env!("CARGO_BIN_EXE_xlb-fake-api"))
+        .output()
+        .expect("python3 runs the two-node demo");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("two-node demo: ok"),
+        "the two-node demo failed\n--- stdout\n{stdout}\n--- stderr\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("{stdout}");
+}
+
+/// One worker, then two, then the two-node demo (one after the other: they would compete for
+/// the two cores).
 #[test]
-fn pods_and_the_node_itself_reach_cluster_ips_through_xlb_on_the_node_with_one_worker_or_two() {
+fn pods_and_the_node_itself_reach_cluster_ips_through_xlb_on_one_node_or_two() {
     if let Some(why) = skip_reason() {
         eprintln!("SKIPPED: {why}");
         return;
     }
     suite(1);
     suite(2);
+    two_node_demo();
 }

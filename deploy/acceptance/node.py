@@ -12,7 +12,7 @@ link. Checked, for IPv4 and IPv6 where it applies:
     pod on its own node, keeping the client's address (cluster_cidrs: detect-local);
   * hairpin: a pod reaching a Service whose pick is itself (masqueraded to the node);
   * the node's own curl and UDP to ClusterIPs (its address as the source);
-  * a NodePort from outside the cluster (node B's own address), masqueraded;
+  * a NodePort from a client outside the cluster, masqueraded;
   * a ClusterIP on a port no Service has: refused at once, not leaked;
   * a pod's direct connection to another pod's Service port: untouched by xlb;
   * many connections (no loss), a restart after kill -9 with connections open (they live
@@ -48,6 +48,9 @@ PODS = {  # name: (node, v4 /30 base, v6 /64 index)
     "b2": (NODE_B, "198.18.30.4", 0x31),
 }
 A4, B4, A6, B6 = "198.18.20.1", "198.18.20.2", "2001:2:0:20::1", "2001:2:0:20::2"
+# A client outside the cluster, behind node A.
+CLIENT = f"{P}-c"
+C4, CA4, C6, CA6 = "198.18.40.2", "198.18.40.1", "2001:2:0:40::2", "2001:2:0:40::1"
 REMOTE4, REMOTE6 = "198.18.100.1", "2001:2:0:100::1"
 LOCAL4, LOCAL6 = "198.18.100.2", "2001:2:0:100::2"
 HAIRPIN4 = "198.18.100.3"
@@ -142,7 +145,9 @@ print(json.dumps({"sent": sent, "echoed": echoed, "worst_wait_s": round(worst, 3
 
 
 def build():
-    for ns in (NODE_A, NODE_B, *(f"{P}-{p}" for p in PODS)):
+    """The two nodes, their pods, and the outside client (see the module documentation)."""
+    spaces = (NODE_A, NODE_B, CLIENT, *(f"{P}-{p}" for p in PODS))
+    for ns in spaces:
         run("ip", "netns", "add", ns)
         run("ip", "link", "set", "lo", "up", ns=ns)
     for ns in (NODE_A, NODE_B):
@@ -165,16 +170,23 @@ def build():
         run("ip", "link", "set", host, "up", ns=node)
         run("ip", "route", "add", "default", "via", pod4(name, True), ns=pod)
         run("ip", "-6", "route", "add", "default", "via", pod6(name, True), ns=pod)
-    # Each node reaches the other's pods through it, and has a default route (a node's own
-    # connections to a ClusterIP need one, with xlb as with kube-proxy).
+    # The client, on its own link to node A.
+    run("ip", "link", "add", "eth0", "netns", CLIENT, "type", "veth", "peer", "name", "nc", "netns", NODE_A)
+    for ns, dev, a4, a6 in ((CLIENT, "eth0", C4, C6), (NODE_A, "nc", CA4, CA6)):
+        run("ip", "addr", "add", f"{a4}/30", "dev", dev, ns=ns)
+        run("ip", "addr", "add", f"{a6}/64", "dev", dev, "nodad", ns=ns)
+        run("ip", "link", "set", dev, "up", ns=ns)
+    run("ip", "route", "add", "default", "via", CA4, ns=CLIENT)
+    run("ip", "-6", "route", "add", "default", "via", CA6, ns=CLIENT)
+    # Each node reaches the other's pods through it, and has a default route through it (a
+    # node's own connections to a ClusterIP need one, with xlb as with kube-proxy).
     run("ip", "route", "add", "default", "via", B4, ns=NODE_A)
     run("ip", "-6", "route", "add", "default", "via", B6, ns=NODE_A)
-    run("ip", "route", "add", "198.18.10.0/24", "via", A4, ns=NODE_B)
-    run("ip", "-6", "route", "add", "2001:2:0:10::/63", "via", A6, ns=NODE_B)
+    run("ip", "route", "add", "default", "via", A4, ns=NODE_B)
+    run("ip", "-6", "route", "add", "default", "via", A6, ns=NODE_B)
     # Link-local addresses do duplicate address detection for a second after a link comes
     # up; neighbour discovery waits for it (no one's fault, and not xlb's to measure).
     deadline = time.time() + 10
-    spaces = (NODE_A, NODE_B, *(f"{P}-{p}" for p in PODS))
     while any(run("ip", "-6", "addr", "show", "tentative", ns=ns).strip() for ns in spaces):
         expect(time.time() < deadline, "IPv6 addresses stayed tentative")
         time.sleep(0.1)
@@ -341,7 +353,7 @@ def scenarios():
 def nodeport():
     seen = set()
     for _ in range(30):
-        body, _ = curl(NODE_B, A4, NODEPORT)
+        body, _ = curl(CLIENT, A4, NODEPORT)
         seen.add(body)
     expect(seen == {f"b1 {A4}", f"a2 {A4}"}, f"node port answers {sorted(seen)}: both backends, masqueraded to {A4}")
     return {"requests": 30}
