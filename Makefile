@@ -17,7 +17,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 XLB := target/release/xlb
 FRAMES := deploy/examples/frames
 
-.PHONY: all deps toolchain build demo test lint loom manifests fuzz bench bench-e2e bench-flood
+.PHONY: all deps toolchain build demo test lint loom manifests fuzz bench bench-e2e bench-flood bench-node
 
 all: build
 
@@ -115,6 +115,14 @@ bench-e2e: deps toolchain
 	@$(MAKE) --no-print-directory deps APT_PACKAGES="$(BENCH_PACKAGES)"
 	$(CARGO) build --release -p xlb-control -p xlb-pktgen -p xlb-bench --bins
 	$(SUDO) python3 bench/e2e.py --services $(SERVICES) --seconds $(SECONDS) --install-timeout $(INSTALL_TIMEOUT)
+
+# xlb on a node (its node: link) against kube-proxy's nftables path for a pod's traffic to a
+# ClusterIP on another node, and the node's own request latency (needs root); writes
+# bench/results/node.md.
+bench-node: deps toolchain
+	@$(MAKE) --no-print-directory deps APT_PACKAGES="$(BENCH_PACKAGES)"
+	$(CARGO) build --release -p xlb-control -p xlb-pktgen
+	$(SUDO) python3 bench/node.py
 
 # New connections during and after a SYN flood, and an established download's longest pause:
 # xlb against nftables + conntrack in one run (needs root); writes bench/results/flood.md.
