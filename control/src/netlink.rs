@@ -167,9 +167,12 @@ impl Kernel {
             while let Some(msg) = addresses.try_next().await.map_err(|e| e.to_string())? {
                 for attr in &msg.attributes {
                     if let AddressAttribute::Address(ip) = attr {
-                        // Link-local addresses serve nothing a Service is reached by.
-                        let link_local =
-                            matches!(ip, IpAddr::V6(v6) if v6.segments()[0] & 0xffc0 == 0xfe80);
+                        // Link-local addresses (a node link's own, 169.254.42.1 by default,
+                        // among them) serve nothing a Service is reached by.
+                        let link_local = match ip {
+                            IpAddr::V6(v6) => v6.segments()[0] & 0xffc0 == 0xfe80,
+                            IpAddr::V4(v4) => v4.is_link_local(),
+                        };
                         if !link_local && !ip.is_loopback() && !out.contains(ip) {
                             out.push(*ip);
                         }
