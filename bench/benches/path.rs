@@ -17,6 +17,7 @@ use std::sync::Arc;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use xlb_dataplane::lb::decide::{decide, Counters, Env, Mode, Verdict};
 use xlb_dataplane::lb::flow::{tick_of, FlowState, FlowTable, FlowValue, Timeouts};
+use xlb_dataplane::lb::fragments::Fragments;
 use xlb_dataplane::lb::hash::flow_hash;
 use xlb_dataplane::lb::snapshot::{
     Backend, BackendId, BackendState, Service, ServiceId, ServiceKey, ServiceSpec, Snapshot,
@@ -250,6 +251,7 @@ fn worker(c: &mut Criterion) {
         flows: table,
         clock: Clock::start(),
         reports: Arc::new(Reports::unwatched(64)),
+        fragments: Arc::default(),
     };
     let mut worker = Worker::new(shared, 2, None, Arc::new(WorkerStats::new(2)), 1);
     let mut io = MemRing::new(2, 4 * BATCH as u32, 2048, 4 * BATCH);
@@ -278,8 +280,13 @@ fn dnat<'a>(snapshot: &'a Snapshot, flows: &'a FlowTable, now: u32) -> Env<'a> {
         now,
         tick: tick_of(now),
         mode: Mode::Dnat,
+        fragments: &NO_FRAGMENTS,
     }
 }
+
+/// The fragment table of `dnat()`'s view: the benchmarks send no fragments.
+static NO_FRAGMENTS: std::sync::LazyLock<Fragments> =
+    std::sync::LazyLock::new(|| Fragments::new(1));
 
 /// Records the flow of every frame, as its first packet would.
 fn record_flows(snapshot: &Snapshot, table: &FlowTable, frames: &[[u8; 64]]) {

@@ -22,6 +22,7 @@ use arc_swap::ArcSwap;
 use tracing::{info, warn};
 use xlb_dataplane::lb::decide::{recount_live_flows, Masquerade, SnatPool};
 use xlb_dataplane::lb::flow::{FlowTable, Timeouts};
+use xlb_dataplane::lb::fragments::Fragments;
 use xlb_dataplane::lb::prefix::PrefixMap;
 use xlb_dataplane::lb::snapshot::Snapshot;
 use xlb_dataplane::packet::Family;
@@ -176,6 +177,7 @@ pub fn run(path: &Path, node_name: Option<String>) -> Result<(), String> {
         flows,
         clock: Clock::start(),
         reports: Arc::new(reports),
+        fragments: Arc::new(Fragments::default()),
     };
     let stop = Arc::new(AtomicBool::new(false));
     let xsk_config = XskConfig {

@@ -7,6 +7,7 @@ use std::path::Path;
 
 use xlb_dataplane::lb::decide::{decide, Counters, Env, Mode, Verdict};
 use xlb_dataplane::lb::flow::{tick_of, FlowTable, Timeouts};
+use xlb_dataplane::lb::fragments::Fragments;
 use xlb_dataplane::lb::hash::flow_hash;
 use xlb_dataplane::lb::snapshot::{ServiceKey, Snapshot};
 use xlb_dataplane::packet::{
@@ -106,6 +107,8 @@ pub fn explain(
 pub struct Explainer {
     snapshot: Snapshot,
     flows: FlowTable,
+    /// `decide()` reads it; first packets never need it.
+    fragments: Fragments,
 }
 
 impl std::fmt::Debug for Explainer {
@@ -127,6 +130,7 @@ impl Explainer {
         Ok(Self {
             snapshot,
             flows: FlowTable::new(1024, Timeouts::default()),
+            fragments: Fragments::new(1),
         })
     }
 
@@ -216,6 +220,7 @@ impl Explainer {
             now: 0,
             tick: tick_of(0),
             mode: Mode::Dnat,
+            fragments: &self.fragments,
         };
         let verdict = decide(&env, &parsed, hash, 0, &mut Counters::default());
         let service = snapshot.service(&ServiceKey::of_destination(&parsed.key));

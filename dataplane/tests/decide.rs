@@ -12,6 +12,7 @@ use xlb_dataplane::lb::decide::{
     decide, recount_live_flows, Counters, DecideDrop, Env, Event, Mode, Refusal, SnatPool, Verdict,
 };
 use xlb_dataplane::lb::flow::{tick_of, FlowState, FlowTable, FlowValue, Timeouts};
+use xlb_dataplane::lb::fragments::Fragments;
 use xlb_dataplane::lb::hash::flow_hash;
 use xlb_dataplane::lb::snapshot::{
     Backend, BackendId, BackendState, NoBackend, Service, ServiceId, ServiceKey, ServiceSpec,
@@ -99,6 +100,27 @@ fn run_counted(
     mode: Mode<'_>,
     counters: &mut Counters,
 ) -> Verdict {
+    run_fragmented(
+        snapshot,
+        flows,
+        &Fragments::new(1),
+        frame,
+        now,
+        mode,
+        counters,
+    )
+}
+
+/// `run_counted` with the fragment table `fragments`.
+fn run_fragmented(
+    snapshot: &Snapshot,
+    flows: &FlowTable,
+    fragments: &Fragments,
+    frame: &[u8],
+    now: u32,
+    mode: Mode<'_>,
+    counters: &mut Counters,
+) -> Verdict {
     let (p, h) = parsed(frame);
     let env = Env {
         snapshot,
@@ -106,6 +128,7 @@ fn run_counted(
         now,
         tick: tick_of(now),
         mode,
+        fragments,
     };
     decide(&env, &p, h, 12345, counters)
 }
@@ -140,6 +163,7 @@ fn a_syn_to_a_vip_is_forwarded_to_the_maglev_pick_and_recorded_both_ways() {
         now: 10,
         tick: tick_of(10),
         mode: Mode::Dnat,
+        fragments: &Fragments::new(1),
     };
     assert_eq!(
         decide(&env, &p, h, 0, &mut Counters::default()),
@@ -1045,4 +1069,69 @@ fn a_detect_local_pool_masquerades_outside_clients_and_hairpin_flows_only() {
         hairpin > 0 && direct > 0,
         "{hairpin} hairpin, {direct} direct"
     );
+}
+
+/// Issue 14: a fragmented datagram to a VIP. Its first fragment (with the ports) picks the
+/// backend; its later fragments, which carry no ports, get the same translation (in either
+/// order after the first), and so do the fragments of the backend's fragmented answer; a
+/// later fragment whose first has not come is dropped, counted, until it does.
+#[test]
+fn the_later_fragments_of_a_datagram_follow_its_first_both_ways_and_not_before_it() {
+    let snap = two_ready(IpProto::UDP);
+    let flows = table();
+    let fragments = Fragments::default();
+    let go = |frame: &[u8], now| {
+        run_fragmented(
+            &snap,
+            &flows,
+            &fragments,
+            frame,
+            now,
+            Mode::Dnat,
+            &mut Counters::default(),
+        )
+    };
+    let piece = |offset: u16, more: bool| {
+        let builder = pkt().ipv4(CLIENT, VIP);
+        let builder = if offset == 0 {
+            builder.udp(5000, 80).payload(&[7; 1472])
+        } else {
+            builder.proto(IpProto::UDP).payload(&[7; 1480])
+        };
+        builder.fragment(0x1234, offset, more).build()
+    };
+    // The middle fragment overtakes the first: unknown yet.
+    assert_eq!(
+        go(&piece(1480, true), 1),
+        Verdict::Drop(DecideDrop::FragmentBeforeFirst)
+    );
+    let Verdict::Forward(to) = go(&piece(0, true), 1) else {
+        panic!("the first fragment is not forwarded")
+    };
+    for offset in [2960, 1480] {
+        assert_eq!(go(&piece(offset, offset == 1480), 1), Verdict::Forward(to));
+    }
+    // Another datagram of the same flow (another identification) is not this one.
+    let other = pkt()
+        .ipv4(CLIENT, VIP)
+        .proto(IpProto::UDP)
+        .payload(&[7; 8])
+        .fragment(0x1235, 1480, false)
+        .build();
+    assert_eq!(
+        go(&other, 1),
+        Verdict::Drop(DecideDrop::FragmentBeforeFirst)
+    );
+    // The backend's answer is fragmented too: its later fragments are un-NATed as its first.
+    let answer = |offset: u16| {
+        let builder = pkt().ip(to.ip(), CLIENT.into());
+        let builder = if offset == 0 {
+            builder.udp(to.port(), 5000).payload(&[9; 1472])
+        } else {
+            builder.proto(IpProto::UDP).payload(&[9; 100])
+        };
+        builder.fragment(0x99, offset, offset == 0).build()
+    };
+    assert_eq!(go(&answer(0), 2), Verdict::Reply(vip()));
+    assert_eq!(go(&answer(1480), 2), Verdict::Reply(vip()));
 }

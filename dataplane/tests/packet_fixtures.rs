@@ -7,7 +7,7 @@ use common::fixture::{case, run_table, Case, ClassIs};
 use common::*;
 use xlb_dataplane::packet::builder::{pkt, L4Checksum};
 use xlb_dataplane::packet::{
-    parse, set_destination, ChecksumState, Endpoint, IcmpErrorKind, IpProto, RewriteError,
+    parse, set_destination, ChecksumState, Endpoint, IcmpErrorKind, IpProto,
 };
 
 fn rewrite_cases() -> Vec<Case> {
@@ -282,10 +282,11 @@ fn rewrite_cases() -> Vec<Case> {
                 .payload(payload)
                 .fragment(5, 0, true),
         ),
-        // Issue 11, fault 11: the primitives accepted these and recorded a port the frame
-        // does not carry (the fuzz target's assertion fired within ~40 executions).
+        // Issue 11, fault 11: the primitives recorded a port these frames do not carry (the
+        // fuzz target's assertion fired within ~40 executions). Issue 14: a later fragment
+        // follows its first fragment's translation, its addresses only.
         case(
-            "non-first ipv4 fragment is refused: it has no port to rewrite",
+            "non-first ipv4 fragment gets its address only: it has no port",
             &pkt()
                 .ipv4(CLIENT, VIP)
                 .proto(IpProto::TCP)
@@ -293,9 +294,16 @@ fn rewrite_cases() -> Vec<Case> {
                 .fragment(5, 1480, false),
         )
         .dst(BACKEND, 8080)
-        .refused(ClassIs::NonFirstFragment, RewriteError::NoTransportHeader),
+        .gives(
+            ClassIs::NonFirstFragment,
+            &pkt()
+                .ipv4(CLIENT, BACKEND)
+                .proto(IpProto::TCP)
+                .payload(payload)
+                .fragment(5, 1480, false),
+        ),
         case(
-            "non-first ipv6 fragment is refused: it has no port to rewrite",
+            "non-first ipv6 fragment gets its address only: it has no port",
             &pkt()
                 .ipv6(CLIENT6, VIP6)
                 .proto(IpProto::UDP)
@@ -303,9 +311,16 @@ fn rewrite_cases() -> Vec<Case> {
                 .fragment(5, 1448, true),
         )
         .src(BACKEND6, 5353)
-        .refused(ClassIs::NonFirstFragment, RewriteError::NoTransportHeader),
+        .gives(
+            ClassIs::NonFirstFragment,
+            &pkt()
+                .ipv6(BACKEND6, VIP6)
+                .proto(IpProto::UDP)
+                .payload(payload)
+                .fragment(5, 1448, true),
+        ),
         case(
-            "non-first ipv4 fragment of an icmp echo is refused (the fuzz crash 22fb5ace)",
+            "non-first ipv4 fragment of an icmp echo gets its address only (the fuzz crash 22fb5ace)",
             &pkt()
                 .ipv4(ROUTER, CLIENT)
                 .proto(IpProto::ICMP)
@@ -313,7 +328,14 @@ fn rewrite_cases() -> Vec<Case> {
                 .fragment(0x34, 0x1000, false),
         )
         .dst(BACKEND, 8080)
-        .refused(ClassIs::NonFirstFragment, RewriteError::NoTransportHeader),
+        .gives(
+            ClassIs::NonFirstFragment,
+            &pkt()
+                .ipv4(ROUTER, BACKEND)
+                .proto(IpProto::ICMP)
+                .payload(payload)
+                .fragment(0x34, 0x1000, false),
+        ),
     ]
 }
 

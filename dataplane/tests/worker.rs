@@ -103,6 +103,7 @@ fn rig_with(
         flows: Arc::new(FlowTable::new(4096, Timeouts::default())),
         clock: Clock::start(),
         reports: Arc::clone(&reports),
+        fragments: Arc::default(),
     };
     let stats = Arc::new(WorkerStats::new(2));
     Rig {
@@ -327,6 +328,7 @@ fn a_new_snapshot_is_picked_up_on_the_next_loop() {
         flows: Arc::new(FlowTable::new(4096, Timeouts::default())),
         clock: Clock::start(),
         reports: Arc::new(Reports::unwatched(4)),
+        fragments: Arc::default(),
     };
     let mut worker = Worker::new(shared, 2, None, Arc::new(WorkerStats::new(2)), 1);
     let mut io = MemRing::new(2, FRAMES, 2048, 4096);
@@ -490,6 +492,7 @@ fn with_a_node_link_packets_that_are_the_kernels_are_handed_back_through_it_unch
             flows: Arc::new(FlowTable::new(4096, Timeouts::default())),
             clock: Clock::start(),
             reports: Arc::clone(&rig.reports),
+            fragments: Arc::default(),
         };
         Worker::new(shared, 2, None, Arc::clone(&rig.stats), 7).handing_back(link)
     };
@@ -539,4 +542,45 @@ fn with_a_node_link_packets_that_are_the_kernels_are_handed_back_through_it_unch
     );
     assert_eq!(&back[6..12], &link.src_mac.0);
     assert_eq!(&back[12..], &other[12..], "otherwise unchanged");
+}
+
+/// Issue 14: a later fragment that overtakes its datagram's first fragment is held (not
+/// dropped) and leaves, translated, right after the first; one whose first never comes is
+/// dropped after a second, counted, its frame back in the pool.
+#[test]
+fn a_fragment_ahead_of_its_first_is_held_until_it_comes_or_dropped_after_a_second() {
+    let mut rig = rig(vec![service_of(IpProto::UDP, &[1])], hops(&[1]));
+    let piece = |id: u32, offset: u16| {
+        let builder = pkt().eth(CLIENT_MAC, NODE_MAC).ipv4(CLIENT, VIP);
+        let builder = if offset == 0 {
+            builder.udp(5000, 80).payload(&[7; 1472])
+        } else {
+            builder.proto(IpProto::UDP).payload(&[7; 200])
+        };
+        builder.fragment(id, offset, offset == 0).build()
+    };
+    rig.io.inject(CLIENT_PORT, &piece(1, 1480));
+    rig.worker.poll(&mut rig.io);
+    assert!(rig.io.transmitted(BACKEND_PORT).is_empty(), "held");
+    rig.io.inject(CLIENT_PORT, &piece(1, 0));
+    rig.worker.poll(&mut rig.io);
+    let out = rig.io.transmitted(BACKEND_PORT);
+    assert_eq!(out.len(), 2, "the first and the held one");
+    let backend = key_addr([198, 18, 128, 1].into());
+    for frame in &out {
+        let p = parse(frame).unwrap();
+        assert_eq!(p.key.dst_addr, backend, "both translated");
+    }
+    // A fragment whose first never comes.
+    rig.io.inject(CLIENT_PORT, &piece(2, 1480));
+    rig.worker.poll(&mut rig.io);
+    std::thread::sleep(std::time::Duration::from_millis(2100));
+    rig.worker.poll(&mut rig.io);
+    assert_eq!(rig.worker.counters().io.fragments_expired, 1);
+    assert!(rig.io.transmitted(BACKEND_PORT).is_empty());
+    assert_eq!(
+        rig.io.free_frames(),
+        FRAMES as usize,
+        "every frame back in the pool"
+    );
 }

@@ -19,7 +19,7 @@ type Series = (&'static str, &'static str, fn(&WorkerCounters) -> u64);
 pub(super) fn metrics(state: &AdminState) -> String {
     let mut out = String::new();
     let workers: Vec<WorkerCounters> = state.workers.iter().map(|w| w.load()).collect();
-    let series: [Series; 13] = [
+    let series: [Series; 14] = [
         ("xlb_received_packets_total", "Frames received", |c| {
             c.io.received
         }),
@@ -52,6 +52,11 @@ pub(super) fn metrics(state: &AdminState) -> String {
             "xlb_passed_packets_total",
             "Packets not for xlb (dropped, or handed back to the kernel through a node's link)",
             |c| c.decide.passed,
+        ),
+        (
+            "xlb_fragments_expired_drops_total",
+            "Fragments dropped because their datagram's first fragment did not come within a second",
+            |c| c.io.fragments_expired,
         ),
         (
             "xlb_handed_back_packets_total",

@@ -39,7 +39,11 @@
 //! one while that is younger than the Service's timeout and the backend still takes new
 //! flows; it works with every scheduler.
 //!
-//! Known gap: fragments after the first are passed to the kernel (they carry no ports).
+//! Fragments: a datagram's first fragment (which carries the ports) is decided as any packet,
+//! and its translation recorded in the shared [`Fragments`] table; its later fragments, which
+//! carry no ports, repeat that translation (addresses only). A later fragment that arrives
+//! before its first is dropped as [`DecideDrop::FragmentBeforeFirst`] (the worker holds it a
+//! moment first, see `worker`).
 //! A [`Verdict::Reject`] is answered with [`crate::packet::reject_with_tcp_reset`] or
 //! [`crate::packet::reject_with_port_unreachable`], a [`Verdict::ResetReply`] with
 //! [`crate::packet::reset_in_place`].
@@ -50,6 +54,7 @@ use crate::counted::counted_enum;
 use crate::packet::{Class, Endpoint, Family, FlowKey, IpProto, Parsed, TcpFlags};
 
 use super::flow::{EntryRef, FlowState, FlowTable, FlowValue, Hit, Insert, Second, Tick, AFFINITY};
+use super::fragments::{FragmentKey, Fragments};
 use super::hash::flow_hash;
 use super::snapshot::{Backend, BackendId, NoBackend, Service, ServiceId, ServiceKey, Snapshot};
 
@@ -127,6 +132,9 @@ counted_enum! {
         /// A new flow from outside the Service's allowed source ranges
         /// (`loadBalancerSourceRanges`).
         SourceNotAllowed,
+        /// A fragment after the first whose first fragment has not been seen (yet): its
+        /// translation is unknown.
+        FragmentBeforeFirst,
     }
 }
 
@@ -333,6 +341,8 @@ pub struct Env<'a> {
     pub tick: Tick,
     /// dnat or snat.
     pub mode: Mode<'a>,
+    /// The translations of fragmented datagrams, shared by all workers.
+    pub fragments: &'a Fragments,
 }
 
 /// Decides what to do with one packet (see the module documentation), counting its events
@@ -348,8 +358,39 @@ pub fn decide(
     counters: &mut Counters,
 ) -> Verdict {
     match parsed.class {
+        Class::Fragment(f) if !f.first => follow_first_fragment(env, parsed)
+            .unwrap_or(Verdict::Drop(DecideDrop::FragmentBeforeFirst)),
+        Class::Fragment(f) => {
+            let verdict = decide_packet(env, parsed, hash, random, counters);
+            let key = FragmentKey::of(&parsed.key, f.id);
+            env.fragments.record(&key, &verdict, env.now);
+            verdict
+        }
+        _ => decide_packet(env, parsed, hash, random, counters),
+    }
+}
+
+/// The translation of the first fragment of `parsed`'s datagram (a fragment after the
+/// first), if it was seen.
+#[must_use]
+pub fn follow_first_fragment(env: &Env<'_>, parsed: &Parsed) -> Option<Verdict> {
+    let Class::Fragment(f) = parsed.class else {
+        return None;
+    };
+    env.fragments
+        .lookup(&FragmentKey::of(&parsed.key, f.id), env.now)
+}
+
+/// `decide()` for a packet with its transport header.
+fn decide_packet(
+    env: &Env<'_>,
+    parsed: &Parsed,
+    hash: u64,
+    random: u64,
+    counters: &mut Counters,
+) -> Verdict {
+    match parsed.class {
         Class::NotForUs(_) => return Verdict::Pass,
-        Class::Fragment(f) if !f.first => return Verdict::Pass,
         Class::IcmpError(_) => return icmp_error(env, &parsed.key, hash),
         Class::Ordinary | Class::Fragment(_) => {}
     }

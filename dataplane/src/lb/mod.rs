@@ -2,13 +2,15 @@
 //!
 //! Owns: Maglev lookup tables ([`maglev`]), the hashes that every xlb instance must compute
 //! alike ([`hash`]), the immutable service table the workers read ([`snapshot`]), and the
-//! lock-free flow table they share ([`flow`]), IP prefix sets ([`prefix`]), and the per-packet
+//! lock-free flow table they share ([`flow`]), the translations of fragmented datagrams
+//! ([`fragments`]), IP prefix sets ([`prefix`]), and the per-packet
 //! decision that joins them ([`decide`]). Must not know: sockets, threads, time sources, Kubernetes. No unsafe.
 
 #![forbid(unsafe_code)]
 
 pub mod decide;
 pub mod flow;
+pub mod fragments;
 pub mod hash;
 pub mod maglev;
 pub mod prefix;

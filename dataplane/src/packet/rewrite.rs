@@ -39,9 +39,6 @@ pub enum RewriteError {
     FamilyMismatch,
     /// The packet was classified [`Class::NotForUs`]: there is nothing to translate.
     NotTranslatable,
-    /// A fragment after the first: it carries no transport header, so its port cannot be
-    /// rewritten (and its checksum is the first fragment's business).
-    NoTransportHeader,
     /// The frame is shorter than the offsets recorded when it was parsed: it is not the frame
     /// that was parsed.
     FrameMismatch,
@@ -68,9 +65,9 @@ impl Side {
 
 /// Rewrites the destination address and port (DNAT), or the quoted source of an ICMP error.
 ///
-/// For ICMP echo the port is the echo identifier. A fragment after the first has no port to
-/// rewrite and is refused ([`RewriteError::NoTransportHeader`]). `parsed` is updated to
-/// describe the rewritten frame.
+/// For ICMP echo the port is the echo identifier. A fragment after the first has no port:
+/// only its address changes (with the IPv4 header checksum). `parsed` is updated to describe
+/// the rewritten frame.
 ///
 /// # Errors
 /// See [`RewriteError`].
@@ -185,7 +182,12 @@ fn rewrite_as<const N: usize>(
     let ip = IpFields::of(family);
     match parsed.class {
         Class::NotForUs(_) => return Err(RewriteError::NotTranslatable),
-        Class::Fragment(f) if !f.first => return Err(RewriteError::NoTransportHeader),
+        // A later fragment: its addresses only (the first fragment carries the ports, and the
+        // transport checksum, updated there for the whole datagram).
+        Class::Fragment(f) if !f.first => {
+            let delta = replace(packet, ip.addr(side), new_addr)?;
+            ip.update_header_checksum(packet, delta)?;
+        }
         Class::Ordinary | Class::Fragment(_) => {
             translate(packet, parsed, ip, l4, side, new_addr, port)?;
         }
@@ -200,6 +202,10 @@ fn rewrite_as<const N: usize>(
         Side::Destination => (&mut parsed.key.dst_addr, &mut parsed.key.dst_port),
     };
     *key_addr = *to.key_addr();
+    if matches!(parsed.class, Class::Fragment(f) if !f.first) {
+        // No port in the frame: the key keeps none.
+        return Ok(());
+    }
     *key_port = port;
     if is_echo {
         parsed.key.src_port = port;

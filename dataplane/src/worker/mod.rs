@@ -36,8 +36,11 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 
-use crate::lb::decide::{decide, DecideDrop, Env, Event, Mode, Refusal, SnatPool, Verdict};
+use crate::lb::decide::{
+    decide, follow_first_fragment, DecideDrop, Env, Event, Mode, Refusal, SnatPool, Verdict,
+};
 use crate::lb::flow::{FlowTable, Second, Tick, TICKS_PER_SECOND};
+use crate::lb::fragments::Fragments;
 use crate::lb::hash::flow_hash;
 use crate::lb::snapshot::Snapshot;
 use crate::packet::{
@@ -155,6 +158,8 @@ pub struct Shared {
     pub clock: Clock,
     /// Where unresolved next hops and notices are reported.
     pub reports: Arc<Reports>,
+    /// The translations of fragmented datagrams, for their later fragments.
+    pub fragments: Arc<Fragments>,
 }
 
 /// One worker's loop state.
@@ -172,6 +177,8 @@ pub struct Worker<F> {
     tx: Vec<Vec<F>>,
     drops: Vec<F>,
     hold: HoldQueue<F>,
+    /// Fragments that came before their first fragment.
+    early: Vec<Early<F>>,
     /// Scratch for frames leaving the hold queue.
     released: Vec<Held<F>>,
     /// The tables, and the second, the held frames were last tried against.
@@ -188,8 +195,23 @@ enum Out {
     Transmit(u16),
     /// Rewritten, but its next hop is not resolved yet.
     Hold(Family, [u8; 16]),
+    /// A fragment that came before its datagram's first fragment: held a moment.
+    Early,
     Drop,
 }
+
+/// A fragment held until its datagram's first fragment shows the translation.
+struct Early<F> {
+    frame: F,
+    parsed: Parsed,
+    hash: u64,
+    ingress: u16,
+    since: Second,
+}
+
+/// Fragments held per worker for their first fragment, at most; and for how long.
+pub const EARLY_FRAGMENTS: usize = 64;
+const EARLY_SECONDS: Second = 1;
 
 impl<F> Worker<F> {
     /// A worker over `ports` ports, translating sources with `snat` in snat mode (none: dnat
@@ -216,6 +238,7 @@ impl<F> Worker<F> {
                 .collect(),
             drops: Vec::with_capacity(BATCH * ports + HELD),
             hold: HoldQueue::new(),
+            early: Vec::with_capacity(EARLY_FRAGMENTS),
             released: Vec::with_capacity(HELD),
             held_against: (0, 0),
             noticed: [None; NoticeKind::COUNT],
@@ -247,6 +270,7 @@ impl<F> Worker<F> {
         let mut ctx = Context {
             tables: &tables,
             flows: &self.shared.flows,
+            fragments: &self.shared.fragments,
             counters: &mut self.counters,
             random: &mut self.random,
             mode,
@@ -308,9 +332,34 @@ impl<F> Worker<F> {
                                 notify(&self.shared.reports, &mut self.noticed, notice, now);
                         }
                     }
+                    Out::Early => match slot {
+                        Ok((parsed, hash)) if self.early.len() < EARLY_FRAGMENTS => {
+                            self.early.push(Early {
+                                frame,
+                                parsed: *parsed,
+                                hash: *hash,
+                                ingress,
+                                since: now,
+                            });
+                        }
+                        _ => {
+                            ctx.counters.io.fragments_expired += 1;
+                            self.drops.push(frame);
+                        }
+                    },
                     Out::Drop => self.drops.push(frame),
                 }
             }
+        }
+        if !self.early.is_empty() {
+            release_early(
+                &mut self.early,
+                &mut self.tx,
+                &mut self.drops,
+                io,
+                &mut ctx,
+                now,
+            );
         }
         if reported {
             self.shared.reports.wake();
@@ -421,6 +470,7 @@ impl<F> Worker<F> {
             }
         }
         self.drops.extend(self.hold.drain());
+        self.drops.extend(self.early.drain(..).map(|e| e.frame));
         io.recycle(&mut self.drops);
         self.stats.store(&self.counters);
     }
@@ -429,6 +479,52 @@ impl<F> Worker<F> {
     #[must_use]
     pub fn counters(&self) -> &WorkerCounters {
         &self.counters
+    }
+}
+
+/// Sends the held fragments whose first fragment has been seen since (on any worker), and
+/// drops, counted, those held for [`EARLY_SECONDS`].
+fn release_early<F, I: PacketIo<Frame = F>>(
+    early: &mut Vec<Early<F>>,
+    tx: &mut [Vec<F>],
+    drops: &mut Vec<F>,
+    io: &mut I,
+    ctx: &mut Context<'_>,
+    now: Second,
+) {
+    let mut i = 0;
+    while i < early.len() {
+        let held = &early[i];
+        if !ctx.first_fragment_seen(&held.parsed) {
+            if now.wrapping_sub(held.since) < EARLY_SECONDS {
+                i += 1;
+                continue;
+            }
+            ctx.counters.io.fragments_expired += 1;
+            drops.push(early.swap_remove(i).frame);
+            continue;
+        }
+        let Early {
+            mut frame,
+            parsed,
+            hash,
+            ingress,
+            ..
+        } = early.swap_remove(i);
+        let (out, _) = io.with_frame(&mut frame, |buf, len| {
+            ctx.process(buf, len, parsed, hash, ingress)
+        });
+        match out {
+            Out::Transmit(port) => match tx.get_mut(usize::from(port)) {
+                Some(queue) => queue.push(frame),
+                None => drops.push(frame),
+            },
+            // Its next hop is unknown (the first fragment's is held too): given up.
+            Out::Hold(..) | Out::Early | Out::Drop => {
+                ctx.counters.io.no_next_hop += u64::from(matches!(out, Out::Hold(..)));
+                drops.push(frame);
+            }
+        }
     }
 }
 
@@ -478,6 +574,7 @@ fn classify(buf: &[u8], len: usize) -> Result<(Parsed, u64), DropReason> {
 struct Context<'a> {
     tables: &'a Tables,
     flows: &'a FlowTable,
+    fragments: &'a Fragments,
     counters: &'a mut WorkerCounters,
     random: &'a mut u64,
     mode: Mode<'a>,
@@ -486,7 +583,25 @@ struct Context<'a> {
     tick: Tick,
 }
 
-impl Context<'_> {
+impl<'a> Context<'a> {
+    /// Whether the first fragment of `parsed`'s datagram (a later fragment) has been seen.
+    fn first_fragment_seen(&self, parsed: &Parsed) -> bool {
+        follow_first_fragment(&self.env(), parsed).is_some()
+    }
+
+    /// What `decide()` reads, for this loop.
+    fn env(&self) -> Env<'a> {
+        let tables: &'a Tables = self.tables;
+        Env {
+            snapshot: &tables.snapshot,
+            flows: self.flows,
+            now: self.now,
+            tick: self.tick,
+            mode: self.mode,
+            fragments: self.fragments,
+        }
+    }
+
     /// Decides and applies the verdict to the frame in `buf[..len]`, parsed as `parsed` with
     /// flow hash `hash`, which arrived on `ingress`. Returns the frame's new length, where it
     /// goes, and what to tell the control thread about it.
@@ -503,15 +618,14 @@ impl Context<'_> {
             return self.failed(len);
         }
         let random = self.next_random();
-        let env = Env {
-            snapshot: &self.tables.snapshot,
-            flows: self.flows,
-            now: self.now,
-            tick: self.tick,
-            mode: self.mode,
-        };
         let untracked = self.counters.decide.events[Event::Untracked.index()];
-        let verdict = decide(&env, &parsed, hash, random, &mut self.counters.decide);
+        let verdict = decide(
+            &self.env(),
+            &parsed,
+            hash,
+            random,
+            &mut self.counters.decide,
+        );
         self.counters.decide.record(&verdict);
         let notice = notice_of(&verdict, &parsed.key).or_else(|| {
             (self.counters.decide.events[Event::Untracked.index()] != untracked).then_some(Notice {
@@ -535,6 +649,7 @@ impl Context<'_> {
                 };
             }
             Verdict::Pass => return self.hand_back(buf, len, &mut parsed, notice),
+            Verdict::Drop(DecideDrop::FragmentBeforeFirst) => return (len, (Out::Early, notice)),
             Verdict::Drop(_) => return (len, (Out::Drop, notice)),
             // Everything else leaves by an untagged port.
             _ => strip_vlan(buf, len, &mut parsed).map(|stripped| len = stripped),

@@ -27,6 +27,9 @@ pub struct IoCounters {
     pub rewrite_failed: u64,
     /// Packets that were the kernel's, handed back to it through a node's link.
     pub handed_back: u64,
+    /// Fragments dropped because their datagram's first fragment did not come within a
+    /// second (or too many waited).
+    pub fragments_expired: u64,
     /// Loop iterations that found work.
     pub busy_polls: u64,
 }
@@ -44,7 +47,7 @@ pub struct WorkerCounters {
 const FIELDS: usize = 5 + DecideDrop::COUNT + DropReason::COUNT + Event::COUNT + IoCounters::FIELDS;
 
 impl IoCounters {
-    const FIELDS: usize = 8;
+    const FIELDS: usize = 9;
 }
 
 /// The kernel's counters of one AF_XDP socket (`XDP_STATISTICS`, `struct xdp_statistics`).
@@ -180,6 +183,7 @@ fn fields(c: &mut WorkerCounters) -> impl Iterator<Item = &mut u64> {
                 held,
                 rewrite_failed,
                 handed_back,
+                fragments_expired,
                 busy_polls,
             },
     } = c;
@@ -196,6 +200,7 @@ fn fields(c: &mut WorkerCounters) -> impl Iterator<Item = &mut u64> {
             held,
             rewrite_failed,
             handed_back,
+            fragments_expired,
             busy_polls,
         ])
 }

@@ -12,7 +12,7 @@ use super::{dump_pcap, layer_diff};
 use xlb_dataplane::packet::builder::PacketBuilder;
 use xlb_dataplane::packet::{
     parse, set_destination, set_ethernet, set_source, Class, DropReason, Endpoint, IcmpErrorKind,
-    MacAddr, PassReason, RewriteError,
+    MacAddr, PassReason,
 };
 
 /// One rewrite step.
@@ -29,8 +29,6 @@ pub(crate) enum Expect {
     Pass(PassReason),
     /// The class after parsing, and the frame after the rewrites.
     Output(ClassIs, Vec<u8>),
-    /// The class after parsing, and the refusal of the first rewrite (the frame unchanged).
-    Refused(ClassIs, RewriteError),
 }
 
 /// The class, without the offsets (those are checked through the output frame).
@@ -87,10 +85,6 @@ impl Case {
         self.expect = Expect::Pass(reason);
         self
     }
-    pub(crate) fn refused(mut self, class: ClassIs, error: RewriteError) -> Self {
-        self.expect = Expect::Refused(class, error);
-        self
-    }
     pub(crate) fn gives(mut self, class: ClassIs, output: &PacketBuilder) -> Self {
         self.expect = Expect::Output(class, output.build());
         self
@@ -104,28 +98,7 @@ impl Case {
             (Expect::Drop(want), other) => Err(format!("expected drop {want:?}, got {other:?}")),
             (Expect::Pass(want), Ok(p)) if p.class == Class::NotForUs(*want) => Ok(()),
             (Expect::Pass(want), other) => Err(format!("expected pass {want:?}, got {other:?}")),
-            (Expect::Output(_, _) | Expect::Refused(_, _), Err(reason)) => {
-                Err(format!("dropped as {reason:?}"))
-            }
-            (Expect::Refused(class, want), Ok(mut p)) => {
-                check_class(&p, class)?;
-                let mut frame = self.input.clone();
-                let Some(op) = self.ops.first() else {
-                    return Err("a refusal row needs a rewrite".into());
-                };
-                let result = match *op {
-                    Op::Dst(a, port) => {
-                        set_destination(&mut frame, &mut p, &Endpoint::new(a, port))
-                    }
-                    Op::Src(a, port) => set_source(&mut frame, &mut p, &Endpoint::new(a, port)),
-                    Op::Eth(s, d) => set_ethernet(&mut frame, s, d),
-                };
-                match result {
-                    Err(e) if e == *want && frame == self.input => Ok(()),
-                    Err(e) if e == *want => Err("refused, but the frame changed".into()),
-                    other => Err(format!("expected refusal {want:?}, got {other:?}")),
-                }
-            }
+            (Expect::Output(_, _), Err(reason)) => Err(format!("dropped as {reason:?}")),
             (Expect::Output(class, want), Ok(mut p)) => {
                 check_class(&p, class)?;
                 let mut frame = self.input.clone();
