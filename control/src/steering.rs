@@ -2,8 +2,10 @@
 //! Services that need them, and the grace period of a removed backend.
 //!
 //! Owns: the key set's bookkeeping (traffic to each Service; malformed packets to its address,
-//! for xlb's parser to count; the replies of its flows — from backends in dnat mode, to the
-//! SNAT addresses in snat mode), and when a key may leave the filter. Several Services can need one key (a backend shared by two Services), so a key
+//! for xlb's parser to count, and its later fragments; the replies of its flows — from
+//! backends in dnat mode (their addresses alone for later fragments), to the SNAT addresses
+//! in snat mode and for the flows dnat mode masquerades), and when a key may leave the
+//! filter. Several Services can need one key (a backend shared by two Services), so a key
 //! goes when the last Service needing it goes. A backend's reply key outlives its last
 //! Service by [`REMOVED_BACKEND_GRACE`]: the replies of the flows it still has reach xlb,
 //! which turns them into resets towards their clients, instead of reaching the kernel and
@@ -47,8 +49,10 @@ impl Steering {
     /// Steering for `config`'s mode and SNAT addresses, with no Service yet.
     #[must_use]
     pub fn new(config: &Config) -> Self {
+        // The pool's addresses: every flow's in snat mode, the masqueraded ones' in dnat
+        // mode (hairpin, and clients outside `cluster_cidrs`).
         let mut snat = Vec::new();
-        if let (ModeConfig::Snat, Some(s)) = (config.mode, &config.snat) {
+        if let Some(s) = &config.snat {
             if let Some(v4) = s.ipv4 {
                 snat.push((Family::Ipv4, key_addr(v4.into())));
             }
@@ -69,18 +73,21 @@ impl Steering {
         let vip = spec.key.vip;
         out.push(SteerKey::destination(&vip, spec.key.proto));
         out.push(SteerKey::vip_address(vip.family(), *vip.key_addr()));
-        match self.mode {
-            ModeConfig::Dnat => out.extend(
-                spec.backends
-                    .iter()
-                    .map(|b| SteerKey::source(&b.endpoint, spec.key.proto)),
-            ),
-            ModeConfig::Snat => out.extend(
-                self.snat
-                    .iter()
-                    .map(|&(family, addr)| SteerKey::any_port(family, addr, spec.key.proto)),
-            ),
+        if self.mode == ModeConfig::Dnat {
+            for b in &spec.backends {
+                out.push(SteerKey::source(&b.endpoint, spec.key.proto));
+                // The later fragments of its fragmented replies, which carry no port.
+                out.push(SteerKey::source_address(
+                    b.endpoint.family(),
+                    *b.endpoint.key_addr(),
+                ));
+            }
         }
+        out.extend(
+            self.snat
+                .iter()
+                .map(|&(family, addr)| SteerKey::any_port(family, addr, spec.key.proto)),
+        );
     }
 
     /// Counts the keys of `added` in and those of `removed` out, at `now`; returns the keys
@@ -217,9 +224,18 @@ services:
         let keys = steer_keys(&snap, &config);
         assert_eq!(
             keys.len(),
-            2 + 1 + 4,
-            "two Service keys, the VIP's address, two backends on two protocols"
+            2 + 1 + 4 + 2,
+            "two Service keys, the VIP's address, two backends on two protocols, and the two \
+             backends' addresses (their replies' later fragments)"
         );
+        assert!(keys.contains(&SteerKey::source_address(
+            Family::Ipv4,
+            key_addr([198, 18, 128, 2].into())
+        )));
+        // dnat with an SNAT pool (hairpin, cluster_cidrs): the pool's address too.
+        let pool = format!("snat: {{ ipv4: 198.18.64.100 }}\n{TWO}");
+        let keys = steer_keys(&snap, &Config::parse(&pool).unwrap());
+        assert_eq!(keys.len(), 2 + 1 + 4 + 2 + 2);
         let snat = format!("mode: snat\nsnat: {{ ipv4: 198.18.64.100 }}\n{TWO}");
         let config = Config::parse(&snat).unwrap();
         let keys = steer_keys(&snap, &config);
@@ -238,7 +254,7 @@ services:
         let mut steering = Steering::new(&config);
         let all = services(&snap);
         let now = Instant::now();
-        assert_eq!(steering.change(&[], &all, now).add.len(), 7);
+        assert_eq!(steering.change(&[], &all, now).add.len(), 9);
         // The UDP Service goes: its VIP key goes now, its backends' UDP keys after the grace;
         // TCP, and the VIP's address it shares, stay.
         let udp: Vec<_> = all
@@ -248,7 +264,7 @@ services:
             .collect();
         let change = steering.change(&udp, &[], now);
         assert_eq!((change.add.len(), change.remove.len()), (0, 1));
-        assert_eq!(steering.retiring(), 2);
+        assert_eq!(steering.retiring(), 2, "the addresses stay: TCP needs them");
         // Replacing the TCP Service with itself changes no key.
         let tcp: Vec<_> = all
             .iter()
@@ -258,7 +274,7 @@ services:
         assert_eq!(steering.change(&tcp, &tcp, now), SteerChange::default());
         // The TCP Service going takes its VIP keys now and retires its backends' keys.
         assert_eq!(steering.change(&tcp, &[], now).remove.len(), 2);
-        assert_eq!(steering.retiring(), 4);
+        assert_eq!(steering.retiring(), 6);
     }
 
     /// Issue 11, fault 4: the filter stopped steering a removed backend's replies at once, so

@@ -15,8 +15,11 @@
 //     reason (`steer` entries with STEER_VIP_ADDR, one per VIP address).
 // IPv6 extension headers (hop-by-hop, destination options, routing without segments left, a
 // first fragment) are walked, up to four, to find the transport header.
-// Everything else — ARP, neighbour discovery, the node's own traffic, fragments after the
-// first, IPv6 packets with a routing header that has segments left — goes to the kernel.
+//   * fragments after the first (no ports to match) to a Service's or SNAT address, or from a
+//     backend's address (`steer` entries with STEER_SOURCE | STEER_ANY_PORT, port and
+//     protocol 0): xlb follows their first fragment's translation.
+// Everything else — ARP, neighbour discovery, the node's own traffic, other fragments, IPv6
+// packets with a routing header that has segments left — goes to the kernel.
 // On a node's link (`link_ports`: the veth xlb owns, into which the kernel routes the
 // node's and its pods' Service traffic, see control/src/node_link.rs) every unicast IPv4 and
 // IPv6 packet is xlb's: the kernel sent it there for xlb, and xlb hands back what is not.
@@ -139,6 +142,22 @@ static always_inline int vip_addr(const __u8 *addr, int len)
 	return lookup(&key);
 }
 
+// A fragment after the first: xlb's if it goes to a Service's address or an SNAT address, or
+// comes from a backend's address.
+static always_inline int later_fragment(const __u8 *src, const __u8 *dst, int len, __u8 proto)
+{
+	__u8 fam = len == 16 ? STEER_IPV6 : 0;
+	struct steer_key key = {};
+
+	if (vip_addr(dst, len) || match(dst, len, 0, proto, fam))
+		return 1;
+	__builtin_memcpy(key.addr, src, 4);
+	if (len == 16)
+		__builtin_memcpy(key.addr + 4, src + 4, 12);
+	key.flags = STEER_SOURCE | STEER_ANY_PORT | fam;
+	return lookup(&key);
+}
+
 static always_inline int is_icmp_error(__u8 proto, __u8 type)
 {
 	if (proto == IPPROTO_ICMP)
@@ -238,9 +257,9 @@ static always_inline int decide(struct xdp_md *ctx)
 			return 0; // not even a destination to read
 		if (ip->ihl < 5)
 			return vip_addr((__u8 *)&ip->daddr, 4);
-		// Fragments after the first carry no ports: the kernel reassembles them.
+		// Fragments after the first carry no ports.
 		if (ip->frag_off & __builtin_bswap16(0x1fff))
-			return 0;
+			return later_fragment((__u8 *)&ip->saddr, (__u8 *)&ip->daddr, 4, ip->protocol);
 		// The mask bounds the offset for the verifier (an IHL is at most 60 bytes).
 		verdict = steer_l4(l3 + ((ip->ihl * 4) & 0x3c), end, ip->protocol,
 				   (__u8 *)&ip->saddr, (__u8 *)&ip->daddr, 4, 0);
@@ -268,7 +287,8 @@ static always_inline int decide(struct xdp_md *ctx)
 			if (proto == IPPROTO_FRAGMENT) {
 				// Offset bits of a fragment header: after the first, no ports.
 				if ((next[2] << 8 | next[3]) & 0xfff8)
-					return 0;
+					return later_fragment((__u8 *)&ip6->saddr, (__u8 *)&ip6->daddr, 16,
+							      next[0]);
 				proto = next[0];
 				next += 8;
 				continue;

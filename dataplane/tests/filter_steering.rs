@@ -1,8 +1,9 @@
 //! What the XDP filter steers to xlb and what it leaves to the kernel, decided by the filter
 //! itself in the kernel (`BPF_PROG_TEST_RUN`) on fixture frames: Service traffic and the
-//! replies of its flows, IPv6 behind extension headers, and malformed packets to a VIP
-//! (which xlb's parser counts by reason) are xlb's; other traffic, fragments after the
-//! first, routed IPv6 and malformed packets to other addresses are the kernel's. Loads the
+//! replies of its flows, IPv6 behind extension headers, fragments after the first to a VIP or
+//! from a backend, and malformed packets to a VIP (which xlb's parser counts by reason) are
+//! xlb's; other traffic, other fragments, routed IPv6 and malformed packets to other
+//! addresses are the kernel's. Loads the
 //! filter (attaches it nowhere), so it needs root; without it, it says why and skips.
 
 mod common;
@@ -19,6 +20,7 @@ fn steered(filter: &mut XdpFilter) {
         SteerKey::destination(&Endpoint::new(VIP.into(), 80), IpProto::TCP),
         SteerKey::vip_address(Family::Ipv4, key_addr(VIP.into())),
         SteerKey::source(&Endpoint::new(BACKEND.into(), 8080), IpProto::TCP),
+        SteerKey::source_address(Family::Ipv4, key_addr(BACKEND.into())),
         SteerKey::destination(&Endpoint::new(VIP6.into(), 80), IpProto::TCP),
         SteerKey::destination(&Endpoint::new(VIP6.into(), 53), IpProto::UDP),
         SteerKey::vip_address(Family::Ipv6, key_addr(VIP6.into())),
@@ -57,12 +59,52 @@ fn cases() -> Vec<(&'static str, Vec<u8>, FilterAction)> {
             Steer,
         ),
         (
-            "an ipv4 fragment after the first",
+            "an ipv4 fragment after the first, to the vip",
             pkt()
                 .ipv4(CLIENT, VIP)
                 .proto(IpProto::TCP)
                 .payload(b"tail")
                 .fragment(5, 1480, false)
+                .build(),
+            Steer,
+        ),
+        (
+            "an ipv4 fragment after the first, from a backend",
+            pkt()
+                .ipv4(BACKEND, CLIENT)
+                .proto(IpProto::UDP)
+                .payload(b"tail")
+                .fragment(5, 1480, false)
+                .build(),
+            Steer,
+        ),
+        (
+            "an ipv4 fragment after the first, between others",
+            pkt()
+                .ipv4(CLIENT, ROUTER)
+                .proto(IpProto::UDP)
+                .payload(b"tail")
+                .fragment(5, 1480, false)
+                .build(),
+            Pass,
+        ),
+        (
+            "an ipv6 fragment after the first, to the vip",
+            pkt()
+                .ipv6(CLIENT6, VIP6)
+                .proto(IpProto::UDP)
+                .payload(b"tail")
+                .fragment(5, 1448, false)
+                .build(),
+            Steer,
+        ),
+        (
+            "an ipv6 fragment after the first, between others",
+            pkt()
+                .ipv6(CLIENT6, ROUTER6)
+                .proto(IpProto::UDP)
+                .payload(b"tail")
+                .fragment(5, 1448, false)
                 .build(),
             Pass,
         ),
@@ -114,13 +156,13 @@ fn cases() -> Vec<(&'static str, Vec<u8>, FilterAction)> {
             Steer,
         ),
         (
-            "ipv6 fragment after the first",
+            "ipv6 tcp fragment after the first, to the vip",
             syn6()
                 .proto(IpProto::TCP)
                 .payload(b"tail")
                 .fragment(9, 1448, false)
                 .build(),
-            Pass,
+            Steer,
         ),
         (
             "ipv6 routing header with segments left",

@@ -5,7 +5,8 @@
                                                                         nginx, dnsmasq, socat
 
 Each scenario checks a behaviour an operator relies on, with Debian's own clients and servers:
-HTTP keep-alive and new connections (curl and nginx), DNS over UDP (dig and dnsmasq), a long
+HTTP keep-alive and new connections (curl and nginx), DNS over UDP (dig and dnsmasq), UDP
+datagrams of 4 000 bytes (fragmented both ways) echoed, a long
 upload verified by hash (socat computing sha256), IPv4 and IPv6, with the senders' checksum
 offload on (the veth default: partial checksums) and off, a new client's first connection
 (no SYN retransmission while xlb resolves the client), a client reusing its port after its
@@ -113,7 +114,7 @@ class Xlb:
                 f"  - name: {name}",
                 f"    vip: {vip}",
                 "    ports: [{ port: 80, target_port: 8080 }, { port: 53, protocol: udp, target_port: 5353 },"
-                " { port: 9000 }]",
+                " { port: 9000 }, { port: 7, protocol: udp, target_port: 7007 }]",
                 "    backends:",
             ]
             lines += [f"      - {{ address: '{addr(i)}' }}" for i in self.backends]
@@ -231,6 +232,7 @@ http {{
             self.procs.append(
                 spawn("socat", "TCP6-LISTEN:9000,ipv6only=0,fork,reuseaddr", "SYSTEM:sha256sum", ns=ns)
             )
+            self.procs.append(spawn(sys.executable, "-c", UDP_ECHO, ns=ns))
         # Wait for every server to answer.
         deadline = time.time() + 15
         for i in range(1, BACKENDS + 1):
@@ -254,7 +256,47 @@ http {{
             p.wait()
 
 
+# A UDP echo server on port 7007 (both families): large datagrams come back as large.
+UDP_ECHO = r"""
+import socket
+s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
+s.bind(("::", 7007))
+while True:
+    data, peer = s.recvfrom(65535)
+    s.sendto(data, peer)
+"""
+
 # Programs run in the client namespace (python, stdlib only), printing JSON.
+
+# `n` datagrams of `size` bytes to VIP:7, 8 in flight, each answered by its echo (the same
+# bytes); counts the datagrams answered intact.
+BIG_UDP = r"""
+import json, os, socket, sys, time
+vip, n, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+fam = socket.AF_INET6 if ":" in vip else socket.AF_INET
+s = socket.socket(fam, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
+s.connect((vip, 7)); s.settimeout(2)
+payload = lambda i: i.to_bytes(4, "big") + os.urandom(16) * ((size - 4) // 16) + bytes((size - 4) % 16)
+sent, intact, wanted, lost = 0, 0, {}, 0
+started = time.time()
+while sent < n or wanted:
+    while sent < n and len(wanted) < 8:
+        data = payload(sent); wanted[sent] = data; s.send(data); sent += 1
+    try:
+        data = s.recv(65535)
+    except socket.timeout:
+        lost += len(wanted); wanted.clear()
+        if lost > 80:  # broken, not lossy: stop within seconds
+            break
+        continue
+    i = int.from_bytes(data[:4], "big")
+    if wanted.pop(i, None) == data:
+        intact += 1
+print(json.dumps({"sent": sent, "intact": intact, "lost": lost, "seconds": round(time.time() - started, 2)}))
+"""
 
 DOWNLOAD = r"""
 import hashlib, json, socket, sys, time
@@ -381,6 +423,16 @@ def dns(ctx, vip):
         answered += out.startswith("198.18.200.")
     expect(answered == 20, f"{answered}/20 DNS queries via {vip} answered")
     return {"answered": answered}
+
+
+def big_udp(ctx, vip):
+    """Issue 14: 2 000 datagrams of 4 000 bytes, fragmented on the way in and on the way back
+    (the echo is as large), every one answered intact."""
+    expired = ctx.xlb.counter("xlb_fragments_expired_drops_total")
+    result = in_client(BIG_UDP, vip, 2000, 4000)
+    expect(result["intact"] == 2000, f"fragmented datagrams via {vip}: {result}")
+    result["fragments_expired"] = ctx.xlb.counter("xlb_fragments_expired_drops_total") - expired
+    return result
 
 
 def upload(ctx, vip):
@@ -620,6 +672,7 @@ def scenarios(mode):
         rows += [
             (f"http-{fam}", http, vip),
             (f"dns-{fam}", dns, vip),
+            (f"fragmented-udp-{fam}", big_udp, vip),
             (f"upload-{fam}", upload, vip),
             (f"download-{fam}", long_download, vip),
             (f"first-connection-{fam}", first_connection, vip),

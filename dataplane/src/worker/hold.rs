@@ -12,8 +12,9 @@
 use crate::lb::flow::Second;
 use crate::packet::Family;
 
-/// Frames held per unresolved address.
-pub const PER_ADDRESS: usize = 3;
+/// Frames held per unresolved address: a window of fragmented datagrams (three frames each at
+/// 4 000 bytes), as the kernel's own queue for an unresolved neighbour holds (212 992 bytes).
+pub const PER_ADDRESS: usize = 32;
 /// Frames held by one worker in all.
 pub const HELD: usize = 256;
 /// How long a frame waits, in seconds: the kernel's three probes a second apart.
@@ -114,23 +115,25 @@ mod tests {
     #[test]
     fn frames_are_held_per_address_up_to_a_bound_and_released_in_order() {
         let mut q = HoldQueue::new();
+        let last = PER_ADDRESS + 1;
         assert_eq!(q.hold(1, Family::Ipv4, addr(1), 0), (true, None));
-        assert_eq!(q.hold(2, Family::Ipv4, addr(1), 0), (false, None));
-        assert_eq!(q.hold(3, Family::Ipv4, addr(1), 0), (false, None));
+        for n in 2..last {
+            assert_eq!(q.hold(n, Family::Ipv4, addr(1), 0), (false, None));
+        }
         assert_eq!(
-            q.hold(4, Family::Ipv4, addr(1), 0),
+            q.hold(last, Family::Ipv4, addr(1), 0),
             (false, Some(1)),
-            "three per address: the oldest goes"
+            "PER_ADDRESS per address: the oldest goes"
         );
-        assert_eq!(q.hold(5, Family::Ipv4, addr(2), 0), (true, None));
+        assert_eq!(q.hold(last + 1, Family::Ipv4, addr(2), 0), (true, None));
         let (mut ready, mut expired) = (Vec::new(), Vec::new());
         q.release(1, |_, a| *a == addr(1), &mut ready, &mut expired);
-        let frames: Vec<i32> = ready.iter().map(|h| h.frame).collect();
-        assert_eq!(frames, vec![2, 3, 4]);
+        let frames: Vec<usize> = ready.iter().map(|h| h.frame).collect();
+        assert_eq!(frames, (2..=last).collect::<Vec<_>>());
         assert!(expired.is_empty());
         ready.clear();
         q.release(HOLD_SECONDS, |_, _| false, &mut ready, &mut expired);
-        assert_eq!((ready.len(), expired), (0, vec![5]));
+        assert_eq!((ready.len(), expired), (0, vec![last + 1]));
         assert!(q.is_empty());
     }
 

@@ -154,6 +154,13 @@ impl SteerKey {
         Self::new(family, addr, 0, IpProto(0), STEER_VIP_ADDR)
     }
 
+    /// Fragments after the first from this backend address (any port, any protocol): the
+    /// later fragments of its fragmented replies, which carry no ports to match.
+    #[must_use]
+    pub fn source_address(family: Family, addr: [u8; 16]) -> Self {
+        Self::new(family, addr, 0, IpProto(0), STEER_SOURCE | STEER_ANY_PORT)
+    }
+
     /// Packets to this address with any port (an SNAT address: snat-mode replies).
     #[must_use]
     pub fn any_port(family: Family, addr: [u8; 16], proto: IpProto) -> Self {
