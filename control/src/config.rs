@@ -170,6 +170,10 @@ pub enum ModeConfig {
     Dnat,
     /// Source and destination NAT; replies come back to xlb in any topology.
     Snat,
+    /// Direct server return (L2): packets go to the backend unchanged but for their
+    /// Ethernet addresses; backends on a directly connected segment hold the VIP on a
+    /// loopback or dummy interface and answer clients directly.
+    Dsr,
 }
 
 /// How the XDP filter is attached.
@@ -419,6 +423,16 @@ impl Config {
                 xlb_dataplane::lb::flow::ENTRY_BYTES,
                 FlowTable::memory_for(MAX_FLOW_CAPACITY) >> 30
             ));
+        }
+        if self.mode == ModeConfig::Dsr {
+            if self.node.is_some() {
+                return fail("mode: dsr cannot serve a node's own traffic (node): backends \
+                             would answer the node's pods from the VIP directly"
+                    .into());
+            }
+            if !self.cluster_cidrs.is_empty() {
+                return fail("cluster_cidrs: dsr mode translates no address".into());
+            }
         }
         if !self.cluster_cidrs.is_empty() && self.mode == ModeConfig::Snat {
             return fail(

@@ -63,6 +63,9 @@ const FILE_PERIOD: Duration = Duration::from_secs(1);
 /// queue, missing privileges.
 pub fn run(path: &Path, node_name: Option<String>) -> Result<(), String> {
     let config = Config::load(path).map_err(|e| e.to_string())?;
+    for warning in crate::explain::dsr_warnings(&config) {
+        warn!("{warning}");
+    }
     let loaded_hash = std::fs::read(path).ok().map(|b| content_hash(&b));
     let mut ports = config
         .interfaces
@@ -233,6 +236,9 @@ pub fn run(path: &Path, node_name: Option<String>) -> Result<(), String> {
         );
         if let Some(hop) = hand_back {
             worker = worker.handing_back(hop);
+        }
+        if config.mode == ModeConfig::Dsr {
+            worker = worker.direct_server_return();
         }
         let stop = Arc::clone(&stop);
         let thread = std::thread::Builder::new()
@@ -463,6 +469,7 @@ async fn kube_source(
 fn snat_pool(config: &Config, worker: usize) -> Option<SnatPool> {
     let snat = config.snat.as_ref()?;
     let masquerade = match config.mode {
+        ModeConfig::Dsr => return None,
         ModeConfig::Snat => Masquerade::All,
         ModeConfig::Dnat => Masquerade::Outside(PrefixMap::new(
             config.cluster_cidrs.iter().map(|c| (c.prefix(), ())),

@@ -17,6 +17,52 @@ use xlb_dataplane::packet::{
 use crate::config::{Config, ProtocolConfig};
 use crate::translate::snapshot_of;
 
+/// In dsr mode, the file's backends that are on no directly connected prefix of xlb's
+/// interfaces (read from this machine with `ip`): L2 DSR only reaches a backend on the same
+/// segment. Empty in other modes.
+#[must_use]
+pub fn dsr_warnings(config: &Config) -> Vec<String> {
+    if config.mode != crate::config::ModeConfig::Dsr {
+        return Vec::new();
+    }
+    let mut connected = Vec::new();
+    for interface in &config.interfaces {
+        let shown = std::process::Command::new("ip")
+            .args(["-o", "addr", "show", "dev", interface])
+            .output();
+        match shown {
+            Ok(out) if out.status.success() => connected.extend(
+                String::from_utf8_lossy(&out.stdout)
+                    .split_whitespace()
+                    .collect::<Vec<_>>()
+                    .windows(2)
+                    .filter(|w| w[0] == "inet" || w[0] == "inet6")
+                    .filter_map(|w| w[1].parse::<crate::desired::Cidr>().ok()),
+            ),
+            _ => {
+                return vec![format!(
+                    "dsr: cannot read {interface}'s addresses here, so backends are not checked"
+                )]
+            }
+        }
+    }
+    config
+        .services
+        .iter()
+        .flat_map(|s| s.backends.iter().map(move |b| (s, b)))
+        .filter(|(_, b)| !connected.iter().any(|c| c.contains(b.address)))
+        .map(|(s, b)| {
+            format!(
+                "dsr: backend {} of {} is on no directly connected prefix of {}: frames for \
+                 it cannot reach it unchanged",
+                b.address,
+                s.name,
+                config.interfaces.join(", ")
+            )
+        })
+        .collect()
+}
+
 /// Checks the file and summarises it.
 ///
 /// # Errors
@@ -45,6 +91,9 @@ pub fn check(path: &Path) -> Result<String, String> {
             s.ports.iter().map(|p| p.port).collect::<Vec<_>>(),
             s.backends.len()
         );
+    }
+    for warning in dsr_warnings(&config) {
+        let _ = writeln!(out, "  warning: {warning}");
     }
     if let Some(k) = &config.kubernetes {
         let _ = writeln!(

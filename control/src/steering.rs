@@ -52,7 +52,7 @@ impl Steering {
         // The pool's addresses: every flow's in snat mode, the masqueraded ones' in dnat
         // mode (hairpin, and clients outside `cluster_cidrs`).
         let mut snat = Vec::new();
-        if let Some(s) = &config.snat {
+        if let (Some(s), false) = (&config.snat, config.mode == ModeConfig::Dsr) {
             if let Some(v4) = s.ipv4 {
                 snat.push((Family::Ipv4, key_addr(v4.into())));
             }

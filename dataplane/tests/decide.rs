@@ -1135,3 +1135,63 @@ fn the_later_fragments_of_a_datagram_follow_its_first_both_ways_and_not_before_i
     assert_eq!(go(&answer(0), 2), Verdict::Reply(vip()));
     assert_eq!(go(&answer(1480), 2), Verdict::Reply(vip()));
 }
+
+/// Issue 14: direct server return. A new flow goes to its pick unchanged (the worker sets
+/// only its Ethernet addresses), recorded in one direction only (no reply comes back); the
+/// client's acknowledgment of the handshake establishes it (the answer is never seen); and a
+/// backend added later moves no flow that has one.
+#[test]
+fn dsr_forwards_to_the_pick_records_one_direction_and_keeps_flows_across_backend_changes() {
+    let snap = two_ready(IpProto::TCP);
+    let three = snapshot(vec![service(
+        IpProto::TCP,
+        vec![
+            backend(1, BackendState::Ready),
+            backend(2, BackendState::Ready),
+            backend(3, BackendState::Ready),
+        ],
+        NoBackend::Reject,
+    )]);
+    // A client port whose Maglev pick moves when the third backend joins.
+    let pick = |snap: &Snapshot, port| {
+        let (p, h) = parsed(&syn(port));
+        let service = snap.service(&ServiceKey::of_destination(&p.key)).unwrap();
+        service.maglev_pick(h).unwrap().endpoint
+    };
+    let port = (40000..41000)
+        .find(|&p| pick(&snap, p) != pick(&three, p))
+        .unwrap();
+    let flows = table();
+    let go = |snap: &Snapshot, frame: &[u8], now| {
+        run_counted(
+            snap,
+            &flows,
+            frame,
+            now,
+            Mode::Dsr,
+            &mut Counters::default(),
+        )
+    };
+    let Verdict::ForwardDsr(to) = go(&snap, &syn(port), 1) else {
+        panic!("not forwarded for dsr")
+    };
+    assert_eq!(to, pick(&snap, port));
+    assert_eq!(flows.iter(1).count(), 1, "no reverse entry");
+    assert_eq!(go(&snap, &ack(port), 2), Verdict::ForwardDsr(to));
+    assert_eq!(
+        state_of(&flows, &ack(port), 2),
+        Some(FlowState::Established)
+    );
+    // The third backend joins: the flow stays where it is, though its pick moved.
+    for now in 3..10 {
+        assert_eq!(go(&three, &ack(port), now), Verdict::ForwardDsr(to));
+    }
+    // A new flow whose pick moved goes to the new pick.
+    let Verdict::ForwardDsr(moved) = go(&three, &syn(port + 1000), 10) else {
+        panic!()
+    };
+    assert_eq!(moved, pick(&three, port + 1000));
+    // Something no flow and no Service explains is the kernel's (no reply to recognise).
+    let other = pkt().ipv4(ROUTER, CLIENT).tcp(8080, 40000).ack().build();
+    assert_eq!(go(&three, &other, 10), Verdict::Pass);
+}

@@ -585,3 +585,29 @@ fn a_fragment_ahead_of_its_first_is_held_until_it_comes_or_dropped_after_a_secon
         "every frame back in the pool"
     );
 }
+
+/// Issue 14: in dsr mode a packet to a VIP leaves for its backend's Ethernet address with
+/// its IP packet untouched (the VIP stays its destination: the backend holds it).
+#[test]
+fn in_dsr_mode_a_packet_leaves_for_its_backends_mac_with_its_ip_packet_unchanged() {
+    let mut rig = rig(vec![service(&[1])], hops(&[1]));
+    rig.worker = {
+        let shared = Shared {
+            tables: Arc::clone(&rig.tables),
+            flows: Arc::new(FlowTable::new(4096, Timeouts::default())),
+            clock: Clock::start(),
+            reports: Arc::clone(&rig.reports),
+            fragments: Arc::default(),
+        };
+        Worker::new(shared, 2, None, Arc::clone(&rig.stats), 7).direct_server_return()
+    };
+    let frame = syn(40000);
+    rig.io.inject(CLIENT_PORT, &frame);
+    rig.worker.poll(&mut rig.io);
+    let out = rig.io.transmitted(BACKEND_PORT);
+    assert_eq!(out.len(), 1);
+    assert_eq!(&out[0][..6], &[2, 0, 0, 0, 2, 1], "to the backend's MAC");
+    assert_eq!(&out[0][6..12], &NODE_OUT_MAC.0, "from the egress port's");
+    assert_eq!(&out[0][12..], &frame[12..], "the IP packet unchanged");
+    assert_eq!(rig.worker.counters().decide.forwarded, 1);
+}

@@ -63,6 +63,9 @@ use super::snapshot::{Backend, BackendId, NoBackend, Service, ServiceId, Service
 pub enum Verdict {
     /// Rewrite the destination to this backend and send it on.
     Forward(Endpoint),
+    /// dsr mode: send the packet unchanged to this backend (its Ethernet addresses aside):
+    /// the backend holds the VIP itself and answers the client directly.
+    ForwardDsr(Endpoint),
     /// A backend's reply: rewrite the source to this VIP and send it on.
     Reply(Endpoint),
     /// snat mode: rewrite the destination to the backend `to` and the source to `from` (an
@@ -171,6 +174,10 @@ pub enum Mode<'a> {
     /// Full NAT: the source also becomes an xlb address and port, so replies come back to
     /// xlb in any topology.
     Snat(&'a SnatPool),
+    /// Direct server return: packets go to the backend unchanged (Ethernet aside); replies
+    /// never come through xlb. A TCP flow is established by the client's acknowledgment of
+    /// the handshake, the only sign of the backend's answer xlb sees.
+    Dsr,
 }
 
 /// Which flows an [`SnatPool`] translates.
@@ -306,7 +313,9 @@ impl Counters {
     #[inline]
     pub fn record(&mut self, verdict: &Verdict) {
         match verdict {
-            Verdict::Forward(_) | Verdict::ForwardSnat { .. } => self.forwarded += 1,
+            Verdict::Forward(_) | Verdict::ForwardSnat { .. } | Verdict::ForwardDsr(_) => {
+                self.forwarded += 1;
+            }
             Verdict::Reply(_) | Verdict::ReplySnat { .. } => self.replied += 1,
             Verdict::ResetReply { .. } => self.reset += 1,
             Verdict::Reject(_) => self.rejected += 1,
@@ -461,7 +470,12 @@ fn forward(
         counters.event(Event::PortReused);
         return None;
     }
-    let next = forward_state(parsed, flow.hit.state);
+    // In dsr mode the answer is never seen: a flow counts as answered once it has started.
+    let seen = match (env.mode, flow.hit.state) {
+        (Mode::Dsr, FlowState::New) => FlowState::Replied,
+        (_, state) => state,
+    };
+    let next = forward_state(parsed, seen);
     env.flows.touch(flow.hit.entry, env.now, next);
     if next == Some(FlowState::Established) {
         // The reverse entry is protected from eviction from now on too.
@@ -596,6 +610,10 @@ fn icmp_error(env: &Env<'_>, key: &FlowKey, hash: u64) -> Verdict {
 /// xlb lost (recreated in dnat mode, see the module documentation), an snat reply without its
 /// flow, or something the kernel should have had.
 fn unexplained(env: &Env<'_>, key: &FlowKey, counters: &mut Counters) -> Verdict {
+    if matches!(env.mode, Mode::Dsr) {
+        // No reply comes through xlb in dsr mode.
+        return Verdict::Pass;
+    }
     if let Mode::Snat(pool) = env.mode {
         if pool.addr(key.family) == Some(key.dst_addr) {
             return Verdict::Drop(DecideDrop::FlowGone);
@@ -670,6 +688,7 @@ fn recreate(
 /// port in snat mode (0: not translated).
 fn forward_verdict(backend: Endpoint, mode: Mode<'_>, key: &FlowKey, snat_port: u16) -> Verdict {
     match mode {
+        Mode::Dsr => Verdict::ForwardDsr(backend),
         Mode::Snat(pool) if snat_port != 0 => match pool.addr(key.family) {
             Some(addr) => Verdict::ForwardSnat {
                 to: backend,
@@ -746,7 +765,7 @@ fn new_flow(
             }
             None => 0,
         },
-        Mode::Dnat => 0,
+        Mode::Dnat | Mode::Dsr => 0,
     };
     if let Some(affinity) = &affinity {
         affinity.remember(service, env.flows, backend.id, env.now);
@@ -760,6 +779,11 @@ fn new_flow(
         .flows
         .insert_at(key, hash, forward, state, env.now, env.tick)
     {
+        // dsr: no reply comes back, so no reverse entry.
+        Insert::Inserted(_) if matches!(env.mode, Mode::Dsr) => {
+            service.flow_started(backend.id);
+            forward_verdict(backend.endpoint, env.mode, key, snat_port)
+        }
         Insert::Inserted(entry) => {
             let to = reply_destination(env.mode, key, snat_port);
             let reverse = reverse_key(key, &backend.endpoint, to);

@@ -186,6 +186,7 @@ const FORWARD: u64 = 1;
 const REPLY: u64 = 2;
 const FORWARD_SNAT: u64 = 3;
 const REPLY_SNAT: u64 = 4;
+const FORWARD_DSR: u64 = 5;
 
 fn family_code(family: Family) -> u64 {
     match family {
@@ -222,6 +223,7 @@ fn encode(key: &FragmentKey, verdict: &Verdict, now: Second) -> Option<[u64; WOR
         Verdict::Reply(from) => (REPLY, from, from),
         Verdict::ForwardSnat { to, from } => (FORWARD_SNAT, to, from),
         Verdict::ReplySnat { from, to } => (REPLY_SNAT, from, to),
+        Verdict::ForwardDsr(to) => (FORWARD_DSR, to, to),
         _ => return None,
     };
     let [s0, s1] = halves(&key.src);
@@ -250,6 +252,7 @@ fn decode(key: &FragmentKey, w: &[u64; WORDS], now: Second) -> Option<Verdict> {
         REPLY => Some(Verdict::Reply(a)),
         FORWARD_SNAT => Some(Verdict::ForwardSnat { to: a, from: b }),
         REPLY_SNAT => Some(Verdict::ReplySnat { from: a, to: b }),
+        FORWARD_DSR => Some(Verdict::ForwardDsr(a)),
         _ => None,
     }
 }
@@ -307,6 +310,7 @@ mod tests {
                 from: vip,
                 to: client,
             },
+            Verdict::ForwardDsr(backend()),
         ]
         .into_iter()
         .enumerate()

@@ -168,6 +168,8 @@ pub struct Worker<F> {
     snat: Option<SnatPool>,
     /// Where packets that are the kernel's go back to it (a node's link), if anywhere.
     kernel: Option<NextHop>,
+    /// Direct server return: packets go to their backend unchanged.
+    dsr: bool,
     stats: Arc<WorkerStats>,
     counters: WorkerCounters,
     random: u64,
@@ -228,6 +230,7 @@ impl<F> Worker<F> {
             shared,
             snat,
             kernel: None,
+            dsr: false,
             stats,
             counters: WorkerCounters::default(),
             random: seed | 1,
@@ -255,6 +258,14 @@ impl<F> Worker<F> {
         self
     }
 
+    /// The same worker in direct-server-return mode ([`Mode::Dsr`]): packets go to their
+    /// backend unchanged but for their Ethernet addresses (its SNAT pool, if any, unused).
+    #[must_use]
+    pub fn direct_server_return(mut self) -> Self {
+        self.dsr = true;
+        self
+    }
+
     /// One pass over every port: receives a batch on each, processes it, transmits and
     /// recycles, then flushes the I/O. Returns how many frames it received.
     pub fn poll<I: PacketIo<Frame = F>>(&mut self, io: &mut I) -> usize {
@@ -264,6 +275,7 @@ impl<F> Worker<F> {
             self.release_held(io, &tables, now);
         }
         let mode = match &self.snat {
+            _ if self.dsr => Mode::Dsr,
             Some(pool) => Mode::Snat(pool),
             None => Mode::Dnat,
         };
@@ -662,6 +674,8 @@ impl<'a> Context<'a> {
                 .and_then(|()| set_source(frame, &mut parsed, &from)),
             Verdict::ReplySnat { from, to } => set_source(frame, &mut parsed, &from)
                 .and_then(|()| set_destination(frame, &mut parsed, &to)),
+            // The packet stays as it is; only its next hop is the backend's.
+            Verdict::ForwardDsr(_) => finish_checksum(frame, &mut parsed),
             Verdict::ResetReply { from, to } => reset_in_place(frame, &mut parsed)
                 .and_then(|reset_len| {
                     len = reset_len;
@@ -674,9 +688,13 @@ impl<'a> Context<'a> {
             return self.failed(len);
         }
         let key = &parsed.key;
-        let Some(hop) = self.tables.hops.lookup(key.family, &key.dst_addr) else {
+        let towards = match verdict {
+            Verdict::ForwardDsr(to) => *to.key_addr(),
+            _ => key.dst_addr,
+        };
+        let Some(hop) = self.tables.hops.lookup(key.family, &towards) else {
             // Held until the control thread resolves it (or given up, counted and noticed).
-            return (len, (Out::Hold(key.family, key.dst_addr), notice));
+            return (len, (Out::Hold(key.family, towards), notice));
         };
         if set_ethernet(frame, hop.src_mac, hop.dst_mac).is_err() {
             return self.failed(len);
@@ -699,16 +717,8 @@ impl<'a> Context<'a> {
             return (len, (Out::Drop, notice));
         };
         let frame = &mut buf[..len];
-        if parsed.checksum == ChecksumState::PseudoHeaderOnly
-            && matches!(parsed.class, Class::Ordinary)
-            && (parsed.key.proto == IpProto::TCP || parsed.key.proto == IpProto::UDP)
-        {
-            // Rewriting the destination to itself finishes the checksum, changing nothing else.
-            let key = &parsed.key;
-            let same = Endpoint::from_key_form(key.family, key.dst_addr, key.dst_port);
-            if set_destination(frame, parsed, &same).is_err() {
-                return self.failed(len);
-            }
+        if finish_checksum(frame, parsed).is_err() {
+            return self.failed(len);
         }
         if set_ethernet(frame, hop.src_mac, hop.dst_mac).is_err() {
             return self.failed(len);
@@ -733,6 +743,22 @@ impl<'a> Context<'a> {
         *self.random = x;
         x.wrapping_mul(0x2545_f491_4f6c_dd1d)
     }
+}
+
+/// Finishes a TCP or UDP checksum its sender left unfinished (offload) in a packet that leaves
+/// otherwise unchanged (handed back to the kernel, or forwarded in dsr mode): whoever receives
+/// the frame next cannot know it is unfinished.
+fn finish_checksum(frame: &mut [u8], parsed: &mut Parsed) -> Result<(), RewriteError> {
+    if parsed.checksum == ChecksumState::PseudoHeaderOnly
+        && matches!(parsed.class, Class::Ordinary)
+        && (parsed.key.proto == IpProto::TCP || parsed.key.proto == IpProto::UDP)
+    {
+        // Rewriting the destination to itself finishes the checksum, changing nothing else.
+        let key = &parsed.key;
+        let same = Endpoint::from_key_form(key.family, key.dst_addr, key.dst_port);
+        return set_destination(frame, parsed, &same);
+    }
+    Ok(())
 }
 
 /// What the logs should hear about a verdict.
