@@ -426,9 +426,11 @@ impl Config {
         }
         if self.mode == ModeConfig::Dsr {
             if self.node.is_some() {
-                return fail("mode: dsr cannot serve a node's own traffic (node): backends \
+                return fail(
+                    "mode: dsr cannot serve a node's own traffic (node): backends \
                              would answer the node's pods from the VIP directly"
-                    .into());
+                        .into(),
+                );
             }
             if !self.cluster_cidrs.is_empty() {
                 return fail("cluster_cidrs: dsr mode translates no address".into());

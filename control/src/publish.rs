@@ -282,7 +282,11 @@ services:
         let file = config.desired();
         let published = p.publish_file(file.clone(), &mut steer).unwrap();
         assert_eq!(published.generation, 1);
-        assert_eq!(steer.0, vec![(3, 0), (0, 0)], "VIP and backend keys first");
+        assert_eq!(
+            steer.0,
+            vec![(4, 0), (0, 0)],
+            "VIP, VIP address, backend and backend address keys first"
+        );
         let mut theirs = file[0].clone();
         theirs.name = "default/web:".into();
         let mut other = theirs.clone();
