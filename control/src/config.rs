@@ -530,6 +530,20 @@ impl Config {
                     ));
                 }
             }
+            if self.mode == ModeConfig::Dsr {
+                if let Some((j, p)) = service
+                    .ports
+                    .iter()
+                    .enumerate()
+                    .find(|(_, p)| p.target_port.is_some_and(|t| t != p.port))
+                {
+                    return fail(format!(
+                        "{at}.ports[{j}].target_port: dsr mode sends packets unchanged, so a \
+                         backend serves the Service port itself ({}), not another",
+                        p.port
+                    ));
+                }
+            }
             if self.mode == ModeConfig::Snat {
                 let snat = self.snat.as_ref();
                 let has = if service.vip.is_ipv4() {

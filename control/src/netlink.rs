@@ -431,17 +431,21 @@ impl KernelView {
                 prefix: [0; 16],
                 len: 0,
                 family,
-                hop,
+                hop: Some(hop),
             })
         });
         let routes = defaults
             .chain(self.routes.iter().filter_map(|r| {
-                let mac = self.neighbours.get(&(r.port, r.gateway?))?;
+                // A connected prefix: its addresses are neighbours, resolved one by one.
+                let hop = match r.gateway {
+                    None => None,
+                    Some(gateway) => Some(hop(r.port, *self.neighbours.get(&(r.port, gateway))?)),
+                };
                 Some(Route {
                     prefix: r.prefix,
                     len: r.len,
                     family: r.family,
-                    hop: hop(r.port, *mac),
+                    hop,
                 })
             }))
             .collect();
@@ -576,7 +580,13 @@ mod tests {
             dst_mac: MacAddr([2, 0, 0, 0, 0xa, 0]),
         };
         let hops = view().next_hops(&ports, Some(link));
-        for unrouted in ["198.18.0.2", "198.19.7.7", "2001:2:0:99::1"] {
+        // An unresolved neighbour on a port's connected prefix is resolved there, not sent
+        // to the link.
+        assert_eq!(
+            hops.lookup(Family::Ipv4, &key_addr("198.18.0.2".parse().unwrap())),
+            None
+        );
+        for unrouted in ["198.19.7.7", "2001:2:0:99::1"] {
             let ip: IpAddr = unrouted.parse().unwrap();
             assert_eq!(
                 hops.lookup(family_of(ip), &key_addr(ip)),

@@ -24,7 +24,8 @@ pub struct NextHop {
     pub dst_mac: MacAddr,
 }
 
-/// A route through a gateway whose neighbour entry is resolved.
+/// A route: through a gateway whose neighbour entry is resolved, or a connected prefix whose
+/// addresses are neighbours themselves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Route {
     /// The destination prefix, in key form (IPv4 in the first four bytes).
@@ -33,15 +34,16 @@ pub struct Route {
     pub len: u8,
     /// IPv4 or IPv6.
     pub family: Family,
-    /// The gateway's next hop.
-    pub hop: NextHop,
+    /// The gateway's next hop; `None` for a connected prefix: an address in it has a next
+    /// hop only as a resolved host, never through a shorter route.
+    pub hop: Option<NextHop>,
 }
 
 /// The next-hop table of one snapshot.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct NextHops {
     hosts: HashMap<(Family, [u8; 16]), NextHop>,
-    routes: PrefixMap<NextHop>,
+    routes: PrefixMap<Option<NextHop>>,
 }
 
 impl NextHops {
@@ -69,7 +71,7 @@ impl NextHops {
         if let Some(hop) = self.hosts.get(&(family, *addr)) {
             return Some(*hop);
         }
-        self.routes.longest_match(family, addr).copied()
+        self.routes.longest_match(family, addr).copied().flatten()
     }
 
     /// How many resolved hosts and routes it holds.
@@ -120,7 +122,7 @@ mod tests {
                 prefix: v4([198, 18, 0, 0]),
                 len: 15,
                 family: Family::Ipv4,
-                hop: hop(0),
+                hop: Some(hop(0)),
             }],
         );
         assert_eq!(
@@ -142,13 +144,13 @@ mod tests {
                     prefix: v4([198, 18, 0, 0]),
                     len: 15,
                     family: Family::Ipv4,
-                    hop: hop(0),
+                    hop: Some(hop(0)),
                 },
                 Route {
                     prefix: v4([198, 18, 64, 0]),
                     len: 20,
                     family: Family::Ipv4,
-                    hop: hop(1),
+                    hop: Some(hop(1)),
                 },
             ],
         );
@@ -162,5 +164,38 @@ mod tests {
         );
         assert_eq!(hops.lookup(Family::Ipv4, &v4([10, 0, 0, 1])), None);
         assert_eq!(hops.lookup(Family::Ipv6, &v4([198, 18, 70, 1])), None);
+    }
+
+    /// An address on a connected prefix without a neighbour entry is unresolved, not sent
+    /// through a shorter route (a default route through a router on the same link): it is
+    /// held and resolved.
+    #[test]
+    fn an_unresolved_neighbour_on_a_connected_prefix_does_not_fall_through_to_the_default() {
+        let hops = NextHops::new(
+            [(Family::Ipv4, v4([198, 18, 50, 11]), hop(1))],
+            vec![
+                Route {
+                    prefix: v4([0, 0, 0, 0]),
+                    len: 0,
+                    family: Family::Ipv4,
+                    hop: Some(hop(0)),
+                },
+                Route {
+                    prefix: v4([198, 18, 50, 0]),
+                    len: 24,
+                    family: Family::Ipv4,
+                    hop: None,
+                },
+            ],
+        );
+        assert_eq!(
+            hops.lookup(Family::Ipv4, &v4([198, 18, 50, 11])),
+            Some(hop(1))
+        );
+        assert_eq!(hops.lookup(Family::Ipv4, &v4([198, 18, 50, 13])), None);
+        assert_eq!(
+            hops.lookup(Family::Ipv4, &v4([198, 19, 0, 1])),
+            Some(hop(0))
+        );
     }
 }
