@@ -31,6 +31,10 @@ pub struct Config {
     /// to the `snat` addresses; empty: everyone keeps it.
     #[serde(default)]
     pub cluster_cidrs: Vec<crate::desired::Cidr>,
+    /// dsr mode: encapsulate each packet to its backend (routed backends, not on xlb's
+    /// segment) instead of only readdressing its Ethernet frame.
+    #[serde(default)]
+    pub dsr: Option<DsrConfig>,
     /// xlb as this node's kube-proxy: the veth pair through which the kernel hands xlb the
     /// Service traffic of the node's own processes and of its pods (see
     /// `control/src/node_link.rs`).
@@ -112,6 +116,37 @@ fn default_health_address() -> Option<SocketAddr> {
 
 fn default_health_timeout_s() -> u64 {
     crate::health::DEFAULT_TIMEOUT.as_secs()
+}
+
+/// Direct server return to routed backends: IP-in-IP (Katran's design; backends decapsulate
+/// with an `ipip` / `ip6tnl` device holding the VIP).
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct DsrConfig {
+    /// `ipip`: IPv4 in IPv4, IPv6 in IPv6.
+    pub encapsulation: EncapsulationConfig,
+    /// The outer source address of IPv4 packets (needed for IPv4 Services).
+    #[serde(default)]
+    pub ipv4: Option<std::net::Ipv4Addr>,
+    /// The outer source address of IPv6 packets (needed for IPv6 Services).
+    #[serde(default)]
+    pub ipv6: Option<std::net::Ipv6Addr>,
+    /// The largest IP packet the path to the backends takes, outer header included (default
+    /// 1500); larger ones are answered with ICMP "too big".
+    #[serde(default = "default_dsr_mtu")]
+    pub mtu: u16,
+}
+
+/// How dsr packets reach routed backends.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum EncapsulationConfig {
+    /// IP in IP: an outer header of the packet's own family.
+    Ipip,
+}
+
+fn default_dsr_mtu() -> u16 {
+    1500
 }
 
 /// The node's link: names and the policy-routing numbers xlb takes.
@@ -424,6 +459,20 @@ impl Config {
                 FlowTable::memory_for(MAX_FLOW_CAPACITY) >> 30
             ));
         }
+        if let Some(dsr) = &self.dsr {
+            if self.mode != ModeConfig::Dsr {
+                return fail("dsr: only with mode: dsr".into());
+            }
+            if dsr.ipv4.is_none() && dsr.ipv6.is_none() {
+                return fail("dsr: give ipv4, ipv6 or both (the outer source addresses)".into());
+            }
+            if dsr.mtu < 1280 {
+                return fail(format!(
+                    "dsr.mtu: {} is below IPv6's minimum of 1280",
+                    dsr.mtu
+                ));
+            }
+        }
         if self.mode == ModeConfig::Dsr {
             if self.node.is_some() {
                 return fail(
@@ -528,6 +577,16 @@ impl Config {
                     return fail(format!(
                         "{at}.table_size: {size} is not a prime from 251 to 131071"
                     ));
+                }
+            }
+            if let Some(dsr) = &self.dsr {
+                let has = if service.vip.is_ipv4() {
+                    dsr.ipv4.is_some()
+                } else {
+                    dsr.ipv6.is_some()
+                };
+                if !has {
+                    return fail(format!("{at}.vip: dsr has no outer address of this family"));
                 }
             }
             if self.mode == ModeConfig::Dsr {
@@ -891,5 +950,31 @@ services:
             .unwrap_err()
             .0
             .contains("only in dnat mode"));
+    }
+
+    #[test]
+    fn dsr_keeps_ports_and_its_encapsulation_needs_dsr_mode_and_an_outer_address() {
+        let dsr = GOOD.replace("{ port: 80, target_port: 8080 }", "{ port: 80 }");
+        assert!(Config::parse(&format!("mode: dsr\n{dsr}")).is_ok());
+        let e = Config::parse(&format!("mode: dsr\n{GOOD}")).unwrap_err().0;
+        assert!(e.contains("target_port") && e.contains("unchanged"), "{e}");
+        let e = Config::parse(&format!(
+            "dsr: {{ encapsulation: ipip, ipv4: 198.18.0.9 }}\n{dsr}"
+        ))
+        .unwrap_err()
+        .0;
+        assert!(e.contains("only with mode: dsr"), "{e}");
+        let e = Config::parse(&format!("mode: dsr\ndsr: {{ encapsulation: ipip }}\n{dsr}"))
+            .unwrap_err()
+            .0;
+        assert!(e.contains("give ipv4, ipv6 or both"), "{e}");
+        let v6_only =
+            format!("mode: dsr\ndsr: {{ encapsulation: ipip, ipv6: '2001:2::9' }}\n{dsr}");
+        assert!(Config::parse(&v6_only)
+            .unwrap_err()
+            .0
+            .contains("no outer address of this family"));
+        let node = format!("mode: dsr\nnode: {{}}\n{dsr}");
+        assert!(Config::parse(&node).unwrap_err().0.contains("node"));
     }
 }

@@ -25,9 +25,9 @@ use xlb_dataplane::lb::flow::{FlowTable, Timeouts};
 use xlb_dataplane::lb::fragments::Fragments;
 use xlb_dataplane::lb::prefix::PrefixMap;
 use xlb_dataplane::lb::snapshot::Snapshot;
-use xlb_dataplane::packet::Family;
+use xlb_dataplane::packet::{key_addr, Family};
 use xlb_dataplane::worker::{
-    Clock, Notice, NoticeKind, Reports, Shared, Tables, Worker, WorkerStats,
+    Clock, Encapsulation, Notice, NoticeKind, Reports, Shared, Tables, Worker, WorkerStats,
 };
 use xlb_dataplane::xsk::{FilterCounts, XdpFilter, XdpMode, XskConfig, XskIo};
 
@@ -238,7 +238,14 @@ pub fn run(path: &Path, node_name: Option<String>) -> Result<(), String> {
             worker = worker.handing_back(hop);
         }
         if config.mode == ModeConfig::Dsr {
-            worker = worker.direct_server_return();
+            worker = match &config.dsr {
+                Some(d) => worker.encapsulating(Encapsulation {
+                    ipv4: d.ipv4.map(|a| key_addr(a.into())),
+                    ipv6: d.ipv6.map(|a| key_addr(a.into())),
+                    mtu: d.mtu,
+                }),
+                None => worker.direct_server_return(),
+            };
         }
         let stop = Arc::clone(&stop);
         let thread = std::thread::Builder::new()

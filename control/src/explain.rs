@@ -22,7 +22,8 @@ use crate::translate::snapshot_of;
 /// segment. Empty in other modes.
 #[must_use]
 pub fn dsr_warnings(config: &Config) -> Vec<String> {
-    if config.mode != crate::config::ModeConfig::Dsr {
+    // Encapsulated packets reach routed backends too.
+    if config.mode != crate::config::ModeConfig::Dsr || config.dsr.is_some() {
         return Vec::new();
     }
     let mut connected = Vec::new();

@@ -12,13 +12,6 @@ use xlb_dataplane::packet::{
     parse, set_destination, set_source, Class, DropReason, Endpoint, IpProto, RewriteError,
 };
 
-fn hex(text: &str) -> Vec<u8> {
-    (0..text.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&text[i..i + 2], 16).unwrap())
-        .collect()
-}
-
 /// scapy: an SCTP INIT from 198.18.0.1:40000 to the VIP 198.18.64.1:80.
 const INIT_TO_VIP: &str = "020000000002020000000001080045000034000100004084ae1ec6120001c61240019c40005000000000aef3b9dd01000014010203040000ffff000a000a00000001";
 /// scapy: the same INIT sent to the backend 198.18.128.1:8080 (what DNAT must produce).

@@ -19,7 +19,7 @@ type Series = (&'static str, &'static str, fn(&WorkerCounters) -> u64);
 pub(super) fn metrics(state: &AdminState) -> String {
     let mut out = String::new();
     let workers: Vec<WorkerCounters> = state.workers.iter().map(|w| w.load()).collect();
-    let series: [Series; 14] = [
+    let series: [Series; 15] = [
         ("xlb_received_packets_total", "Frames received", |c| {
             c.io.received
         }),
@@ -57,6 +57,11 @@ pub(super) fn metrics(state: &AdminState) -> String {
             "xlb_fragments_expired_drops_total",
             "Fragments dropped because their datagram's first fragment did not come within a second",
             |c| c.io.fragments_expired,
+        ),
+        (
+            "xlb_too_big_packets_total",
+            "Packets too big for the path once encapsulated (answered with ICMP too big, or dropped when IPv4 may fragment)",
+            |c| c.io.too_big,
         ),
         (
             "xlb_handed_back_packets_total",

@@ -3,8 +3,9 @@
 //! Owns: Ethernet II (one 802.1Q tag), IPv4 (options, fragments), IPv6 (extension headers,
 //! fragments), TCP, UDP, ICMP and ICMPv6 — parsing ([`parse`]), classification ([`Class`],
 //! [`DropReason`]), in-place rewriting with incremental checksums ([`set_destination`],
-//! [`set_source`], [`set_ethernet`]), and in-place refusals ([`reject_with_tcp_reset`],
-//! [`reject_with_port_unreachable`]).
+//! [`set_source`], [`set_ethernet`]), encapsulation for direct server return
+//! ([`encapsulate`]), and in-place refusals ([`reject_with_tcp_reset`],
+//! [`reject_with_port_unreachable`], [`answer_too_big`]).
 //!
 //! Must not know: sockets, threads, time, Services or backends. It does not allocate; only the
 //! `test-util` builder does, and it is not compiled into the packet path.
@@ -20,6 +21,7 @@
 
 mod checksum;
 mod describe;
+mod encap;
 mod key;
 mod parse;
 mod reject;
@@ -31,12 +33,15 @@ pub mod builder;
 
 pub use checksum::{add_bytes, checksum, fold, pseudo_header_v4, pseudo_header_v6, CsumDelta};
 pub use describe::Layers;
+pub use encap::{encapsulate, overhead};
 pub use key::{key_addr, Endpoint, FlowKey};
 pub use parse::{
     parse, ChecksumState, Class, DropReason, Fragment, IcmpError, IcmpErrorKind, Parsed,
     PassReason, MAX_FRAME_LEN, MAX_IPV6_EXTENSION_HEADERS,
 };
-pub use reject::{reject_with_port_unreachable, reject_with_tcp_reset, reset_in_place};
+pub use reject::{
+    answer_too_big, reject_with_port_unreachable, reject_with_tcp_reset, reset_in_place,
+};
 pub use rewrite::{set_destination, set_ethernet, set_source, strip_vlan, RewriteError};
 pub use wire::{
     BadMacAddr, Family, IpProto, MacAddr, TcpFlags, ETHERNET_HEADER_LEN, ETHERTYPE_ARP,

@@ -1,5 +1,5 @@
 //! Answers that refuse a flow, built in place in the frame that asked: a TCP reset, or an
-//! ICMP port unreachable for anything else. This is what a Service without a usable backend
+//! ICMP port unreachable for anything else; and the ICMP "too big" of path-MTU discovery. This is what a Service without a usable backend
 //! answers when its policy is to reject (kube-proxy's behaviour): the client learns at once
 //! instead of retrying into silence.
 //!
@@ -141,13 +141,53 @@ pub fn reject_with_port_unreachable(
     frame_len: usize,
     parsed: &Parsed,
 ) -> Result<usize, RewriteError> {
+    let (ty, code) = match parsed.key.family {
+        Family::Ipv4 => (3, 3),
+        Family::Ipv6 => (1, 4),
+    };
+    icmp_error_answer(buf, frame_len, parsed, [ty, code], [0; 4])
+}
+
+/// Turns the packet in `buf[..frame_len]` into the ICMP "fragmentation needed" (IPv4, RFC 1191)
+/// or ICMPv6 "packet too big" (RFC 4443) that tells its sender the path takes packets of at
+/// most `mtu` bytes, from the address it was sent to (path-MTU discovery of a flow whose
+/// packets xlb must make larger). Returns the answer's length.
+///
+/// # Errors
+/// As [`reject_with_port_unreachable`].
+pub fn answer_too_big(
+    buf: &mut [u8],
+    frame_len: usize,
+    parsed: &Parsed,
+    mtu: u16,
+) -> Result<usize, RewriteError> {
+    match parsed.key.family {
+        Family::Ipv4 => {
+            let [hi, lo] = mtu.to_be_bytes();
+            icmp_error_answer(buf, frame_len, parsed, [3, 4], [0, 0, hi, lo])
+        }
+        Family::Ipv6 => {
+            icmp_error_answer(buf, frame_len, parsed, [2, 0], u32::from(mtu).to_be_bytes())
+        }
+    }
+}
+
+/// An ICMP error of `kind` (type, code) with the 4 bytes `rest` after its checksum, quoting
+/// the packet, sent back to its sender.
+fn icmp_error_answer(
+    buf: &mut [u8],
+    frame_len: usize,
+    parsed: &Parsed,
+    [ty, code]: [u8; 2],
+    rest: [u8; 4],
+) -> Result<usize, RewriteError> {
     let mismatch = RewriteError::FrameMismatch;
     let l3 = usize::from(parsed.l3_offset);
     let end = usize::from(parsed.l3_end).min(frame_len);
     let family = parsed.key.family;
-    let (ip_len, icmp_proto, ty, code) = match family {
-        Family::Ipv4 => (IPV4_MIN_HEADER_LEN, IpProto::ICMP, 3, 3),
-        Family::Ipv6 => (IPV6_HEADER_LEN, IpProto::ICMPV6, 1, 4),
+    let (ip_len, icmp_proto) = match family {
+        Family::Ipv4 => (IPV4_MIN_HEADER_LEN, IpProto::ICMP),
+        Family::Ipv6 => (IPV6_HEADER_LEN, IpProto::ICMPV6),
     };
     let available = end.saturating_sub(l3);
     let quote_len = match family {
@@ -164,7 +204,7 @@ pub fn reject_with_port_unreachable(
     buf.copy_within(l3..l3 + quote_len, quote_at);
     answer_ip_header(buf, parsed, icmp_proto, 8 + quote_len)?;
     let header = buf.get_mut(icmp..icmp + 8).ok_or(mismatch)?;
-    header.copy_from_slice(&[ty, code, 0, 0, 0, 0, 0, 0]);
+    header.copy_from_slice(&[ty, code, 0, 0, rest[0], rest[1], rest[2], rest[3]]);
     match family {
         Family::Ipv4 => {
             let message = buf.get_mut(icmp..quote_at + quote_len).ok_or(mismatch)?;

@@ -44,9 +44,9 @@ use crate::lb::fragments::Fragments;
 use crate::lb::hash::flow_hash;
 use crate::lb::snapshot::Snapshot;
 use crate::packet::{
-    parse, reject_with_port_unreachable, reject_with_tcp_reset, reset_in_place, set_destination,
-    set_ethernet, set_source, strip_vlan, ChecksumState, Class, DropReason, Endpoint, Family,
-    FlowKey, IpProto, Parsed, RewriteError,
+    answer_too_big, encapsulate, overhead, parse, reject_with_port_unreachable,
+    reject_with_tcp_reset, reset_in_place, set_destination, set_ethernet, set_source, strip_vlan,
+    ChecksumState, Class, DropReason, Endpoint, Family, FlowKey, IpProto, Parsed, RewriteError,
 };
 
 use hold::{Held, HoldQueue};
@@ -170,6 +170,8 @@ pub struct Worker<F> {
     kernel: Option<NextHop>,
     /// Direct server return: packets go to their backend unchanged.
     dsr: bool,
+    /// dsr to routed backends: the outer header's source and the path's MTU.
+    encap: Option<Encapsulation>,
     stats: Arc<WorkerStats>,
     counters: WorkerCounters,
     random: u64,
@@ -211,6 +213,26 @@ struct Early<F> {
     since: Second,
 }
 
+/// dsr to routed backends: each packet in an outer IP header from xlb to its backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Encapsulation {
+    /// The outer source of IPv4 packets (key form), if any.
+    pub ipv4: Option<[u8; 16]>,
+    /// The outer source of IPv6 packets (key form), if any.
+    pub ipv6: Option<[u8; 16]>,
+    /// The largest IP packet the path to the backends takes, outer header included.
+    pub mtu: u16,
+}
+
+impl Encapsulation {
+    fn source(&self, family: Family) -> Option<[u8; 16]> {
+        match family {
+            Family::Ipv4 => self.ipv4,
+            Family::Ipv6 => self.ipv6,
+        }
+    }
+}
+
 /// Fragments held per worker for their first fragment, at most; and for how long.
 pub const EARLY_FRAGMENTS: usize = 64;
 const EARLY_SECONDS: Second = 1;
@@ -231,6 +253,7 @@ impl<F> Worker<F> {
             snat,
             kernel: None,
             dsr: false,
+            encap: None,
             stats,
             counters: WorkerCounters::default(),
             random: seed | 1,
@@ -266,6 +289,15 @@ impl<F> Worker<F> {
         self
     }
 
+    /// The same worker in direct-server-return mode with each packet encapsulated to its
+    /// backend ([`crate::packet::encapsulate`]): backends routed, not on xlb's segment.
+    #[must_use]
+    pub fn encapsulating(mut self, encap: Encapsulation) -> Self {
+        self.dsr = true;
+        self.encap = Some(encap);
+        self
+    }
+
     /// One pass over every port: receives a batch on each, processes it, transmits and
     /// recycles, then flushes the I/O. Returns how many frames it received.
     pub fn poll<I: PacketIo<Frame = F>>(&mut self, io: &mut I) -> usize {
@@ -287,6 +319,7 @@ impl<F> Worker<F> {
             random: &mut self.random,
             mode,
             kernel: self.kernel,
+            encap: self.encap,
             now,
             tick,
         };
@@ -591,6 +624,7 @@ struct Context<'a> {
     random: &'a mut u64,
     mode: Mode<'a>,
     kernel: Option<NextHop>,
+    encap: Option<Encapsulation>,
     now: Second,
     tick: Tick,
 }
@@ -687,6 +721,12 @@ impl<'a> Context<'a> {
         if rewritten.is_err() {
             return self.failed(len);
         }
+        if let (Verdict::ForwardDsr(to), Some(encap)) = (verdict, self.encap) {
+            match self.encapsulate(buf, len, &parsed, &to, encap, ingress) {
+                Ok(grown) => len = grown,
+                Err(answer) => return (answer.0, (answer.1, notice)),
+            }
+        }
         let key = &parsed.key;
         let towards = match verdict {
             Verdict::ForwardDsr(to) => *to.key_addr(),
@@ -696,10 +736,52 @@ impl<'a> Context<'a> {
             // Held until the control thread resolves it (or given up, counted and noticed).
             return (len, (Out::Hold(key.family, towards), notice));
         };
-        if set_ethernet(frame, hop.src_mac, hop.dst_mac).is_err() {
+        if set_ethernet(&mut buf[..len], hop.src_mac, hop.dst_mac).is_err() {
             return self.failed(len);
         }
         (len, (Out::Transmit(hop.port), notice))
+    }
+
+    /// dsr to a routed backend: the packet in an outer header from xlb to `to`, if it fits
+    /// the path's MTU. One that does not is answered with ICMP "too big" from the VIP (IPv6,
+    /// and IPv4 with don't-fragment: the sender's path-MTU discovery) or dropped (IPv4 that
+    /// may be fragmented: xlb does not fragment), counted either way. Returns the frame's new
+    /// length, or where what is left of it goes.
+    #[cold]
+    fn encapsulate(
+        &mut self,
+        buf: &mut [u8],
+        len: usize,
+        parsed: &Parsed,
+        to: &Endpoint,
+        encap: Encapsulation,
+        ingress: u16,
+    ) -> Result<usize, (usize, Out)> {
+        let family = parsed.key.family;
+        let Some(from) = encap.source(family) else {
+            self.counters.io.rewrite_failed += 1;
+            return Err((len, Out::Drop));
+        };
+        let l3 = usize::from(parsed.l3_offset);
+        let packet = usize::from(parsed.l3_end).saturating_sub(l3);
+        let outer = overhead(family);
+        if packet + outer > usize::from(encap.mtu) {
+            self.counters.io.too_big += 1;
+            let may_fragment =
+                family == Family::Ipv4 && buf.get(l3 + 6).is_some_and(|flags| flags & 0x40 == 0);
+            if may_fragment {
+                return Err((len, Out::Drop));
+            }
+            let mtu = encap.mtu.saturating_sub(u16::try_from(outer).unwrap_or(0));
+            return match answer_too_big(buf, len, parsed, mtu) {
+                Ok(answer) => Err((answer, Out::Transmit(ingress))),
+                Err(_) => Err((len, Out::Drop)),
+            };
+        }
+        encapsulate(buf, len, parsed, &from, to.key_addr()).map_err(|_| {
+            self.counters.io.rewrite_failed += 1;
+            (len, Out::Drop)
+        })
     }
 
     /// A packet that is the kernel's, unchanged: back to the kernel through the node's link,

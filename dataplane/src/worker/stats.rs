@@ -30,6 +30,9 @@ pub struct IoCounters {
     /// Fragments dropped because their datagram's first fragment did not come within a
     /// second (or too many waited).
     pub fragments_expired: u64,
+    /// Packets too big for the path once encapsulated (dsr to routed backends): answered
+    /// with ICMP "too big", or dropped when IPv4 may fragment them.
+    pub too_big: u64,
     /// Loop iterations that found work.
     pub busy_polls: u64,
 }
@@ -47,7 +50,7 @@ pub struct WorkerCounters {
 const FIELDS: usize = 5 + DecideDrop::COUNT + DropReason::COUNT + Event::COUNT + IoCounters::FIELDS;
 
 impl IoCounters {
-    const FIELDS: usize = 9;
+    const FIELDS: usize = 10;
 }
 
 /// The kernel's counters of one AF_XDP socket (`XDP_STATISTICS`, `struct xdp_statistics`).
@@ -184,6 +187,7 @@ fn fields(c: &mut WorkerCounters) -> impl Iterator<Item = &mut u64> {
                 rewrite_failed,
                 handed_back,
                 fragments_expired,
+                too_big,
                 busy_polls,
             },
     } = c;
@@ -201,6 +205,7 @@ fn fields(c: &mut WorkerCounters) -> impl Iterator<Item = &mut u64> {
             rewrite_failed,
             handed_back,
             fragments_expired,
+            too_big,
             busy_polls,
         ])
 }

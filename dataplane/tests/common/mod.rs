@@ -145,3 +145,11 @@ pub(crate) fn sctp_crc_is_valid(sctp: &[u8]) -> bool {
     }
     sctp.get(8..12) == Some(&(!crc).to_le_bytes()[..])
 }
+
+/// Bytes from hexadecimal text (the fixtures other implementations printed).
+pub(crate) fn hex(text: &str) -> Vec<u8> {
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&text[i..i + 2], 16).unwrap())
+        .collect()
+}
