@@ -13,7 +13,10 @@ Checked:
   * dsr: a download goes on, byte for byte, while a third backend joins the Service;
   * dnat and dsr: a download through g1 goes on through g2 when the router moves the VIP
     mid-transfer (g2 has no state for it: Maglev gives it the same backend; in dnat mode the
-    backends' replies still go through g1, which un-NATs them), bytes verified.
+    backends' replies still go through g1, which un-NATs them), bytes verified;
+  * dsr with IP-in-IP: this kernel has no ipip device to decapsulate with, so the frames are
+    captured at the backends and read: the client's SYN, unchanged, inside an outer header
+    from the gateway to the backend.
 
 Usage: gateways.py XLB. Prints "ok NAME {figures}" and "gateways: all passed". Everything it
 creates is removed on exit, failure included. Addresses: 198.18.0.0/15 only; traffic bounded
@@ -148,10 +151,10 @@ class Gateway:
         self.proc = None
         self.backends = []
 
-    def write(self, mode, backends):
-        self.write_to(self.path, mode, backends)
+    def write(self, mode, backends, extra=()):
+        self.write_to(self.path, mode, backends, extra)
 
-    def write_to(self, path, mode, backends):
+    def write_to(self, path, mode, backends, extra=()):
         self.backends = list(backends)
         # The two gateways list their backends in opposite orders: Maglev must not care.
         order = sorted(backends, reverse=self.name == "g2")
@@ -160,6 +163,7 @@ class Gateway:
             f"mode: {mode}",
             f"cores: [{self.core}]",
             "flow_capacity: 65536",
+            *extra,
             "services:",
             "  - name: web",
             f"    vip: {VIP}",
@@ -179,8 +183,8 @@ class Gateway:
         return sum(float(l.rsplit(" ", 1)[1]) for l in out.splitlines()
                    if l.startswith(name + " ") or l.startswith(name + "{"))
 
-    def start(self, mode, backends):
-        self.write(mode, backends)
+    def start(self, mode, backends, extra=()):
+        self.write(mode, backends, extra)
         self.proc = spawn(self.binary, "run", "--config", self.path, ns=self.ns, log=self.log)
         deadline = time.time() + 20
         while self.metric("xlb_snapshot_generation") < 1:
@@ -188,9 +192,9 @@ class Gateway:
             expect(time.time() < deadline, f"xlb on {self.name} did not start")
             time.sleep(0.05)
 
-    def reload(self, mode, backends):
+    def reload(self, mode, backends, extra=()):
         before = self.metric("xlb_snapshot_generation")
-        self.write(mode, backends)
+        self.write(mode, backends, extra)
         deadline = time.time() + 10
         while self.metric("xlb_snapshot_generation") <= before:
             expect(time.time() < deadline, f"{self.name} did not apply the edit")
@@ -292,6 +296,55 @@ def dsr_backend_joins(g1, _g2):
     return {"download": got, "answers_after": seen}
 
 
+def pcap_packets(path):
+    """The frames of a classic pcap file."""
+    with open(path, "rb") as f:
+        data = f.read()
+    at, out = 24, []
+    while at + 16 <= len(data):
+        caplen = int.from_bytes(data[at + 8:at + 12], "little")
+        out.append(data[at + 16:at + 16 + caplen])
+        at += 16 + caplen
+    return out
+
+
+def ipip_captured(g1, _g2):
+    """dsr with IP-in-IP: this kernel cannot decapsulate, so the frames are captured at the
+    backends and read: outer header from the gateway to the backend, protocol 4, and inside
+    it the client's SYN to the VIP, unchanged."""
+    g1.stop()
+    g1.start("dsr", ["b1", "b2"], ["dsr: { encapsulation: ipip, ipv4: 198.18.50.2 }"])
+    route_vip("g1")
+    work = os.path.dirname(g1.path)
+    captures = {}
+    for b in ("b1", "b2"):
+        path = os.path.join(work, f"{b}.pcap")
+        captures[b] = (path, subprocess.Popen(
+            ["ip", "netns", "exec", f"{P}-{b}", "timeout", "10", "tcpdump", "-i", "n0", "-U", "-w", path,
+             "ip proto 4"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    time.sleep(1)
+    for port in range(42000, 42006):
+        subprocess.run(["ip", "netns", "exec", C, "curl", "-s", "--max-time", "0.3", "--local-port", str(port),
+                        f"http://{VIP}/name"], capture_output=True, timeout=10)
+    time.sleep(0.5)
+    seen = {}
+    for b, (path, proc) in captures.items():
+        proc.terminate()
+        proc.wait(timeout=10)
+        for frame in pcap_packets(path):
+            outer, inner = frame[14:34], frame[34:]
+            expect(frame[12:14] == b"\x08\x00" and outer[9] == 4, f"not IP-in-IP: {frame[:40].hex()}")
+            expect(outer[12:16] == bytes(map(int, GATEWAYS["g1"].split("."))) and
+                   outer[16:20] == bytes(map(int, BACKENDS[b].split("."))), f"outer header {outer.hex()}")
+            expect(inner[9] == 6 and inner[12:16] == bytes(map(int, CLIENT.split("."))) and
+                   inner[16:20] == bytes(map(int, VIP.split("."))), f"inner header {inner[:20].hex()}")
+            tcp = inner[(inner[0] & 15) * 4:]
+            expect(int.from_bytes(tcp[2:4], "big") == 80 and tcp[13] & 0x02, f"inner segment {tcp[:20].hex()}")
+            seen[b] = seen.get(b, 0) + 1
+    expect(sum(seen.values()) >= 6, f"captured IP-in-IP frames: {seen}")
+    return {"captured": seen}
+
+
 def moved(mode):
     def scenario(g1, g2):
         if g2.backends != g1.backends:
@@ -339,7 +392,8 @@ def main():
             ("dsr", [("gateways-agree-and-a-backend-added-first-moves-a-third", gateways_agree),
                      ("dsr-replies-bypass-the-gateway", dsr_replies_bypass),
                      ("dsr-download-lives-through-a-backend-joining", dsr_backend_joins),
-                     ("dsr-download-moves-to-the-other-gateway", moved("dsr"))]),
+                     ("dsr-download-moves-to-the-other-gateway", moved("dsr")),
+                     ("dsr-ipip-frames-captured-at-the-backends", ipip_captured)]),
             ("dnat", [("dnat-download-moves-to-the-other-gateway", moved("dnat"))]),
         ):
             # dnat: the backends' replies go back through g1 (their route to the client).
