@@ -11,7 +11,8 @@ test, four backend namespaces whose interfaces count and drop what they receive 
              protocol and port; per-Service chains with `numgen random mod N` verdict maps)
   bare       an AF_XDP forwarder that rewrites to one backend with no lookup (the floor)
   xlb        xlb, dnat mode against the rules without masquerade, snat mode against the rules
-             masquerading every client (kube-proxy's treatment of off-cluster clients)
+             masquerading every client (kube-proxy's treatment of off-cluster clients), and
+             dsr mode (frames to the backend unchanged but for Ethernet; xlb's alone)
 
 with established flows (4096 flows cycled) and with a new flow per packet (12 million source
 address/port pairs). Placement, the same for every contender: the generator on core 0 (and
@@ -151,7 +152,9 @@ def xlb_config(svcs, mode, ifaces):
     lines.append("services:")
     backends = ", ".join(f"{{ address: {b} }}" for b in BACKENDS)
     for n, (vip, ports) in enumerate(by_vip.items()):
-        ps = ", ".join(f"{{ port: {p}, protocol: udp, target_port: {BACKEND_PORT} }}" for p in ports)
+        # dsr sends packets unchanged: the backends serve the Service port itself.
+        target = "" if mode == "dsr" else f", target_port: {BACKEND_PORT}"
+        ps = ", ".join(f"{{ port: {p}, protocol: udp{target} }}" for p in ports)
         lines.append(f"  - {{ name: s{n}, vip: {vip}, ports: [{ps}], backends: [{backends}] }}")
     return "\n".join(lines) + "\n"
 
@@ -255,6 +258,8 @@ def main():
     ap.add_argument("--services", default="1,1000,10000,100000")
     ap.add_argument("--seconds", type=float, default=4)
     ap.add_argument("--contenders", default="iptables,nftables,bare,xlb")
+    ap.add_argument("--modes", default="dnat,snat,dsr",
+                    help="dsr: xlb only (the kernel's dataplanes and the bare forwarder have none)")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench/results"))
     ap.add_argument("--install-timeout", type=float, default=900,
                     help="seconds a rule install may take before the contender is reported as not installed")
@@ -274,9 +279,12 @@ def main():
         ifaces = ", ".join(["n0", "n1", "n2", "n3", "n4"])
         for n in counts:
             svcs, n_vips, per_vip = services(n)
-            for mode in ("dnat", "snat"):
+            for mode in args.modes.split(","):
                 for who in contenders:
                     if who == "bare" and (mode == "snat" or n != counts[0]):
+                        continue
+                    # Direct server return is xlb's alone.
+                    if mode == "dsr" and who != "xlb":
                         continue
                     proc = None
                     if who in ("iptables", "nftables"):
