@@ -366,21 +366,28 @@ pub fn decide(
     random: u64,
     counters: &mut Counters,
 ) -> Verdict {
-    match parsed.class {
-        Class::Fragment(f) if !f.first => follow_first_fragment(env, parsed)
-            .unwrap_or(Verdict::Drop(DecideDrop::FragmentBeforeFirst)),
-        Class::Fragment(f) => {
-            let verdict = decide_packet(env, parsed, hash, random, counters);
-            let key = FragmentKey::of(&parsed.key, f.id);
-            env.fragments.record(&key, &verdict, env.now);
-            verdict
+    if let Class::Fragment(f) = parsed.class {
+        if !f.first {
+            return follow_first_fragment(env, parsed)
+                .unwrap_or(Verdict::Drop(DecideDrop::FragmentBeforeFirst));
         }
-        _ => decide_packet(env, parsed, hash, random, counters),
     }
+    let verdict = decide_packet(env, parsed, hash, random, counters);
+    if let Class::Fragment(f) = parsed.class {
+        record_first_fragment(env, parsed, f.id, &verdict);
+    }
+    verdict
+}
+
+#[cold]
+fn record_first_fragment(env: &Env<'_>, parsed: &Parsed, id: u32, verdict: &Verdict) {
+    env.fragments
+        .record(&FragmentKey::of(&parsed.key, id), verdict, env.now);
 }
 
 /// The translation of the first fragment of `parsed`'s datagram (a fragment after the
 /// first), if it was seen.
+#[cold]
 #[must_use]
 pub fn follow_first_fragment(env: &Env<'_>, parsed: &Parsed) -> Option<Verdict> {
     let Class::Fragment(f) = parsed.class else {

@@ -788,6 +788,7 @@ impl<'a> Context<'a> {
     /// or dropped where there is none. A TCP or UDP checksum its sender left unfinished
     /// (offload) is finished first: the kernel that receives the frame from the link cannot
     /// know it is unfinished, and neither can the host it forwards it to.
+    #[cold]
     fn hand_back(
         &mut self,
         buf: &mut [u8],
