@@ -89,9 +89,13 @@ fuzz: deps toolchain
 
 # Everything: formatting, lints, the dataplane alone without test utilities, every test, the
 # loom models, the manifests and a short fuzz run.
+# Kernel tests (root, BPF, network namespaces) are #[ignore]d, so that a run without root
+# reports them as ignored rather than passed; as root, make test runs them too.
+KERNEL_TESTS := $(shell [ "$$(id -u)" = 0 ] && echo "-- --include-ignored")
+
 test: lint
 	$(CARGO) check -p xlb-dataplane
-	$(CARGO) test --workspace
+	$(CARGO) test --workspace $(KERNEL_TESTS)
 	$(MAKE) --no-print-directory loom
 	$(MAKE) --no-print-directory manifests
 	$(MAKE) --no-print-directory fuzz

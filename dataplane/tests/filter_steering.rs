@@ -244,6 +244,7 @@ fn cases() -> Vec<(&'static str, Vec<u8>, FilterAction)> {
 }
 
 #[test]
+#[ignore = "kernel test (root, BPF, network namespaces): make test runs it as root"]
 fn the_filter_steers_service_traffic_replies_and_malformed_packets_to_a_vip_and_passes_the_rest() {
     let Some(mut filter) = filter_or_skip() else {
         return;
@@ -264,6 +265,7 @@ fn the_filter_steers_service_traffic_replies_and_malformed_packets_to_a_vip_and_
 /// (neighbour discovery, MLD) stay the kernel's. Other ports are unchanged. The loopback
 /// port (ifindex 1) stands in for the link.
 #[test]
+#[ignore = "kernel test (root, BPF, network namespaces): make test runs it as root"]
 fn on_a_nodes_link_every_unicast_ip_packet_is_xlbs_and_multicast_and_link_local_are_not() {
     use FilterAction::{Pass, Steer};
     let Some(filter) = filter_or_skip() else {
