@@ -65,7 +65,8 @@ pub struct Config {
     #[serde(default)]
     pub services: Vec<ServiceConfig>,
     /// The Kubernetes source: Services and EndpointSlices from the API server (beside the
-    /// file's `services`, which keep their keys if both name one).
+    /// file's `services`; a key both name stays with its first claimant, the other's claim
+    /// waiting until it is let go).
     #[serde(default)]
     pub kubernetes: Option<KubernetesConfig>,
     /// A number the file's editor may carry: `xlb_config_generation` shows it once the file

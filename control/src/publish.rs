@@ -1,8 +1,10 @@
 //! Publication: changes from the sources become live snapshots, one atomic swap each.
 //!
 //! Owns: the one [`Builder`] every source shares, which source owns each Service key (the
-//! file and Kubernetes may both be configured; a key both want stays the file's, and the
-//! Kubernetes one is reported as a conflict), the steering of the XDP filter in step with
+//! file and Kubernetes may both be configured; a key both want stays with the source that
+//! claimed it first, and the other's claim is reported as a conflict and kept waiting: when
+//! the owner lets the key go, the waiting claim is published in the same snapshot), the
+//! steering of the XDP filter in step with
 //! each snapshot (new keys before the swap, stale ones after), and the generation count.
 //! A published snapshot is never changed afterwards; readers never wait.
 //!
@@ -82,6 +84,9 @@ pub struct Publisher {
     builder: Builder,
     steering: Steering,
     owners: hashbrown::HashMap<ServiceKey, Source>,
+    /// Claims refused because another source owns the key: the latest of each, published
+    /// as soon as the owner lets the key go.
+    waiting: hashbrown::HashMap<ServiceKey, (Source, DesiredService)>,
     tables: Arc<ArcSwap<Tables>>,
     generation: u64,
 }
@@ -94,6 +99,7 @@ impl Publisher {
             builder: Builder::default(),
             steering: Steering::new(config),
             owners: hashbrown::HashMap::new(),
+            waiting: hashbrown::HashMap::new(),
             generation: tables.load().snapshot.generation(),
             tables,
         }
@@ -190,9 +196,16 @@ impl Publisher {
             generation: self.generation,
             ..Published::default()
         };
-        change
-            .remove
-            .retain(|k| self.owners.get(k) == Some(&source));
+        // A removal of a key this source does not own withdraws its waiting claim, if any.
+        change.remove.retain(|k| {
+            if self.owners.get(k) == Some(&source) {
+                return true;
+            }
+            if self.waiting.get(k).is_some_and(|(s, _)| *s == source) {
+                self.waiting.remove(k);
+            }
+            false
+        });
         change.upsert.retain(|d| {
             let k = key(d);
             match self.owners.get(&k) {
@@ -201,11 +214,22 @@ impl Publisher {
                         "{}: {} {} is already served from the {owner:?} source",
                         d.name, k.proto, k.vip
                     ));
+                    self.waiting.insert(k, (source, d.clone()));
                     false
                 }
                 _ => true,
             }
         });
+        // A key let go with another source's claim waiting: that claim, now.
+        let mut promoted = hashbrown::HashMap::new();
+        for k in &change.remove {
+            if let Some((waiter, d)) = self.waiting.remove(k) {
+                if waiter != source {
+                    promoted.insert(*k, waiter);
+                    change.upsert.push(d);
+                }
+            }
+        }
         if change.is_empty() {
             return Ok(out);
         }
@@ -218,7 +242,9 @@ impl Publisher {
             self.owners.remove(k);
         }
         for s in &applied.added {
-            self.owners.insert(s.spec().key, source);
+            let k = s.spec().key;
+            self.owners
+                .insert(k, promoted.get(&k).copied().unwrap_or(source));
         }
         out.stats = self.builder.last_build();
         out.failed = applied.failed;
@@ -275,7 +301,7 @@ services:
     }
 
     #[test]
-    fn the_file_wins_a_key_both_sources_want_and_each_source_removes_only_its_own() {
+    fn a_key_both_sources_want_stays_with_its_first_claimant_and_passes_to_the_other_when_let_go() {
         let config = Config::parse(FILE).unwrap();
         let mut p = publisher(&config);
         let mut steer = Recorded::default();
@@ -300,10 +326,34 @@ services:
         assert_eq!(published.generation, 2);
         let snapshot = p.snapshot();
         assert_eq!(snapshot.len(), 2, "the file's Service stays, port 81 joins");
-        // The file dropping its Service removes only that one.
+        // The file dropping its Service hands the key to Kubernetes' waiting claim at once
+        // (issue 16), in the same snapshot.
         let published = p.publish_file(Vec::new(), &mut steer).unwrap();
         assert_eq!(published.stats.removed, 1);
-        assert_eq!(p.snapshot().len(), 1);
+        assert_eq!(published.generation, 3);
+        assert_eq!(p.snapshot().len(), 2);
+        let served = p.snapshot();
+        let web = served
+            .service(&key(&file[0]))
+            .expect("Kubernetes' claim is live");
+        let origin = web.spec().origin.get::<DesiredService>().unwrap();
+        assert_eq!(origin.name, "default/web:");
+        // Now Kubernetes owns it: its removal removes it, and the file's claim would wait.
+        let published = p.publish_file(file.clone(), &mut steer).unwrap();
+        assert_eq!(published.conflicts.len(), 1, "the file waits now");
+        let gone = Change {
+            remove: vec![key(&file[0])],
+            upsert: Vec::new(),
+        };
+        p.publish_kubernetes(gone, &mut steer).unwrap();
+        let origin = p.snapshot();
+        let web = origin
+            .service(&key(&file[0]))
+            .expect("the file's claim is live");
+        assert_eq!(
+            web.spec().origin.get::<DesiredService>().unwrap().name,
+            "services[0] (web)"
+        );
     }
 
     #[test]
