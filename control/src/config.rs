@@ -61,6 +61,12 @@ pub struct Config {
     /// Where the admin HTTP server listens.
     #[serde(default = "default_admin")]
     pub admin: SocketAddr,
+    /// The Maglev table size of every Service that names none (the file's `table_size`, the
+    /// `xlb.io/maglev-table-size` annotation): a prime from 251 to 131071. Without it, a
+    /// Service's table grows with its backend count, and a table of another size moves most
+    /// flows: gateways behind ECMP should fix it (65537 as Katran). At the next start.
+    #[serde(default)]
+    pub maglev_table_size: Option<u32>,
     /// The Services.
     #[serde(default)]
     pub services: Vec<ServiceConfig>,
@@ -435,6 +441,13 @@ impl Config {
         }
         if self.interfaces.len() > MAX_INTERFACES {
             return fail(format!("interfaces: at most {MAX_INTERFACES}"));
+        }
+        if let Some(m) = self.maglev_table_size {
+            if !xlb_dataplane::lb::maglev::is_valid_table_size(m) {
+                return fail(format!(
+                    "maglev_table_size: {m} is not a prime from 251 to 131071"
+                ));
+            }
         }
         if self.cores.is_empty() {
             return fail("cores: at least one core is needed".into());

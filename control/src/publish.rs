@@ -96,7 +96,7 @@ impl Publisher {
     #[must_use]
     pub fn new(config: &Config, tables: Arc<ArcSwap<Tables>>) -> Self {
         Self {
-            builder: Builder::default(),
+            builder: Builder::for_config(config),
             steering: Steering::new(config),
             owners: hashbrown::HashMap::new(),
             waiting: hashbrown::HashMap::new(),

@@ -88,9 +88,22 @@ pub struct Builder {
     /// foldhash: std's SipHash was 17% of a 100 000-Service rebuild).
     built: hashbrown::HashMap<ServiceKey, Arc<DesiredService>>,
     last: BuildStats,
+    /// The Maglev table size of Services that name none (`maglev_table_size`); none: the
+    /// automatic size.
+    table_size: Option<u32>,
 }
 
 impl Builder {
+    /// A builder giving Services that name no Maglev table size `config`'s
+    /// `maglev_table_size`.
+    #[must_use]
+    pub fn for_config(config: &Config) -> Self {
+        Self {
+            table_size: config.maglev_table_size,
+            ..Self::default()
+        }
+    }
+
     /// What the last build did.
     #[must_use]
     pub fn last_build(&self) -> BuildStats {
@@ -248,7 +261,13 @@ pub fn translate(
 /// # Errors
 /// A [`ConfigError`] naming a Service the dataplane refused.
 pub fn snapshot_of(config: &Config) -> Result<Snapshot, ConfigError> {
-    translate(config, &mut Builder::default(), &Snapshot::default(), 1).map(|a| a.snapshot)
+    translate(
+        config,
+        &mut Builder::for_config(config),
+        &Snapshot::default(),
+        1,
+    )
+    .map(|a| a.snapshot)
 }
 
 /// Builds the snapshot numbered `generation` holding exactly `desired`, from `base` (the
@@ -352,7 +371,7 @@ fn spec(d: &Arc<DesiredService>, ids: &mut Builder) -> ServiceSpec {
         NoBackendConfig::Reject => NoBackend::Reject,
         NoBackendConfig::Drop => NoBackend::Drop,
     };
-    spec.table_size = d.table_size;
+    spec.table_size = d.table_size.or(ids.table_size);
     spec.origin = Origin::new(Arc::clone(d));
     if !d.source_ranges.is_empty() {
         spec.source_ranges = Some(Arc::new(PrefixMap::new(
@@ -527,5 +546,35 @@ services:
             1,
             "only the UDP Service was taken (table size 251), nothing of the refused edit"
         );
+    }
+
+    /// Issue 14's finding: the automatic table size grows with the backend count (and a new
+    /// size moves most flows); `maglev_table_size` fixes it for every Service that names
+    /// none, and a Service's own size still wins.
+    #[test]
+    fn maglev_table_size_is_the_size_of_every_service_that_names_none() {
+        let text = "
+interfaces: [a]
+maglev_table_size: 4093
+services:
+  - { name: a, vip: 198.18.64.1, ports: [{ port: 80 }], backends: [{ address: 198.18.128.1 }] }
+  - { name: b, vip: 198.18.64.2, ports: [{ port: 80 }], backends: [{ address: 198.18.128.1 }], table_size: 251 }
+";
+        let config = Config::parse(text).unwrap();
+        let snapshot = snapshot_of(&config).unwrap();
+        let size = |vip: [u8; 4]| {
+            let key = ServiceKey {
+                vip: Endpoint::new(vip.into(), 80),
+                proto: IpProto::TCP,
+            };
+            snapshot.service(&key).unwrap().spec().table_size
+        };
+        assert_eq!(size([198, 18, 64, 1]), Some(4093));
+        assert_eq!(size([198, 18, 64, 2]), Some(251));
+        let bad = text.replace("4093", "4096");
+        assert!(Config::parse(&bad)
+            .unwrap_err()
+            .0
+            .contains("maglev_table_size: 4096 is not a prime"));
     }
 }
