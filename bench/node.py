@@ -41,6 +41,9 @@ sys.path.insert(0, os.path.join(ROOT, "deploy", "acceptance"))
 import node as topo  # noqa: E402
 from acceptance import run, spawn  # noqa: E402
 
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+from e2e import busy  # noqa: E402  (core 1's and all cores' busy ticks)
+
 XLB = os.path.join(ROOT, "target/release/xlb")
 PKTGEN = os.path.join(ROOT, "target/release/xlb-pktgen")
 UDP_VIP, ECHO_VIP = "198.18.100.1", "198.18.100.2"
@@ -104,18 +107,6 @@ def nft_rules():
 	}}{svc("udp", topo.pod4("b2"), 5353, "udp")}{svc("echo", topo.pod4("b1"), 9000, "tcp")}
 }}
 """
-
-
-def busy():
-    """Busy USER_HZ ticks of cpu1 and of all cpus."""
-    out = {}
-    with open("/proc/stat") as f:
-        for line in f:
-            parts = line.split()
-            if parts[0] in ("cpu", "cpu1"):
-                v = [int(x) for x in parts[1:]]
-                out[parts[0]] = v[0] + v[1] + v[2] + v[5] + v[6] + v[7]
-    return out["cpu1"], out["cpu"]
 
 
 def delivered():

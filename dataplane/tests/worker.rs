@@ -93,6 +93,16 @@ fn rig_with(
     hops: NextHops,
     snat: Option<xlb_dataplane::lb::decide::SnatPool>,
 ) -> Rig {
+    rig_adjusted(services, hops, snat, |worker| worker)
+}
+
+/// A rig whose worker `adjust` configures further (dsr, a node's link).
+fn rig_adjusted(
+    services: Vec<Arc<Service>>,
+    hops: NextHops,
+    snat: Option<xlb_dataplane::lb::decide::SnatPool>,
+    adjust: impl FnOnce(Worker<MemFrame>) -> Worker<MemFrame>,
+) -> Rig {
     let tables = Arc::new(ArcSwap::from_pointee(Tables {
         snapshot: Arc::new(Snapshot::new(1, services).unwrap()),
         hops,
@@ -108,7 +118,7 @@ fn rig_with(
     let stats = Arc::new(WorkerStats::new(2));
     Rig {
         io: MemRing::new(2, FRAMES, 2048, 4096),
-        worker: Worker::new(shared, 2, snat, Arc::clone(&stats), 7),
+        worker: adjust(Worker::new(shared, 2, snat, Arc::clone(&stats), 7)),
         reports,
         tables,
         stats,
@@ -486,17 +496,9 @@ fn with_a_node_link_packets_that_are_the_kernels_are_handed_back_through_it_unch
         src_mac: NODE_OUT_MAC,
         dst_mac: MacAddr([2, 0, 0, 0, 9, 9]),
     };
-    let mut rig = rig(vec![service(&[1])], hops(&[1]));
-    rig.worker = {
-        let shared = Shared {
-            tables: Arc::clone(&rig.tables),
-            flows: Arc::new(FlowTable::new(4096, Timeouts::default())),
-            clock: Clock::start(),
-            reports: Arc::clone(&rig.reports),
-            fragments: Arc::default(),
-        };
-        Worker::new(shared, 2, None, Arc::clone(&rig.stats), 7).handing_back(link)
-    };
+    let mut rig = rig_adjusted(vec![service(&[1])], hops(&[1]), None, |w| {
+        w.handing_back(link)
+    });
     let other = pkt()
         .eth(CLIENT_MAC, NODE_MAC)
         .ipv4(CLIENT, ROUTER)
@@ -590,17 +592,9 @@ fn a_fragment_ahead_of_its_first_is_held_until_it_comes_or_dropped_after_a_secon
 /// its IP packet untouched (the VIP stays its destination: the backend holds it).
 #[test]
 fn in_dsr_mode_a_packet_leaves_for_its_backends_mac_with_its_ip_packet_unchanged() {
-    let mut rig = rig(vec![service(&[1])], hops(&[1]));
-    rig.worker = {
-        let shared = Shared {
-            tables: Arc::clone(&rig.tables),
-            flows: Arc::new(FlowTable::new(4096, Timeouts::default())),
-            clock: Clock::start(),
-            reports: Arc::clone(&rig.reports),
-            fragments: Arc::default(),
-        };
-        Worker::new(shared, 2, None, Arc::clone(&rig.stats), 7).direct_server_return()
-    };
+    let mut rig = rig_adjusted(vec![service(&[1])], hops(&[1]), None, |w| {
+        w.direct_server_return()
+    });
     let frame = syn(40000);
     rig.io.inject(CLIENT_PORT, &frame);
     rig.worker.poll(&mut rig.io);

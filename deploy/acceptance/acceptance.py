@@ -73,6 +73,20 @@ class Failure(Exception):
     pass
 
 
+def remove_namespaces(prefix):
+    """Kills what runs in every namespace named `prefix-*` and deletes them (their veths and
+    XDP programs go with them)."""
+    for line in run("ip", "netns", "list", check=False).splitlines():
+        ns = line.split()[0] if line.split() else ""
+        if ns.startswith(prefix + "-"):
+            for pid in run("ip", "netns", "pids", ns, check=False).split():
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except OSError:
+                    pass
+            run("ip", "netns", "del", ns, check=False)
+
+
 def expect(condition, message):
     if not condition:
         raise Failure(message)

@@ -33,7 +33,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from acceptance import Failure, expect, run, spawn  # noqa: E402
+from acceptance import Failure, expect, remove_namespaces, run, spawn  # noqa: E402
 
 P = f"xlbg{os.getpid() % 100000}"
 R, C = f"{P}-r", f"{P}-c"
@@ -131,15 +131,7 @@ def route_vip(gateway):
 
 
 def teardown():
-    for line in run("ip", "netns", "list", check=False).splitlines():
-        ns = line.split()[0] if line.split() else ""
-        if ns.startswith(P + "-"):
-            for pid in run("ip", "netns", "pids", ns, check=False).split():
-                try:
-                    os.kill(int(pid), signal.SIGKILL)
-                except OSError:
-                    pass
-            run("ip", "netns", "del", ns, check=False)
+    remove_namespaces(P)
 
 
 class Gateway:

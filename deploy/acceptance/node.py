@@ -37,7 +37,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from acceptance import Failure, expect, run, spawn  # noqa: E402
+from acceptance import Failure, expect, remove_namespaces, run, spawn  # noqa: E402
 
 P = f"xlbn{os.getpid() % 100000}"
 NODE_A, NODE_B = f"{P}-a", f"{P}-b"
@@ -193,16 +193,7 @@ def build():
 
 
 def teardown():
-    for line in run("ip", "netns", "list", check=False).splitlines():
-        ns = line.split()[0] if line.split() else ""
-        if ns.startswith(P + "-"):
-            pids = run("ip", "netns", "pids", ns, check=False).split()
-            for pid in pids:
-                try:
-                    os.kill(int(pid), signal.SIGKILL)
-                except OSError:
-                    pass
-            run("ip", "netns", "del", ns, check=False)
+    remove_namespaces(P)
 
 
 def config(path, workers=1, remote=("b1",)):
