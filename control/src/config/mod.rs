@@ -2,7 +2,8 @@
 //!
 //! Owns: the schema (documented with a commented example in `deploy/examples/xlb.yaml`),
 //! parse errors that name the line, column and field, and semantic checks that name the field
-//! path (in [`validate`], apart: the schema is read as a reference, the checks as rules). It produces a [`Config`]; turning its Services into a snapshot is `translate`'s job.
+//! path (in the `validate` submodule, apart: the schema is read as a reference, the checks as
+//! rules). It produces a [`Config`]; turning its Services into a snapshot is `translate`'s job.
 //!
 //! Must not know: packet bytes, workers, the kernel.
 
