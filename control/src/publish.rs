@@ -87,6 +87,9 @@ pub struct Publisher {
     /// Claims refused because another source owns the key: the latest of each, published
     /// as soon as the owner lets the key go.
     waiting: hashbrown::HashMap<ServiceKey, (Source, DesiredService)>,
+    /// dsr mode: a Service whose backends serve another port than its own cannot be served
+    /// (packets are not rewritten).
+    dsr: bool,
     tables: Arc<ArcSwap<Tables>>,
     generation: u64,
 }
@@ -100,6 +103,7 @@ impl Publisher {
             steering: Steering::new(config),
             owners: hashbrown::HashMap::new(),
             waiting: hashbrown::HashMap::new(),
+            dsr: config.mode == crate::config::ModeConfig::Dsr,
             generation: tables.load().snapshot.generation(),
             tables,
         }
@@ -220,6 +224,21 @@ impl Publisher {
                 _ => true,
             }
         });
+        // dsr sends packets unchanged: a backend must serve the Service's own port (the
+        // file's are checked when it is read; Kubernetes' targetPort may differ).
+        if self.dsr {
+            change.upsert.retain(|d| {
+                let moved = d.backends.iter().find(|b| b.port != d.port);
+                if let Some(b) = moved {
+                    out.failed.push(ConfigError(format!(
+                        "{}: backend {} serves port {}, not the Service's {}: dsr mode cannot \
+                         change ports",
+                        d.name, b.address, b.port, d.port
+                    )));
+                }
+                moved.is_none()
+            });
+        }
         // A key let go with another source's claim waiting: that claim, now.
         let mut promoted = hashbrown::HashMap::new();
         for k in &change.remove {
@@ -247,7 +266,7 @@ impl Publisher {
                 .insert(k, promoted.get(&k).copied().unwrap_or(source));
         }
         out.stats = self.builder.last_build();
-        out.failed = applied.failed;
+        out.failed.extend(applied.failed);
         if applied.added.is_empty() && applied.removed.is_empty() {
             return Ok(out);
         }
@@ -366,5 +385,28 @@ services:
         let again = p.publish_file(config.desired(), &mut steer).unwrap();
         assert_eq!(again.generation, 1);
         assert!(Arc::ptr_eq(&before, &p.snapshot()));
+    }
+
+    /// Issue 14: in dsr mode a Kubernetes Service whose targetPort differs from its port is
+    /// refused (reported, the others published): its packets would reach a port nobody serves.
+    #[test]
+    fn dsr_refuses_a_service_whose_backends_serve_another_port() {
+        let config = Config::parse(&format!("mode: dsr\n{FILE}")).unwrap();
+        let mut p = publisher(&config);
+        let mut steer = NoSteering;
+        let good = config.desired()[0].clone();
+        let mut moved = good.clone();
+        moved.name = "default/moved:".into();
+        moved.port = 81;
+        let change = Change {
+            remove: Vec::new(),
+            upsert: vec![good, moved],
+        };
+        let published = p.publish_kubernetes(change, &mut steer).unwrap();
+        assert_eq!(published.failed.len(), 1);
+        assert!(published.failed[0]
+            .0
+            .contains("dsr mode cannot change ports"));
+        assert_eq!(p.snapshot().len(), 1, "the other Service is published");
     }
 }
