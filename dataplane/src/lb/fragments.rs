@@ -4,10 +4,12 @@
 //! Owns: a small fixed array of slots shared by every worker (the first fragment may arrive on
 //! one worker's queue and the rest on another's: NICs hash fragments by addresses only),
 //! keyed by (family, protocol, source, destination, IP identification), each slot holding the
-//! verdict to repeat and the second it was recorded. A slot is found by hash, direct-mapped:
-//! a newer datagram whose key maps to a taken slot replaces it (the older one's remaining
-//! fragments then go unmatched: counted by the caller). Entries are good for
-//! [`FRAGMENT_SECONDS`], as long as the kernel waits to reassemble (`ipfrag_time`).
+//! verdict to repeat and the second it was recorded. A datagram's set of [`WAYS`] slots is
+//! found by hash; a new record takes a free or expired slot of the set, or else its oldest
+//! (whose remaining fragments then go unmatched: counted by the caller). Four ways, not one:
+//! with one slot per hash, datagrams in flight at once collided often enough to lose one in a
+//! few thousand. Entries are good for [`FRAGMENT_SECONDS`], as long as the kernel waits to
+//! reassemble (`ipfrag_time`).
 //!
 //! Must not know: packet bytes, sockets, threads.
 //!
@@ -30,6 +32,9 @@ pub const FRAGMENT_SECONDS: Second = 30;
 
 /// The default number of slots: datagrams in flight at once, across all workers.
 pub const FRAGMENT_SLOTS: usize = 4096;
+
+/// Slots per set.
+pub const WAYS: usize = 4;
 
 /// Words per slot: key (2 + 2 address words and one of family, protocol, kind, id), the
 /// second and the two ports, and two endpoint addresses (2 words each).
@@ -91,6 +96,7 @@ impl Slot {
 /// The table. See the module documentation.
 pub struct Fragments {
     slots: Box<[Slot]>,
+    /// Sets - 1 (a power of two less one).
     mask: usize,
 }
 
@@ -109,21 +115,21 @@ impl Default for Fragments {
 }
 
 impl Fragments {
-    /// A table of at least `slots` slots (a power of two).
+    /// A table of at least `slots` slots, in sets of [`WAYS`] (a power of two of them).
     #[must_use]
     pub fn new(slots: usize) -> Self {
-        let n = slots.max(1).next_power_of_two();
+        let sets = slots.div_ceil(WAYS).max(1).next_power_of_two();
         Self {
-            slots: (0..n).map(|_| Slot::new()).collect(),
-            mask: n - 1,
+            slots: (0..sets * WAYS).map(|_| Slot::new()).collect(),
+            mask: sets - 1,
         }
     }
 
-    fn slot(&self, key: &FragmentKey) -> &Slot {
+    fn set(&self, key: &FragmentKey) -> &[Slot] {
         // The mask keeps the index in range; the truncation only drops hash bits.
         #[allow(clippy::cast_possible_truncation)]
         let at = (key.hash() as usize) & self.mask;
-        &self.slots[at]
+        &self.slots[at * WAYS..(at + 1) * WAYS]
     }
 
     /// Records that the datagram `key`'s first fragment got `verdict` at `now`. Only
@@ -132,7 +138,29 @@ impl Fragments {
         let Some(words) = encode(key, verdict, now) else {
             return;
         };
-        let slot = self.slot(key);
+        // The datagram's own slot if it has one, else a free or expired one, else the
+        // oldest.
+        let set = self.set(key);
+        let mut chosen = 0;
+        let mut oldest = Second::MAX;
+        for (i, slot) in set.iter().enumerate() {
+            match read(slot) {
+                Some(w) if same_datagram(key, &w) => {
+                    chosen = i;
+                    break;
+                }
+                Some(w) if now.wrapping_sub(recorded_at(&w)) <= FRAGMENT_SECONDS => {
+                    if recorded_at(&w) < oldest {
+                        (chosen, oldest) = (i, recorded_at(&w));
+                    }
+                }
+                // Free, expired, or being written (taken just after, or skipped below).
+                _ => {
+                    (chosen, oldest) = (i, 0);
+                }
+            }
+        }
+        let slot = &set[chosen];
         let seq = slot.seq.load(Ordering::Relaxed);
         // Acquire: the words written below cannot move before the slot is taken.
         if seq & 1 == 1
@@ -162,23 +190,42 @@ impl Fragments {
     /// [`FRAGMENT_SECONDS`] of `now`.
     #[must_use]
     pub fn lookup(&self, key: &FragmentKey, now: Second) -> Option<Verdict> {
-        let slot = self.slot(key);
-        // Acquire: pairs with the writer's final Release store.
-        let before = slot.seq.load(Ordering::Acquire);
-        if before & 1 == 1 || before == 0 {
-            return None;
-        }
-        let mut words = [0u64; WORDS];
-        for (out, word) in words.iter_mut().zip(&slot.words) {
-            *out = word.load(Ordering::Relaxed);
-        }
-        // Acquire: the loads above complete before the sequence word is read again.
-        fence(Ordering::Acquire);
-        if slot.seq.load(Ordering::Relaxed) != before {
-            return None;
-        }
-        decode(key, &words, now)
+        self.set(key)
+            .iter()
+            .filter_map(read)
+            .find(|w| same_datagram(key, w))
+            .and_then(|w| decode(key, &w, now))
     }
+}
+
+/// A slot's words, if it holds a record that no writer is changing.
+fn read(slot: &Slot) -> Option<[u64; WORDS]> {
+    // Acquire: pairs with the writer's final Release store.
+    let before = slot.seq.load(Ordering::Acquire);
+    if before & 1 == 1 || before == 0 {
+        return None;
+    }
+    let mut words = [0u64; WORDS];
+    for (out, word) in words.iter_mut().zip(&slot.words) {
+        *out = word.load(Ordering::Relaxed);
+    }
+    // Acquire: the loads above complete before the sequence word is read again.
+    fence(Ordering::Acquire);
+    (slot.seq.load(Ordering::Relaxed) == before).then_some(words)
+}
+
+/// The second a record was made.
+fn recorded_at(w: &[u64; WORDS]) -> Second {
+    // The top half of the word holds the second.
+    (w[5] >> 32) as Second
+}
+
+/// Whether the record `w` is the datagram `key`'s.
+fn same_datagram(key: &FragmentKey, w: &[u64; WORDS]) -> bool {
+    let kind = (w[0] >> 40) & 0xff;
+    let [s0, s1] = halves(&key.src);
+    let [d0, d1] = halves(&key.dst);
+    w[0] == head(key, kind) && [w[1], w[2], w[3], w[4]] == [s0, s1, d0, d1]
 }
 
 /// Verdict kinds as stored.
@@ -235,16 +282,10 @@ fn encode(key: &FragmentKey, verdict: &Verdict, now: Second) -> Option<[u64; WOR
 }
 
 fn decode(key: &FragmentKey, w: &[u64; WORDS], now: Second) -> Option<Verdict> {
+    if !same_datagram(key, w) || now.wrapping_sub(recorded_at(w)) > FRAGMENT_SECONDS {
+        return None;
+    }
     let kind = (w[0] >> 40) & 0xff;
-    let [s0, s1] = halves(&key.src);
-    let [d0, d1] = halves(&key.dst);
-    if w[0] != head(key, kind) || [w[1], w[2], w[3], w[4]] != [s0, s1, d0, d1] {
-        return None;
-    }
-    let at = (w[5] >> 32) as Second;
-    if now.wrapping_sub(at) > FRAGMENT_SECONDS {
-        return None;
-    }
     let a = Endpoint::from_key_form(key.family, joined(w[6], w[7]), (w[5] >> 16) as u16);
     let b = Endpoint::from_key_form(key.family, joined(w[8], w[9]), w[5] as u16);
     match kind {
@@ -323,13 +364,23 @@ mod tests {
         assert_eq!(table.lookup(&key(99), 5), None);
     }
 
+    /// One set of four: four datagrams in flight share it; a fifth replaces the oldest.
     #[test]
-    fn a_colliding_datagram_replaces_the_older_one() {
-        let table = Fragments::new(1);
-        table.record(&key(1), &Verdict::Forward(backend()), 5);
+    fn a_set_holds_four_datagrams_and_a_fifth_replaces_the_oldest() {
+        let table = Fragments::new(WAYS);
+        let forward = Verdict::Forward(backend());
+        for id in 1..=4 {
+            table.record(&key(id), &forward, id);
+        }
+        assert!((1..=4).all(|id| table.lookup(&key(id), 5) == Some(forward)));
         let other = Verdict::Forward(Endpoint::new([198, 18, 128, 2].into(), 8080));
-        table.record(&key(2), &other, 6);
-        assert_eq!(table.lookup(&key(1), 6), None);
-        assert_eq!(table.lookup(&key(2), 6), Some(other));
+        table.record(&key(5), &other, 5);
+        assert_eq!(table.lookup(&key(1), 5), None, "the oldest went");
+        assert!((2..=4).all(|id| table.lookup(&key(id), 5) == Some(forward)));
+        assert_eq!(table.lookup(&key(5), 5), Some(other));
+        // A datagram recorded again keeps its slot.
+        table.record(&key(3), &other, 6);
+        assert_eq!(table.lookup(&key(3), 6), Some(other));
+        assert_eq!(table.lookup(&key(4), 6), Some(forward));
     }
 }
