@@ -37,8 +37,8 @@ pub const FRAGMENT_SLOTS: usize = 4096;
 pub const WAYS: usize = 4;
 
 /// Words per slot: key (2 + 2 address words and one of family, protocol, kind, id), the
-/// second and the two ports, and two endpoint addresses (2 words each).
-const WORDS: usize = 10;
+/// second and the two ports, two endpoint addresses (2 words each), and the record's order.
+const WORDS: usize = 11;
 
 /// Which datagram a fragment belongs to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -98,6 +98,9 @@ pub struct Fragments {
     slots: Box<[Slot]>,
     /// Sets - 1 (a power of two less one).
     mask: usize,
+    /// Numbers records in the order they are made: a full set gives up its oldest record,
+    /// never one of the datagrams in flight now.
+    order: AtomicU64,
 }
 
 impl core::fmt::Debug for Fragments {
@@ -122,6 +125,7 @@ impl Fragments {
         Self {
             slots: (0..sets * WAYS).map(|_| Slot::new()).collect(),
             mask: sets - 1,
+            order: AtomicU64::new(0),
         }
     }
 
@@ -135,14 +139,17 @@ impl Fragments {
     /// Records that the datagram `key`'s first fragment got `verdict` at `now`. Only
     /// translations are recorded (forward and reply, either mode); anything else is ignored.
     pub fn record(&self, key: &FragmentKey, verdict: &Verdict, now: Second) {
-        let Some(words) = encode(key, verdict, now) else {
+        // Relaxed: the number only orders records for eviction; nothing is published by it.
+        let order = self.order.fetch_add(1, Ordering::Relaxed);
+        let Some(words) = encode(key, verdict, now, order) else {
             return;
         };
-        // The datagram's own slot if it has one, else a free or expired one, else the
-        // oldest.
+        // The datagram's own slot if it has one, else a free or expired one, else the one
+        // recorded first (the datagram least likely still in flight: a table full of records
+        // of finished datagrams is the usual state under fragmented traffic).
         let set = self.set(key);
         let mut chosen = 0;
-        let mut oldest = Second::MAX;
+        let mut oldest = u64::MAX;
         for (i, slot) in set.iter().enumerate() {
             match read(slot) {
                 Some(w) if same_datagram(key, &w) => {
@@ -150,14 +157,12 @@ impl Fragments {
                     break;
                 }
                 Some(w) if now.wrapping_sub(recorded_at(&w)) <= FRAGMENT_SECONDS => {
-                    if recorded_at(&w) < oldest {
-                        (chosen, oldest) = (i, recorded_at(&w));
+                    if w[WORDS - 1] < oldest {
+                        (chosen, oldest) = (i, w[WORDS - 1]);
                     }
                 }
                 // Free, expired, or being written (taken just after, or skipped below).
-                _ => {
-                    (chosen, oldest) = (i, 0);
-                }
+                _ => (chosen, oldest) = (i, 0),
             }
         }
         let slot = &set[chosen];
@@ -264,7 +269,7 @@ fn head(key: &FragmentKey, kind: u64) -> u64 {
         | u64::from(key.id)
 }
 
-fn encode(key: &FragmentKey, verdict: &Verdict, now: Second) -> Option<[u64; WORDS]> {
+fn encode(key: &FragmentKey, verdict: &Verdict, now: Second, order: u64) -> Option<[u64; WORDS]> {
     let (kind, a, b) = match *verdict {
         Verdict::Forward(to) => (FORWARD, to, to),
         Verdict::Reply(from) => (REPLY, from, from),
@@ -278,7 +283,19 @@ fn encode(key: &FragmentKey, verdict: &Verdict, now: Second) -> Option<[u64; WOR
     let [a0, a1] = halves(a.key_addr());
     let [b0, b1] = halves(b.key_addr());
     let ports = (u64::from(now) << 32) | (u64::from(a.port()) << 16) | u64::from(b.port());
-    Some([head(key, kind), s0, s1, d0, d1, ports, a0, a1, b0, b1])
+    Some([
+        head(key, kind),
+        s0,
+        s1,
+        d0,
+        d1,
+        ports,
+        a0,
+        a1,
+        b0,
+        b1,
+        order,
+    ])
 }
 
 fn decode(key: &FragmentKey, w: &[u64; WORDS], now: Second) -> Option<Verdict> {
@@ -364,23 +381,25 @@ mod tests {
         assert_eq!(table.lookup(&key(99), 5), None);
     }
 
-    /// One set of four: four datagrams in flight share it; a fifth replaces the oldest.
+    /// One set of four: four datagrams share it; a fifth replaces the one recorded first,
+    /// by the order of records, not by the second (make test lost a datagram in flight when
+    /// ties in the recorded second let the first slot scanned go, however fresh).
     #[test]
-    fn a_set_holds_four_datagrams_and_a_fifth_replaces_the_oldest() {
+    fn a_set_holds_four_datagrams_and_a_fifth_replaces_the_one_recorded_first() {
         let table = Fragments::new(WAYS);
         let forward = Verdict::Forward(backend());
         for id in 1..=4 {
-            table.record(&key(id), &forward, id);
+            table.record(&key(id), &forward, 5);
         }
         assert!((1..=4).all(|id| table.lookup(&key(id), 5) == Some(forward)));
+        // Datagram 1 is recorded again (its slot kept, its record now the newest).
+        table.record(&key(1), &forward, 5);
         let other = Verdict::Forward(Endpoint::new([198, 18, 128, 2].into(), 8080));
         table.record(&key(5), &other, 5);
-        assert_eq!(table.lookup(&key(1), 5), None, "the oldest went");
-        assert!((2..=4).all(|id| table.lookup(&key(id), 5) == Some(forward)));
+        assert_eq!(table.lookup(&key(2), 5), None, "the first recorded went");
+        assert!([1, 3, 4]
+            .iter()
+            .all(|&id| table.lookup(&key(id), 5) == Some(forward)));
         assert_eq!(table.lookup(&key(5), 5), Some(other));
-        // A datagram recorded again keeps its slot.
-        table.record(&key(3), &other, 6);
-        assert_eq!(table.lookup(&key(3), 6), Some(other));
-        assert_eq!(table.lookup(&key(4), 6), Some(forward));
     }
 }
