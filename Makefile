@@ -8,9 +8,10 @@ CARGO ?= cargo
 # xsk-rs builds from source; iproute2, ethtool, python3: the netns demo and its test peers;
 # python3-venv: the manifest validator's environment; nginx-light, dnsmasq-base, socat, curl,
 # dnsutils: the real servers and clients of the acceptance suite (deploy/acceptance); nftables:
-# what `xlb run` with a `node:` section marks Service traffic with (control/src/node_link.rs).
+# what `xlb run` with a `node:` section marks Service traffic with (control/src/node_link.rs);
+# tcpdump: the gateway suite's captures of IP-in-IP frames (deploy/acceptance/gateways.py).
 APT_PACKAGES := clang llvm libelf-dev zlib1g-dev libpcap-dev pkg-config m4 iproute2 ethtool python3 python3-venv \
-	nginx-light dnsmasq-base socat curl dnsutils nftables
+	nginx-light dnsmasq-base socat curl dnsutils nftables tcpdump
 # What the end-to-end benchmark adds: kube-proxy's kernel dataplanes and conntrack's tool.
 BENCH_PACKAGES := iptables nftables conntrack
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)

@@ -366,6 +366,10 @@ def main():
     if os.cpu_count() < 2:
         print("SKIPPED: two gateways need two cores")
         return 0
+    for tool in ("curl", "tcpdump"):
+        if subprocess.run(["which", tool], capture_output=True).returncode != 0:
+            print(f"SKIPPED: {tool} is not installed (make deps installs it)")
+            return 0
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     work = tempfile.mkdtemp(prefix="xlb-gateways-")
     gateways = {}
