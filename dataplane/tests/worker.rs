@@ -295,6 +295,16 @@ fn a_tagged_frame_leaves_untagged_and_a_refusal_answers_on_its_tag() {
     );
 }
 
+/// A SYN to the node itself: nothing of xlb's.
+fn not_for_xlb() -> Vec<u8> {
+    pkt()
+        .eth(CLIENT_MAC, NODE_MAC)
+        .ipv4(CLIENT, ROUTER)
+        .tcp(1, 22)
+        .syn()
+        .build()
+}
+
 fn rig_without_backends() -> Rig {
     rig(vec![service(&[])], hops(&[]))
 }
@@ -303,12 +313,7 @@ fn rig_without_backends() -> Rig {
 fn malformed_frames_and_traffic_not_for_xlb_are_counted_and_dropped() {
     let mut rig = rig(vec![service(&[1])], hops(&[1]));
     rig.io.inject(CLIENT_PORT, &syn(40004)[..20]);
-    let other = pkt()
-        .eth(CLIENT_MAC, NODE_MAC)
-        .ipv4(CLIENT, ROUTER)
-        .tcp(1, 22)
-        .syn()
-        .build();
+    let other = not_for_xlb();
     rig.io.inject(CLIENT_PORT, &other);
     rig.worker.poll(&mut rig.io);
     let c = rig.worker.counters();
@@ -499,12 +504,7 @@ fn with_a_node_link_packets_that_are_the_kernels_are_handed_back_through_it_unch
     let mut rig = rig_adjusted(vec![service(&[1])], hops(&[1]), None, |w| {
         w.handing_back(link)
     });
-    let other = pkt()
-        .eth(CLIENT_MAC, NODE_MAC)
-        .ipv4(CLIENT, ROUTER)
-        .tcp(1, 22)
-        .syn()
-        .build();
+    let other = not_for_xlb();
     // A datagram whose sender left its checksum to offload: handed back finished.
     let datagram = || {
         pkt()

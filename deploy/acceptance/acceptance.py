@@ -73,6 +73,11 @@ class Failure(Exception):
     pass
 
 
+def missing_tool(*tools):
+    """The first of `tools` that is not installed, if any (the suites then say SKIPPED)."""
+    return next((t for t in tools if not shutil.which(t)), None)
+
+
 def remove_namespaces(prefix):
     """Kills what runs in every namespace named `prefix-*` and deletes them (their veths and
     XDP programs go with them)."""
@@ -717,10 +722,10 @@ def main():
     args = parser.parse_args()
     # A timeout's SIGTERM unwinds through the cleanup below, like a failure.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
-    for tool in ("nginx", "dnsmasq", "socat", "curl", "dig", "ethtool"):
-        if not shutil.which(tool):
-            print(f"SKIPPED: {tool} is not installed (make deps installs it)")
-            return 0
+    tool = missing_tool("nginx", "dnsmasq", "socat", "curl", "dig", "ethtool")
+    if tool:
+        print(f"SKIPPED: {tool} is not installed (make deps installs it)")
+        return 0
     try:
         ctx = setup("xlb-acceptance-", os.path.abspath(args.xlb), args.mode, args.pktgen)
     except Exception as e:

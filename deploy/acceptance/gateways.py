@@ -33,7 +33,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from acceptance import Failure, expect, remove_namespaces, run, spawn  # noqa: E402
+from acceptance import Failure, expect, missing_tool, remove_namespaces, run, spawn  # noqa: E402
 
 P = f"xlbg{os.getpid() % 100000}"
 R, C = f"{P}-r", f"{P}-c"
@@ -366,10 +366,10 @@ def main():
     if os.cpu_count() < 2:
         print("SKIPPED: two gateways need two cores")
         return 0
-    for tool in ("curl", "tcpdump"):
-        if subprocess.run(["which", tool], capture_output=True).returncode != 0:
-            print(f"SKIPPED: {tool} is not installed (make deps installs it)")
-            return 0
+    tool = missing_tool("curl", "tcpdump")
+    if tool:
+        print(f"SKIPPED: {tool} is not installed (make deps installs it)")
+        return 0
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     work = tempfile.mkdtemp(prefix="xlb-gateways-")
     gateways = {}

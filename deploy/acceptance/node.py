@@ -37,7 +37,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from acceptance import Failure, expect, remove_namespaces, run, spawn  # noqa: E402
+from acceptance import Failure, expect, missing_tool, remove_namespaces, run, spawn  # noqa: E402
 
 P = f"xlbn{os.getpid() % 100000}"
 NODE_A, NODE_B = f"{P}-a", f"{P}-b"
@@ -472,10 +472,10 @@ def main():
     if workers == 2 and os.cpu_count() < 2:
         print("SKIPPED: two workers need two cores")
         return 0
-    for tool in ("curl", "nft"):
-        if subprocess.run(["which", tool], capture_output=True).returncode != 0:
-            print(f"SKIPPED: {tool} is not installed (make deps installs it)")
-            return 0
+    tool = missing_tool("curl", "nft")
+    if tool:
+        print(f"SKIPPED: {tool} is not installed (make deps installs it)")
+        return 0
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     work = tempfile.mkdtemp(prefix="xlb-node-")
     procs = []
