@@ -7,7 +7,7 @@ use std::hint::black_box;
 use std::net::{IpAddr, Ipv4Addr};
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use xlb_control::config::{BackendStateConfig, NoBackendConfig, ProtocolConfig, SchedulerConfig};
+use xlb_control::desired::{BackendState, NoBackend, Protocol, Scheduler};
 use xlb_control::desired::{DesiredBackend, DesiredService, TrafficPolicy, VipKind};
 use xlb_control::translate::{translate_desired, Builder, Change, OnRefusal};
 use xlb_dataplane::lb::snapshot::Snapshot;
@@ -21,7 +21,7 @@ fn desired_distinct(n: u32) -> Vec<DesiredService> {
                 address: IpAddr::V4(Ipv4Addr::from(0xc613_0000 + (i * 10 + j) % 65_536)),
                 port: 8080 + ((i * 10 + j) / 65_536) as u16,
                 weight: 1,
-                state: BackendStateConfig::Ready,
+                state: BackendState::Ready,
                 local: false,
             })
             .collect();
@@ -35,19 +35,19 @@ fn desired(n: u32) -> Vec<DesiredService> {
             name: format!("s{i}"),
             vip: IpAddr::V4(Ipv4Addr::from(0xc613_0001 + i / 4)),
             port: 80 + (i % 4) as u16,
-            protocol: ProtocolConfig::Udp,
+            protocol: Protocol::Udp,
             backends: (1..=4u8)
                 .map(|b| DesiredBackend {
                     address: IpAddr::V4(Ipv4Addr::new(198, 18, 128 + b, 1)),
                     port: 5353,
                     weight: 1,
-                    state: BackendStateConfig::Ready,
+                    state: BackendState::Ready,
                     local: false,
                 })
                 .collect(),
-            scheduler: SchedulerConfig::Maglev,
+            scheduler: Scheduler::Maglev,
             affinity_timeout: None,
-            no_backend: NoBackendConfig::Reject,
+            no_backend: NoBackend::Reject,
             table_size: None,
             kind: VipKind::Configured,
             source_ranges: Vec::new().into(),

@@ -2,12 +2,11 @@
 //! into a snapshot. One [`DesiredService`] per Service port and VIP, each backend with its own
 //! port (Kubernetes' named target ports resolve per endpoint).
 //!
-//! Must not know: where it came from, packets, the kernel.
+//! Must not know: where it came from (the file's schema and Kubernetes' objects translate into
+//! these types, not the other way round), packets, the kernel.
 
 use std::net::IpAddr;
 use std::sync::Arc;
-
-use crate::config::{BackendStateConfig, Config, NoBackendConfig, ProtocolConfig, SchedulerConfig};
 
 /// What kind of address a VIP is, for the operator (`/services`) and for which policies
 /// apply to it.
@@ -106,16 +105,16 @@ pub struct DesiredService {
     pub vip: IpAddr,
     /// The Service port.
     pub port: u16,
-    /// TCP or UDP.
-    pub protocol: ProtocolConfig,
+    /// TCP, UDP or SCTP.
+    pub protocol: Protocol,
     /// The backends.
     pub backends: Vec<DesiredBackend>,
     /// How new flows pick a backend.
-    pub scheduler: SchedulerConfig,
+    pub scheduler: Scheduler,
     /// Session affinity timeout in seconds, if any.
     pub affinity_timeout: Option<u32>,
     /// What a new flow gets when no backend can take it.
-    pub no_backend: NoBackendConfig,
+    pub no_backend: NoBackend,
     /// An explicit Maglev table size.
     pub table_size: Option<u32>,
     /// What kind of address the VIP is.
@@ -147,47 +146,57 @@ pub struct DesiredBackend {
     /// Its share of new flows.
     pub weight: u32,
     /// Its condition.
-    pub state: BackendStateConfig,
+    pub state: BackendState,
     /// Whether it runs on this node (Kubernetes' endpoint `nodeName`; the file's: never).
     pub local: bool,
 }
 
-impl Config {
-    /// The file's Services as desired state: one per Service port.
-    #[must_use]
-    pub fn desired(&self) -> Vec<DesiredService> {
-        let mut out = Vec::new();
-        for (i, s) in self.services.iter().enumerate() {
-            for port in &s.ports {
-                let target = port.target_port.unwrap_or(port.port);
-                out.push(DesiredService {
-                    name: format!("services[{i}] ({})", s.name),
-                    vip: s.vip,
-                    port: port.port,
-                    protocol: port.protocol,
-                    backends: s
-                        .backends
-                        .iter()
-                        .map(|b| DesiredBackend {
-                            address: b.address,
-                            port: target,
-                            weight: b.weight,
-                            state: b.state,
-                            local: false,
-                        })
-                        .collect(),
-                    scheduler: s.scheduler,
-                    affinity_timeout: s.session_affinity.map(|a| a.timeout_seconds),
-                    no_backend: s.no_backend,
-                    table_size: s.table_size,
-                    kind: VipKind::Configured,
-                    source_ranges: s.source_ranges.clone().into(),
-                    traffic_policy: TrafficPolicy::Cluster,
-                });
-            }
-        }
-        out
-    }
+/// A Service's transport protocol.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Protocol {
+    /// TCP.
+    #[default]
+    Tcp,
+    /// UDP.
+    Udp,
+    /// SCTP.
+    Sctp,
+}
+
+/// A backend's condition.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum BackendState {
+    /// Takes new flows.
+    #[default]
+    Ready,
+    /// Keeps its flows; takes new ones only when nothing is ready.
+    Terminating,
+    /// Keeps its flows, takes no new ones.
+    Draining,
+}
+
+/// How new flows pick a backend.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Scheduler {
+    /// Maglev consistent hashing.
+    #[default]
+    Maglev,
+    /// Uniformly at random.
+    Random,
+    /// In turn.
+    RoundRobin,
+    /// Fewest live flows.
+    LeastConnections,
+}
+
+/// What a new flow gets when no backend can take it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum NoBackend {
+    /// A TCP reset or an ICMP port unreachable.
+    #[default]
+    Reject,
+    /// Silence.
+    Drop,
 }
 
 #[cfg(test)]

@@ -237,7 +237,7 @@ impl Explainer {
         if source.is_ipv4() != destination.is_ipv4() {
             return Err("source and destination must be of one address family".into());
         }
-        let protocol = crate::translate::proto(protocol);
+        let protocol = crate::translate::proto(protocol.into());
         // What the parser gives for a flow's first packet (a SYN for TCP); `decide` reads no
         // more than this, so no frame is built.
         let family = if source.is_ipv4() {

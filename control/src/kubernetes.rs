@@ -35,7 +35,7 @@ use k8s_openapi::api::discovery::v1::{Endpoint, EndpointSlice};
 
 use xlb_dataplane::lb::maglev::is_valid_table_size;
 
-use crate::config::{BackendStateConfig, NoBackendConfig, ProtocolConfig, SchedulerConfig};
+use crate::desired::{BackendState, NoBackend, Protocol, Scheduler};
 use crate::desired::{Cidr, DesiredBackend, DesiredService, TrafficPolicy, VipKind};
 
 /// The label of EndpointSlices naming their Service.
@@ -99,7 +99,7 @@ enum Distribution {
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct PortView {
     name: Box<str>,
-    protocol: ProtocolConfig,
+    protocol: Protocol,
     port: u16,
     node_port: Option<u16>,
 }
@@ -115,7 +115,7 @@ pub struct ServiceView {
     ports: Box<[PortView]>,
     /// `loadBalancerSourceRanges`, for the ingress IPs.
     source_ranges: Arc<[Cidr]>,
-    scheduler: SchedulerConfig,
+    scheduler: Scheduler,
     table_size: Option<u32>,
     affinity_timeout: Option<u32>,
     internal_local: bool,
@@ -130,7 +130,7 @@ pub struct ServiceView {
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct EndpointView {
     address: IpAddr,
-    state: BackendStateConfig,
+    state: BackendState,
     /// Whether it runs on this node.
     local: bool,
     zone: Option<Arc<str>>,
@@ -313,13 +313,13 @@ impl ServiceView {
         let annotations = meta.annotations.as_ref();
         let annotation = |key: &str| annotations.and_then(|a| a.get(key)).map(String::as_str);
         let scheduler = match annotation("xlb.io/scheduler") {
-            None | Some("maglev") => SchedulerConfig::Maglev,
-            Some("random") => SchedulerConfig::Random,
-            Some("round-robin") => SchedulerConfig::RoundRobin,
-            Some("least-connections") => SchedulerConfig::LeastConnections,
+            None | Some("maglev") => Scheduler::Maglev,
+            Some("random") => Scheduler::Random,
+            Some("round-robin") => Scheduler::RoundRobin,
+            Some("least-connections") => Scheduler::LeastConnections,
             Some(other) => {
                 warn("bad-annotation", format!("xlb.io/scheduler {other:?} is not maglev, random, round-robin or least-connections; using maglev"));
-                SchedulerConfig::Maglev
+                Scheduler::Maglev
             }
         };
         let table_size = match annotation("xlb.io/maglev-table-size") {
@@ -343,9 +343,9 @@ impl ServiceView {
         let mut ports = Vec::new();
         for port in spec.ports.iter().flatten() {
             let protocol = match port.protocol.as_deref().unwrap_or("TCP") {
-                "TCP" => ProtocolConfig::Tcp,
-                "UDP" => ProtocolConfig::Udp,
-                "SCTP" => ProtocolConfig::Sctp,
+                "TCP" => Protocol::Tcp,
+                "UDP" => Protocol::Udp,
+                "SCTP" => Protocol::Sctp,
                 other => {
                     warn(
                         "unsupported-protocol",
@@ -427,7 +427,7 @@ pub fn local_ready_endpoints(service: &ServiceView, slices: &[&SliceView]) -> u3
                 slice
                     .endpoints
                     .iter()
-                    .filter(|e| e.local && e.state == BackendStateConfig::Ready)
+                    .filter(|e| e.local && e.state == BackendState::Ready)
                     .map(|e| (e.address, target.port)),
             );
         }
@@ -462,9 +462,9 @@ impl SliceView {
             .flatten()
             .filter_map(|p| {
                 let protocol = match p.protocol.as_deref().unwrap_or("TCP") {
-                    "TCP" => ProtocolConfig::Tcp,
-                    "UDP" => ProtocolConfig::Udp,
-                    "SCTP" => ProtocolConfig::Sctp,
+                    "TCP" => Protocol::Tcp,
+                    "UDP" => Protocol::Udp,
+                    "SCTP" => Protocol::Sctp,
                     _ => return None,
                 };
                 Some(PortView {
@@ -532,11 +532,11 @@ pub fn translate_views(
             };
             // kube-proxy rejects traffic to a Service without endpoints, and drops traffic
             // that a Local policy leaves without one (there are endpoints, elsewhere).
-            let mut no_backend = NoBackendConfig::Reject;
+            let mut no_backend = NoBackend::Reject;
             let chosen: Vec<(&EndpointView, u16)> = if local_only {
                 let local: Vec<_> = all.iter().copied().filter(|(e, _)| e.local).collect();
                 if local.is_empty() && !all.is_empty() {
-                    no_backend = NoBackendConfig::Drop;
+                    no_backend = NoBackend::Drop;
                 }
                 local
             } else {
@@ -610,7 +610,7 @@ fn endpoints<'a>(
                 // in one and ready in another): the ready copy wins, as in kube-proxy's
                 // endpointslicecache.
                 Some(at) => {
-                    if endpoint.state == BackendStateConfig::Ready {
+                    if endpoint.state == BackendState::Ready {
                         out[at] = (endpoint, target.port);
                     }
                 }
@@ -637,15 +637,15 @@ fn endpoints<'a>(
 /// *Terminating`; `topology.go` takes ready endpoints, else serving and terminating ones):
 /// ready takes new flows (even when terminating); not ready but serving and terminating keeps
 /// its flows and takes new ones only when nothing is ready; anything else is left out.
-fn state(endpoint: &Endpoint) -> Option<BackendStateConfig> {
+fn state(endpoint: &Endpoint) -> Option<BackendState> {
     let c = endpoint.conditions.as_ref();
     let ready = c.and_then(|c| c.ready).unwrap_or(true);
     let serving = c.and_then(|c| c.serving).unwrap_or(true);
     let terminating = c.and_then(|c| c.terminating).unwrap_or(false);
     if ready {
-        Some(BackendStateConfig::Ready)
+        Some(BackendState::Ready)
     } else if serving && terminating {
-        Some(BackendStateConfig::Terminating)
+        Some(BackendState::Terminating)
     } else {
         None
     }
@@ -658,10 +658,8 @@ fn prefer<'a>(
     distribution: Distribution,
     zone: Option<&str>,
 ) -> Vec<(&'a EndpointView, u16)> {
-    let usable = |set: &[(&EndpointView, u16)]| {
-        set.iter()
-            .any(|(e, _)| e.state == BackendStateConfig::Ready)
-    };
+    let usable =
+        |set: &[(&EndpointView, u16)]| set.iter().any(|(e, _)| e.state == BackendState::Ready);
     let preferred: Vec<(&'a EndpointView, u16)> = match distribution {
         Distribution::Any => return all,
         Distribution::SameNode => all.iter().copied().filter(|(e, _)| e.local).collect(),

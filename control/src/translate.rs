@@ -18,10 +18,8 @@ use xlb_dataplane::lb::snapshot::{
 };
 use xlb_dataplane::packet::{Endpoint, IpProto};
 
-use crate::config::{
-    BackendStateConfig, Config, ConfigError, NoBackendConfig, ProtocolConfig, SchedulerConfig,
-};
-use crate::desired::DesiredService;
+use crate::config::{Config, ConfigError};
+use crate::desired::{self, DesiredService};
 
 /// What one build did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -231,13 +229,13 @@ pub fn key(d: &DesiredService) -> ServiceKey {
     }
 }
 
-/// The protocol number of a configured protocol.
+/// The protocol number of a Service's protocol.
 #[must_use]
-pub fn proto(p: ProtocolConfig) -> IpProto {
+pub fn proto(p: desired::Protocol) -> IpProto {
     match p {
-        ProtocolConfig::Tcp => IpProto::TCP,
-        ProtocolConfig::Udp => IpProto::UDP,
-        ProtocolConfig::Sctp => IpProto::SCTP,
+        desired::Protocol::Tcp => IpProto::TCP,
+        desired::Protocol::Udp => IpProto::UDP,
+        desired::Protocol::Sctp => IpProto::SCTP,
     }
 }
 
@@ -351,9 +349,9 @@ fn spec(d: &Arc<DesiredService>, ids: &mut Builder) -> ServiceSpec {
                 id: ids.backend(endpoint, proto),
                 endpoint,
                 state: match b.state {
-                    BackendStateConfig::Ready => BackendState::Ready,
-                    BackendStateConfig::Terminating => BackendState::Terminating,
-                    BackendStateConfig::Draining => BackendState::Draining,
+                    desired::BackendState::Ready => BackendState::Ready,
+                    desired::BackendState::Terminating => BackendState::Terminating,
+                    desired::BackendState::Draining => BackendState::Draining,
                 },
                 weight: b.weight,
             }
@@ -361,15 +359,15 @@ fn spec(d: &Arc<DesiredService>, ids: &mut Builder) -> ServiceSpec {
         .collect();
     let mut spec = ServiceSpec::new(ids.service(key), key, backends);
     spec.scheduler = match d.scheduler {
-        SchedulerConfig::Maglev => Scheduler::Maglev,
-        SchedulerConfig::Random => Scheduler::Random,
-        SchedulerConfig::RoundRobin => Scheduler::RoundRobin,
-        SchedulerConfig::LeastConnections => Scheduler::LeastConnections,
+        desired::Scheduler::Maglev => Scheduler::Maglev,
+        desired::Scheduler::Random => Scheduler::Random,
+        desired::Scheduler::RoundRobin => Scheduler::RoundRobin,
+        desired::Scheduler::LeastConnections => Scheduler::LeastConnections,
     };
     spec.affinity_timeout = d.affinity_timeout;
     spec.no_backend = match d.no_backend {
-        NoBackendConfig::Reject => NoBackend::Reject,
-        NoBackendConfig::Drop => NoBackend::Drop,
+        desired::NoBackend::Reject => NoBackend::Reject,
+        desired::NoBackend::Drop => NoBackend::Drop,
     };
     spec.table_size = d.table_size.or(ids.table_size);
     spec.origin = Origin::new(Arc::clone(d));

@@ -4,7 +4,7 @@
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde_json::{json, Value};
-use xlb_control::config::{BackendStateConfig, NoBackendConfig, ProtocolConfig, SchedulerConfig};
+use xlb_control::desired::{BackendState, NoBackend, Protocol, Scheduler};
 use xlb_control::kubernetes::{translate, NodeContext, Translation};
 
 fn service(name: &str, spec: Value) -> Value {
@@ -100,7 +100,7 @@ fn named_target_ports_resolve_per_slice_and_endpoints_merge_without_duplicates()
     let s = &t.services[0];
     assert_eq!(
         (s.vip.to_string(), s.port, s.protocol),
-        ("198.18.64.1".into(), 80, ProtocolConfig::Tcp)
+        ("198.18.64.1".into(), 80, Protocol::Tcp)
     );
     let mut backends: Vec<String> = s
         .backends
@@ -184,7 +184,7 @@ fn dual_stack_load_balancer_and_external_ips_each_get_their_family_of_endpoints(
             "2001:2:0:40::1 2001:2:0:81::1",
         ]
     );
-    assert!(t.services.iter().all(|s| s.protocol == ProtocolConfig::Udp));
+    assert!(t.services.iter().all(|s| s.protocol == Protocol::Udp));
 }
 
 #[test]
@@ -201,7 +201,7 @@ fn ready_endpoints_take_flows_serving_terminating_ones_keep_them_and_others_are_
                           { "addresses": ["198.18.129.5"] }]),
         )],
     );
-    let states: Vec<(String, BackendStateConfig)> = t.services[0]
+    let states: Vec<(String, BackendState)> = t.services[0]
         .backends
         .iter()
         .map(|b| (b.address.to_string(), b.state))
@@ -209,10 +209,10 @@ fn ready_endpoints_take_flows_serving_terminating_ones_keep_them_and_others_are_
     assert_eq!(
         states,
         [
-            ("198.18.129.1".into(), BackendStateConfig::Ready),
-            ("198.18.129.2".into(), BackendStateConfig::Terminating),
+            ("198.18.129.1".into(), BackendState::Ready),
+            ("198.18.129.2".into(), BackendState::Terminating),
             // No conditions: the API's meaning of unset is ready.
-            ("198.18.129.5".into(), BackendStateConfig::Ready),
+            ("198.18.129.5".into(), BackendState::Ready),
         ]
     );
 }
@@ -238,7 +238,7 @@ fn sctp_ports_are_forwarded_as_kube_proxy_forwards_them_and_other_protocols_repo
     let sctp = t
         .services
         .iter()
-        .find(|s| s.protocol == ProtocolConfig::Sctp)
+        .find(|s| s.protocol == Protocol::Sctp)
         .expect("the SCTP port is served");
     assert_eq!((sctp.port, sctp.backends.len()), (3868, 1));
     assert_eq!(sctp.backends[0].port, 3869, "its slice's SCTP target port");
@@ -268,7 +268,7 @@ fn internal_traffic_policy_local_keeps_only_this_nodes_endpoints_and_drops_witho
         t.services[0].backends[0].address.to_string(),
         "198.18.129.1"
     );
-    assert_eq!(t.services[0].no_backend, NoBackendConfig::Reject);
+    assert_eq!(t.services[0].no_backend, NoBackend::Reject);
     let t = run(vec![svc.clone()], slices("node-c"));
     assert!(
         t.services[0].backends.is_empty(),
@@ -276,13 +276,13 @@ fn internal_traffic_policy_local_keeps_only_this_nodes_endpoints_and_drops_witho
     );
     assert_eq!(
         t.services[0].no_backend,
-        NoBackendConfig::Drop,
+        NoBackend::Drop,
         "endpoints elsewhere: dropped, as kube-proxy does"
     );
     // No endpoint anywhere: rejected.
     let t = run(vec![svc], Vec::new());
     assert!(t.services[0].backends.is_empty());
-    assert_eq!(t.services[0].no_backend, NoBackendConfig::Reject);
+    assert_eq!(t.services[0].no_backend, NoBackend::Reject);
 }
 
 #[test]
@@ -320,7 +320,7 @@ fn client_ip_affinity_and_annotations_are_honoured_and_bad_values_warned() {
     let s = &t.services[0];
     assert_eq!(
         (s.affinity_timeout, s.scheduler, s.table_size),
-        (Some(600), SchedulerConfig::LeastConnections, Some(65537))
+        (Some(600), Scheduler::LeastConnections, Some(65537))
     );
     assert!(t.warnings.is_empty());
     svc["metadata"]["annotations"] =
@@ -328,13 +328,13 @@ fn client_ip_affinity_and_annotations_are_honoured_and_bad_values_warned() {
     let t = run(vec![svc], vec![]);
     assert_eq!(
         (t.services[0].scheduler, t.services[0].table_size),
-        (SchedulerConfig::Maglev, None)
+        (Scheduler::Maglev, None)
     );
     assert_eq!(t.warnings.len(), 2);
     assert!(t.warnings.iter().all(|w| w.kind == "bad-annotation"));
 }
 
-fn states(t: &Translation) -> Vec<(String, BackendStateConfig)> {
+fn states(t: &Translation) -> Vec<(String, BackendState)> {
     t.services[0]
         .backends
         .iter()
@@ -363,8 +363,8 @@ fn serving_unset_counts_as_serving_and_ready_wins_over_terminating() {
     assert_eq!(
         states(&t),
         [
-            ("198.18.129.1".into(), BackendStateConfig::Terminating),
-            ("198.18.129.2".into(), BackendStateConfig::Ready),
+            ("198.18.129.1".into(), BackendState::Terminating),
+            ("198.18.129.2".into(), BackendState::Ready),
         ]
     );
 }
@@ -395,8 +395,8 @@ fn only_the_first_address_counts_and_a_ready_copy_wins_over_a_terminating_one() 
     assert_eq!(
         states(&t),
         [
-            ("198.18.129.1".into(), BackendStateConfig::Ready),
-            ("198.18.129.2".into(), BackendStateConfig::Ready),
+            ("198.18.129.1".into(), BackendState::Ready),
+            ("198.18.129.2".into(), BackendState::Ready),
         ]
     );
 }
@@ -499,13 +499,13 @@ fn node_ports_are_served_on_the_nodes_addresses_with_the_external_policy() {
     let t = run(vec![node_port("NodePort", false)], slices.clone());
     assert_eq!(
         at_node_port(&t),
-        [("198.18.0.254".into(), 2, NoBackendConfig::Reject)],
+        [("198.18.0.254".into(), 2, NoBackend::Reject)],
         "IPv4 only: the Service has no IPv6"
     );
     let t = run(vec![node_port("LoadBalancer", true)], slices.clone());
     assert_eq!(
         at_node_port(&t),
-        [("198.18.0.254".into(), 1, NoBackendConfig::Reject)]
+        [("198.18.0.254".into(), 1, NoBackend::Reject)]
     );
     let remote = vec![web_slice(
         "w",
@@ -515,7 +515,7 @@ fn node_ports_are_served_on_the_nodes_addresses_with_the_external_policy() {
     let t = run(vec![node_port("NodePort", true)], remote);
     assert_eq!(
         at_node_port(&t),
-        [("198.18.0.254".into(), 0, NoBackendConfig::Drop)],
+        [("198.18.0.254".into(), 0, NoBackend::Drop)],
         "Local and no endpoint here: dropped"
     );
     let mut no_alloc = node_port("LoadBalancer", false);

@@ -3,7 +3,8 @@
 //! Owns: the schema (documented with a commented example in `deploy/examples/xlb.yaml`),
 //! parse errors that name the line, column and field, and semantic checks that name the field
 //! path (in the `validate` submodule, apart: the schema is read as a reference, the checks as
-//! rules). It produces a [`Config`]; turning its Services into a snapshot is `translate`'s job.
+//! rules). It produces a [`Config`] and its Services as the desired state every source produces
+//! ([`Config::desired`]); turning those into a snapshot is `translate`'s job.
 //!
 //! Must not know: packet bytes, workers, the kernel.
 
@@ -11,6 +12,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 
 use serde::Deserialize;
+
+use crate::desired::{self, DesiredBackend, DesiredService, TrafficPolicy, VipKind};
 
 mod validate;
 use validate::with_line;
@@ -39,7 +42,7 @@ pub struct Config {
     /// dnat mode, clients in these prefixes keep their address and all others are masqueraded
     /// to the `snat` addresses; empty: everyone keeps it.
     #[serde(default)]
-    pub cluster_cidrs: Vec<crate::desired::Cidr>,
+    pub cluster_cidrs: Vec<desired::Cidr>,
     /// dsr mode: encapsulate each packet to its backend (routed backends, not on xlb's
     /// segment) instead of only readdressing its Ethernet frame.
     #[serde(default)]
@@ -109,7 +112,7 @@ pub struct KubernetesConfig {
     /// Which addresses of xlb's interfaces serve node ports (kube-proxy's
     /// `--nodeport-addresses`): those in any of these prefixes; empty: all of them.
     #[serde(default)]
-    pub node_port_addresses: Vec<crate::desired::Cidr>,
+    pub node_port_addresses: Vec<desired::Cidr>,
     /// Where kube-proxy's health server (`/healthz`, `/livez`) listens (kube-proxy's
     /// `--healthz-bind-address`, default `0.0.0.0:10256`); `null`: nowhere. The Services'
     /// healthCheckNodePorts are served on the node port addresses.
@@ -284,7 +287,7 @@ pub struct ServiceConfig {
     /// Client prefixes allowed to open flows (as Kubernetes' `loadBalancerSourceRanges`);
     /// empty: anyone.
     #[serde(default)]
-    pub source_ranges: Vec<crate::desired::Cidr>,
+    pub source_ranges: Vec<desired::Cidr>,
 }
 
 /// One port of a Service.
@@ -433,5 +436,83 @@ impl Config {
             .validate()
             .map_err(|e| ConfigError(with_line(text, &e.0)))?;
         Ok(config)
+    }
+}
+
+impl Config {
+    /// The file's Services as desired state: one per Service port.
+    #[must_use]
+    pub fn desired(&self) -> Vec<DesiredService> {
+        let mut out = Vec::new();
+        for (i, s) in self.services.iter().enumerate() {
+            for port in &s.ports {
+                let target = port.target_port.unwrap_or(port.port);
+                out.push(DesiredService {
+                    name: format!("services[{i}] ({})", s.name),
+                    vip: s.vip,
+                    port: port.port,
+                    protocol: port.protocol.into(),
+                    backends: s
+                        .backends
+                        .iter()
+                        .map(|b| DesiredBackend {
+                            address: b.address,
+                            port: target,
+                            weight: b.weight,
+                            state: b.state.into(),
+                            local: false,
+                        })
+                        .collect(),
+                    scheduler: s.scheduler.into(),
+                    affinity_timeout: s.session_affinity.map(|a| a.timeout_seconds),
+                    no_backend: s.no_backend.into(),
+                    table_size: s.table_size,
+                    kind: VipKind::Configured,
+                    source_ranges: s.source_ranges.clone().into(),
+                    traffic_policy: TrafficPolicy::Cluster,
+                });
+            }
+        }
+        out
+    }
+}
+
+impl From<ProtocolConfig> for desired::Protocol {
+    fn from(p: ProtocolConfig) -> Self {
+        match p {
+            ProtocolConfig::Tcp => Self::Tcp,
+            ProtocolConfig::Udp => Self::Udp,
+            ProtocolConfig::Sctp => Self::Sctp,
+        }
+    }
+}
+
+impl From<BackendStateConfig> for desired::BackendState {
+    fn from(s: BackendStateConfig) -> Self {
+        match s {
+            BackendStateConfig::Ready => Self::Ready,
+            BackendStateConfig::Terminating => Self::Terminating,
+            BackendStateConfig::Draining => Self::Draining,
+        }
+    }
+}
+
+impl From<SchedulerConfig> for desired::Scheduler {
+    fn from(s: SchedulerConfig) -> Self {
+        match s {
+            SchedulerConfig::Maglev => Self::Maglev,
+            SchedulerConfig::Random => Self::Random,
+            SchedulerConfig::RoundRobin => Self::RoundRobin,
+            SchedulerConfig::LeastConnections => Self::LeastConnections,
+        }
+    }
+}
+
+impl From<NoBackendConfig> for desired::NoBackend {
+    fn from(n: NoBackendConfig) -> Self {
+        match n {
+            NoBackendConfig::Reject => Self::Reject,
+            NoBackendConfig::Drop => Self::Drop,
+        }
     }
 }
