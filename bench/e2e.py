@@ -238,7 +238,7 @@ def start_xlb(svcs, mode, ifaces, work):
     while time.time() - t0 < 600:
         if proc.poll() is not None:
             raise RuntimeError(f"xlb exited at start; see {log.name}")
-        if subprocess.run(["bash", "-c", ns("node", f"{XLB} status")], capture_output=True).returncode == 0:
+        if subprocess.run(["bash", "-c", ns("node", f"{XLB} metrics")], capture_output=True).returncode == 0:
             break
         time.sleep(0.2)
     return proc, time.time() - t0

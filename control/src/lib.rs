@@ -14,6 +14,7 @@
 //! * [`netlink`]: next hops from the kernel's routes and neighbours;
 //! * [`daemon`]: `xlb run` - filter, sockets, pinned workers, the control loop;
 //! * [`admin`], [`admin_client`], [`histogram`]: the admin HTTP API and its client;
+//!   [`status`]: `xlb status`'s tables read from it;
 //! * [`explain`], [`inspect`], [`maglev_report`]: the offline tools behind `xlb check`,
 //!   `explain`, `decode`, `rewrite` and `maglev`.
 //!
@@ -41,5 +42,6 @@ pub mod netlink;
 pub mod node_link;
 pub mod publish;
 pub mod server_thread;
+pub mod status;
 pub mod steering;
 pub mod translate;

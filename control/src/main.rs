@@ -4,10 +4,12 @@ use std::io::Read as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use xlb_control::config::ProtocolConfig;
 use xlb_control::inspect::{self, InputError, Rewrites};
+use xlb_control::status::Status;
 use xlb_control::{admin_client, daemon, explain, maglev_report};
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -89,10 +91,22 @@ enum Command {
         #[arg(long, value_name = "FILE", conflicts_with_all = ["protocol", "source", "destination", "json"])]
         batch: Option<PathBuf>,
     },
-    /// Print a running xlb's Services (its /services: each with its VIP kind, scheduler,
-    /// affinity, traffic policy, source ranges, no-endpoint behaviour and backends) and
-    /// counters (its /metrics).
+    /// Print a running xlb's state as tables: packets and drops by reason (totals, and rates
+    /// over --interval), the flow table's fill, its Services (VIP kind, scheduler, affinity,
+    /// traffic policy, source ranges, no-endpoint behaviour) and their backends.
     Status {
+        /// The admin API's address.
+        #[arg(long, default_value = "127.0.0.1:9901")]
+        admin: SocketAddr,
+        /// The same as one JSON document (Services, every metric series, drops, rates).
+        #[arg(long)]
+        json: bool,
+        /// Seconds between the two samples rates are taken from; 0: totals only.
+        #[arg(long, default_value_t = 1.0, value_name = "SECONDS")]
+        interval: f64,
+    },
+    /// Print a running xlb's metrics (its /metrics, Prometheus text).
+    Metrics {
         /// The admin API's address.
         #[arg(long, default_value = "127.0.0.1:9901")]
         admin: SocketAddr,
@@ -198,11 +212,21 @@ fn run(cli: Cli) -> Result<(), InputError> {
                 "explain: PROTOCOL SOURCE DESTINATION, or --batch FILE".into(),
             ));
         }
-        Command::Status { admin } => {
-            print!(
-                "{}",
-                admin_client::services_table(admin).map_err(InputError)?
-            );
+        Command::Status {
+            admin,
+            json,
+            interval,
+        } => {
+            let interval = Duration::try_from_secs_f64(interval)
+                .map_err(|_| InputError(format!("--interval {interval}: not a duration")))?;
+            let status = Status::fetch(admin, interval).map_err(InputError)?;
+            if json {
+                println!("{:#}", status.json());
+            } else {
+                print!("{}", status.text());
+            }
+        }
+        Command::Metrics { admin } => {
             print!(
                 "{}",
                 admin_client::get(admin, "/metrics").map_err(InputError)?

@@ -290,3 +290,25 @@ fn explain_batch_answers_identically_for_the_same_services_in_any_order() {
     assert!(err.contains("line 2"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn status_without_a_running_xlb_says_so_instead_of_hanging() {
+    // A port of 127.0.0.1 nothing listens on: a bound socket closed again.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let admin = format!("127.0.0.1:{port}");
+    for args in [
+        &["status", "--admin", &admin][..],
+        &["status", "--json", "--admin", &admin],
+        &["metrics", "--admin", &admin],
+    ] {
+        let (ok, _, err) = xlb(args);
+        assert!(!ok, "{args:?}");
+        assert!(err.contains("is `xlb run` running?"), "{args:?}: {err}");
+    }
+    let (ok, _, err) = xlb(&["status", "--interval=-1", "--admin", &admin]);
+    assert!(!ok && err.contains("--interval -1"), "{err}");
+}

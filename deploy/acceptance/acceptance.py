@@ -144,7 +144,7 @@ class Xlb:
         os.replace(tmp, self.path)
 
     def generation(self):
-        for line in self.status().splitlines():
+        for line in self.metrics().splitlines():
             if line.startswith("xlb_snapshot_generation "):
                 return int(line.split()[1])
         return -1
@@ -179,12 +179,16 @@ class Xlb:
         self.proc = None
 
     def status(self):
-        return run(self.binary, "status", ns=NODE, check=False, timeout=10)
+        """`xlb status`'s tables (for a failure report)."""
+        return run(self.binary, "status", "--interval", "0", ns=NODE, check=False, timeout=10)
+
+    def metrics(self):
+        return run(self.binary, "metrics", ns=NODE, check=False, timeout=10)
 
     def counter(self, name, **labels):
         """The sum of a metric's series (matching `labels`)."""
         total = 0
-        for line in self.status().splitlines():
+        for line in self.metrics().splitlines():
             if not line.startswith(name + "{") and not line.startswith(name + " "):
                 continue
             if all(f'{k}="{v}"' in line for k, v in labels.items()):
@@ -748,8 +752,7 @@ def main():
         failed = True
         print(f"FAILED ({args.mode}): {type(e).__name__}: {e}", flush=True)
         try:
-            print("--- xlb status\n" + "\n".join(l for l in ctx.xlb.status().splitlines()
-                                                  if l and not l.startswith("#") and not l.endswith(" 0")))
+            print("--- xlb status\n" + ctx.xlb.status())
             print("--- xlb log\n" + ctx.xlb.tail())
         except Exception as more:  # the failure report must not hide the failure
             print(f"(no status: {more})")

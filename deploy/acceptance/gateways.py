@@ -171,7 +171,7 @@ class Gateway:
         os.replace(path + ".new", path)
 
     def metric(self, name):
-        out = run(self.binary, "status", ns=self.ns, check=False, timeout=10)
+        out = run(self.binary, "metrics", ns=self.ns, check=False, timeout=10)
         return sum(float(l.rsplit(" ", 1)[1]) for l in out.splitlines()
                    if l.startswith(name + " ") or l.startswith(name + "{"))
 

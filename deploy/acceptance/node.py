@@ -270,7 +270,7 @@ class Xlb:
 
     def metric(self, name, **labels):
         """The sum of a metric's series (those matching `labels`)."""
-        out = run(self.binary, "status", ns=NODE_A, check=False, timeout=10)
+        out = run(self.binary, "metrics", ns=NODE_A, check=False, timeout=10)
         total = 0.0
         for line in out.splitlines():
             if line.startswith(name + " ") or line.startswith(name + "{"):

@@ -51,7 +51,7 @@ trap cleanup EXIT
 fail() {
   echo "FAILED: $*" >&2
   [ -f "$WORK/client.out" ] && cat "$WORK/client.out" >&2
-  in_ns "$NODE" "$XLB" status 2>/dev/null | grep -v '^#' | grep -v ' 0$' >&2 || true
+  in_ns "$NODE" "$XLB" status --interval 0 >&2 || true
   if [ -n "$XLB_PID" ]; then kill -TERM "$XLB_PID"; wait "$XLB_PID" || true; XLB_PID=; fi
   sed 's/\x1b\[[0-9;]*m//g' "$WORK/xlb.log" >&2
   exit 1
@@ -145,7 +145,7 @@ start_xlb() {
   XLB_PID=$!
   for _ in $(seq 1 100); do
     # Up, and with the Kubernetes source, listed.
-    in_ns "$NODE" "$XLB" status 2>/dev/null |
+    in_ns "$NODE" "$XLB" metrics 2>/dev/null |
       grep -q "$([ "$SOURCE" = kubernetes ] && echo '^xlb_kubernetes_synced 1' || echo .)" &&
       { sleep 0.2; return 0; }
     kill -0 "$XLB_PID" 2>/dev/null || { XLB_PID=; fail "xlb exited at start"; }
@@ -226,8 +226,8 @@ start_xlb
 say "== client: 30 TCP connections and 30 UDP datagrams to each VIP (IPv4 and IPv6)"
 traffic 30 backend-1,backend-2,backend-3 || fail "traffic through xlb"
 say "$(cat "$WORK/client.out")"
-say "== xlb counters (non-zero)"
-say "$(in_ns "$NODE" "$XLB" status | grep -v '^#' | grep -v ' 0$')"
+say "== xlb status: packets, drops, flow table, Services and backends"
+say "$(in_ns "$NODE" "$XLB" status)"
 say "== a few flows"
 say "$(in_ns "$NODE" "$XLB" flows --limit 3)"
 
@@ -266,11 +266,11 @@ if [ -z "$QUICK" ]; then
     config 1 2
     want=$("$XLB" check --config "$WORK/xlb.yaml" | sed -n 's/.*content hash \([0-9]*\).*/\1/p')
     for _ in $(seq 1 100); do
-      in_ns "$NODE" "$XLB" status 2>/dev/null | grep -q "^xlb_config_hash $want\$" && break
+      in_ns "$NODE" "$XLB" metrics 2>/dev/null | grep -q "^xlb_config_hash $want\$" && break
       sleep 0.02
     done
     live_ms=$(( ($(date +%s%N) - started) / 1000000 ))
-    in_ns "$NODE" "$XLB" status | grep -q "^xlb_config_hash $want\$" || fail "the edit was not live within 2 s"
+    in_ns "$NODE" "$XLB" metrics | grep -q "^xlb_config_hash $want\$" || fail "the edit was not live within 2 s"
     [ "$live_ms" -lt 1000 ] || fail "the edit took $live_ms ms to be live"
     say "edit live after $live_ms ms (content hash $want)"
     kill -HUP "$XLB_PID"

@@ -78,13 +78,13 @@ kubernetes: {{ kubeconfig: {kubeconfig}, node_name: {name}, health_address: null
 
 
 def synced(ns, xlb, generation_after=0):
-    out = run(xlb, "status", ns=ns, check=False, timeout=10)
+    out = run(xlb, "metrics", ns=ns, check=False, timeout=10)
     lines = dict(l.rsplit(" ", 1) for l in out.splitlines() if l and not l.startswith("#") and " " in l)
     return lines.get("xlb_kubernetes_synced") == "1" and float(lines.get("xlb_snapshot_generation", 0)) > generation_after
 
 
 def generation(ns, xlb):
-    for line in run(xlb, "status", ns=ns, check=False, timeout=10).splitlines():
+    for line in run(xlb, "metrics", ns=ns, check=False, timeout=10).splitlines():
         if line.startswith("xlb_snapshot_generation "):
             return float(line.split()[1])
     return 0
