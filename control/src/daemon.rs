@@ -269,7 +269,7 @@ pub fn run(path: &Path, node_name: Option<String>) -> Result<(), String> {
         workers: stats,
         ports: ports.iter().map(|p| p.name.clone()).collect(),
         generation: std::sync::atomic::AtomicU64::new(publisher.generation()),
-        sync_seconds: crate::histogram::Histogram::default(),
+        sync_seconds: crate::admin::sync_histogram(),
         live_entries: std::sync::atomic::AtomicU64::new(0),
         filter_counts: ArcSwap::from_pointee(FilterCounts::default()),
         kube: kube.as_ref().map(|k| Arc::clone(k.metrics())),

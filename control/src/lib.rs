@@ -13,7 +13,8 @@
 //!   live, one swap each, the filter in step;
 //! * [`netlink`]: next hops from the kernel's routes and neighbours;
 //! * [`daemon`]: `xlb run` - filter, sockets, pinned workers, the control loop;
-//! * [`admin`], [`admin_client`], [`histogram`]: the admin HTTP API and its client;
+//! * [`admin`], [`admin_client`]: the admin HTTP API (metrics in a prometheus-client registry)
+//!   and its client;
 //!   [`status`]: `xlb status`'s tables read from it;
 //! * [`explain`], [`inspect`], [`maglev_report`]: the offline tools behind `xlb check`,
 //!   `explain`, `decode`, `rewrite` and `maglev`.
@@ -33,7 +34,6 @@ pub mod explain;
 pub mod fake_api;
 pub mod file_source;
 pub mod health;
-pub mod histogram;
 pub mod inspect;
 pub mod kube_source;
 pub mod kubernetes;

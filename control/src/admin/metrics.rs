@@ -1,246 +1,72 @@
-//! The Prometheus text of `/metrics`: per-worker counters by verdict, drop reason and event,
-//! the sockets' kernel counters, the flow table's gauges, sync latency, the Kubernetes
-//! source's health and the XDP filter's counts.
+//! `/metrics`: one prometheus-client registry, encoded in the OpenMetrics text format. Every
+//! metric is declared once, here: its name (Prometheus conventions: the unit in the name,
+//! `_total` added to counters by the encoder), its help and how to read it. The registry
+//! holds the sync-latency histogram the control thread observes into, and a collector that
+//! reads, at each scrape, what the workers, the XDP filter and the sources published: per-worker
+//! counters by verdict, drop reason and event, the sockets' kernel counters, the flow table's
+//! gauges and the Kubernetes source's health.
 
-use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
 use xlb_dataplane::lb::decide::{DecideDrop, Event};
 use xlb_dataplane::packet::DropReason;
 use xlb_dataplane::worker::{SocketStats, WorkerCounters};
 
 use super::AdminState;
 
-/// A per-worker counter series: name, help, and how to read it.
+/// Upper bounds of the sync-latency buckets, in seconds (kube-proxy's network programming
+/// buckets, trimmed).
+pub const SYNC_BUCKETS: [f64; 12] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+];
+
+/// The histogram of the time from a source change being seen to its snapshot being live.
+#[must_use]
+pub fn sync_histogram() -> Histogram {
+    Histogram::new(SYNC_BUCKETS)
+}
+
+/// The registry `/metrics` encodes: the sync histogram and the published counters of `state`.
+pub(super) fn registry(state: &Arc<AdminState>) -> Registry {
+    let mut registry = Registry::default();
+    registry.register(
+        "xlb_sync_duration_seconds",
+        "Time from a source change being seen (a file edit noticed, a Kubernetes event received) to its snapshot being live",
+        state.sync_seconds.clone(),
+    );
+    registry.register_collector(Box::new(Published(Arc::clone(state))));
+    registry
+}
+
+/// A per-worker counter: name (without `_total`), help, and how to read it.
 type Series = (&'static str, &'static str, fn(&WorkerCounters) -> u64);
 
-/// The whole `/metrics` page. Reads only published counters and gauges: nothing here scans
-/// the flow table or the snapshot.
-pub(super) fn metrics(state: &AdminState) -> String {
-    let mut out = String::new();
-    let workers: Vec<WorkerCounters> = state.workers.iter().map(|w| w.load()).collect();
-    let series: [Series; 15] = [
-        ("xlb_received_packets_total", "Frames received", |c| {
-            c.io.received
-        }),
-        (
-            "xlb_transmitted_packets_total",
-            "Frames queued for transmission",
-            |c| c.io.transmitted,
-        ),
-        (
-            "xlb_forwarded_packets_total",
-            "Packets forwarded to a backend",
-            |c| c.decide.forwarded,
-        ),
-        (
-            "xlb_replied_packets_total",
-            "Backend replies un-NATed",
-            |c| c.decide.replied,
-        ),
-        (
-            "xlb_rejected_packets_total",
-            "Packets refused with a TCP reset or an ICMP unreachable (new flows without a backend, segments of flows whose backend left)",
-            |c| c.decide.rejected,
-        ),
-        (
-            "xlb_reset_replies_total",
-            "Replies of flows whose backend left, turned into resets towards the client",
-            |c| c.decide.reset,
-        ),
-        (
-            "xlb_passed_packets_total",
-            "Packets not for xlb (dropped, or handed back to the kernel through a node's link)",
-            |c| c.decide.passed,
-        ),
-        (
-            "xlb_fragments_expired_drops_total",
-            "Fragments dropped because their datagram's first fragment did not come within a second",
-            |c| c.io.fragments_expired,
-        ),
-        (
-            "xlb_too_big_packets_total",
-            "Packets too big for the path once encapsulated (answered with ICMP too big, or dropped when IPv4 may fragment)",
-            |c| c.io.too_big,
-        ),
-        (
-            "xlb_handed_back_packets_total",
-            "Packets not for xlb handed back to the kernel through the node's link",
-            |c| c.io.handed_back,
-        ),
-        (
-            "xlb_tx_ring_full_drops_total",
-            "Drops on a full transmit ring",
-            |c| c.io.tx_ring_full,
-        ),
-        (
-            "xlb_no_next_hop_drops_total",
-            "Drops for a next hop not resolved in time (or a full hold queue)",
-            |c| c.io.no_next_hop,
-        ),
-        (
-            "xlb_held_packets_total",
-            "Packets held until their next hop was resolved, then sent",
-            |c| c.io.held,
-        ),
-        (
-            "xlb_rewrite_failed_drops_total",
-            "Drops where a verdict could not be applied",
-            |c| c.io.rewrite_failed,
-        ),
-        (
-            "xlb_busy_polls_total",
-            "Worker loops that found work",
-            |c| c.io.busy_polls,
-        ),
-    ];
-    for (name, help, get) in series {
-        header(&mut out, name, "counter", help);
-        for (i, c) in workers.iter().enumerate() {
-            let _ = writeln!(out, "{name}{{worker=\"{i}\"}} {}", get(c));
-        }
-    }
-    header(
-        &mut out,
-        "xlb_dropped_packets_total",
-        "counter",
-        "Drops by reason",
-    );
-    for (i, c) in workers.iter().enumerate() {
-        let decide = DecideDrop::ALL
-            .iter()
-            .map(|r| format!("{r:?}"))
-            .zip(c.decide.dropped);
-        let parse = DropReason::ALL
-            .iter()
-            .map(|r| format!("{r:?}"))
-            .zip(c.decide.malformed);
-        for (reason, count) in decide.chain(parse) {
-            let _ = writeln!(
-                out,
-                "xlb_dropped_packets_total{{worker=\"{i}\",reason=\"{reason}\"}} {count}"
-            );
-        }
-    }
-    header(
-        &mut out,
-        "xlb_flow_events_total",
-        "counter",
-        "What the load balancer did besides its verdicts, by event: Untracked (a new flow forwarded without an entry, the table full), Recreated and RecreatedUnpicked (a flow recreated from a backend's packet), PortReused, Repicked, BackendLeftReset",
-    );
-    for (i, c) in workers.iter().enumerate() {
-        for (event, count) in Event::ALL.iter().zip(c.decide.events) {
-            let _ = writeln!(
-                out,
-                "xlb_flow_events_total{{worker=\"{i}\",event=\"{event:?}\"}} {count}"
-            );
-        }
-    }
-    socket_metrics(&mut out, state);
-    let flows = &state.flows;
-    // Relaxed: gauges read on their own.
-    let live = state.live_entries.load(Ordering::Relaxed);
-    let generation = state.generation.load(Ordering::Relaxed);
-    let singles: [(&str, &str, &str, u64); 7] = [
-        (
-            "xlb_flow_entries",
-            "gauge",
-            "Live flow table entries (two per connection), counted every few seconds",
-            live,
-        ),
-        (
-            "xlb_flow_evictions_total",
-            "counter",
-            "Live flows that were not established (half-open, one-exchange, closing), evicted for new ones",
-            flows.evictions(),
-        ),
-        (
-            "xlb_flow_table_full_total",
-            "counter",
-            "New flows not recorded: both buckets held live established flows",
-            flows.full_inserts(),
-        ),
-        (
-            "xlb_flow_capacity",
-            "gauge",
-            "Flow table entries in all",
-            flows.capacity() as u64,
-        ),
-        (
-            "xlb_snapshot_generation",
-            "gauge",
-            "The live snapshot's generation",
-            generation,
-        ),
-        (
-            "xlb_config_hash",
-            "gauge",
-            "The live configuration file's content hash (xxh3-64 of its bytes, 48 bits; xlb check prints it)",
-            state.config_hash.load(Ordering::Relaxed),
-        ),
-        (
-            "xlb_config_generation",
-            "gauge",
-            "The live configuration file's generation: field (0 without one)",
-            state.config_generation.load(Ordering::Relaxed),
-        ),
-    ];
-    for (name, kind, help, value) in singles {
-        header(&mut out, name, kind, help);
-        let _ = writeln!(out, "{name} {value}");
-    }
-    state.sync_seconds.write(
-        &mut out,
-        "xlb_sync_duration_seconds",
-        "Time from a source change being seen (a file edit noticed, a Kubernetes event received) to its snapshot being live.",
-    );
-    if let Some(kube) = &state.kube {
-        kube_metrics(&mut out, kube);
-    }
-    let counts = **state.filter_counts.load();
-    header(
-        &mut out,
-        "xlb_filter_packets_total",
-        "counter",
-        "Packets seen by the XDP filter: redirected to xlb, passed to the kernel, or xlb's but passed for want of a socket on their queue (unbound)",
-    );
-    for (action, n) in [
-        ("redirect", counts.redirected),
-        ("pass", counts.passed),
-        ("unbound", counts.unbound),
-    ] {
-        let _ = writeln!(out, "xlb_filter_packets_total{{action=\"{action}\"}} {n}");
-    }
-    out
-}
-
-/// The kernel's counters of every AF_XDP socket, per worker and port (issue 11, fault 2:
-/// receive-ring drops showed only in the log line at stop).
-fn socket_metrics(out: &mut String, state: &AdminState) {
-    let sockets: Vec<_> = state.workers.iter().map(|w| w.sockets()).collect();
-    for (i, (name, _)) in SocketStats::default().named().iter().enumerate() {
-        let metric = format!("xlb_socket_{name}_total");
-        header(
-            out,
-            &metric,
-            "counter",
-            SOCKET_HELP
-                .get(i)
-                .copied()
-                .unwrap_or("AF_XDP socket counter"),
-        );
-        for (worker, ports) in sockets.iter().enumerate() {
-            for (port, stats) in ports.iter().enumerate() {
-                let value = stats.named()[i].1;
-                let port = state.ports.get(port).map_or("?", String::as_str);
-                let _ = writeln!(
-                    out,
-                    "{metric}{{worker=\"{worker}\",port=\"{port}\"}} {value}"
-                );
-            }
-        }
-    }
-}
+/// The per-worker counters, each with a `worker` label.
+const WORKER_SERIES: [Series; 15] = [
+    ("xlb_received_packets", "Frames received", |c| c.io.received),
+    ("xlb_transmitted_packets", "Frames queued for transmission", |c| c.io.transmitted),
+    ("xlb_forwarded_packets", "Packets forwarded to a backend", |c| c.decide.forwarded),
+    ("xlb_replied_packets", "Backend replies un-NATed", |c| c.decide.replied),
+    ("xlb_rejected_packets", "Packets refused with a TCP reset or an ICMP unreachable (new flows without a backend, segments of flows whose backend left)", |c| c.decide.rejected),
+    ("xlb_reset_replies", "Replies of flows whose backend left, turned into resets towards the client", |c| c.decide.reset),
+    ("xlb_passed_packets", "Packets not for xlb (dropped, or handed back to the kernel through a node's link)", |c| c.decide.passed),
+    ("xlb_fragments_expired_drops", "Fragments dropped because their datagram's first fragment did not come within a second", |c| c.io.fragments_expired),
+    ("xlb_too_big_packets", "Packets too big for the path once encapsulated (answered with ICMP too big, or dropped when IPv4 may fragment)", |c| c.io.too_big),
+    ("xlb_handed_back_packets", "Packets not for xlb handed back to the kernel through the node's link", |c| c.io.handed_back),
+    ("xlb_tx_ring_full_drops", "Drops on a full transmit ring", |c| c.io.tx_ring_full),
+    ("xlb_no_next_hop_drops", "Drops for a next hop not resolved in time (or a full hold queue)", |c| c.io.no_next_hop),
+    ("xlb_held_packets", "Packets held until their next hop was resolved, then sent", |c| c.io.held),
+    ("xlb_rewrite_failed_drops", "Drops where a verdict could not be applied", |c| c.io.rewrite_failed),
+    ("xlb_busy_polls", "Worker loops that found work", |c| c.io.busy_polls),
+];
 
 /// HELP texts of the socket counters, in [`SocketStats::named`] order.
 const SOCKET_HELP: [&str; 6] = [
@@ -252,80 +78,206 @@ const SOCKET_HELP: [&str; 6] = [
     "Times the kernel found an AF_XDP transmit ring empty",
 ];
 
-fn kube_metrics(out: &mut String, kube: &crate::kube_source::KubeMetrics) {
-    // Relaxed: counters and gauges read on their own.
-    let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
-    header(
-        out,
-        "xlb_kubernetes_objects",
-        "gauge",
-        "Kubernetes objects watched, by kind",
-    );
-    for (kind, n) in [
-        ("service", &kube.services),
-        ("endpointslice", &kube.slices),
-        ("node", &kube.nodes),
-    ] {
-        let _ = writeln!(out, "xlb_kubernetes_objects{{kind=\"{kind}\"}} {}", load(n));
+/// What workers, filter and sources published, read at each scrape. Nothing here scans the
+/// flow table or the snapshot.
+#[derive(Debug)]
+struct Published(Arc<AdminState>);
+
+impl Collector for Published {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let state = &*self.0;
+        let e = &mut encoder;
+        let workers: Vec<WorkerCounters> = state.workers.iter().map(|w| w.load()).collect();
+        let worker = |i: usize| [("worker", i.to_string())];
+        for (name, help, get) in WORKER_SERIES {
+            family(
+                e,
+                name,
+                help,
+                MetricType::Counter,
+                workers.iter().enumerate().map(|(i, c)| (worker(i), get(c))),
+            )?;
+        }
+        let drops = workers.iter().enumerate().flat_map(|(i, c)| {
+            let decide = DecideDrop::ALL
+                .iter()
+                .map(|r| format!("{r:?}"))
+                .zip(c.decide.dropped);
+            let parse = DropReason::ALL
+                .iter()
+                .map(|r| format!("{r:?}"))
+                .zip(c.decide.malformed);
+            decide
+                .chain(parse)
+                .map(move |(reason, n)| ([("worker", i.to_string()), ("reason", reason)], n))
+        });
+        family(
+            e,
+            "xlb_dropped_packets",
+            "Drops by reason",
+            MetricType::Counter,
+            drops,
+        )?;
+        let events = workers.iter().enumerate().flat_map(|(i, c)| {
+            Event::ALL
+                .iter()
+                .zip(c.decide.events)
+                .map(move |(event, n)| {
+                    (
+                        [("worker", i.to_string()), ("event", format!("{event:?}"))],
+                        n,
+                    )
+                })
+        });
+        family(
+            e,
+            "xlb_flow_events",
+            "What the load balancer did besides its verdicts, by event: Untracked (a new flow forwarded without an entry, the table full), Recreated and RecreatedUnpicked (a flow recreated from a backend's packet), PortReused, Repicked, BackendLeftReset",
+            MetricType::Counter,
+            events,
+        )?;
+        sockets(e, state)?;
+        let flows = &state.flows;
+        // Relaxed: gauges and counters read on their own.
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let singles: [(&str, MetricType, &str, u64); 7] = [
+            ("xlb_flow_entries", MetricType::Gauge, "Live flow table entries (two per connection), counted every few seconds", load(&state.live_entries)),
+            ("xlb_flow_evictions", MetricType::Counter, "Live flows that were not established (half-open, one-exchange, closing), evicted for new ones", flows.evictions()),
+            ("xlb_flow_table_full", MetricType::Counter, "New flows not recorded: both buckets held live established flows", flows.full_inserts()),
+            ("xlb_flow_capacity", MetricType::Gauge, "Flow table entries in all", flows.capacity() as u64),
+            ("xlb_snapshot_generation", MetricType::Gauge, "The live snapshot's generation", load(&state.generation)),
+            ("xlb_config_hash", MetricType::Gauge, "The live configuration file's content hash (xxh3-64 of its bytes, 48 bits; xlb check prints it)", load(&state.config_hash)),
+            ("xlb_config_generation", MetricType::Gauge, "The live configuration file's generation: field (0 without one)", load(&state.config_generation)),
+        ];
+        for (name, kind, help, value) in singles {
+            single(e, name, help, kind, value)?;
+        }
+        if let Some(kube) = &state.kube {
+            kube_metrics(e, kube)?;
+        }
+        let counts = **state.filter_counts.load();
+        family(
+            e,
+            "xlb_filter_packets",
+            "Packets seen by the XDP filter: redirected to xlb, passed to the kernel, or xlb's but passed for want of a socket on their queue (unbound)",
+            MetricType::Counter,
+            [("redirect", counts.redirected), ("pass", counts.passed), ("unbound", counts.unbound)]
+                .map(|(action, n)| ([("action", action)], n)),
+        )
     }
-    header(
-        out,
-        "xlb_kubernetes_translation_errors_total",
-        "counter",
-        "Objects or values skipped or defaulted in translation, by kind, each counted when it appears",
-    );
-    for (kind, n) in crate::kube_source::ERROR_KINDS.iter().zip(&kube.errors) {
-        let _ = writeln!(
-            out,
-            "xlb_kubernetes_translation_errors_total{{kind=\"{kind}\"}} {}",
-            load(n)
-        );
-    }
-    header(
-        out,
-        "xlb_kubernetes_refused_objects",
-        "gauge",
-        "Objects currently skipped or partly skipped in translation, by kind",
-    );
-    for (kind, n) in crate::kube_source::ERROR_KINDS.iter().zip(&kube.refusing) {
-        let _ = writeln!(
-            out,
-            "xlb_kubernetes_refused_objects{{kind=\"{kind}\"}} {}",
-            load(n)
-        );
-    }
-    header(
-        out,
-        "xlb_kubernetes_watch_errors_total",
-        "counter",
-        "Failed lists and watches (each retried with backoff)",
-    );
-    let _ = writeln!(
-        out,
-        "xlb_kubernetes_watch_errors_total {}",
-        load(&kube.watch_errors)
-    );
-    header(
-        out,
-        "xlb_kubernetes_relists_total",
-        "counter",
-        "Lists started again because the API server said a resourceVersion or continue token was unusable",
-    );
-    let _ = writeln!(out, "xlb_kubernetes_relists_total {}", load(&kube.relists));
-    header(
-        out,
-        "xlb_kubernetes_synced",
-        "gauge",
-        "1 while Services and EndpointSlices are listed and no watch has been failing for longer than the grace period",
-    );
-    let _ = writeln!(
-        out,
-        "xlb_kubernetes_synced {}",
-        u8::from(kube.synced.load(Ordering::Relaxed))
-    );
 }
 
-/// The HELP and TYPE lines of a metric.
-fn header(out: &mut String, name: &str, kind: &str, help: &str) {
-    let _ = writeln!(out, "# HELP {name} {help}.\n# TYPE {name} {kind}");
+/// One metric of several series, each with its labels.
+fn family<L: EncodeLabelSet>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    kind: MetricType,
+    series: impl IntoIterator<Item = (L, u64)>,
+) -> Result<(), std::fmt::Error> {
+    let mut metric = encoder.encode_descriptor(name, help, None, kind)?;
+    for (labels, value) in series {
+        let labelled = metric.encode_family(&labels)?;
+        if matches!(kind, MetricType::Counter) {
+            ConstCounter::new(value).encode(labelled)?;
+        } else {
+            ConstGauge::new(value).encode(labelled)?;
+        }
+    }
+    Ok(())
+}
+
+/// One metric of one series, without labels.
+fn single(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    kind: MetricType,
+    value: u64,
+) -> Result<(), std::fmt::Error> {
+    let metric = encoder.encode_descriptor(name, help, None, kind)?;
+    if matches!(kind, MetricType::Counter) {
+        ConstCounter::new(value).encode(metric)
+    } else {
+        ConstGauge::new(value).encode(metric)
+    }
+}
+
+fn sockets(e: &mut DescriptorEncoder, state: &AdminState) -> Result<(), std::fmt::Error> {
+    let sockets: Vec<_> = state.workers.iter().map(|w| w.sockets()).collect();
+    for (i, (name, _)) in SocketStats::default().named().iter().enumerate() {
+        let series = sockets.iter().enumerate().flat_map(|(worker, ports)| {
+            ports.iter().enumerate().map(move |(port, stats)| {
+                let port = state.ports.get(port).map_or("?", String::as_str);
+                (
+                    [("worker", worker.to_string()), ("port", port.to_owned())],
+                    stats.named()[i].1,
+                )
+            })
+        });
+        family(
+            e,
+            &format!("xlb_socket_{name}"),
+            SOCKET_HELP
+                .get(i)
+                .copied()
+                .unwrap_or("AF_XDP socket counter"),
+            MetricType::Counter,
+            series,
+        )?;
+    }
+    Ok(())
+}
+
+fn kube_metrics(
+    e: &mut DescriptorEncoder,
+    kube: &crate::kube_source::KubeMetrics,
+) -> Result<(), std::fmt::Error> {
+    use crate::kube_source::ERROR_KINDS;
+    // Relaxed: counters and gauges read on their own.
+    let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    family(
+        e,
+        "xlb_kubernetes_objects",
+        "Kubernetes objects watched, by kind",
+        MetricType::Gauge,
+        [
+            ("service", &kube.services),
+            ("endpointslice", &kube.slices),
+            ("node", &kube.nodes),
+        ]
+        .map(|(kind, n)| ([("kind", kind)], load(n))),
+    )?;
+    family(
+        e,
+        "xlb_kubernetes_translation_errors",
+        "Objects or values skipped or defaulted in translation, by kind, each counted when it appears",
+        MetricType::Counter,
+        ERROR_KINDS.iter().zip(&kube.errors).map(|(kind, n)| ([("kind", *kind)], load(n))),
+    )?;
+    family(
+        e,
+        "xlb_kubernetes_refused_objects",
+        "Objects currently skipped or partly skipped in translation, by kind",
+        MetricType::Gauge,
+        ERROR_KINDS
+            .iter()
+            .zip(&kube.refusing)
+            .map(|(kind, n)| ([("kind", *kind)], load(n))),
+    )?;
+    single(
+        e,
+        "xlb_kubernetes_watch_errors",
+        "Failed lists and watches (each retried with backoff)",
+        MetricType::Counter,
+        load(&kube.watch_errors),
+    )?;
+    single(e, "xlb_kubernetes_relists", "Lists started again because the API server said a resourceVersion or continue token was unusable", MetricType::Counter, load(&kube.relists))?;
+    single(
+        e,
+        "xlb_kubernetes_synced",
+        "1 while Services and EndpointSlices are listed and no watch has been failing for longer than the grace period",
+        MetricType::Gauge,
+        u64::from(kube.synced.load(Ordering::Relaxed)),
+    )
 }

@@ -1,4 +1,4 @@
-//! The admin HTTP API (127.0.0.1:9901 by default): `/metrics` (Prometheus text), `/healthz`,
+//! The admin HTTP API (127.0.0.1:9901 by default): `/metrics` (OpenMetrics text), `/healthz`,
 //! and `/services` and `/flows` (JSON, in pages).
 //!
 //! Served by axum on a thread of its own with its own tokio runtime, never on the control
@@ -18,6 +18,7 @@
 //! Must not know: packet bytes; it reads what workers and the control thread published.
 
 mod metrics;
+pub use metrics::{sync_histogram, SYNC_BUCKETS};
 
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
@@ -75,7 +76,7 @@ pub struct AdminState {
     /// Live flow table entries, counted every few seconds off the control thread.
     pub live_entries: AtomicU64,
     /// Time from a source change being seen to its snapshot being live.
-    pub sync_seconds: crate::histogram::Histogram,
+    pub sync_seconds: prometheus_client::metrics::histogram::Histogram,
     /// The XDP filter's counts.
     pub filter_counts: ArcSwap<FilterCounts>,
     /// The Kubernetes source's counters, when it is configured.
@@ -114,6 +115,7 @@ pub fn spawn(
 /// The routes, over `state`.
 pub fn router(state: Arc<AdminState>) -> Router {
     routes(Shared {
+        registry: Arc::new(metrics::registry(&state)),
         state,
         heavy: Arc::new(Semaphore::new(HEAVY_AT_ONCE)),
     })
@@ -131,6 +133,7 @@ fn routes(shared: Shared) -> Router {
 #[derive(Clone)]
 struct Shared {
     state: Arc<AdminState>,
+    registry: Arc<prometheus_client::registry::Registry>,
     heavy: Arc<Semaphore>,
 }
 
@@ -148,9 +151,16 @@ impl Page {
 }
 
 async fn metrics_page(State(shared): State<Shared>) -> Response {
+    let mut body = String::new();
+    if prometheus_client::encoding::text::encode(&mut body, &shared.registry).is_err() {
+        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+    }
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        metrics::metrics(&shared.state),
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        body,
     )
         .into_response()
 }

@@ -34,7 +34,7 @@ fn state(flows: u16) -> AdminState {
         ports: vec!["n0".into()],
         generation: AtomicU64::new(7),
         live_entries: AtomicU64::new(u64::from(flows)),
-        sync_seconds: crate::histogram::Histogram::default(),
+        sync_seconds: crate::admin::sync_histogram(),
         filter_counts: ArcSwap::from_pointee(FilterCounts {
             redirected: 3,
             passed: 4,
@@ -139,6 +139,7 @@ fn services_come_in_pages_of_the_live_snapshot() {
 fn health_is_answered_while_heavy_requests_hold_every_turn() {
     let state = Arc::new(state(0));
     let shared = Shared {
+        registry: Arc::new(super::metrics::registry(&state)),
         state: Arc::clone(&state),
         heavy: Arc::new(Semaphore::new(HEAVY_AT_ONCE)),
     };
@@ -276,4 +277,55 @@ fn services_show_what_each_vip_is_and_each_backend_with_its_condition_and_node()
         "Local: this node's endpoint only"
     );
     assert_eq!(ingress["backends"][0]["live_flows"], 0);
+}
+
+/// The metric conventions the README promises: `xlb_` names, a help for each, counters'
+/// samples ending in `_total`, seconds in the histogram's name, each metric declared once.
+#[test]
+fn every_metric_follows_prometheus_naming_and_the_sync_histogram_counts_its_observations() {
+    let state = state(1);
+    for seconds in [0.003, 0.2, 10.0] {
+        state.sync_seconds.observe(seconds);
+    }
+    let (_server, addr) = serve(state);
+    let body = get(addr, "/metrics").unwrap();
+    for line in [
+        "xlb_sync_duration_seconds_bucket{le=\"0.001\"} 0",
+        "xlb_sync_duration_seconds_bucket{le=\"0.005\"} 1",
+        "xlb_sync_duration_seconds_bucket{le=\"0.25\"} 2",
+        "xlb_sync_duration_seconds_bucket{le=\"+Inf\"} 3",
+        "xlb_sync_duration_seconds_count 3",
+        "# EOF",
+    ] {
+        assert!(body.lines().any(|l| l == line), "{line} in\n{body}");
+    }
+    let mut declared = std::collections::HashMap::new();
+    for line in body.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap();
+            assert!(name.starts_with("xlb_"), "{line}");
+            assert!(
+                body.contains(&format!("# HELP {name} ")),
+                "{name} has no help"
+            );
+            assert!(
+                declared.insert(name.to_owned(), kind.to_owned()).is_none(),
+                "{name} declared twice"
+            );
+        } else if !line.starts_with('#') {
+            let series = line.split([' ', '{']).next().unwrap();
+            let (name, kind) = declared
+                .iter()
+                .filter(|(name, _)| series.starts_with(name.as_str()))
+                .max_by_key(|(name, _)| name.len())
+                .unwrap_or_else(|| panic!("{series} has no TYPE"));
+            match kind.as_str() {
+                "counter" => assert_eq!(series, format!("{name}_total"), "{line}"),
+                "gauge" => assert_eq!(series, name, "{line}"),
+                "histogram" => assert!(name.ends_with("_seconds"), "{line}"),
+                other => panic!("{name}: an unexpected type {other}"),
+            }
+        }
+    }
+    assert!(declared.len() > 30, "{declared:?}");
 }
