@@ -18,7 +18,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 XLB := target/release/xlb
 FRAMES := deploy/examples/frames
 
-.PHONY: all deps toolchain build demo test lint loom manifests fuzz bench bench-e2e bench-flood bench-node
+.PHONY: all deps toolchain build demo test lint loom manifests dashboard fuzz bench bench-e2e bench-flood bench-node
 
 all: build
 
@@ -76,6 +76,11 @@ manifests: deps
 	$(KUBE_VALIDATE) --strict --quiet deploy/kubernetes/xlb.yaml
 	@echo "deploy/kubernetes/xlb.yaml: valid against the Kubernetes 1.37 schemas"
 
+# The Grafana dashboard's shape, offline (the netns demo checks its metrics against a running
+# xlb's /metrics).
+dashboard: deps
+	python3 deploy/grafana/check.py --self-test deploy/grafana/xlb.json
+
 # The packet layer's fuzz target for FUZZ_SECONDS, seeded with every fixture frame. cargo-fuzz
 # (installed once from crates.io) needs nightly flags; RUSTC_BOOTSTRAP=1 lets the stable
 # compiler take them. A crash fails the run and leaves its input in dataplane/fuzz/artifacts.
@@ -89,7 +94,7 @@ fuzz: deps toolchain
 	  -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1
 
 # Everything: formatting, lints, the dataplane alone without test utilities, every test, the
-# loom models, the manifests and a short fuzz run.
+# loom models, the manifests, the Grafana dashboard and a short fuzz run.
 # Kernel tests (root, BPF, network namespaces) are #[ignore]d, so that a run without root
 # reports them as ignored rather than passed; as root, make test runs them too.
 KERNEL_TESTS := $(shell [ "$$(id -u)" = 0 ] && echo "-- --include-ignored")
@@ -99,6 +104,7 @@ test: lint
 	$(CARGO) test --workspace $(KERNEL_TESTS)
 	$(MAKE) --no-print-directory loom
 	$(MAKE) --no-print-directory manifests
+	$(MAKE) --no-print-directory dashboard
 	$(MAKE) --no-print-directory fuzz
 
 # Criterion stages, then their medians per packet; bench/callgrind.sh gives instruction counts

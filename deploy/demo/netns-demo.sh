@@ -257,6 +257,15 @@ if [ "$SOURCE" = kubernetes ]; then
   until_http http://127.0.0.1:32100/ 200
   say "endpoint on this node: $(http_get http://127.0.0.1:32100/)"
 fi
+if [ "$SOURCE" = kubernetes ]; then
+  # With traffic, a sync and the Kubernetes source, every metric the Grafana dashboard
+  # queries must be on this xlb's /metrics.
+  say "== the Grafana dashboard against this xlb's /metrics"
+  in_ns "$NODE" "$XLB" metrics > "$WORK/metrics.txt" || fail "xlb metrics"
+  checked=$(python3 "$(dirname "$0")/../grafana/check.py" "$(dirname "$0")/../grafana/xlb.json" \
+    "$WORK/metrics.txt" 2>&1) || fail "the dashboard queries what /metrics lacks: $checked"
+  say "$checked"
+fi
 
 if [ -z "$QUICK" ]; then
   say "== edit: backend-3 removed from the $SOURCE source; xlb applies it live"
