@@ -6,14 +6,14 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
+use crate::error::Error;
+
 /// GETs `path` from the admin API at `admin` and returns the body.
 ///
 /// # Errors
 /// A message when xlb is not running there or answers with an error status.
-pub fn get(admin: SocketAddr, path: &str) -> Result<String, String> {
-    let unreachable = |e: std::io::Error| {
-        format!("cannot reach xlb's admin API at {admin}: {e} (is `xlb run` running?)")
-    };
+pub fn get(admin: SocketAddr, path: &str) -> Result<String, Error> {
+    let unreachable = |reason| Error::AdminUnreachable { admin, reason };
     let mut stream =
         TcpStream::connect_timeout(&admin, Duration::from_secs(2)).map_err(unreachable)?;
     stream
@@ -24,10 +24,10 @@ pub fn get(admin: SocketAddr, path: &str) -> Result<String, String> {
     stream.read_to_string(&mut response).map_err(unreachable)?;
     let (head, body) = response
         .split_once("\r\n\r\n")
-        .ok_or("a malformed answer from the admin API")?;
+        .ok_or_else(|| Error::AdminAnswer("a malformed answer".into()))?;
     let status = head.lines().next().unwrap_or_default();
     if !status.contains(" 200 ") {
-        return Err(format!("admin API: {status}"));
+        return Err(Error::AdminAnswer(status.to_owned()));
     }
     Ok(body.to_owned())
 }

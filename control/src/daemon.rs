@@ -32,7 +32,8 @@ use xlb_dataplane::worker::{
 use xlb_dataplane::xsk::{FilterCounts, XdpFilter, XdpMode, XskConfig, XskIo};
 
 use crate::admin::{self, AdminState};
-use crate::config::{Config, KubernetesConfig, ModeConfig, XdpModeConfig};
+use crate::config::{Config, ConfigError, KubernetesConfig, ModeConfig, XdpModeConfig};
+use crate::error::Error;
 use crate::file_source::{content_hash, FileSource};
 use crate::health::{HealthServer, ProxyHealth};
 use crate::kube_source::{Batch, KubeMetrics, KubeSource, SourceOptions};
@@ -61,8 +62,8 @@ const FILE_PERIOD: Duration = Duration::from_secs(1);
 /// # Errors
 /// A message for anything that stops the start: a bad file, a missing interface, a busy
 /// queue, missing privileges.
-pub fn run(path: &Path, node_name: Option<String>) -> Result<(), String> {
-    let config = Config::load(path).map_err(|e| e.to_string())?;
+pub fn run(path: &Path, node_name: Option<String>) -> Result<(), Error> {
+    let config = Config::load(path)?;
     for warning in crate::explain::dsr_warnings(&config) {
         warn!("{warning}");
     }
@@ -70,7 +71,12 @@ pub fn run(path: &Path, node_name: Option<String>) -> Result<(), String> {
     let mut ports = config
         .interfaces
         .iter()
-        .map(|name| Port::lookup(name))
+        .map(|name| {
+            Port::lookup(name).map_err(|reason| Error::Interface {
+                interface: name.clone(),
+                reason,
+            })
+        })
         .collect::<Result<Vec<_>, _>>()?;
     // On a node, xlb's end of its link is one more port, the last (removed again on return).
     let node = match &config.node {
@@ -79,7 +85,7 @@ pub fn run(path: &Path, node_name: Option<String>) -> Result<(), String> {
             if let Some(snat) = &config.snat {
                 crate::node_link::warn_if_ports_overlap(snat.first_port, snat.last_port);
             }
-            Some(NodeLink::up(n, queues)?)
+            Some(NodeLink::up(n, queues).map_err(Error::Kernel)?)
         }
         None => None,
     };
@@ -93,30 +99,35 @@ pub fn run(path: &Path, node_name: Option<String>) -> Result<(), String> {
         .iter()
         .find(|c| !existing.iter().any(|e| e.id == **c))
     {
-        return Err(format!(
-            "cores: core {missing} is not one this process may run on ({} cores here)",
-            existing.len()
-        ));
+        return Err(Error::Core {
+            core: *missing,
+            available: existing.len(),
+        });
     }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(|e| format!("cannot start the control runtime: {e}"))?;
+        .map_err(Error::resource("start the control runtime"))?;
 
-    let mut filter = XdpFilter::load()
-        .map_err(|e| format!("{e} (xlb needs root, or CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN)"))?;
+    let mut filter = XdpFilter::load().map_err(|e| Error::Filter(e.to_string()))?;
     let mode = match config.xdp_mode {
         XdpModeConfig::Native => XdpMode::Native,
         XdpModeConfig::Skb => XdpMode::Skb,
     };
     // The netlink socket registers with the runtime's reactor as it is created.
     let _context = runtime.enter();
-    let mut kernel = runtime.block_on(Kernel::open(ports.clone()))?;
+    let mut kernel = runtime
+        .block_on(Kernel::open(ports.clone()))
+        .map_err(Error::Kernel)?;
     if let Some(hop) = hand_back {
         kernel.hand_back_to(hop);
     }
     let local = match &node {
-        Some(_) => Arc::new(runtime.block_on(kernel.addresses())?),
+        Some(_) => Arc::new(
+            runtime
+                .block_on(kernel.addresses())
+                .map_err(Error::Kernel)?,
+        ),
         None => Arc::default(),
     };
     let tables = Arc::new(ArcSwap::from_pointee(Tables {
@@ -125,7 +136,9 @@ pub fn run(path: &Path, node_name: Option<String>) -> Result<(), String> {
     }));
     let (kube, health) = match &config.kubernetes {
         Some(k) => {
-            let addresses = runtime.block_on(kernel.addresses())?;
+            let addresses = runtime
+                .block_on(kernel.addresses())
+                .map_err(Error::Kernel)?;
             let source = runtime.block_on(kube_source(k, node_name, addresses.clone()))?;
             let proxy = Arc::new(ProxyHealth::new(
                 Duration::from_secs(k.health_timeout_s),
@@ -148,9 +161,7 @@ pub fn run(path: &Path, node_name: Option<String>) -> Result<(), String> {
         None => (None, None),
     };
     let mut publisher = Publisher::new(&config, Arc::clone(&tables));
-    publisher
-        .publish_file(config.desired(), &mut filter)
-        .map_err(|e| e.to_string())?;
+    publisher.publish_file(config.desired(), &mut filter)?;
 
     // Workers wake the control loop when they report an address to resolve.
     let wake = Arc::new(tokio::sync::Notify::new());
@@ -161,12 +172,13 @@ pub fn run(path: &Path, node_name: Option<String>) -> Result<(), String> {
     let table_bytes = FlowTable::memory_for(config.flow_capacity);
     if let Some(total) = memory_total() {
         if table_bytes > total / 2 {
-            return Err(format!(
+            return Err(ConfigError::invalid(format!(
                 "flow_capacity: {} entries take {} MiB, more than half of this machine's {} MiB",
                 config.flow_capacity,
                 table_bytes >> 20,
                 total >> 20
-            ));
+            ))
+            .into());
         }
     }
     let flows = Arc::new(FlowTable::new(config.flow_capacity, Timeouts::default()));
@@ -195,29 +207,38 @@ pub fn run(path: &Path, node_name: Option<String>) -> Result<(), String> {
     for i in 0..config.cores.len() {
         let queue = config.queue + u32::try_from(i).unwrap_or(0);
         sockets.push(
-            XskIo::open(&interfaces, queue, &xsk_config, &filter).map_err(|e| {
-                format!("{e} (AF_XDP sockets need CAP_NET_RAW, and CAP_IPC_LOCK or a memlock limit that holds the UMEM)")
-            })?,
+            XskIo::open(&interfaces, queue, &xsk_config, &filter)
+                .map_err(|e| Error::Socket(e.to_string()))?,
         );
     }
-    let listener = std::net::TcpListener::bind(config.admin)
-        .map_err(|e| format!("cannot listen on {} for the admin API: {e}", config.admin))?;
+    let listener = std::net::TcpListener::bind(config.admin).map_err(Error::resource(format!(
+        "listen on {} for the admin API",
+        config.admin
+    )))?;
     let health_listener = match health.as_ref().and_then(|h| h.2) {
-        Some(at) => Some(std::net::TcpListener::bind(at).map_err(|e| {
-            format!("cannot listen on {at} for the health server (kubernetes.health_address): {e}")
-        })?),
+        Some(at) => Some(
+            std::net::TcpListener::bind(at).map_err(Error::resource(format!(
+                "listen on {at} for the health server (kubernetes.health_address)"
+            )))?,
+        ),
         None => None,
     };
     for port in &ports {
         filter
             .attach(port.ifindex, mode)
-            .map_err(|e| format!("{}: {e}", port.name))?;
+            .map_err(|e| Error::Interface {
+                interface: port.name.clone(),
+                reason: e.to_string(),
+            })?;
         info!(interface = %port.name, ?mode, "XDP filter attached");
     }
     if let Some(node) = &node {
         filter
             .mark_link(node.peer.ifindex)
-            .map_err(|e| format!("{}: {e}", node.peer.name))?;
+            .map_err(|e| Error::Interface {
+                interface: node.peer.name.clone(),
+                reason: e.to_string(),
+            })?;
     }
 
     let mut workers = Vec::new();
@@ -257,7 +278,7 @@ pub fn run(path: &Path, node_name: Option<String>) -> Result<(), String> {
                 // Relaxed: the flag is the only thing communicated; the join orders the rest.
                 worker.run(&mut io, || stop.load(Ordering::Relaxed));
             })
-            .map_err(|e| format!("cannot start worker {i}: {e}"))?;
+            .map_err(Error::resource(format!("start worker {i}")))?;
         info!(worker = i, core, queue, "worker started");
         workers.push(thread);
     }
@@ -296,11 +317,11 @@ pub fn run(path: &Path, node_name: Option<String>) -> Result<(), String> {
     };
     control.steer_node();
     let admin_server = admin::spawn(listener, Arc::clone(&admin_state))
-        .map_err(|e| format!("cannot start the admin API: {e}"))?;
+        .map_err(Error::resource("start the admin API"))?;
     info!(address = %control.config.admin, "admin API listening");
     if let Some((proxy, at, address)) = health {
         let server = HealthServer::spawn(health_listener, Arc::clone(&proxy), at)
-            .map_err(|e| format!("cannot start the health server: {e}"))?;
+            .map_err(Error::resource("start the health server"))?;
         if let Some(address) = address {
             info!(%address, "health server listening (/healthz, /livez)");
         }
@@ -311,7 +332,7 @@ pub fn run(path: &Path, node_name: Option<String>) -> Result<(), String> {
         Arc::clone(&admin_state),
         Arc::clone(&stop),
     )
-    .map_err(|e| format!("cannot start the housekeeping thread: {e}"))?;
+    .map_err(Error::resource("start the housekeeping thread"))?;
     let result = runtime.block_on(control.serve(kube));
     // Relaxed: see the worker's load.
     stop.store(true, Ordering::Relaxed);
@@ -434,23 +455,30 @@ async fn kube_source(
     k: &KubernetesConfig,
     node_name: Option<String>,
     addresses: Vec<std::net::IpAddr>,
-) -> Result<KubeSource, String> {
+) -> Result<KubeSource, Error> {
     let config = match &k.kubeconfig {
         Some(path) => {
-            let file = kube::config::Kubeconfig::read_from(path)
-                .map_err(|e| format!("kubernetes.kubeconfig {}: {e}", path.display()))?;
+            let file = kube::config::Kubeconfig::read_from(path).map_err(|e| {
+                Error::Kubernetes(format!("kubernetes.kubeconfig {}: {e}", path.display()))
+            })?;
             kube::Config::from_custom_kubeconfig(file, &kube::config::KubeConfigOptions::default())
                 .await
-                .map_err(|e| format!("kubernetes.kubeconfig {}: {e}", path.display()))?
+                .map_err(|e| {
+                    Error::Kubernetes(format!("kubernetes.kubeconfig {}: {e}", path.display()))
+                })?
         }
         None => kube::Config::infer().await.map_err(|e| {
-            format!("kubernetes: no in-cluster service account and no kubeconfig ({e}); set kubernetes.kubeconfig")
+            Error::Kubernetes(format!(
+                "no in-cluster service account and no kubeconfig ({e}); set kubernetes.kubeconfig"
+            ))
         })?,
     };
     let url = config.cluster_url.clone();
-    let node = k.node_name.clone().or(node_name).ok_or(
-        "kubernetes: this node's name is needed (kubernetes.node_name, --node-name or NODE_NAME)",
-    )?;
+    let node = k.node_name.clone().or(node_name).ok_or_else(|| {
+        Error::Kubernetes(
+            "this node's name is needed (kubernetes.node_name, --node-name or NODE_NAME)".into(),
+        )
+    })?;
     let node_port_addresses: Vec<std::net::IpAddr> = addresses
         .into_iter()
         .filter(|a| {
@@ -468,7 +496,7 @@ async fn kube_source(
         ..SourceOptions::default()
     };
     KubeSource::new(config, node, options, Arc::new(KubeMetrics::default()))
-        .map_err(|e| format!("kubernetes: cannot make a client for {url}: {e}"))
+        .map_err(|e| Error::Kubernetes(format!("cannot make a client for {url}: {e}")))
 }
 
 /// Worker `worker`'s SNAT pool: in snat mode for every flow; in dnat mode, when the file
@@ -520,14 +548,14 @@ struct Control {
 }
 
 impl Control {
-    async fn serve(&mut self, mut kube: Option<KubeSource>) -> Result<(), String> {
+    async fn serve(&mut self, mut kube: Option<KubeSource>) -> Result<(), Error> {
         let mut hops_tick = tokio::time::interval(HOPS_PERIOD);
         let mut reread_tick = tokio::time::interval(REREAD_PERIOD);
         let mut file_tick = tokio::time::interval(FILE_PERIOD);
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .map_err(|e| format!("cannot watch SIGTERM: {e}"))?;
+            .map_err(Error::resource("watch SIGTERM"))?;
         let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-            .map_err(|e| format!("cannot watch SIGHUP: {e}"))?;
+            .map_err(Error::resource("watch SIGHUP"))?;
         loop {
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => { info!("SIGINT: stopping"); return Ok(()); }

@@ -14,7 +14,9 @@ use xlb_dataplane::packet::{
     key_addr, ChecksumState, Class, Family, FlowKey, IpProto, Parsed, TcpFlags,
 };
 
-use crate::config::{Config, ProtocolConfig};
+use crate::config::{Config, ConfigError, ProtocolConfig};
+use crate::error::Error;
+use crate::inspect::InputError;
 use crate::translate::snapshot_of;
 
 /// In dsr mode, the file's backends that are on no directly connected prefix of xlb's
@@ -68,13 +70,16 @@ pub fn dsr_warnings(config: &Config) -> Vec<String> {
 ///
 /// # Errors
 /// The configuration error, naming where.
-pub fn check(path: &Path) -> Result<String, String> {
-    let config = Config::load(path).map_err(|e| e.to_string())?;
-    let snapshot = snapshot_of(&config).map_err(|e| e.to_string())?;
+pub fn check(path: &Path) -> Result<String, Error> {
+    let config = Config::load(path)?;
+    let snapshot = snapshot_of(&config)?;
     let backends: usize = snapshot.services().map(|s| s.spec().backends.len()).sum();
     let hash = std::fs::read(path)
         .map(|b| crate::file_source::content_hash(&b))
-        .map_err(|e| format!("{}: {e}", path.display()))?;
+        .map_err(|e| ConfigError::Unreadable {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        })?;
     let mut out = format!(
         "{}: ok — {:?} mode on {}, {} Service ports, {} backends\n  content hash {hash} (xlb_config_hash once live)\n",
         path.display(),
@@ -149,8 +154,8 @@ pub fn explain(
     protocol: ProtocolConfig,
     source: SocketAddr,
     destination: SocketAddr,
-) -> Result<Explanation, String> {
-    Explainer::load(path)?.flow(protocol, source, destination)
+) -> Result<Explanation, Error> {
+    Ok(Explainer::load(path)?.flow(protocol, source, destination)?)
 }
 
 /// A configuration's snapshot, to explain many flows against (`xlb explain --batch`).
@@ -174,9 +179,9 @@ impl Explainer {
     ///
     /// # Errors
     /// A bad file.
-    pub fn load(path: &Path) -> Result<Self, String> {
-        let config = Config::load(path).map_err(|e| e.to_string())?;
-        let snapshot = snapshot_of(&config).map_err(|e| e.to_string())?;
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let config = Config::load(path)?;
+        let snapshot = snapshot_of(&config)?;
         Ok(Self {
             snapshot,
             flows: FlowTable::new(1024, Timeouts::default()),
@@ -194,15 +199,15 @@ impl Explainer {
         &self,
         input: impl std::io::BufRead,
         mut out: impl std::io::Write,
-    ) -> Result<usize, String> {
+    ) -> Result<usize, InputError> {
         let mut n = 0;
         for (i, line) in input.lines().enumerate() {
-            let line = line.map_err(|e| format!("reading flows: {e}"))?;
+            let line = line.map_err(|e| InputError(format!("reading flows: {e}")))?;
             let text = line.trim();
             if text.is_empty() || text.starts_with('#') {
                 continue;
             }
-            let bad = |why: &str| format!("line {}: {why}: {text:?}", i + 1);
+            let bad = |why: &str| InputError(format!("line {}: {why}: {text:?}", i + 1));
             let [protocol, source, destination] = text.split_whitespace().collect::<Vec<_>>()[..]
             else {
                 return Err(bad("expected PROTOCOL SOURCE DESTINATION"));
@@ -214,9 +219,9 @@ impl Explainer {
                 destination.parse().map_err(|_| bad("a bad destination"))?;
             let e = self
                 .flow(protocol, source, destination)
-                .map_err(|e| bad(&e))?;
+                .map_err(|e| bad(&e.0))?;
             let backend = e.backend.map_or_else(|| "-".to_owned(), |b| b.to_string());
-            writeln!(out, "{text} {backend}").map_err(|e| format!("writing: {e}"))?;
+            writeln!(out, "{text} {backend}").map_err(|e| InputError(format!("writing: {e}")))?;
             n += 1;
         }
         Ok(n)
@@ -231,11 +236,13 @@ impl Explainer {
         protocol: ProtocolConfig,
         source: SocketAddr,
         destination: SocketAddr,
-    ) -> Result<Explanation, String> {
+    ) -> Result<Explanation, InputError> {
         let snapshot = &self.snapshot;
         let flows = &self.flows;
         if source.is_ipv4() != destination.is_ipv4() {
-            return Err("source and destination must be of one address family".into());
+            return Err(InputError(
+                "source and destination must be of one address family".into(),
+            ));
         }
         let protocol = crate::translate::proto(protocol.into());
         // What the parser gives for a flow's first packet (a SYN for TCP); `decide` reads no

@@ -101,7 +101,10 @@ impl FileSource {
                 if self.hash != hash {
                     self.hash = hash;
                     return Some(Read {
-                        config: Err(ConfigError(format!("{}: {e}", self.path.display()))),
+                        config: Err(ConfigError::Unreadable {
+                            path: self.path.clone(),
+                            reason: e.to_string(),
+                        }),
                         hash: 0,
                     });
                 }
@@ -113,10 +116,7 @@ impl FileSource {
             return None;
         }
         self.hash = Some(hash);
-        let config = String::from_utf8(bytes)
-            .map_err(|_| ConfigError("the file is not UTF-8".into()))
-            .and_then(|text| Config::parse(&text))
-            .map_err(|e| ConfigError(format!("{}: {e}", self.path.display())));
+        let config = Config::parse_file(&self.path, &bytes);
         Some(Read { config, hash })
     }
 }
@@ -257,5 +257,39 @@ mod tests {
         std::fs::write(&path, GOOD).unwrap();
         noticed(&mut source).await;
         assert!(source.read_if_changed(false).unwrap().config.is_ok());
+    }
+
+    /// A reload's refusal reads as `xlb check`'s and `xlb run`'s (`Config::load`) for the same
+    /// file: the same error, not merely the same kind.
+    #[tokio::test]
+    async fn a_reload_refuses_a_bad_file_with_the_words_of_check_and_run() {
+        let d = dir();
+        let path = d.join("xlb.yaml");
+        let example = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../deploy/examples/xlb.yaml"
+        ))
+        .unwrap();
+        for bad in [
+            example.replacen("weight: 2", "weight: -2", 1).into_bytes(),
+            example
+                .replacen("mode:", "mode: sideways\nx:", 1)
+                .into_bytes(),
+            example
+                .replacen("flow_capacity:", "flow_capacity: 1\ny:", 1)
+                .into_bytes(),
+            b"interfaces: [\xff]\n".to_vec(),
+        ] {
+            std::fs::write(&path, &bad).unwrap();
+            let (mut source, _) = FileSource::new(&path, None);
+            let reload = source.read_if_changed(true).unwrap().config.unwrap_err();
+            let load = Config::load(&path).unwrap_err();
+            assert_eq!(reload, load);
+            assert!(reload.to_string().contains("xlb.yaml"), "{reload}");
+        }
+        std::fs::remove_file(&path).unwrap();
+        let (mut source, _) = FileSource::new(&path, None);
+        let gone = source.read_if_changed(true).unwrap().config.unwrap_err();
+        assert_eq!(gone, Config::load(&path).unwrap_err());
     }
 }

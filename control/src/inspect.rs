@@ -9,16 +9,9 @@ use xlb_dataplane::packet::{
 };
 
 /// An error in the user's input, phrased for the user.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
 pub struct InputError(pub String);
-
-impl std::fmt::Display for InputError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for InputError {}
 
 /// The rewrites to apply, in the order destination, source, Ethernet.
 #[derive(Debug, Clone, Default)]

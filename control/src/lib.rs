@@ -29,6 +29,7 @@ pub mod admin_client;
 pub mod config;
 pub mod daemon;
 pub mod desired;
+pub mod error;
 pub mod explain;
 #[cfg(feature = "fake-api")]
 pub mod fake_api;

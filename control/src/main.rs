@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use xlb_control::config::ProtocolConfig;
+use xlb_control::error::Error;
 use xlb_control::inspect::{self, InputError, Rewrites};
 use xlb_control::status::Status;
 use xlb_control::{admin_client, daemon, explain, maglev_report};
@@ -155,7 +156,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(cli: Cli) -> Result<(), InputError> {
+fn run(cli: Cli) -> Result<(), Error> {
     match cli.command {
         Command::Run {
             config,
@@ -171,17 +172,17 @@ fn run(cli: Cli) -> Result<(), InputError> {
                 LogFormat::Text => builder.init(),
                 LogFormat::Json => builder.json().init(),
             }
-            daemon::run(&config, node_name).map_err(InputError)?;
+            daemon::run(&config, node_name)?;
         }
         Command::Check { config } => {
-            print!("{}", explain::check(&config).map_err(InputError)?);
+            print!("{}", explain::check(&config)?);
         }
         Command::Explain {
             config,
             batch: Some(flows),
             ..
         } => {
-            let explainer = explain::Explainer::load(&config).map_err(InputError)?;
+            let explainer = explain::Explainer::load(&config)?;
             let out = std::io::BufWriter::new(std::io::stdout().lock());
             if flows.as_os_str() == "-" {
                 explainer.batch(std::io::stdin().lock(), out)
@@ -189,8 +190,7 @@ fn run(cli: Cli) -> Result<(), InputError> {
                 let file = std::fs::File::open(&flows)
                     .map_err(|e| InputError(format!("{}: {e}", flows.display())))?;
                 explainer.batch(std::io::BufReader::new(file), out)
-            }
-            .map_err(InputError)?;
+            }?;
         }
         Command::Explain {
             config,
@@ -200,7 +200,7 @@ fn run(cli: Cli) -> Result<(), InputError> {
             json,
             ..
         } => {
-            let e = explain::explain(&config, protocol, source, destination).map_err(InputError)?;
+            let e = explain::explain(&config, protocol, source, destination)?;
             if json {
                 println!("{}", e.to_json());
             } else {
@@ -208,9 +208,9 @@ fn run(cli: Cli) -> Result<(), InputError> {
             }
         }
         Command::Explain { .. } => {
-            return Err(InputError(
-                "explain: PROTOCOL SOURCE DESTINATION, or --batch FILE".into(),
-            ));
+            return Err(
+                InputError("explain: PROTOCOL SOURCE DESTINATION, or --batch FILE".into()).into(),
+            );
         }
         Command::Status {
             admin,
@@ -219,7 +219,7 @@ fn run(cli: Cli) -> Result<(), InputError> {
         } => {
             let interval = Duration::try_from_secs_f64(interval)
                 .map_err(|_| InputError(format!("--interval {interval}: not a duration")))?;
-            let status = Status::fetch(admin, interval).map_err(InputError)?;
+            let status = Status::fetch(admin, interval)?;
             if json {
                 println!("{:#}", status.json());
             } else {
@@ -227,15 +227,12 @@ fn run(cli: Cli) -> Result<(), InputError> {
             }
         }
         Command::Metrics { admin } => {
-            print!(
-                "{}",
-                admin_client::get(admin, "/metrics").map_err(InputError)?
-            );
+            print!("{}", admin_client::get(admin, "/metrics")?);
         }
         Command::Flows { admin, limit } => {
             println!(
                 "{}",
-                admin_client::get(admin, &format!("/flows?limit={limit}")).map_err(InputError)?
+                admin_client::get(admin, &format!("/flows?limit={limit}"))?
             );
         }
         Command::Decode { hex } => {

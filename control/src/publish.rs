@@ -230,11 +230,12 @@ impl Publisher {
             change.upsert.retain(|d| {
                 let moved = d.backends.iter().find(|b| b.port != d.port);
                 if let Some(b) = moved {
-                    out.failed.push(ConfigError(format!(
-                        "{}: backend {} serves port {}, not the Service's {}: dsr mode cannot \
-                         change ports",
-                        d.name, b.address, b.port, d.port
-                    )));
+                    out.failed.push(ConfigError::DsrPortChange {
+                        service: d.name.clone(),
+                        backend: b.address,
+                        backend_port: b.port,
+                        port: d.port,
+                    });
                 }
                 moved.is_none()
             });
@@ -405,7 +406,7 @@ services:
         let published = p.publish_kubernetes(change, &mut steer).unwrap();
         assert_eq!(published.failed.len(), 1);
         assert!(published.failed[0]
-            .0
+            .to_string()
             .contains("dsr mode cannot change ports"));
         assert_eq!(p.snapshot().len(), 1, "the other Service is published");
     }

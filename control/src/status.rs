@@ -12,6 +12,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use crate::admin_client::get;
+use crate::error::Error;
 
 /// The most Services `xlb status` lists (ten `/services` pages); the rest are counted.
 pub const STATUS_SERVICES_MAX: usize = 10_000;
@@ -121,7 +122,7 @@ impl Status {
     ///
     /// # Errors
     /// xlb not reachable at `admin`, or an answer that is not the admin API's.
-    pub fn fetch(admin: SocketAddr, interval: Duration) -> Result<Self, String> {
+    pub fn fetch(admin: SocketAddr, interval: Duration) -> Result<Self, Error> {
         let first = Metrics::parse(&get(admin, "/metrics")?);
         let started = Instant::now();
         let (metrics, rates) = if interval.is_zero() {
@@ -267,13 +268,13 @@ fn is_total(name: &str) -> bool {
 }
 
 /// Every page of `/services` up to [`STATUS_SERVICES_MAX`].
-fn services(admin: SocketAddr) -> Result<(Vec<serde_json::Value>, Option<u64>), String> {
+fn services(admin: SocketAddr) -> Result<(Vec<serde_json::Value>, Option<u64>), Error> {
     let mut out = Vec::new();
     let mut from = Some(0u64);
     while let Some(at) = from.filter(|_| out.len() < STATUS_SERVICES_MAX) {
         let body = get(admin, &format!("/services?limit=1000&from={at}"))?;
-        let mut page: serde_json::Value =
-            serde_json::from_str(&body).map_err(|e| format!("admin API: /services: {e}"))?;
+        let mut page: serde_json::Value = serde_json::from_str(&body)
+            .map_err(|e| Error::AdminAnswer(format!("/services: {e}")))?;
         if let Some(list) = page["services"].as_array_mut() {
             out.append(list);
         }

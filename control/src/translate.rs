@@ -186,7 +186,10 @@ impl Builder {
                     added.push(Arc::new(service));
                     kept.push((key(&d), d));
                 }
-                Err(e) => failed.push(ConfigError(format!("{}: {e}", d.name))),
+                Err(error) => failed.push(ConfigError::Refused {
+                    service: d.name.clone(),
+                    error,
+                }),
             }
         }
         if on_refusal == OnRefusal::RefuseAll && !failed.is_empty() {
@@ -205,7 +208,7 @@ impl Builder {
         );
         let snapshot = base
             .update(generation, change.remove.iter().copied(), added.clone())
-            .map_err(|e| ConfigError(e.to_string()))?;
+            .map_err(ConfigError::Snapshot)?;
         for k in &change.remove {
             self.built.remove(k);
         }
@@ -422,7 +425,7 @@ services:
         }
         let e = translate_desired(&desired, &mut Builder::default(), &Snapshot::default(), 1)
             .unwrap_err();
-        assert!(e.0.starts_with(&desired[0].name), "{e:?}");
+        assert!(e.to_string().starts_with(&desired[0].name), "{e:?}");
     }
 
     #[test]
@@ -572,7 +575,7 @@ services:
         let bad = text.replace("4093", "4096");
         assert!(Config::parse(&bad)
             .unwrap_err()
-            .0
+            .to_string()
             .contains("maglev_table_size: 4096 is not a prime"));
     }
 }

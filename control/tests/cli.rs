@@ -312,3 +312,37 @@ fn status_without_a_running_xlb_says_so_instead_of_hanging() {
     let (ok, _, err) = xlb(&["status", "--interval=-1", "--admin", &admin]);
     assert!(!ok && err.contains("--interval -1"), "{err}");
 }
+
+/// One error type end to end: `xlb check` and `xlb run` refuse a bad file with the same words
+/// (and the daemon's reloads too: `file_source`'s test).
+#[test]
+fn check_and_run_refuse_a_bad_file_with_the_same_words() {
+    let example = std::fs::read_to_string(EXAMPLE).unwrap();
+    let path = std::env::temp_dir().join(format!("xlb-same-{}.yaml", std::process::id()));
+    for (bad, says) in [
+        (
+            example.replacen("weight: 2", "weight: -2", 1).into_bytes(),
+            "weight",
+        ),
+        (
+            example
+                .replacen("mode: dnat", "mode: sideways", 1)
+                .into_bytes(),
+            "mode",
+        ),
+        (b"interfaces: [\xff]\n".to_vec(), "not UTF-8"),
+    ] {
+        std::fs::write(&path, &bad).unwrap();
+        let config = path.to_str().unwrap();
+        let (checked, _, check) = xlb(&["check", "--config", config]);
+        let (ran, _, run) = xlb(&["run", "--config", config]);
+        assert!(!checked && !ran);
+        assert!(check.contains(says) && check.contains(config), "{check}");
+        assert_eq!(check, run);
+    }
+    let _ = std::fs::remove_file(&path);
+    let (_, _, check) = xlb(&["check", "--config", path.to_str().unwrap()]);
+    let (_, _, run) = xlb(&["run", "--config", path.to_str().unwrap()]);
+    assert!(check.contains("No such file"), "{check}");
+    assert_eq!(check, run);
+}

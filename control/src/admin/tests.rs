@@ -60,7 +60,7 @@ fn json(addr: SocketAddr, path: &str) -> serde_json::Value {
 fn health_metrics_and_unknown_paths_get_their_statuses() {
     let (_server, addr) = serve(state(3));
     assert_eq!(get(addr, "/healthz").unwrap(), "ok\n");
-    assert!(get(addr, "/nope").unwrap_err().contains("404"));
+    assert!(get(addr, "/nope").unwrap_err().to_string().contains("404"));
     let body = get(addr, "/metrics").unwrap();
     for line in [
         "xlb_received_packets_total{worker=\"0\"} 0",
@@ -177,7 +177,7 @@ fn health_is_answered_while_heavy_requests_hold_every_turn() {
     assert_eq!(get(addr, "/healthz").unwrap(), "ok\n");
     // The waiting request is refused once its wait is over, not left hanging.
     let refused = waiting.join().unwrap();
-    assert!(refused.unwrap_err().contains("503"));
+    assert!(refused.unwrap_err().to_string().contains("503"));
     drop(held);
     let _ = stop.send(());
     server.join().unwrap();

@@ -9,14 +9,16 @@
 //! Must not know: packet bytes, workers, the kernel.
 
 use std::net::{IpAddr, SocketAddr};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
+use xlb_dataplane::lb::snapshot::SnapshotError;
 
 use serde::Deserialize;
 
 use crate::desired::{self, DesiredBackend, DesiredService, TrafficPolicy, VipKind};
 
 mod validate;
-use validate::with_line;
+use validate::line_of;
 pub use validate::{
     LOCAL_RULE_PRIORITY, MAX_FLOW_CAPACITY, MAX_INTERFACES, MAX_QUEUES, MIN_FLOW_CAPACITY,
 };
@@ -402,17 +404,84 @@ fn default_affinity() -> u32 {
     10_800
 }
 
-/// Why a configuration is refused. The message names where.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ConfigError(pub String);
-
-impl core::fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        f.write_str(&self.0)
-    }
+/// Why a configuration, or a Service in it, is refused. Each says where: the file, the field
+/// path and line, or the Service. `xlb check`, `xlb run` at start and the daemon's reloads
+/// report it through this one `Display`, so an operator sees the same words for the same
+/// mistake everywhere.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{}: {reason}", path.display())]
+    Unreadable {
+        /// The file.
+        path: PathBuf,
+        /// The system's reason.
+        reason: String,
+    },
+    /// The file is not UTF-8.
+    #[error("{}: the file is not UTF-8", path.display())]
+    NotUtf8 {
+        /// The file.
+        path: PathBuf,
+    },
+    /// YAML that does not parse, or does not fit the schema (with field path, line and
+    /// column, as serde says them).
+    #[error("{0}")]
+    Schema(String),
+    /// A value the semantic checks refuse.
+    #[error("{message}{}", line.map(|l| format!(" (line {l})")).unwrap_or_default())]
+    Invalid {
+        /// The field path and what is wrong with it.
+        message: String,
+        /// Its line in the file, when it can be found.
+        line: Option<usize>,
+    },
+    /// An error in the file at `path`.
+    #[error("{}: {error}", path.display())]
+    InFile {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong in it.
+        error: Box<ConfigError>,
+    },
+    /// A Service the dataplane refused (a Maglev table size that is not a prime, say).
+    #[error("{service}: {error}")]
+    Refused {
+        /// The Service's name, as its source gives it.
+        service: String,
+        /// Why.
+        error: SnapshotError,
+    },
+    /// A change the snapshot refused as a whole (two Services at one key).
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+    /// A dsr Service whose backend serves another port than the Service's.
+    #[error(
+        "{service}: backend {backend} serves port {backend_port}, not the Service's {port}: \
+         dsr mode cannot change ports"
+    )]
+    DsrPortChange {
+        /// The Service's name.
+        service: String,
+        /// The backend.
+        backend: IpAddr,
+        /// The port it serves.
+        backend_port: u16,
+        /// The Service's port.
+        port: u16,
+    },
 }
 
-impl std::error::Error for ConfigError {}
+impl ConfigError {
+    /// A value the semantic checks refuse; its line is found later, from the text.
+    #[must_use]
+    pub fn invalid(message: impl Into<String>) -> Self {
+        Self::Invalid {
+            message: message.into(),
+            line: None,
+        }
+    }
+}
 
 impl Config {
     /// Reads and validates the file at `path`.
@@ -420,9 +489,27 @@ impl Config {
     /// # Errors
     /// A [`ConfigError`] naming the file and where in it.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| ConfigError(format!("{}: {e}", path.display())))?;
-        Self::parse(&text).map_err(|e| ConfigError(format!("{}: {e}", path.display())))
+        let bytes = std::fs::read(path).map_err(|e| ConfigError::Unreadable {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        })?;
+        Self::parse_file(path, &bytes)
+    }
+
+    /// Parses and validates `bytes`, the content of the file at `path` (the file source reads
+    /// it itself, to hash it).
+    ///
+    /// # Errors
+    /// As [`Config::parse`], in a [`ConfigError::InFile`] naming the file; or
+    /// [`ConfigError::NotUtf8`].
+    pub fn parse_file(path: &Path, bytes: &[u8]) -> Result<Self, ConfigError> {
+        let text = std::str::from_utf8(bytes).map_err(|_| ConfigError::NotUtf8 {
+            path: path.to_owned(),
+        })?;
+        Self::parse(text).map_err(|e| ConfigError::InFile {
+            path: path.to_owned(),
+            error: Box::new(e),
+        })
     }
 
     /// Parses and validates YAML text.
@@ -431,10 +518,18 @@ impl Config {
     /// A [`ConfigError`]: syntax and schema errors give the field path, line and column;
     /// semantic errors the field path.
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
-        let config: Self = serde_yaml_ng::from_str(text).map_err(|e| ConfigError(e.to_string()))?;
-        config
-            .validate()
-            .map_err(|e| ConfigError(with_line(text, &e.0)))?;
+        let config: Self =
+            serde_yaml_ng::from_str(text).map_err(|e| ConfigError::Schema(e.to_string()))?;
+        config.validate().map_err(|e| match e {
+            ConfigError::Invalid {
+                message,
+                line: None,
+            } => ConfigError::Invalid {
+                line: line_of(text, &message),
+                message,
+            },
+            other => other,
+        })?;
         Ok(config)
     }
 }

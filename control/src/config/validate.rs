@@ -1,6 +1,6 @@
 //! The configuration's semantic checks: what parses but cannot work (an unbounded table,
 //! an address no host can have, a mode without what it needs), each refused with the field
-//! path and, through [`with_line`], the line it is on.
+//! path and, through [`line_of`], the line it is on.
 //!
 //! Must not know: the schema's parsing (serde does it, in the parent module), the kernel.
 
@@ -14,7 +14,7 @@ impl Config {
     /// Every semantic check, in the order of the file's fields: the first failure, naming
     /// its field path.
     pub(super) fn validate(&self) -> Result<(), ConfigError> {
-        let fail = |msg: String| Err(ConfigError(msg));
+        let fail = |msg: String| Err(ConfigError::invalid(msg));
         if self.interfaces.is_empty() && self.node.is_none() {
             return fail("interfaces: at least one interface is needed (or a node section)".into());
         }
@@ -294,10 +294,10 @@ fn first_repeated<T: PartialEq + core::fmt::Display>(items: &[T]) -> Option<&T> 
         .map(|(_, item)| item)
 }
 
-/// Adds the line a semantic error is about: the `services` item it names, or the top-level
+/// The line a semantic error is about: the `services` item it names, or the top-level
 /// field it starts with (serde's own errors carry their line already).
-pub(super) fn with_line(text: &str, message: &str) -> String {
-    let line = if let Some(rest) = message.strip_prefix("services[") {
+pub(super) fn line_of(text: &str, message: &str) -> Option<usize> {
+    if let Some(rest) = message.strip_prefix("services[") {
         rest.split(']')
             .next()
             .and_then(|i| i.parse::<usize>().ok())
@@ -307,10 +307,6 @@ pub(super) fn with_line(text: &str, message: &str) -> String {
         text.lines()
             .position(|l| l.starts_with(field) && l[field.len()..].starts_with(':'))
             .map(|i| i + 1)
-    };
-    match line {
-        Some(line) => format!("{message} (line {line})"),
-        None => message.to_owned(),
     }
 }
 
