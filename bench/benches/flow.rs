@@ -1,6 +1,7 @@
 //! The flow table: lookup hit, lookup miss and insert of new flows, with 1 000, 100 000 and
 //! 1 000 000 live flows in a table sized for them (capacity twice the flows), one thread; and
-//! hits and inserts at 100 000 flows with a second thread working the same table.
+//! hits and inserts at 100 000 flows with a second thread working the same table; and a scan
+//! of 1 000 000 live flows (the chores thread's).
 
 use std::hint::black_box;
 
@@ -171,5 +172,17 @@ fn two_threads(c: &mut Criterion) {
     let _ = other.join();
 }
 
-criterion_group!(benches, flow_table, two_threads);
+/// A whole-table scan, as the chores thread's live-entry count and least-connections recount
+/// do it (`control::chores` says how often): 1 000 000 live flows in a table of 2 000 000.
+fn scan(c: &mut Criterion) {
+    let mut group = c.benchmark_group("flow-scan");
+    group.sample_size(10);
+    let (table, _) = filled(1_000_000);
+    group.bench_function("count/1000000", |b| {
+        b.iter(|| black_box(table.iter(1).count()));
+    });
+    group.finish();
+}
+
+criterion_group!(benches, flow_table, two_threads, scan);
 criterion_main!(benches);

@@ -9,7 +9,7 @@
 //! what workers report unresolved and log what they notice, and on SIGINT or SIGTERM stop the
 //! workers and detach the filter. The admin API runs on a thread of its own
 //! ([`crate::admin`]), and whole-table chores (least-connections recounts, the live-entry
-//! gauge) on another: nothing slow runs on the control loop.
+//! gauge) on another ([`crate::chores`]): nothing slow runs on the control loop.
 //!
 //! Must not know: packet bytes (workers and the dataplane own them).
 
@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use tracing::{info, warn};
-use xlb_dataplane::lb::decide::{recount_live_flows, Masquerade, SnatPool};
+use xlb_dataplane::lb::decide::{Masquerade, SnatPool};
 use xlb_dataplane::lb::flow::{FlowTable, Timeouts};
 use xlb_dataplane::lb::fragments::Fragments;
 use xlb_dataplane::lb::prefix::PrefixMap;
@@ -327,7 +327,7 @@ pub fn run(path: &Path, node_name: Option<String>) -> Result<(), Error> {
         }
         control.health = Some((proxy, server));
     }
-    let chores = housekeeping(
+    let chores = crate::chores::spawn(
         control.shared.clone(),
         Arc::clone(&admin_state),
         Arc::clone(&stop),
@@ -350,44 +350,6 @@ pub fn run(path: &Path, node_name: Option<String>) -> Result<(), Error> {
     drop(control);
     info!("stopped; XDP filter detached");
     result
-}
-
-/// How often least-connections counts are recounted, and how often (in rounds) the live
-/// entries are counted when no Service needs recounts.
-const CHORES_PERIOD: Duration = Duration::from_secs(1);
-const COUNT_EVERY: u32 = 5;
-
-/// Starts the thread that does what reads the whole flow table — least-connections recounts
-/// (every second, when a Service needs them) and the live-entry gauge — off the control
-/// thread and off the workers' cores, until `stop`.
-fn housekeeping(
-    shared: Shared,
-    admin: Arc<AdminState>,
-    stop: Arc<AtomicBool>,
-) -> std::io::Result<std::thread::JoinHandle<()>> {
-    std::thread::Builder::new()
-        .name("xlb-chores".into())
-        .spawn(move || {
-            let mut round = 0u32;
-            // Relaxed: the flag is the only thing communicated.
-            while !stop.load(Ordering::Relaxed) {
-                let now = shared.clock.now();
-                let snapshot = Arc::clone(&shared.tables.load().snapshot);
-                let live = if snapshot.has_least_connections() {
-                    Some(recount_live_flows(&snapshot, &shared.flows, now))
-                } else if round % COUNT_EVERY == 0 {
-                    Some(shared.flows.iter(now).count() as u64)
-                } else {
-                    None
-                };
-                if let Some(live) = live {
-                    // Relaxed: a gauge read on its own.
-                    admin.live_entries.store(live, Ordering::Relaxed);
-                }
-                round = round.wrapping_add(1);
-                std::thread::sleep(CHORES_PERIOD);
-            }
-        })
 }
 
 /// Logs what a worker noticed (each kind at most once a second per worker).

@@ -26,6 +26,7 @@
 
 pub mod admin;
 pub mod admin_client;
+pub mod chores;
 pub mod config;
 pub mod daemon;
 pub mod desired;

@@ -9,11 +9,12 @@ use std::sync::Arc;
 
 use common::*;
 use xlb_dataplane::lb::decide::{
-    decide, recount_live_flows, Counters, DecideDrop, Env, Event, Mode, Refusal, SnatPool, Verdict,
+    decide, Counters, DecideDrop, Env, Event, Mode, Refusal, SnatPool, Verdict,
 };
 use xlb_dataplane::lb::flow::{tick_of, FlowState, FlowTable, FlowValue, Timeouts};
 use xlb_dataplane::lb::fragments::Fragments;
 use xlb_dataplane::lb::hash::flow_hash;
+use xlb_dataplane::lb::recount::recount_live_flows;
 use xlb_dataplane::lb::snapshot::{
     Backend, BackendId, BackendState, NoBackend, Service, ServiceId, ServiceKey, ServiceSpec,
     Snapshot,

@@ -865,37 +865,6 @@ fn reverse_key(key: &FlowKey, backend: &Endpoint, to: ([u8; 16], u16)) -> FlowKe
     )
 }
 
-/// Recounts the live flows of every backend from the flow table and stores the counts in the
-/// snapshot's least-connections Services. Run periodically off the packet path and off the
-/// control thread (it reads the whole table): flows that end by expiry or eviction are seen
-/// by no packet. Returns the number of live entries it saw.
-pub fn recount_live_flows(snapshot: &Snapshot, flows: &FlowTable, now: Second) -> u64 {
-    let mut counts: hashbrown::HashMap<(u32, u32), u64> = hashbrown::HashMap::new();
-    let mut live = 0;
-    for (key, hit) in flows.iter(now) {
-        live += 1;
-        if let FlowValue::Forward {
-            service, backend, ..
-        } = hit.value
-        {
-            if key.proto != AFFINITY {
-                *counts.entry((service, backend)).or_default() += 1;
-            }
-        }
-    }
-    let least_connections = snapshot
-        .services()
-        .filter(|s| s.spec().scheduler == super::snapshot::Scheduler::LeastConnections);
-    for service in least_connections {
-        let id = service.spec().id.0.get();
-        for backend in &service.spec().backends {
-            let n = counts.get(&(id, backend.id.0.get())).copied().unwrap_or(0);
-            service.set_live_flows(backend.id, n);
-        }
-    }
-    live
-}
-
 /// Session affinity by client address (Kubernetes `sessionAffinity: ClientIP`): the backend a
 /// client's last new flow to this Service went to, kept in the flow table under a key of the
 /// client address and the Service, and honoured while younger than the Service's timeout.

@@ -4,7 +4,8 @@
 //! alike ([`hash`]), the immutable service table the workers read ([`snapshot`]), and the
 //! lock-free flow table they share ([`flow`]), the translations of fragmented datagrams
 //! ([`fragments`]), IP prefix sets ([`prefix`]), and the per-packet
-//! decision that joins them ([`decide`]). Must not know: sockets, threads, time sources, Kubernetes. No unsafe.
+//! decision that joins them ([`decide`]), and the least-connections recount that corrects its
+//! counts ([`recount`]). Must not know: sockets, threads, time sources, Kubernetes. No unsafe.
 
 #![forbid(unsafe_code)]
 
@@ -14,4 +15,5 @@ pub mod fragments;
 pub mod hash;
 pub mod maglev;
 pub mod prefix;
+pub mod recount;
 pub mod snapshot;
