@@ -25,8 +25,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+mod http;
+
+use http::{chunk, hang, percent_decode, read_head, respond, respond_with, status};
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{broadcast, Mutex};
 
@@ -543,12 +546,6 @@ async fn until(at: Option<tokio::time::Instant>) {
     }
 }
 
-/// Keeps a watch connection open and silent until the client closes it.
-async fn hang(mut stream: TcpStream) {
-    let mut buf = [0u8; 512];
-    while matches!(stream.read(&mut buf).await, Ok(n) if n > 0) {}
-}
-
 fn object_name(object: &Value) -> String {
     let meta = &object["metadata"];
     let name = meta["name"].as_str().unwrap_or("");
@@ -575,81 +572,4 @@ fn event(change: &Change) -> String {
     object["apiVersion"] = json!(change.resource.api_version());
     // "type" first, as the API server writes it.
     format!("{{\"type\":\"{}\",\"object\":{}}}", change.kind, object)
-}
-
-fn status(code: u16, reason: &str, message: &str) -> String {
-    json!({
-        "kind": "Status", "apiVersion": "v1", "metadata": {},
-        "status": "Failure", "message": message, "reason": reason, "code": code,
-    })
-    .to_string()
-}
-
-async fn chunk(stream: &mut TcpStream, line: &str) -> std::io::Result<()> {
-    let data = format!("{:x}\r\n{line}\n\r\n", line.len() + 1);
-    stream.write_all(data.as_bytes()).await
-}
-
-async fn respond(stream: &mut TcpStream, code: u16, body: &str) -> std::io::Result<()> {
-    respond_with(stream, code, "", body).await
-}
-
-/// Responds with `code`, the extra header lines `headers` (each ending in CRLF) and `body`.
-async fn respond_with(
-    stream: &mut TcpStream,
-    code: u16,
-    headers: &str,
-    body: &str,
-) -> std::io::Result<()> {
-    let reason = match code {
-        200 => "OK",
-        404 => "Not Found",
-        410 => "Gone",
-        429 => "Too Many Requests",
-        504 => "Gateway Timeout",
-        _ => "Error",
-    };
-    let head = format!(
-        "HTTP/1.1 {code} {reason}\r\nContent-Type: application/json\r\n{headers}Content-Length: {}\r\n\r\n",
-        body.len()
-    );
-    stream.write_all(head.as_bytes()).await?;
-    stream.write_all(body.as_bytes()).await
-}
-
-/// Reads one request head (requests here have no body); `buf` keeps what follows it.
-async fn read_head(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Option<String> {
-    loop {
-        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&buf[..end]).into_owned();
-            buf.drain(..end + 4);
-            return Some(head);
-        }
-        if buf.len() > 64 * 1024 {
-            return None;
-        }
-        let mut chunk = [0u8; 4096];
-        match stream.read(&mut chunk).await {
-            Ok(0) | Err(_) => return None,
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-        }
-    }
-}
-
-fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' && i + 2 < bytes.len() {
-            if let Ok(b) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
-                out.push(b);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(if bytes[i] == b'+' { b' ' } else { bytes[i] });
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
