@@ -9,10 +9,13 @@
 //!   tests and benchmarks;
 //! * [`desired`]: the desired state both produce; [`translate`]: changes to the desired
 //!   state -> snapshots, incrementally; [`steering`]: the keys the XDP filter steers, and the
-//!   grace period of a removed backend's replies; [`publish`]: the sources' changes made
-//!   live, one swap each, the filter in step;
+//!   grace period of a removed backend's replies; [`claims`]: who owns a Service key (the
+//!   first claimant; the others wait); [`publish`]: the sources' changes made live, one swap
+//!   each, the filter in step;
 //! * [`netlink`]: next hops from the kernel's routes and neighbours;
-//! * [`daemon`]: `xlb run` - filter, sockets, pinned workers, the control loop;
+//! * [`chores`]: whole-flow-table chores (least-connections recounts, the live-entry gauge);
+//! * [`daemon`]: `xlb run` - filter, sockets, pinned workers, the control loop; [`error`]:
+//!   what commands and the daemon's start stop with;
 //! * [`admin`], [`admin_client`]: the admin HTTP API (metrics in a prometheus-client registry)
 //!   and its client;
 //!   [`status`]: `xlb status`'s tables read from it;
@@ -27,6 +30,7 @@
 pub mod admin;
 pub mod admin_client;
 pub mod chores;
+pub mod claims;
 pub mod config;
 pub mod daemon;
 pub mod desired;

@@ -1,11 +1,11 @@
 //! Publication: changes from the sources become live snapshots, one atomic swap each.
 //!
 //! Owns: the one [`Builder`] every source shares, which source owns each Service key (the
-//! file and Kubernetes may both be configured; a key both want stays with the source that
-//! claimed it first, and the other's claim is reported as a conflict and kept waiting: when
-//! the owner lets the key go, the waiting claim is published in the same snapshot), the
-//! steering of the XDP filter in step with
-//! each snapshot (new keys before the swap, stale ones after), and the generation count.
+//! file and Kubernetes may both be configured; the rule is [`crate::claims`]': a key both
+//! want stays with the source that claimed it first, the other's claim is reported as a
+//! conflict and waits, and is published in the same snapshot that removes the owner's
+//! Service), the steering of the XDP filter in step with each snapshot (new keys before the
+//! swap, stale ones after), and the generation count.
 //! A published snapshot is never changed afterwards; readers never wait.
 //!
 //! It is the one writer of the workers' `Tables`: snapshots and next hops (which the netlink
@@ -21,6 +21,7 @@ use xlb_dataplane::lb::snapshot::{ServiceKey, Snapshot};
 use xlb_dataplane::worker::{NextHops, Tables};
 use xlb_dataplane::xsk::{SteerKey, XdpFilter};
 
+use crate::claims::Claims;
 use crate::config::{Config, ConfigError};
 use crate::desired::DesiredService;
 use crate::steering::{SteerChange, Steering};
@@ -83,10 +84,9 @@ pub struct Published {
 pub struct Publisher {
     builder: Builder,
     steering: Steering,
-    owners: hashbrown::HashMap<ServiceKey, Source>,
-    /// Claims refused because another source owns the key: the latest of each, published
-    /// as soon as the owner lets the key go.
-    waiting: hashbrown::HashMap<ServiceKey, (Source, DesiredService)>,
+    /// Which source owns each key; a claim refused because the other source owns the key
+    /// waits with its Service (the latest of each), published as soon as the owner lets go.
+    claims: Claims<Source, DesiredService>,
     /// dsr mode: a Service whose backends serve another port than its own cannot be served
     /// (packets are not rewritten).
     dsr: bool,
@@ -101,8 +101,7 @@ impl Publisher {
         Self {
             builder: Builder::for_config(config),
             steering: Steering::new(config),
-            owners: hashbrown::HashMap::new(),
-            waiting: hashbrown::HashMap::new(),
+            claims: Claims::default(),
             dsr: config.mode == crate::config::ModeConfig::Dsr,
             generation: tables.load().snapshot.generation(),
             tables,
@@ -158,10 +157,9 @@ impl Publisher {
     ) -> Result<Published, ConfigError> {
         let wanted: hashbrown::HashSet<ServiceKey> = desired.iter().map(key).collect();
         let remove = self
-            .owners
-            .iter()
-            .filter(|(k, s)| **s == Source::File && !wanted.contains(*k))
-            .map(|(k, _)| *k)
+            .claims
+            .held_by(&Source::File)
+            .filter(|k| !wanted.contains(k))
             .collect();
         let change = Change {
             remove,
@@ -202,28 +200,25 @@ impl Publisher {
         };
         // A removal of a key this source does not own withdraws its waiting claim, if any.
         change.remove.retain(|k| {
-            if self.owners.get(k) == Some(&source) {
+            if self.claims.holder(k) == Some(&source) {
                 return true;
             }
-            if self.waiting.get(k).is_some_and(|(s, _)| *s == source) {
-                self.waiting.remove(k);
-            }
+            self.claims.release(k, &source);
             false
         });
-        change.upsert.retain(|d| {
-            let k = key(d);
-            match self.owners.get(&k) {
-                Some(owner) if *owner != source => {
+        change
+            .upsert
+            .retain(|d| match self.claims.claim(key(d), &source, d.clone()) {
+                Ok(()) => true,
+                Err(owner) => {
+                    let k = key(d);
                     out.conflicts.push(format!(
                         "{}: {} {} is already served from the {owner:?} source",
                         d.name, k.proto, k.vip
                     ));
-                    self.waiting.insert(k, (source, d.clone()));
                     false
                 }
-                _ => true,
-            }
-        });
+            });
         // dsr sends packets unchanged: a backend must serve the Service's own port (the
         // file's are checked when it is read; Kubernetes' targetPort may differ).
         if self.dsr {
@@ -243,11 +238,9 @@ impl Publisher {
         // A key let go with another source's claim waiting: that claim, now.
         let mut promoted = hashbrown::HashMap::new();
         for k in &change.remove {
-            if let Some((waiter, d)) = self.waiting.remove(k) {
-                if waiter != source {
-                    promoted.insert(*k, waiter);
-                    change.upsert.push(d);
-                }
+            if let Some((waiter, d)) = self.claims.waiting(k).find(|(w, _)| *w != source) {
+                promoted.insert(*k, *waiter);
+                change.upsert.push(d.clone());
             }
         }
         if change.is_empty() {
@@ -259,12 +252,12 @@ impl Publisher {
             self.builder
                 .apply(&current.snapshot, change, self.generation + 1, on_refusal)?;
         for k in &removed_keys {
-            self.owners.remove(k);
+            self.claims.release(k, &source);
         }
         for s in &applied.added {
             let k = s.spec().key;
-            self.owners
-                .insert(k, promoted.get(&k).copied().unwrap_or(source));
+            self.claims
+                .hold(k, promoted.get(&k).copied().unwrap_or(source));
         }
         out.stats = self.builder.last_build();
         out.failed.extend(applied.failed);

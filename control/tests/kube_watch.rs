@@ -727,3 +727,33 @@ async fn only_events_that_change_the_dataplane_are_timed_and_a_relist_once() {
     let timed: usize = h.arrivals.iter().map(Vec::len).sum();
     assert_eq!(timed, 1, "{:?}", h.arrivals);
 }
+
+/// Issue 16 item 2: two Services at one VIP and port. The one that claimed the key first
+/// keeps it and the other is refused (counted as a conflict); when the first goes, the other
+/// is served in the same publication that removes it: no snapshot without the key between.
+#[tokio::test]
+async fn a_key_two_services_want_stays_with_the_first_and_passes_to_the_other_at_once() {
+    let a = first(1);
+    let b = ["198.18.128.5", "198.18.128.6", "198.18.128.7"];
+    let api = api_with(&[("a", "198.18.64.1", &[&a[0]]), ("b", "198.18.64.1", &b)]).await;
+    let mut h = Harness::new(&api.url(), Duration::from_millis(10));
+    h.until("the first claimant serves the key", |s| {
+        backends(s, "198.18.64.1") == Some(1)
+    })
+    .await;
+    assert_eq!(refusing(&h, "conflict"), 1, "b is refused");
+    let before = h.published.len();
+    api.delete(Resource::Services, "default/a").await;
+    h.until("the other Service serves it", |s| {
+        backends(s, "198.18.64.1") == Some(3)
+    })
+    .await;
+    assert!(
+        h.published[before..]
+            .iter()
+            .all(|s| backends(s, "198.18.64.1").is_some()),
+        "a snapshot without the key was published"
+    );
+    h.for_a_while(Duration::from_millis(200)).await;
+    assert_eq!(refusing(&h, "conflict"), 0, "nothing is refused any more");
+}

@@ -4,7 +4,7 @@
 //! Owns: the three watches ([`watch`]: list, watch from the list's resourceVersion, relist
 //! when the server says the version is unusable, back-off, `Retry-After`, stalled watches),
 //! the client they share (its idle read timeout and the middleware that reads
-//! `Retry-After`), the store of what translation reads of each object ([`store`]),
+//! `Retry-After`), the store of what translation reads of each object (`store`),
 //! coalescing (at most one publication per minimum sync period, bursts drained first), and
 //! the truth about all of it in [`KubeMetrics`]: `synced` only while Services and
 //! EndpointSlices are listed and no watch has been failing for longer than a grace period.

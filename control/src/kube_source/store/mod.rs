@@ -30,6 +30,7 @@ mod kind;
 use kind::{Kind, Owned};
 
 use super::KubeMetrics;
+use crate::claims::Claims;
 use crate::desired::DesiredService;
 use crate::health::ServiceHealth;
 use crate::kubernetes::{self, NodeContext, SliceView, Warning, Zones};
@@ -277,10 +278,9 @@ pub struct Store {
     complaints: Complaints,
     /// What each Service's last translation produced.
     produced: HashMap<ObjKey, Produced>,
-    /// Which Service holds each key (two Services cannot share one).
-    claims: HashMap<ServiceKey, ObjKey>,
-    /// The Services refused each held key, translated again when it is released.
-    waiting: HashMap<ServiceKey, BTreeSet<ObjKey>>,
+    /// Which Service holds each key (two Services cannot share one), and the Services
+    /// refused each held key, translated again when it is released.
+    claims: Claims<ObjKey>,
     /// Hashes translations into digests (seeded at random, like every map here: names
     /// come from the API).
     digests: DefaultHashBuilder,
@@ -309,8 +309,7 @@ impl Store {
             dirty: BTreeMap::new(),
             complaints: Complaints::default(),
             produced: HashMap::new(),
-            claims: HashMap::new(),
-            waiting: HashMap::new(),
+            claims: Claims::default(),
             nothing: digests.hash_one::<&[DesiredService]>(&[]),
             digests,
             health: BTreeMap::new(),
@@ -460,92 +459,93 @@ impl Store {
     pub fn take_change(&mut self, m: &KubeMetrics) -> Translated {
         let mut out = Translated::default();
         let no_slices = BTreeSet::new();
-        for (name, since) in std::mem::take(&mut self.dirty) {
-            let view = self
-                .services
-                .objects
-                .get(&name)
-                .and_then(|s| s.view.0.as_ref());
-            let mut health = None;
-            let desired: Vec<DesiredService> = match view {
-                Some(view) => {
-                    let slices: Vec<&SliceView> = self
-                        .slices_of
-                        .get(&name)
-                        .unwrap_or(&no_slices)
-                        .iter()
-                        .filter_map(|k| self.slices.objects.get(k)?.view.view.as_ref())
-                        .collect();
-                    health = view
-                        .health_check_port()
-                        .map(|p| (p, kubernetes::local_ready_endpoints(view, &slices)));
-                    kubernetes::translate_views(view, &slices, &self.node)
+        // Rounds: a key released in one round hands it to the Services that waited for it,
+        // translated in the next round of this same call, so that the removal and the
+        // hand-over are published together.
+        while !self.dirty.is_empty() {
+            for (name, since) in std::mem::take(&mut self.dirty) {
+                let view = self
+                    .services
+                    .objects
+                    .get(&name)
+                    .and_then(|s| s.view.0.as_ref());
+                let mut health = None;
+                let desired: Vec<DesiredService> = match view {
+                    Some(view) => {
+                        let slices: Vec<&SliceView> = self
+                            .slices_of
+                            .get(&name)
+                            .unwrap_or(&no_slices)
+                            .iter()
+                            .filter_map(|k| self.slices.objects.get(k)?.view.view.as_ref())
+                            .collect();
+                        health = view
+                            .health_check_port()
+                            .map(|p| (p, kubernetes::local_ready_endpoints(view, &slices)));
+                        kubernetes::translate_views(view, &slices, &self.node)
+                    }
+                    None => Vec::new(),
+                };
+                let was = match health {
+                    Some(h) => self.health.insert(Arc::clone(&name), h),
+                    None => self.health.remove(&name),
+                };
+                self.health_changed |= was != health;
+                let digest = self.digests.hash_one(&desired);
+                let before = self
+                    .produced
+                    .get(&name)
+                    .map_or(Some(self.nothing), |p| p.digest);
+                if Some(digest) == before {
+                    continue;
                 }
-                None => Vec::new(),
-            };
-            let was = match health {
-                Some(h) => self.health.insert(Arc::clone(&name), h),
-                None => self.health.remove(&name),
-            };
-            self.health_changed |= was != health;
-            let digest = self.digests.hash_one(&desired);
-            let before = self
-                .produced
-                .get(&name)
-                .map_or(Some(self.nothing), |p| p.digest);
-            if Some(digest) == before {
-                continue;
-            }
-            out.arrivals.push(since);
-            let mut keys = Vec::with_capacity(desired.len());
-            let mut conflicts = Vec::new();
-            for d in desired {
-                let k = key(&d);
-                match self.claims.get(&k) {
-                    Some(holder) if *holder != name => {
-                        conflicts.push(Warning {
+                out.arrivals.push(since);
+                let mut keys = Vec::with_capacity(desired.len());
+                let mut conflicts = Vec::new();
+                for d in desired {
+                    let k = key(&d);
+                    match self.claims.claim(k, &name, ()) {
+                        Err(holder) => conflicts.push(Warning {
                             object: name.to_string(),
                             kind: "conflict",
                             message: format!(
                                 "{} {} is already served for {holder}",
                                 k.proto, k.vip
                             ),
-                        });
-                        self.waiting.entry(k).or_default().insert(Arc::clone(&name));
-                    }
-                    _ => {
-                        self.claims.insert(k, Arc::clone(&name));
-                        keys.push(k);
-                        out.change.upsert.push(d);
-                    }
-                }
-            }
-            self.complaints.set(Source::Claim, &name, conflicts, m);
-            for old in self
-                .produced
-                .remove(&name)
-                .map(|p| p.keys)
-                .unwrap_or_default()
-            {
-                if !keys.contains(&old) {
-                    self.claims.remove(&old);
-                    for w in self.waiting.remove(&old).unwrap_or_default() {
-                        if let Some(p) = self.produced.get_mut(&w) {
-                            p.digest = None;
+                        }),
+                        Ok(()) => {
+                            self.claims.hold(k, Arc::clone(&name));
+                            keys.push(k);
+                            out.change.upsert.push(d);
                         }
-                        self.dirty.entry(w).or_insert(since);
                     }
-                    out.change.remove.push(old);
                 }
-            }
-            if digest != self.nothing {
-                self.produced.insert(
-                    name,
-                    Produced {
-                        keys,
-                        digest: Some(digest),
-                    },
-                );
+                self.complaints.set(Source::Claim, &name, conflicts, m);
+                for old in self
+                    .produced
+                    .remove(&name)
+                    .map(|p| p.keys)
+                    .unwrap_or_default()
+                {
+                    if !keys.contains(&old) {
+                        for (w, ()) in self.claims.release(&old, &name) {
+                            if let Some(p) = self.produced.get_mut(&w) {
+                                p.digest = None;
+                            }
+                            self.dirty.entry(w).or_insert(since);
+                        }
+                        out.change.remove.push(old);
+                    }
+                }
+                if digest != self.nothing {
+                    self.produced.insert(
+                        name,
+                        Produced {
+                            keys,
+                            digest: Some(digest),
+                        },
+                    );
+                }
             }
         }
         out.arrivals.sort_unstable();
