@@ -42,8 +42,11 @@ toolchain:
 	@$(CARGO) fmt --version >/dev/null 2>&1 && $(CARGO) clippy --version >/dev/null 2>&1 || \
 	  { echo "make: rustfmt and clippy are needed: rustup component add rustfmt clippy" >&2; exit 1; }
 
+# The xlb binary is built on its own: in one build with pktgen or the benchmarks, cargo would
+# unify features and ship the dataplane's test-util and control's fake-api in it.
+BUILD_XLB := $(CARGO) build --release -p xlb-control --bin xlb
 build: deps toolchain
-	$(CARGO) build --release --workspace
+	$(BUILD_XLB)
 
 # xlb balancing real TCP and UDP traffic between network namespaces it creates and removes:
 # a client, the node running `xlb run`, three backends (see deploy/demo/netns-demo.sh); then
@@ -83,7 +86,7 @@ manifests: deps
 # DaemonSet's ConfigMap configuration (deploy/kubernetes/build-image.sh); says SKIPPED, with
 # the reason, where no container tool can be installed or run.
 image: deps toolchain
-	$(CARGO) build --release -p xlb-control --bin xlb
+	$(BUILD_XLB)
 	@$(MAKE) --no-print-directory deps APT_PACKAGES="$(IMAGE_PACKAGES)" || \
 	  echo "image: could not install $(IMAGE_PACKAGES)"
 	$(SUDO) bash deploy/kubernetes/build-image.sh $(XLB)
@@ -137,7 +140,8 @@ SECONDS ?= 4
 INSTALL_TIMEOUT ?= 900
 bench-e2e: deps toolchain
 	@$(MAKE) --no-print-directory deps APT_PACKAGES="$(BENCH_PACKAGES)"
-	$(CARGO) build --release -p xlb-control -p xlb-pktgen -p xlb-bench --bins
+	$(CARGO) build --release -p xlb-pktgen -p xlb-bench --bins
+	$(BUILD_XLB)
 	$(SUDO) python3 bench/e2e.py --services $(SERVICES) --seconds $(SECONDS) --install-timeout $(INSTALL_TIMEOUT)
 
 # xlb on a node (its node: link) against kube-proxy's nftables path for a pod's traffic to a
@@ -145,12 +149,14 @@ bench-e2e: deps toolchain
 # bench/results/node.md.
 bench-node: deps toolchain
 	@$(MAKE) --no-print-directory deps APT_PACKAGES="$(BENCH_PACKAGES)"
-	$(CARGO) build --release -p xlb-control -p xlb-pktgen
+	$(CARGO) build --release -p xlb-pktgen
+	$(BUILD_XLB)
 	$(SUDO) python3 bench/node.py
 
 # New connections during and after a SYN flood, and an established download's longest pause:
 # xlb against nftables + conntrack in one run (needs root); writes bench/results/flood.md.
 bench-flood: deps toolchain
 	@$(MAKE) --no-print-directory deps APT_PACKAGES="$(BENCH_PACKAGES)"
-	$(CARGO) build --release -p xlb-control -p xlb-pktgen
+	$(CARGO) build --release -p xlb-pktgen
+	$(BUILD_XLB)
 	$(SUDO) python3 bench/flood.py $(XLB) target/release/xlb-pktgen
