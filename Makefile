@@ -133,16 +133,19 @@ bench: deps toolchain
 	$(CARGO) run -q --release -p xlb-bench --bin kube-sync -- --services 100000
 
 # xlb against kube-proxy-shaped iptables and nftables rules and a bare AF_XDP forwarder, in one
-# run, in namespaces (needs root); writes bench/results/e2e.{md,svg,json}. SERVICES and SECONDS
-# narrow it, e.g. `make bench-e2e SERVICES=1,1000 SECONDS=3`.
+# run, in namespaces (needs root), every figure REPS times with the contenders interleaved,
+# medians, spreads and ratios with their significance, and a noise probe; writes
+# bench/results/e2e.{md,svg,json}. SERVICES, SECONDS and REPS narrow it, e.g.
+# `make bench-e2e SERVICES=1,1000 SECONDS=3 REPS=3`.
 SERVICES ?= 1,1000,10000,100000
 SECONDS ?= 4
+REPS ?= 5
 INSTALL_TIMEOUT ?= 900
 bench-e2e: deps toolchain
 	@$(MAKE) --no-print-directory deps APT_PACKAGES="$(BENCH_PACKAGES)"
 	$(CARGO) build --release -p xlb-pktgen -p xlb-bench --bins
 	$(BUILD_XLB)
-	$(SUDO) python3 bench/e2e.py --services $(SERVICES) --seconds $(SECONDS) --install-timeout $(INSTALL_TIMEOUT)
+	$(SUDO) python3 bench/e2e.py --services $(SERVICES) --seconds $(SECONDS) --reps $(REPS) --install-timeout $(INSTALL_TIMEOUT)
 
 # xlb on a node (its node: link) against kube-proxy's nftables path for a pod's traffic to a
 # ClusterIP on another node, and the node's own request latency (needs root); writes
