@@ -8,6 +8,10 @@
 use std::net::IpAddr;
 use std::sync::Arc;
 
+/// The Service policies the dataplane carries out, named as it names them (no source's
+/// words: the file and Kubernetes translate into these).
+pub use xlb_dataplane::lb::snapshot::{BackendState, NoBackend, Scheduler};
+
 /// What kind of address a VIP is, for the operator (`/services`) and for which policies
 /// apply to it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -161,42 +165,6 @@ pub enum Protocol {
     Udp,
     /// SCTP.
     Sctp,
-}
-
-/// A backend's condition.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub enum BackendState {
-    /// Takes new flows.
-    #[default]
-    Ready,
-    /// Keeps its flows; takes new ones only when nothing is ready.
-    Terminating,
-    /// Keeps its flows, takes no new ones.
-    Draining,
-}
-
-/// How new flows pick a backend.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub enum Scheduler {
-    /// Maglev consistent hashing.
-    #[default]
-    Maglev,
-    /// Uniformly at random.
-    Random,
-    /// In turn.
-    RoundRobin,
-    /// Fewest live flows.
-    LeastConnections,
-}
-
-/// What a new flow gets when no backend can take it.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub enum NoBackend {
-    /// A TCP reset or an ICMP port unreachable.
-    #[default]
-    Reject,
-    /// Silence.
-    Drop,
 }
 
 #[cfg(test)]

@@ -13,8 +13,8 @@ use std::sync::Arc;
 
 use xlb_dataplane::lb::prefix::PrefixMap;
 use xlb_dataplane::lb::snapshot::{
-    Backend, BackendId, BackendState, NoBackend, Origin, Scheduler, Service, ServiceId, ServiceKey,
-    ServiceSpec, Snapshot, SnapshotError,
+    Backend, BackendId, Origin, Service, ServiceId, ServiceKey, ServiceSpec, Snapshot,
+    SnapshotError,
 };
 use xlb_dataplane::packet::{Endpoint, IpProto};
 
@@ -351,27 +351,15 @@ fn spec(d: &Arc<DesiredService>, ids: &mut Builder) -> ServiceSpec {
             Backend {
                 id: ids.backend(endpoint, proto),
                 endpoint,
-                state: match b.state {
-                    desired::BackendState::Ready => BackendState::Ready,
-                    desired::BackendState::Terminating => BackendState::Terminating,
-                    desired::BackendState::Draining => BackendState::Draining,
-                },
+                state: b.state,
                 weight: b.weight,
             }
         })
         .collect();
     let mut spec = ServiceSpec::new(ids.service(key), key, backends);
-    spec.scheduler = match d.scheduler {
-        desired::Scheduler::Maglev => Scheduler::Maglev,
-        desired::Scheduler::Random => Scheduler::Random,
-        desired::Scheduler::RoundRobin => Scheduler::RoundRobin,
-        desired::Scheduler::LeastConnections => Scheduler::LeastConnections,
-    };
+    spec.scheduler = d.scheduler;
     spec.affinity_timeout = d.affinity_timeout;
-    spec.no_backend = match d.no_backend {
-        desired::NoBackend::Reject => NoBackend::Reject,
-        desired::NoBackend::Drop => NoBackend::Drop,
-    };
+    spec.no_backend = d.no_backend;
     spec.table_size = d.table_size.or(ids.table_size);
     spec.origin = Origin::new(Arc::clone(d));
     if !d.source_ranges.is_empty() {
