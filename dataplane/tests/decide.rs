@@ -1196,3 +1196,49 @@ fn dsr_forwards_to_the_pick_records_one_direction_and_keeps_flows_across_backend
     let other = pkt().ipv4(ROUTER, CLIENT).tcp(8080, 40000).ack().build();
     assert_eq!(go(&three, &other, 10), Verdict::Pass);
 }
+
+/// A flood of unanswered SYNs through snat held every port of the pool for TCP's New timeout
+/// (120 s), and every new flow after it was dropped (`NoSnatPort`). The port of a flow that
+/// never had a reply and has been quiet a second is taken back for a new flow; a flow that
+/// was answered, or one still sending, keeps its port.
+#[test]
+fn snat_ports_of_quiet_unanswered_flows_are_taken_back_for_new_ones() {
+    let key = ServiceKey {
+        vip: Endpoint::new(VIP.into(), 80),
+        proto: IpProto::TCP,
+    };
+    let spec = ServiceSpec::new(ServiceId(id(1)), key, vec![backend(1, BackendState::Ready)]);
+    let snap = snapshot(vec![Arc::new(Service::new(spec).unwrap())]);
+    let flows = table();
+    let pool = SnatPool::new(Some(SNAT), None, 61000, 2);
+    let mut counters = Counters::default();
+    let mut go = |frame: &[u8], now| {
+        run_counted(&snap, &flows, frame, now, Mode::Snat(&pool), &mut counters)
+    };
+    // Two flows take both ports; one of them is answered.
+    let Verdict::ForwardSnat { to, from: answered } = go(&syn(40000), 10) else {
+        panic!("not translated")
+    };
+    assert!(matches!(go(&syn(40001), 10), Verdict::ForwardSnat { .. }));
+    let reply = pkt()
+        .ip(to.ip(), answered.ip())
+        .tcp(to.port(), answered.port())
+        .syn()
+        .ack()
+        .build();
+    assert!(matches!(go(&reply, 10), Verdict::ReplySnat { .. }));
+    // In the same second a third finds no port.
+    assert_eq!(go(&syn(40002), 10), Verdict::Drop(DecideDrop::NoSnatPort));
+    // A second later the unanswered flow's port is taken back; the answered one keeps its own.
+    let Verdict::ForwardSnat { from, .. } = go(&syn(40003), 11) else {
+        panic!("no port taken back")
+    };
+    assert_ne!(from.port(), answered.port());
+    // The new holder keeps sending: its port is not quiet, so nothing is free.
+    let more = pkt().ipv4(CLIENT, VIP).tcp(40003, 80).ack().build();
+    assert!(matches!(go(&more, 12), Verdict::ForwardSnat { .. }));
+    assert_eq!(go(&syn(40004), 12), Verdict::Drop(DecideDrop::NoSnatPort));
+    // The answered flow's replies still find their client.
+    assert!(matches!(go(&reply, 12), Verdict::ReplySnat { .. }));
+    assert_eq!(counters.events[Event::SnatPortReclaimed.index()], 1);
+}

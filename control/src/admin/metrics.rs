@@ -132,7 +132,7 @@ impl Collector for Published {
         family(
             e,
             "xlb_flow_events",
-            "What the load balancer did besides its verdicts, by event: Untracked (a new flow forwarded without an entry, the table full), Recreated and RecreatedUnpicked (a flow recreated from a backend's packet), PortReused, Repicked, BackendLeftReset",
+            "What the load balancer did besides its verdicts, by event: Untracked (a new flow forwarded without an entry, the table full), Recreated and RecreatedUnpicked (a flow recreated from a backend's packet), PortReused, Repicked, BackendLeftReset, SnatPortReclaimed (an snat port taken back from a quiet flow that never had a reply)",
             MetricType::Counter,
             events,
         )?;

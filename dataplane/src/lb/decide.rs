@@ -163,6 +163,9 @@ counted_enum! {
         /// A flow whose backend left, reset (a client's segment rejected, or a backend's
         /// reply turned into a reset towards the client).
         BackendLeftReset,
+        /// snat mode: a port taken back from a flow that never had a reply and went quiet
+        /// (or lost its forward entry), for a new flow.
+        SnatPortReclaimed,
     }
 }
 
@@ -718,6 +721,33 @@ fn reply_destination(mode: Mode<'_>, key: &FlowKey, snat_port: u16) -> ([u8; 16]
     }
 }
 
+/// How long a flow that never had a reply must have been quiet before its snat port is taken
+/// back for a new flow. Without it, a flood of unanswered SYNs or datagrams held every port
+/// of the pool for the New timeout (120 s for TCP, 30 s for UDP) and every new flow after it
+/// was dropped (`NoSnatPort`): 256 000 flows to 4 backends exhausted one address's ports in a
+/// third of a second of a benchmark's new-flow traffic.
+pub const RECLAIM_QUIET: Second = 1;
+
+/// Takes back the snat port of the flow whose reverse entry `reverse` (at `key`) holds it,
+/// if that flow never had a reply and has been quiet [`RECLAIM_QUIET`] seconds, or has lost
+/// its forward entry (its replies cannot be translated any more): removes its entries and
+/// says whether the port is free now.
+fn reclaim_port(env: &Env<'_>, key: &FlowKey, reverse: &Hit, counters: &mut Counters) -> bool {
+    match env.flows.forward_of(reverse, env.now) {
+        Some((forward_key, forward))
+            if forward.state == FlowState::New
+                && env.now.saturating_sub(forward.last_seen) >= RECLAIM_QUIET =>
+        {
+            env.flows.remove(forward.entry, &forward_key);
+        }
+        Some(_) => return false,
+        None => {}
+    }
+    env.flows.remove(reverse.entry, key);
+    counters.event(Event::SnatPortReclaimed);
+    true
+}
+
 /// Picks a backend for a new flow and records both directions.
 fn new_flow(
     env: &Env<'_>,
@@ -755,15 +785,17 @@ fn new_flow(
         FlowState::New
     };
     // In snat mode the flow's source becomes an xlb address and a port whose reverse key
-    // (backend -> that address and port) is not taken.
+    // (backend -> that address and port) is not taken, or is taken by a flow that never had
+    // a reply and has gone quiet (a flood's).
     let snat_port = match env.mode {
         Mode::Snat(pool) => match pool.translation(key, &backend.endpoint) {
             Some(addr) => {
                 let free = (0..4).map(|_| pool.next_port()).find(|&port| {
                     let reverse = reverse_key(key, &backend.endpoint, (addr, port));
-                    env.flows
-                        .lookup(&reverse, flow_hash(&reverse), env.now)
-                        .is_none()
+                    match env.flows.lookup(&reverse, flow_hash(&reverse), env.now) {
+                        None => true,
+                        Some(hit) => reclaim_port(env, &reverse, &hit, counters),
+                    }
                 });
                 match free {
                     Some(port) => port,
