@@ -1199,8 +1199,8 @@ fn dsr_forwards_to_the_pick_records_one_direction_and_keeps_flows_across_backend
 
 /// A flood of unanswered SYNs through snat held every port of the pool for TCP's New timeout
 /// (120 s), and every new flow after it was dropped (`NoSnatPort`). The port of a flow that
-/// never had a reply and has been quiet a second is taken back for a new flow; a flow that
-/// was answered, or one still sending, keeps its port.
+/// never had a reply and has been quiet a whole second is taken back for a new flow; a flow
+/// that was answered, or one still sending, keeps its port.
 #[test]
 fn snat_ports_of_quiet_unanswered_flows_are_taken_back_for_new_ones() {
     let key = ServiceKey {
@@ -1229,16 +1229,18 @@ fn snat_ports_of_quiet_unanswered_flows_are_taken_back_for_new_ones() {
     assert!(matches!(go(&reply, 10), Verdict::ReplySnat { .. }));
     // In the same second a third finds no port.
     assert_eq!(go(&syn(40002), 10), Verdict::Drop(DecideDrop::NoSnatPort));
-    // A second later the unanswered flow's port is taken back; the answered one keeps its own.
-    let Verdict::ForwardSnat { from, .. } = go(&syn(40003), 11) else {
+    // In the next second it may have been seen a moment ago: it keeps its port.
+    assert_eq!(go(&syn(40002), 11), Verdict::Drop(DecideDrop::NoSnatPort));
+    // A whole second later its port is taken back; the answered one keeps its own.
+    let Verdict::ForwardSnat { from, .. } = go(&syn(40003), 12) else {
         panic!("no port taken back")
     };
     assert_ne!(from.port(), answered.port());
     // The new holder keeps sending: its port is not quiet, so nothing is free.
     let more = pkt().ipv4(CLIENT, VIP).tcp(40003, 80).ack().build();
-    assert!(matches!(go(&more, 12), Verdict::ForwardSnat { .. }));
-    assert_eq!(go(&syn(40004), 12), Verdict::Drop(DecideDrop::NoSnatPort));
+    assert!(matches!(go(&more, 14), Verdict::ForwardSnat { .. }));
+    assert_eq!(go(&syn(40004), 15), Verdict::Drop(DecideDrop::NoSnatPort));
     // The answered flow's replies still find their client.
-    assert!(matches!(go(&reply, 12), Verdict::ReplySnat { .. }));
+    assert!(matches!(go(&reply, 15), Verdict::ReplySnat { .. }));
     assert_eq!(counters.events[Event::SnatPortReclaimed.index()], 1);
 }
