@@ -11,6 +11,7 @@ use hashbrown::HashMap;
 use std::num::NonZeroU32;
 use std::sync::Arc;
 
+use xlb_dataplane::lb::maglev::TableCache;
 use xlb_dataplane::lb::prefix::PrefixMap;
 use xlb_dataplane::lb::snapshot::{
     Backend, BackendId, Origin, Service, ServiceId, ServiceKey, ServiceSpec, Snapshot,
@@ -290,8 +291,9 @@ pub fn translate_desired(
 /// starting threads costs more than it saves.
 const PARALLEL_FROM: usize = 512;
 
-/// Builds Services (their Maglev tables, mostly: ~10 us each at 10 backends), on every core
-/// for a large batch (a first snapshot, a relist), in order.
+/// Builds Services (their Maglev tables, mostly: ~10 us each at 10 backends; Services with
+/// the same backends share one), on every core for a large batch (a first snapshot, a
+/// relist), in order.
 fn build_all(
     specs: Vec<(ServiceSpec, Arc<DesiredService>)>,
 ) -> Vec<(Result<Service, SnapshotError>, Arc<DesiredService>)> {
@@ -302,9 +304,10 @@ fn build_all(
         std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
     };
     if threads < 2 {
+        let mut tables = TableCache::default();
         return specs
             .into_iter()
-            .map(|(spec, d)| (Service::new(spec), d))
+            .map(|(spec, d)| (Service::sharing(spec, &mut tables), d))
             .collect();
     }
     let per = specs.len().div_ceil(threads);
@@ -321,9 +324,12 @@ fn build_all(
             .into_iter()
             .map(|chunk| {
                 scope.spawn(move || {
+                    // Services with the same backends share a table (within a chunk: a
+                    // source lists a Service's ports and addresses together).
+                    let mut tables = TableCache::default();
                     chunk
                         .into_iter()
-                        .map(|(spec, d)| (Service::new(spec), d))
+                        .map(|(spec, d)| (Service::sharing(spec, &mut tables), d))
                         .collect::<Vec<_>>()
                 })
             })

@@ -13,6 +13,8 @@
 //! count: a Service of a few backends costs a few hundred slots, and the size changes only
 //! when the backend count crosses a rung, so a backend leaving rarely reshuffles the table.
 
+use std::sync::Arc;
+
 use crate::packet::Endpoint;
 
 use super::hash::{backend_hashes, backend_key};
@@ -79,10 +81,11 @@ fn is_prime(m: u32) -> bool {
     m >= 2 && (2..).take_while(|d| d * d <= m).all(|d| m % d != 0)
 }
 
-/// A built Maglev table: slot -> index of a backend in the slice it was built from.
+/// A built Maglev table: slot -> index of a backend in the slice it was built from. Cloning
+/// shares the slots (Services with the same backends share one table: [`TableCache`]).
 #[derive(Clone, PartialEq, Eq)]
 pub struct MaglevTable {
-    slots: Box<[u16]>,
+    slots: Arc<[u16]>,
     /// Lemire's fastmod constant for the table size: `u64::MAX / M + 1`.
     fastmod: u64,
 }
@@ -131,10 +134,10 @@ impl MaglevTable {
                 )
             })
             .collect();
-        let mut slots = vec![EMPTY; m as usize].into_boxed_slice();
+        let mut slots = vec![EMPTY; m as usize];
         fill(&mut slots, &mut cursors);
         Ok(Self {
-            slots,
+            slots: slots.into(),
             fastmod: u64::MAX / m64 + 1,
         })
     }
@@ -180,6 +183,58 @@ impl MaglevTable {
 /// A slot no backend holds yet. A real backend index is below MAX_BACKENDS = u16::MAX, so
 /// EMPTY is never one.
 const EMPTY: u16 = u16::MAX;
+
+/// What a table is built from: the size asked for, and the backends with their weights.
+type TableKey = (Option<u32>, Vec<(Endpoint, u32)>);
+
+/// How many of the tables built last a [`TableCache`] remembers.
+const RECENT: usize = 4;
+
+/// The tables built last, by what each was built from: Services with the same backends that
+/// come together - a Service's several ports, its cluster IP, node ports and load-balancer
+/// IPs, which the sources list one after another - share one table instead of building it
+/// again. A few recent tables compared in turn, not a map of all of them: a map cost 1.2 us
+/// a Service (its key copied and hashed) when no two share, 15% of a first snapshot of
+/// 10 000 distinct Services. A table is a pure function of its key: sharing changes no pick.
+#[derive(Debug, Default)]
+pub struct TableCache {
+    recent: Vec<(TableKey, MaglevTable)>,
+    built: usize,
+}
+
+impl TableCache {
+    /// The table for `backends` and `size` ([`MaglevTable::build`]), shared with a recent
+    /// Service's when it was built from the same.
+    ///
+    /// # Errors
+    /// See [`MaglevError`] (an error is not kept).
+    pub fn get(
+        &mut self,
+        backends: &[(Endpoint, u32)],
+        size: Option<u32>,
+    ) -> Result<MaglevTable, MaglevError> {
+        if let Some((_, table)) = self
+            .recent
+            .iter()
+            .find(|((s, b), _)| *s == size && b.as_slice() == backends)
+        {
+            return Ok(table.clone());
+        }
+        let table = MaglevTable::build(backends, size)?;
+        self.built += 1;
+        if self.recent.len() == RECENT {
+            self.recent.remove(0);
+        }
+        self.recent.push(((size, backends.to_vec()), table.clone()));
+        Ok(table)
+    }
+
+    /// How many tables it built (the rest of its answers were shared).
+    #[must_use]
+    pub fn built(&self) -> usize {
+        self.built
+    }
+}
 
 /// A backend's walk through its permutation of the slots.
 #[derive(Clone, Copy, Debug)]
@@ -546,5 +601,30 @@ mod tests {
                 assert_eq!(got, expected, "M = {m}, N = {n}");
             }
         }
+    }
+
+    #[test]
+    fn services_with_the_same_backends_share_one_table_built_once() {
+        let mut cache = TableCache::default();
+        let a = cache.get(&backends(10), None).unwrap();
+        let b = cache.get(&backends(10), None).unwrap();
+        assert!(
+            core::ptr::eq(a.slots().as_ptr(), b.slots().as_ptr()),
+            "shared"
+        );
+        assert_eq!(a, MaglevTable::build(&backends(10), None).unwrap());
+        assert_eq!(cache.built(), 1);
+        // Another backend set, another size, another weight: each its own table.
+        let c = cache.get(&backends(9), None).unwrap();
+        let d = cache.get(&backends(10), Some(2039)).unwrap();
+        let mut heavier = backends(10);
+        heavier[0].1 = 2;
+        let e = cache.get(&heavier, None).unwrap();
+        assert_eq!(cache.built(), 4);
+        assert_ne!(c, a);
+        assert_eq!(d.size(), 2039);
+        assert_ne!(e, a);
+        assert!(cache.get(&[], None).is_err(), "errors are not kept");
+        assert_eq!(cache.built(), 4);
     }
 }

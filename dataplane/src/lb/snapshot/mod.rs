@@ -26,7 +26,7 @@ mod index;
 
 use index::{id_hash, key_hash, BackendIndex, Index};
 
-use super::maglev::{MaglevError, MaglevTable};
+use super::maglev::{MaglevError, MaglevTable, TableCache};
 use super::prefix::PrefixMap;
 
 /// A Service's stable identity across snapshots. Zero is reserved.
@@ -249,7 +249,16 @@ impl Service {
     ///
     /// # Errors
     /// See [`SnapshotError`].
-    pub fn new(mut spec: ServiceSpec) -> Result<Self, SnapshotError> {
+    pub fn new(spec: ServiceSpec) -> Result<Self, SnapshotError> {
+        Self::sharing(spec, &mut TableCache::default())
+    }
+
+    /// As [`Service::new`], taking its Maglev table from `tables` when a Service with the
+    /// same backends built one already (and leaving its own there for the next).
+    ///
+    /// # Errors
+    /// See [`SnapshotError`].
+    pub fn sharing(mut spec: ServiceSpec, tables: &mut TableCache) -> Result<Self, SnapshotError> {
         spec.backends.sort_by_key(|b| b.id);
         if let Some(pair) = spec.backends.windows(2).find(|w| w[0].id == w[1].id) {
             return Err(SnapshotError::DuplicateBackendId(spec.id, pair[0].id));
@@ -280,7 +289,8 @@ impl Service {
                 })
                 .collect();
             Some(
-                MaglevTable::build(&weighted, spec.table_size)
+                tables
+                    .get(&weighted, spec.table_size)
                     .map_err(|e| SnapshotError::Maglev(spec.id, e))?,
             )
         };
