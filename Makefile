@@ -135,17 +135,23 @@ bench: deps toolchain
 # xlb against kube-proxy-shaped iptables and nftables rules and a bare AF_XDP forwarder, in one
 # run, in namespaces (needs root), every figure REPS times with the contenders interleaved,
 # medians, spreads and ratios with their significance, and a noise probe; writes
-# bench/results/e2e.{md,svg,json}. SERVICES, SECONDS and REPS narrow it, e.g.
-# `make bench-e2e SERVICES=1,1000 SECONDS=3 REPS=3`.
+# bench/results/e2e.{md,svg,json}. SERVICES, SECONDS, REPS, CONTENDERS, MODES and E2E_OUT narrow
+# or redirect it, e.g. `make bench-e2e SERVICES=1,10000 SECONDS=2 CONTENDERS=nftables,bare,xlb`
+# (the run in bench/results) and `make bench-e2e SERVICES=1,100000 SECONDS=2
+# CONTENDERS=bare,xlb MODES=dnat,snat E2E_OUT=bench/results/scale`.
 SERVICES ?= 1,1000,10000,100000
 SECONDS ?= 4
 REPS ?= 5
+CONTENDERS ?= iptables,nftables,bare,xlb
+MODES ?= dnat,snat,dsr
+E2E_OUT ?= bench/results
 INSTALL_TIMEOUT ?= 900
 bench-e2e: deps toolchain
 	@$(MAKE) --no-print-directory deps APT_PACKAGES="$(BENCH_PACKAGES)"
 	$(CARGO) build --release -p xlb-pktgen -p xlb-bench --bins
 	$(BUILD_XLB)
-	$(SUDO) python3 bench/e2e.py --services $(SERVICES) --seconds $(SECONDS) --reps $(REPS) --install-timeout $(INSTALL_TIMEOUT)
+	$(SUDO) python3 bench/e2e.py --services $(SERVICES) --seconds $(SECONDS) --reps $(REPS) \
+	  --contenders $(CONTENDERS) --modes $(MODES) --out $(E2E_OUT) --install-timeout $(INSTALL_TIMEOUT)
 
 # xlb on a node (its node: link) against kube-proxy's nftables path for a pod's traffic to a
 # ClusterIP on another node, and the node's own request latency (needs root); writes
