@@ -183,15 +183,14 @@ def delivered(replies=False):
     """Packets delivered so far: dropped by the backends' sinks, or (replies) reflected by them
     and received by the client."""
     if replies:
-        return stat("client", "c0", "rx_packets")
-    return sum(stat(f"b{i}", "b0", "rx_queue_0_xdp_drops") for i in range(1, 5))
+        return int(sh(ns("client", "cat /sys/class/net/c0/statistics/rx_packets"), capture=True))
+    return sum(xdp_drops(f"b{i}") for i in range(1, 5))
 
 
-def stat(where, dev, name):
-    if name == "rx_packets":
-        return int(sh(ns(where, f"cat /sys/class/net/{dev}/statistics/rx_packets"), capture=True))
-    for line in sh(ns(where, f"ethtool -S {dev}"), capture=True).splitlines():
-        if line.strip().startswith(name + ":"):
+def xdp_drops(where):
+    """The XDP drops of the veth b0 in namespace `where` (ethtool's veth statistics)."""
+    for line in sh(ns(where, "ethtool -S b0"), capture=True).splitlines():
+        if line.strip().startswith("rx_queue_0_xdp_drops:"):
             return int(line.split()[-1])
     return 0
 

@@ -197,7 +197,7 @@ impl Status {
             m.sum("xlb_flow_evictions_total", &[]),
             m.sum("xlb_flow_table_full_total", &[]),
         );
-        if m.sum("xlb_kubernetes_synced", &[]) > 0.0 || m.0.contains_key("xlb_kubernetes_synced") {
+        if m.0.contains_key("xlb_kubernetes_synced") {
             let _ = writeln!(
                 out,
                 "kubernetes: synced {}, watch errors {}, relists {}",

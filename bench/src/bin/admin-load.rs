@@ -102,7 +102,7 @@ fn run() -> Result<(), String> {
         ports: (0..4).map(|i| format!("n{i}")).collect(),
         generation: AtomicU64::new(1),
         live_entries: AtomicU64::new(live),
-        sync_seconds: xlb_control::admin::sync_histogram(),
+        sync_seconds: xlb_control::admin::SyncHistogram::default(),
         filter_counts: ArcSwap::from_pointee(FilterCounts::default()),
         kube: None,
         config_hash: AtomicU64::new(0),

@@ -1,8 +1,8 @@
 //! `/metrics`: one prometheus-client registry, encoded in the OpenMetrics text format. Every
 //! metric is declared once, here: its name (Prometheus conventions: the unit in the name,
 //! `_total` added to counters by the encoder), its help and how to read it. The registry
-//! holds the sync-latency histogram the control thread observes into, and a collector that
-//! reads, at each scrape, what the workers, the XDP filter and the sources published: per-worker
+//! holds one collector that reads, at each scrape, the sync-latency histogram the control
+//! thread observes into and what the workers, the XDP filter and the sources published: per-worker
 //! counters by verdict, drop reason and event, the sockets' kernel counters, the flow table's
 //! gauges and the Kubernetes source's health.
 
@@ -10,10 +10,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::encoding::{
+    DescriptorEncoder, EncodeLabelSet, EncodeMetric, MetricEncoder, NoLabelSet,
+};
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
-use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 use xlb_dataplane::lb::decide::{DecideDrop, Event};
@@ -29,19 +30,53 @@ pub const SYNC_BUCKETS: [f64; 12] = [
 ];
 
 /// The histogram of the time from a source change being seen to its snapshot being live.
-#[must_use]
-pub fn sync_histogram() -> Histogram {
-    Histogram::new(SYNC_BUCKETS)
+/// The control thread observes into it without a lock (the library's own histogram takes a
+/// mutex that a scrape takes too); a scrape reads it bucket by bucket.
+#[derive(Debug, Default)]
+pub struct SyncHistogram {
+    /// Observations per bucket of [`SYNC_BUCKETS`], then above the last (not cumulative).
+    buckets: [AtomicU64; SYNC_BUCKETS.len() + 1],
+    /// Their sum, in nanoseconds.
+    sum_ns: AtomicU64,
 }
 
-/// The registry `/metrics` encodes: the sync histogram and the published counters of `state`.
+impl SyncHistogram {
+    /// Records one duration in seconds.
+    pub fn observe(&self, seconds: f64) {
+        let bucket = SYNC_BUCKETS
+            .iter()
+            .position(|bound| seconds <= *bound)
+            .unwrap_or(SYNC_BUCKETS.len());
+        // Relaxed: counters read on their own.
+        self.buckets[bucket].fetch_add(1, Ordering::Relaxed);
+        self.sum_ns
+            .fetch_add((seconds.max(0.0) * 1e9) as u64, Ordering::Relaxed);
+    }
+
+    fn encode(&self, e: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        // Relaxed: counters read on their own.
+        let counts = self.buckets.each_ref().map(|b| b.load(Ordering::Relaxed));
+        // The encoder accumulates, and writes f64::INFINITY as +Inf.
+        let buckets: Vec<(f64, u64)> = SYNC_BUCKETS
+            .iter()
+            .copied()
+            .chain([f64::INFINITY])
+            .zip(counts)
+            .collect();
+        let sum = self.sum_ns.load(Ordering::Relaxed) as f64 / 1e9;
+        e.encode_descriptor(
+            "xlb_sync_duration_seconds",
+            "Time from a source change being seen (a file edit noticed, a Kubernetes event received) to its snapshot being live",
+            None,
+            MetricType::Histogram,
+        )?
+        .encode_histogram::<NoLabelSet>(sum, counts.iter().sum(), &buckets, None)
+    }
+}
+
+/// The registry `/metrics` encodes: everything `state` publishes, read at each scrape.
 pub(super) fn registry(state: &Arc<AdminState>) -> Registry {
     let mut registry = Registry::default();
-    registry.register(
-        "xlb_sync_duration_seconds",
-        "Time from a source change being seen (a file edit noticed, a Kubernetes event received) to its snapshot being live",
-        state.sync_seconds.clone(),
-    );
     registry.register_collector(Box::new(Published(Arc::clone(state))));
     registry
 }
@@ -87,6 +122,7 @@ impl Collector for Published {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let state = &*self.0;
         let e = &mut encoder;
+        state.sync_seconds.encode(e)?;
         let workers: Vec<WorkerCounters> = state.workers.iter().map(|w| w.load()).collect();
         let worker = |i: usize| [("worker", i.to_string())];
         for (name, help, get) in WORKER_SERIES {
@@ -176,13 +212,8 @@ fn family<L: EncodeLabelSet>(
     series: impl IntoIterator<Item = (L, u64)>,
 ) -> Result<(), std::fmt::Error> {
     let mut metric = encoder.encode_descriptor(name, help, None, kind)?;
-    for (labels, value) in series {
-        let labelled = metric.encode_family(&labels)?;
-        if matches!(kind, MetricType::Counter) {
-            ConstCounter::new(value).encode(labelled)?;
-        } else {
-            ConstGauge::new(value).encode(labelled)?;
-        }
+    for (labels, v) in series {
+        value(kind, v, metric.encode_family(&labels)?)?;
     }
     Ok(())
 }
@@ -193,13 +224,17 @@ fn single(
     name: &str,
     help: &str,
     kind: MetricType,
-    value: u64,
+    v: u64,
 ) -> Result<(), std::fmt::Error> {
-    let metric = encoder.encode_descriptor(name, help, None, kind)?;
+    value(kind, v, encoder.encode_descriptor(name, help, None, kind)?)
+}
+
+/// One sample: a counter's or a gauge's.
+fn value(kind: MetricType, v: u64, metric: MetricEncoder) -> Result<(), std::fmt::Error> {
     if matches!(kind, MetricType::Counter) {
-        ConstCounter::new(value).encode(metric)
+        ConstCounter::new(v).encode(metric)
     } else {
-        ConstGauge::new(value).encode(metric)
+        ConstGauge::new(v).encode(metric)
     }
 }
 

@@ -18,7 +18,7 @@
 //! Must not know: packet bytes; it reads what workers and the control thread published.
 
 mod metrics;
-pub use metrics::{sync_histogram, SYNC_BUCKETS};
+pub use metrics::{SyncHistogram, SYNC_BUCKETS};
 
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
@@ -76,7 +76,7 @@ pub struct AdminState {
     /// Live flow table entries, counted every few seconds off the control thread.
     pub live_entries: AtomicU64,
     /// Time from a source change being seen to its snapshot being live.
-    pub sync_seconds: prometheus_client::metrics::histogram::Histogram,
+    pub sync_seconds: SyncHistogram,
     /// The XDP filter's counts.
     pub filter_counts: ArcSwap<FilterCounts>,
     /// The Kubernetes source's counters, when it is configured.

@@ -34,7 +34,7 @@ fn state(flows: u16) -> AdminState {
         ports: vec!["n0".into()],
         generation: AtomicU64::new(7),
         live_entries: AtomicU64::new(u64::from(flows)),
-        sync_seconds: crate::admin::sync_histogram(),
+        sync_seconds: crate::admin::SyncHistogram::default(),
         filter_counts: ArcSwap::from_pointee(FilterCounts {
             redirected: 3,
             passed: 4,
