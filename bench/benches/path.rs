@@ -15,7 +15,7 @@ use std::num::NonZeroU32;
 use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use xlb_dataplane::lb::decide::{decide, Counters, Env, Mode, Verdict};
+use xlb_dataplane::lb::decide::{decide, decide_in_batch, Counters, Env, Mode, Reverses, Verdict};
 use xlb_dataplane::lb::flow::{tick_of, FlowState, FlowTable, FlowValue, Timeouts};
 use xlb_dataplane::lb::fragments::Fragments;
 use xlb_dataplane::lb::hash::flow_hash;
@@ -175,7 +175,8 @@ fn established(c: &mut Criterion) {
 /// million distinct flows streamed through a table of 256 Ki entries, so every packet is a
 /// miss that picks, inserts both directions and evicts older new flows).
 ///
-/// Both prefetch stages run before `decide()`, as in the hand-built path above.
+/// Both prefetch stages run before `decide()`, and the batch's reverse entries are recorded
+/// after it, as in the worker.
 fn through_decide(c: &mut Criterion) {
     let plain = snapshot();
     let ranged = snapshot_with_ranges(1000);
@@ -196,19 +197,23 @@ fn through_decide(c: &mut Criterion) {
         let mut bufs = [[0u8; 64]; BATCH];
         let mut random = 0x9e37_79b9_7f4a_7c15u64;
         let mut counters = Counters::default();
+        let mut reverses = Reverses::with_capacity(BATCH);
         group.bench_function(name, |b| {
             b.iter(|| {
                 let mut parsed = receive(&frames, &mut at, &mut bufs, &table);
+                let env = dnat(snapshot, &table, 1);
                 for (buf, slot) in bufs.iter_mut().zip(parsed.iter_mut()) {
                     let Some((p, h)) = slot else { continue };
                     random ^= random << 13;
                     random ^= random >> 7;
                     random ^= random << 17;
-                    let env = dnat(snapshot, &table, 1);
-                    if let Verdict::Forward(to) = decide(&env, p, *h, random, &mut counters) {
+                    let verdict =
+                        decide_in_batch(&env, p, *h, random, &mut counters, &mut reverses);
+                    if let Verdict::Forward(to) = verdict {
                         black_box(set_destination(buf, p, &to)).ok();
                     }
                 }
+                reverses.record(&env);
                 black_box(&bufs);
             });
         });

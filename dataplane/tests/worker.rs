@@ -180,6 +180,44 @@ fn a_syn_leaves_by_the_backend_port_rewritten_and_its_reply_returns_with_the_vip
     );
 }
 
+/// A batch's reverse entries are recorded after its decisions (all together, so that their
+/// cache misses overlap) but before anything is sent: the replies of a batch of new flows find
+/// their entries, none is recreated from scratch.
+#[test]
+fn the_replies_of_a_batch_of_new_flows_find_the_entries_their_batch_recorded() {
+    use xlb_dataplane::lb::decide::Event;
+    let mut rig = rig(vec![service(&[1, 2])], hops(&[1, 2]));
+    let flows = 40_000..40_032u16;
+    for port in flows.clone() {
+        assert!(rig.io.inject(CLIENT_PORT, &syn(port)));
+    }
+    assert_eq!(rig.worker.poll(&mut rig.io), flows.len());
+    let out = rig.io.transmitted(BACKEND_PORT);
+    assert_eq!(out.len(), flows.len());
+    for frame in &out {
+        let p = parse(frame).unwrap();
+        let backend = p.key.dst_addr[3];
+        let reply = pkt()
+            .eth(MacAddr([2, 0, 0, 0, 2, backend]), NODE_OUT_MAC)
+            .ipv4([198, 18, 128, backend].into(), CLIENT)
+            .tcp(8080, p.key.src_port)
+            .syn()
+            .ack()
+            .build();
+        assert!(rig.io.inject(BACKEND_PORT, &reply));
+    }
+    rig.worker.poll(&mut rig.io);
+    assert_eq!(rig.io.transmitted(CLIENT_PORT).len(), flows.len());
+    let c = rig.stats.load();
+    assert_eq!(c.decide.replied, flows.len() as u64);
+    assert_eq!(
+        c.decide.events[Event::Recreated.index()]
+            + c.decide.events[Event::RecreatedUnpicked.index()],
+        0,
+        "every reply found its flow's reverse entry"
+    );
+}
+
 #[test]
 fn a_service_without_backends_is_answered_by_a_reset_out_of_the_client_port() {
     let mut rig = rig(vec![service(&[])], hops(&[]));

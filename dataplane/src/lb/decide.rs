@@ -358,7 +358,8 @@ pub struct Env<'a> {
 }
 
 /// Decides what to do with one packet (see the module documentation), counting its events
-/// (not its verdict) in `counters`.
+/// (not its verdict) in `counters`, and records what it decided in the flow table before it
+/// returns.
 ///
 /// `hash` is [`super::hash::flow_hash`] of `parsed.key`; `random` a fresh random number from
 /// the worker, for the random scheduler.
@@ -369,13 +370,30 @@ pub fn decide(
     random: u64,
     counters: &mut Counters,
 ) -> Verdict {
+    let mut later = Reverses::default();
+    let verdict = decide_in_batch(env, parsed, hash, random, counters, &mut later);
+    later.record(env);
+    verdict
+}
+
+/// [`decide`] for one packet of a batch: the reverse entries of new dnat flows are left in
+/// `later`, which the caller records with [`Reverses::record`] once the batch is decided and
+/// before any of its packets is sent (so no reply can come before its entry).
+pub fn decide_in_batch(
+    env: &Env<'_>,
+    parsed: &Parsed,
+    hash: u64,
+    random: u64,
+    counters: &mut Counters,
+    later: &mut Reverses,
+) -> Verdict {
     if let Class::Fragment(f) = parsed.class {
         if !f.first {
             return follow_first_fragment(env, parsed)
                 .unwrap_or(Verdict::Drop(DecideDrop::FragmentBeforeFirst));
         }
     }
-    let verdict = decide_packet(env, parsed, hash, random, counters);
+    let verdict = decide_packet(env, parsed, hash, random, counters, later);
     if let Class::Fragment(f) = parsed.class {
         record_first_fragment(env, parsed, f.id, &verdict);
     }
@@ -407,6 +425,7 @@ fn decide_packet(
     hash: u64,
     random: u64,
     counters: &mut Counters,
+    later: &mut Reverses,
 ) -> Verdict {
     match parsed.class {
         Class::NotForUs(_) => return Verdict::Pass,
@@ -436,7 +455,7 @@ fn decide_packet(
         }
     }
     if let Some(service) = env.snapshot.service(&ServiceKey::of_destination(key)) {
-        return new_flow(env, service, parsed, hash, random, counters);
+        return new_flow(env, service, parsed, hash, random, counters, later);
     }
     unexplained(env, key, counters)
 }
@@ -688,7 +707,7 @@ fn recreate(
         env.flows
             .insert_at(forward_key, forward_hash, value, state, env.now, env.tick)
     {
-        let _ = insert_reverse(env, reply_key, reverse_value(service, entry, false), state);
+        let _ = Reverse::new(*reply_key, reverse_value(service, entry, false), state).record(env);
         service.flow_started(backend.id);
     }
     Verdict::Reply(vip)
@@ -759,6 +778,7 @@ fn new_flow(
     hash: u64,
     random: u64,
     counters: &mut Counters,
+    later: &mut Reverses,
 ) -> Verdict {
     let key = &parsed.key;
     if key.martian_source() || key.src_addr == key.dst_addr {
@@ -828,9 +848,16 @@ fn new_flow(
         }
         Insert::Inserted(entry) => {
             let to = reply_destination(env.mode, key, snat_port);
-            let reverse = reverse_key(key, &backend.endpoint, to);
-            let value = reverse_value(service, entry, snat_port != 0);
-            if !insert_reverse(env, &reverse, value, state) && snat_port != 0 {
+            let reverse = Reverse::new(
+                reverse_key(key, &backend.endpoint, to),
+                reverse_value(service, entry, snat_port != 0),
+                state,
+            );
+            if snat_port == 0 {
+                // dnat: the replies name the client, so a reverse entry that cannot be
+                // recorded costs nothing but a recreation; recorded with the batch's others.
+                later.push(reverse);
+            } else if !reverse.record(env) {
                 // Only the table knows the client of an snat flow.
                 env.flows.remove(entry, key);
                 return Verdict::Drop(DecideDrop::TableFull);
@@ -870,23 +897,85 @@ fn reverse_value(service: &Service, forward: EntryRef, snat: bool) -> FlowValue 
     }
 }
 
-/// Records a flow's reverse entry. An entry already at its key is an earlier flow's whose
-/// forward entry is gone (a client reusing its port towards the same backend): it is
-/// replaced. Returns whether the entry is recorded (or another worker is recording it).
-fn insert_reverse(env: &Env<'_>, key: &FlowKey, value: FlowValue, state: FlowState) -> bool {
-    let hash = flow_hash(key);
-    let insert = || {
-        env.flows
-            .insert_at(key, hash, value, state, env.now, env.tick)
-    };
-    match insert() {
-        Insert::Inserted(_) | Insert::Pending => true,
-        Insert::Existing(old) if old.value == value => true,
-        Insert::Existing(old) => {
-            env.flows.remove(old.entry, key);
-            matches!(insert(), Insert::Inserted(_) | Insert::Pending)
+/// A flow's reverse entry, to be recorded.
+#[derive(Clone, Copy, Debug)]
+struct Reverse {
+    key: FlowKey,
+    /// The flow hash of `key`.
+    hash: u64,
+    value: FlowValue,
+    state: FlowState,
+}
+
+impl Reverse {
+    fn new(key: FlowKey, value: FlowValue, state: FlowState) -> Self {
+        Self {
+            hash: flow_hash(&key),
+            key,
+            value,
+            state,
         }
-        Insert::Full => false,
+    }
+
+    /// Records the entry. An entry already at its key is an earlier flow's whose forward
+    /// entry is gone (a client reusing its port towards the same backend): it is replaced.
+    /// Returns whether the entry is recorded (or another worker is recording it).
+    fn record(&self, env: &Env<'_>) -> bool {
+        let insert = || {
+            let (key, hash, value, state) = (&self.key, self.hash, self.value, self.state);
+            env.flows
+                .insert_at(key, hash, value, state, env.now, env.tick)
+        };
+        match insert() {
+            Insert::Inserted(_) | Insert::Pending => true,
+            Insert::Existing(old) if old.value == self.value => true,
+            Insert::Existing(old) => {
+                env.flows.remove(old.entry, &self.key);
+                matches!(insert(), Insert::Inserted(_) | Insert::Pending)
+            }
+            Insert::Full => false,
+        }
+    }
+}
+
+/// The reverse entries of a batch's new dnat flows, recorded together after the batch is
+/// decided: their buckets depend on the backend picked, so the batch's prefetch stages could
+/// not fetch them, and recorded one by one each waited for its two cache misses in turn (its
+/// tag lines, then the body it writes). Here every entry's tag lines are requested first, then
+/// the bodies, then the entries are written, so the misses of a batch overlap.
+#[derive(Debug, Default)]
+pub struct Reverses {
+    pending: Vec<Reverse>,
+}
+
+impl Reverses {
+    /// Room for `n` entries (a batch's), allocated once.
+    #[must_use]
+    pub fn with_capacity(n: usize) -> Self {
+        Self {
+            pending: Vec::with_capacity(n),
+        }
+    }
+
+    fn push(&mut self, reverse: Reverse) {
+        self.pending.push(reverse);
+    }
+
+    /// Records every pending entry in `env`'s flow table (a full table leaves a dnat flow
+    /// without its reverse entry: its replies recreate it).
+    pub fn record(&mut self, env: &Env<'_>) {
+        if self.pending.is_empty() {
+            return;
+        }
+        for r in &self.pending {
+            env.flows.prefetch(r.hash);
+        }
+        for r in &self.pending {
+            env.flows.prefetch_entry(r.hash);
+        }
+        for r in self.pending.drain(..) {
+            let _ = r.record(env);
+        }
     }
 }
 

@@ -37,7 +37,8 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 
 use crate::lb::decide::{
-    decide, follow_first_fragment, DecideDrop, Env, Event, Mode, Refusal, SnatPool, Verdict,
+    decide_in_batch, follow_first_fragment, DecideDrop, Env, Event, Mode, Refusal, Reverses,
+    SnatPool, Verdict,
 };
 use crate::lb::flow::{FlowTable, Second, Tick, TICKS_PER_SECOND};
 use crate::lb::fragments::Fragments;
@@ -178,6 +179,8 @@ pub struct Worker<F> {
     rx: Vec<F>,
     /// Stage 1's result for each frame of the batch being processed.
     parsed: Vec<Result<(Parsed, u64), DropReason>>,
+    /// The reverse entries of the batch's new flows, recorded before it is sent.
+    reverses: Reverses,
     tx: Vec<Vec<F>>,
     drops: Vec<F>,
     hold: HoldQueue<F>,
@@ -259,6 +262,7 @@ impl<F> Worker<F> {
             random: seed | 1,
             rx: Vec::with_capacity(BATCH),
             parsed: Vec::with_capacity(BATCH),
+            reverses: Reverses::with_capacity(BATCH),
             tx: (0..ports)
                 .map(|_| Vec::with_capacity(BATCH * ports + HELD))
                 .collect(),
@@ -316,6 +320,7 @@ impl<F> Worker<F> {
             flows: &self.shared.flows,
             fragments: &self.shared.fragments,
             counters: &mut self.counters,
+            reverses: &mut self.reverses,
             random: &mut self.random,
             mode,
             kernel: self.kernel,
@@ -406,6 +411,8 @@ impl<F> Worker<F> {
                 now,
             );
         }
+        // Before anything is sent, so that no reply comes before its entry.
+        ctx.reverses.record(&ctx.env());
         if reported {
             self.shared.reports.wake();
         }
@@ -621,6 +628,7 @@ struct Context<'a> {
     flows: &'a FlowTable,
     fragments: &'a Fragments,
     counters: &'a mut WorkerCounters,
+    reverses: &'a mut Reverses,
     random: &'a mut u64,
     mode: Mode<'a>,
     kernel: Option<NextHop>,
@@ -665,12 +673,13 @@ impl<'a> Context<'a> {
         }
         let random = self.next_random();
         let untracked = self.counters.decide.events[Event::Untracked.index()];
-        let verdict = decide(
+        let verdict = decide_in_batch(
             &self.env(),
             &parsed,
             hash,
             random,
             &mut self.counters.decide,
+            self.reverses,
         );
         self.counters.decide.record(&verdict);
         let notice = notice_of(&verdict, &parsed.key).or_else(|| {

@@ -346,14 +346,26 @@ impl FlowTable {
             + self.bodies.len() * core::mem::size_of::<Body>()
     }
 
-    /// The entry indices of a flow's two candidate buckets ("power of two choices": with one
+    /// The `seq` words of a flow's two candidate buckets ("power of two choices": with one
     /// bucket per flow, 8-way buckets overflow long before the table is full; with two, past
-    /// 90% load). The low 32 bits of the hash pick the buckets; the high 32 are the tag (and
-    /// the Maglev slot).
-    fn candidates(&self, hash: u64) -> impl Iterator<Item = usize> + Clone {
-        let [a, b] = self.buckets(hash);
-        let (a, b) = (a * WAYS, b * WAYS);
-        (a..a + WAYS).chain(if a == b { b..b } else { b..b + WAYS })
+    /// 90% load), read once. The low 32 bits of the hash pick the buckets; the high 32 are
+    /// the tag (and the Maglev slot).
+    fn ways(&self, hash: u64) -> Ways {
+        let buckets = self.buckets(hash);
+        let n = if buckets[0] == buckets[1] {
+            WAYS
+        } else {
+            2 * WAYS
+        };
+        let mut seq = [FREE; 2 * WAYS];
+        let (first, second) = seq.split_at_mut(WAYS);
+        for (half, bucket) in [first, second].into_iter().zip(buckets).take(n / WAYS) {
+            for (word, atomic) in half.iter_mut().zip(&self.seqs[bucket].0) {
+                // Acquire: pairs with the publication, so a body read after it is current.
+                *word = atomic.load(Ordering::Acquire);
+            }
+        }
+        Ways { buckets, n, seq }
     }
 
     /// The two bucket numbers of a flow, lower first (equal in a one-bucket table).
@@ -368,17 +380,19 @@ impl FlowTable {
         [first.min(second), first.max(second)]
     }
 
-    /// Scans the tags of the flow's buckets (one cache line each) and reads the body of an
-    /// entry only where the tag matches.
+    /// Scans the tags of the flow's buckets (one cache line each; the second only when the
+    /// first has no match) and reads the body of an entry only where the tag matches.
     fn find(&self, hash: u64, tag: u32, words: &[u64; 5], now: Second) -> Option<Hit> {
         let [a, b] = self.buckets(hash);
         let buckets = if a == b { &[a][..] } else { &[a, b][..] };
+        // A valid entry showing `tag`, in one comparison.
+        let shown = seq_word(tag, 0, VALID);
         for &bucket in buckets {
             let line = self.seqs.get(bucket)?;
             for (way, seq) in line.0.iter().enumerate() {
                 // Relaxed: a filter only; `hit_at` validates with Acquire.
                 let seq = seq.load(Ordering::Relaxed);
-                if seq_tag(seq) == tag && seq & STATE_MASK == VALID {
+                if seq & TAG_AND_STATE == shown {
                     if let Some(hit) = self.hit_at(bucket * WAYS + way, tag, words, now) {
                         return Some(hit);
                     }
@@ -388,8 +402,8 @@ impl FlowTable {
         None
     }
 
-    /// The `seq` word of entry `i` (in range: every caller's index comes from `candidates`
-    /// or was checked against the capacity).
+    /// The `seq` word of entry `i` (in range: every caller's index comes from [`Ways`] or
+    /// was checked against the capacity).
     fn seq(&self, i: usize) -> &AtomicU64 {
         &self.seqs[i / WAYS].0[i % WAYS]
     }
@@ -598,24 +612,17 @@ impl FlowTable {
         if let Some(hit) = self.find(hash, tag, &words, now) {
             return Insert::Existing(hit);
         }
-        let candidates = self.candidates(hash);
-        let Some(index) = self.claim(candidates.clone(), tag, now, tick) else {
+        let Some(index) = self.claim(hash, tag, now, tick) else {
             return Insert::Full;
         };
         let stamp = self.publish(index, &words, value, key.proto, state, now, tick);
-        self.resolve_duplicates(candidates, index, stamp, tag, &words, now)
+        self.resolve_duplicates(hash, index, stamp, tag, &words, now)
     }
 
-    /// Claims one of the `entries` (it is then *writing*, showing `tag` so that a racing
-    /// insert of the same flow can see it): a free one, else one that is not established,
-    /// else an expired one.
-    fn claim(
-        &self,
-        entries: impl Iterator<Item = usize> + Clone,
-        tag: u32,
-        now: Second,
-        tick: Tick,
-    ) -> Option<usize> {
+    /// Claims one of the flow's candidate entries (it is then *writing*, showing `tag` so that
+    /// a racing insert of the same flow can see it): a free one, else one that is not
+    /// established, else an expired one.
+    fn claim(&self, hash: u64, tag: u32, now: Second, tick: Tick) -> Option<usize> {
         let try_claim = |i: usize, seq: u64| {
             let claimed = seq_word(tag, (seq & COUNTER_MASK) + COUNTER_ONE, WRITING);
             // Acquire on success: this writer's later stores follow the claim.
@@ -625,71 +632,38 @@ impl FlowTable {
                 .is_ok()
         };
         for _ in 0..2 {
-            let mut seen = [(0usize, 0u64); 2 * WAYS];
-            let mut n = 0;
-            for (slot, i) in seen.iter_mut().zip(entries.clone()) {
-                // Acquire: pairs with the publication, so a meta read below is current.
-                *slot = (i, self.seq(i).load(Ordering::Acquire));
-                n += 1;
-            }
-            let seen = &seen[..n];
+            let ways = self.ways(hash);
             // A free entry, in the emptier bucket first ("least loaded of two choices": first
-            // fit into the first bucket overflowed 0.6% of inserts at half load). Only the
-            // buckets' seq lines are read.
-            let first_bucket = seen[0].0 / WAYS;
-            let is_free = |&&(_, seq): &&(usize, u64)| seq & STATE_MASK == FREE;
-            let in_first = |&&(i, _): &&(usize, u64)| i / WAYS == first_bucket;
-            let free_in_first = seen.iter().filter(is_free).filter(in_first).count();
-            let free_in_second = seen.iter().filter(is_free).count() - free_in_first;
-            let second_first = free_in_second > free_in_first;
-            // The preferred bucket's free entries, then the other's.
-            let free = seen
-                .iter()
-                .filter(is_free)
-                .filter(|e| in_first(e) != second_first)
-                .chain(
-                    seen.iter()
-                        .filter(is_free)
-                        .filter(|e| in_first(e) == second_first),
-                );
-            for &(i, seq) in free {
-                if try_claim(i, seq) {
-                    return Some(i);
+            // fit into the first bucket overflowed 0.6% of inserts at half load).
+            let free = ways.mask(|seq| seq & STATE_MASK == FREE);
+            let (first, second) = (free & FIRST_BUCKET, free & !FIRST_BUCKET);
+            let order = if second.count_ones() > first.count_ones() {
+                [second, first]
+            } else {
+                [first, second]
+            };
+            for j in order.into_iter().flat_map(bits) {
+                if try_claim(ways.index(j), ways.seq[j]) {
+                    return Some(ways.index(j));
                 }
             }
-            // Else the oldest entry that is not established, chosen from the tag lines alone:
-            // a new or replied one (half-open TCP, one-exchange UDP) before a closing one.
-            // Reading bodies to rank them by last use made every insert into a full bucket
-            // pair wait on up to 16 cache misses (`make bench` decide/new-flow: 1193 ns per
-            // packet); taking the first in way order made a new flow's reverse insert evict
-            // its own forward entry, just published in the same bucket.
-            // One branch-free pass over the tag lines; the first of equals.
-            let mut evictable: Option<(u32, usize, u64)> = None;
-            let mut best = 0;
-            for &(i, seq) in seen {
-                let rank = eviction_rank(seq, tick);
-                if rank > best {
-                    best = rank;
-                    evictable = Some((rank, i, seq));
-                }
-            }
-            if let Some((_, i, seq)) = evictable {
-                if try_claim(i, seq) {
+            if let Some(j) = ways.most_evictable(tick) {
+                if try_claim(ways.index(j), ways.seq[j]) {
                     // Relaxed: a statistic (an expired entry may be counted too: the tag line
                     // does not carry ages).
                     self.evictions.fetch_add(1, Ordering::Relaxed);
-                    return Some(i);
+                    return Some(ways.index(j));
                 }
                 continue; // lost the race for it: look again
             }
             // Else an expired entry (established ones expire too: read their ages).
-            let expired = seen.iter().find(|&&(i, seq)| {
+            let expired = bits(ways.mask(|seq| seq & STATE_MASK == VALID)).find(|&j| {
                 // Relaxed: a candidate only; the claim CAS decides.
-                seq & STATE_MASK == VALID
-                    && self.expired(seq, self.bodies[i].meta.load(Ordering::Relaxed), now)
+                let meta = self.bodies[ways.index(j)].meta.load(Ordering::Relaxed);
+                self.expired(ways.seq[j], meta, now)
             });
             match expired {
-                Some(&(i, seq)) if try_claim(i, seq) => return Some(i),
+                Some(j) if try_claim(ways.index(j), ways.seq[j]) => return Some(ways.index(j)),
                 Some(_) => continue, // lost the race for it: look again
                 None => {
                     // Relaxed: a statistic.
@@ -742,7 +716,7 @@ impl FlowTable {
     /// module docs).
     fn resolve_duplicates(
         &self,
-        entries: impl Iterator<Item = usize>,
+        hash: u64,
         mine: usize,
         stamp: u16,
         tag: u32,
@@ -753,13 +727,10 @@ impl FlowTable {
         // other's entry; the fences order the two publications, so at least one insert sees
         // the other's.
         fence(Ordering::SeqCst);
-        for i in entries {
+        let ways = self.ways(hash);
+        for j in bits(ways.mask(|seq| seq_tag(seq) == tag)) {
+            let (i, seq) = (ways.index(j), ways.seq[j]);
             if i == mine {
-                continue;
-            }
-            // Acquire: pairs with the other insert's publication.
-            let seq = self.seq(i).load(Ordering::Acquire);
-            if seq_tag(seq) != tag {
                 continue;
             }
             match seq & STATE_MASK {
@@ -836,6 +807,72 @@ impl FlowTable {
             Some((key_from_words(&read.key), Self::hit_of(i, &read)))
         })
     }
+}
+
+/// The bits of a `seq` word that [`FlowTable::find`] compares: the tag and the entry state.
+const TAG_AND_STATE: u64 = !0xFFFF_FFFF | STATE_MASK;
+
+/// The bits of [`Ways`]' masks that are the first bucket's ways.
+const FIRST_BUCKET: u32 = (1 << WAYS) - 1;
+
+/// A flow's candidate entries (the ways of its two buckets, the lower bucket's first) with
+/// their `seq` words as read at one moment: one pass over the two tag lines, after which each
+/// question an insert asks (which ways show this tag, which are free, which to evict) is a bit
+/// mask of ways. Asked of the entries one by one through iterator chains, they cost an insert
+/// about 1 900 instructions (callgrind, `decide/new-flow`).
+struct Ways {
+    /// The two buckets (equal in a one-bucket table).
+    buckets: [usize; 2],
+    /// How many ways there are: one bucket's or two.
+    n: usize,
+    seq: [u64; 2 * WAYS],
+}
+
+impl Ways {
+    /// The entry index of way `j`.
+    fn index(&self, j: usize) -> usize {
+        self.buckets[j / WAYS] * WAYS + j % WAYS
+    }
+
+    /// The ways whose `seq` word satisfies `f`, as bits (way `j` is bit `j`).
+    #[inline(always)]
+    fn mask(&self, f: impl Fn(u64) -> bool) -> u32 {
+        let mut mask = 0;
+        for (j, &seq) in self.seq.iter().enumerate() {
+            mask |= u32::from(f(seq)) << j;
+        }
+        mask & ((1 << self.n) - 1)
+    }
+
+    /// The oldest way that is not established, chosen from the tag lines alone: a new or
+    /// replied one (half-open TCP, one-exchange UDP) before a closing one; the first of
+    /// equals. Reading bodies to rank them by last use made every insert into a full bucket
+    /// pair wait on up to 16 cache misses (`make bench` decide/new-flow: 1193 ns per packet);
+    /// taking the first in way order made a new flow's reverse insert evict its own forward
+    /// entry, just published in the same bucket. One branch-free pass over the tag lines.
+    fn most_evictable(&self, tick: Tick) -> Option<usize> {
+        let mut evictable = None;
+        let mut best = 0;
+        for (j, &seq) in self.seq.iter().enumerate().take(self.n) {
+            let rank = eviction_rank(seq, tick);
+            if rank > best {
+                best = rank;
+                evictable = Some(j);
+            }
+        }
+        evictable
+    }
+}
+
+/// The positions of the set bits of `mask`, lowest first.
+fn bits(mut mask: u32) -> impl Iterator<Item = usize> {
+    core::iter::from_fn(move || {
+        (mask != 0).then(|| {
+            let j = mask.trailing_zeros() as usize;
+            mask &= mask - 1;
+            j
+        })
+    })
 }
 
 impl core::fmt::Debug for FlowTable {
