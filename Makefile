@@ -21,7 +21,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 XLB := target/release/xlb
 FRAMES := deploy/examples/frames
 
-.PHONY: all deps toolchain build demo test lint loom manifests dashboard image fuzz bench bench-e2e bench-flood bench-node
+.PHONY: all deps toolchain build demo test lint loom manifests dashboard image fuzz bench bench-e2e bench-budget bench-flood bench-node
 
 all: build
 
@@ -129,6 +129,7 @@ test: lint
 bench: deps toolchain
 	$(CARGO) bench -p xlb-bench
 	$(CARGO) run -q --release -p xlb-bench --bin bench-summary
+	$(MAKE) --no-print-directory bench-budget
 	$(CARGO) run -q --release -p xlb-bench --bin kube-sync -- --services 10000
 	$(CARGO) run -q --release -p xlb-bench --bin kube-sync -- --services 100000
 
@@ -152,6 +153,14 @@ bench-e2e: deps toolchain
 	$(BUILD_XLB)
 	$(SUDO) python3 bench/e2e.py --services $(SERVICES) --seconds $(SECONDS) --reps $(REPS) \
 	  --contenders $(CONTENDERS) --modes $(MODES) --out $(E2E_OUT) --install-timeout $(INSTALL_TIMEOUT)
+
+# Where a packet's time goes: the XDP filter (timed by the kernel, needs root), xlb's stages
+# (criterion, one run) and the rest of the end-to-end figure recorded by bench-e2e, as stacked
+# bars per packet for established and new flows; writes bench/results/budget.{md,svg,json}.
+bench-budget: deps toolchain
+	$(CARGO) build -q --release -p xlb-bench --bin filter-cost
+	$(CARGO) bench -q -p xlb-bench --bench path -- 'stages|worker|decide/new-flow$$'
+	$(SUDO) python3 bench/budget.py --e2e $(E2E_OUT)/e2e.json --out $(E2E_OUT)
 
 # xlb on a node (its node: link) against kube-proxy's nftables path for a pod's traffic to a
 # ClusterIP on another node, and the node's own request latency (needs root); writes

@@ -83,28 +83,44 @@ fn umem_frames(flows: u32) -> Vec<[u8; 64]> {
 }
 
 /// The stages before the decision, as a worker runs them on a batch: copy the next 64 frames
-/// into the batch's buffers (the network's part), parse and hash each and prefetch its flow
-/// buckets, then prefetch the entries whose tags match.
+/// into the batch's buffers (the network's part), parse and hash each, prefetch their flow
+/// buckets, then the entries whose tags match.
 fn receive(
     frames: &[[u8; 64]],
     at: &mut usize,
     bufs: &mut [[u8; 64]; BATCH],
     table: &FlowTable,
 ) -> [Option<(Parsed, u64)>; BATCH] {
+    let parsed = parse_batch(frames, at, bufs);
+    prefetch(table, &parsed);
+    parsed
+}
+
+/// Copies the next 64 frames into the batch's buffers, parses and hashes each.
+fn parse_batch(
+    frames: &[[u8; 64]],
+    at: &mut usize,
+    bufs: &mut [[u8; 64]; BATCH],
+) -> [Option<(Parsed, u64)>; BATCH] {
     let mut parsed: [Option<(Parsed, u64)>; BATCH] = [None; BATCH];
     for (buf, slot) in bufs.iter_mut().zip(parsed.iter_mut()) {
         *at = (*at + 1) % frames.len();
         *buf = frames[*at];
         if let Ok(p) = parse(buf) {
-            let h = flow_hash(&p.key);
-            table.prefetch(h);
-            *slot = Some((p, h));
+            *slot = Some((p, flow_hash(&p.key)));
         }
+    }
+    parsed
+}
+
+/// Both prefetch stages of a batch: every flow's tag lines, then the matching entries.
+fn prefetch(table: &FlowTable, parsed: &[Option<(Parsed, u64)>; BATCH]) {
+    for (_, h) in parsed.iter().flatten() {
+        table.prefetch(*h);
     }
     for (_, h) in parsed.iter().flatten() {
         table.prefetch_entry(*h);
     }
-    parsed
 }
 
 fn established(c: &mut Criterion) {
@@ -302,5 +318,70 @@ fn record_flows(snapshot: &Snapshot, table: &FlowTable, frames: &[[u8; 64]]) {
     }
 }
 
-criterion_group!(benches, established, through_decide, worker);
+/// The stage budget of an established packet: the same 64-frame batches over 100 000
+/// established flows, each benchmark one stage longer than the one before, so that a stage
+/// costs the difference of two medians of one run (`bench/budget.py` takes them): the copy
+/// into the batch's buffers; + parse and hash; + both prefetch stages (they wait for the tag
+/// lines the first requested); + the flow lookup; the lookup replaced by `decide()` (its
+/// lookup, the snapshot, the flow's state); + the rewrite.
+/// The worker's own loop (`worker/established/100000`) adds the rings and the next hop.
+fn stages(c: &mut Criterion) {
+    let flows = 100_000u32;
+    let snapshot = snapshot();
+    let table = FlowTable::new(flows as usize * 2, Timeouts::default());
+    let frames = umem_frames(flows);
+    record_flows(&snapshot, &table, &frames);
+    let mut group = c.benchmark_group("stages");
+    group.throughput(Throughput::Elements(BATCH as u64));
+    let mut at = 0usize;
+    let mut bufs = [[0u8; 64]; BATCH];
+    let mut counters = Counters::default();
+    let env = dnat(&snapshot, &table, 1);
+    group.bench_function("1-copy", |b| {
+        b.iter(|| {
+            for buf in &mut bufs {
+                at = (at + 1) % frames.len();
+                *buf = frames[at];
+            }
+            black_box(&bufs);
+        });
+    });
+    group.bench_function("2-parse", |b| {
+        b.iter(|| black_box(parse_batch(&frames, &mut at, &mut bufs)));
+    });
+    group.bench_function("3-prefetch", |b| {
+        b.iter(|| black_box(receive(&frames, &mut at, &mut bufs, &table)));
+    });
+    group.bench_function("4-lookup", |b| {
+        b.iter(|| {
+            let parsed = receive(&frames, &mut at, &mut bufs, &table);
+            for (p, h) in parsed.iter().flatten() {
+                black_box(table.lookup(&p.key, *h, 1));
+            }
+        });
+    });
+    group.bench_function("5-decide", |b| {
+        b.iter(|| {
+            let parsed = receive(&frames, &mut at, &mut bufs, &table);
+            for (p, h) in parsed.iter().flatten() {
+                black_box(decide(&env, p, *h, 0, &mut counters));
+            }
+        });
+    });
+    group.bench_function("6-rewrite", |b| {
+        b.iter(|| {
+            let mut parsed = receive(&frames, &mut at, &mut bufs, &table);
+            for (buf, slot) in bufs.iter_mut().zip(parsed.iter_mut()) {
+                let Some((p, h)) = slot else { continue };
+                if let Verdict::Forward(to) = decide(&env, p, *h, 0, &mut counters) {
+                    black_box(set_destination(buf, p, &to)).ok();
+                }
+            }
+            black_box(&bufs);
+        });
+    });
+    group.finish();
+}
+
+criterion_group!(benches, established, through_decide, worker, stages);
 criterion_main!(benches);

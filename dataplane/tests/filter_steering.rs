@@ -341,3 +341,26 @@ fn on_a_nodes_link_every_unicast_ip_packet_is_xlbs_and_multicast_and_link_local_
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+/// `make bench-budget` times the filter with the kernel's own clock: many runs of one frame
+/// give a mean run time, and the runs are the filter's ordinary runs (they count, and decide
+/// as one run does).
+#[test]
+#[ignore = "kernel test (root, BPF, network namespaces): make test runs it as root"]
+fn timing_the_filter_gives_the_mean_of_many_ordinary_runs() {
+    let Some(mut filter) = filter_or_skip() else {
+        return;
+    };
+    steered(&mut filter);
+    let syn = pkt().ipv4(CLIENT, VIP).tcp(40000, 80).syn().build();
+    let before = filter.counts();
+    let mean = filter.time(&syn, 1000).expect("the kernel runs the filter");
+    let after = filter.counts();
+    assert!(mean.as_nanos() > 0, "the kernel reports the runs' time");
+    assert_eq!(
+        (after.redirected + after.unbound) - (before.redirected + before.unbound),
+        1000,
+        "every run steered the frame, as one run does"
+    );
+    assert_eq!(filter.classify(&syn).unwrap(), FilterAction::Steer);
+}

@@ -377,6 +377,36 @@ impl XdpFilter {
         ingress: Option<u32>,
     ) -> Result<FilterAction, FilterError> {
         let before = self.counts();
+        self.test_run(frame, ingress, 1)?;
+        let after = self.counts();
+        Ok(
+            if after.unbound > before.unbound || after.redirected > before.redirected {
+                FilterAction::Steer
+            } else {
+                FilterAction::Pass
+            },
+        )
+    }
+
+    /// What the filter costs the kernel per packet: the mean time of `repeat` runs on `frame`
+    /// (`BPF_PROG_TEST_RUN`, as [`Self::classify`]; the kernel times the runs itself, without
+    /// the system call around them). For the stage budget of `make bench-budget`.
+    ///
+    /// # Errors
+    /// [`FilterError::Map`] when the kernel refuses the run (no privilege).
+    pub fn time(&self, frame: &[u8], repeat: u32) -> Result<core::time::Duration, FilterError> {
+        let nanos = self.test_run(frame, None, repeat.max(1))?;
+        Ok(core::time::Duration::from_nanos(u64::from(nanos)))
+    }
+
+    /// Runs the program `repeat` times on `frame` in the kernel; returns the mean duration of
+    /// a run in nanoseconds.
+    fn test_run(
+        &self,
+        frame: &[u8],
+        ingress: Option<u32>,
+        repeat: u32,
+    ) -> Result<u32, FilterError> {
         let size = u32::try_from(frame.len())
             .map_err(|_| FilterError::Map(io::Error::from(io::ErrorKind::InvalidInput)))?;
         // `struct xdp_md` as the kernel reads it for a test run: no metadata, the whole frame.
@@ -400,7 +430,7 @@ impl XdpFilter {
             },
             ctx_size_out: 0,
             retval: 0,
-            repeat: 1,
+            repeat: i32::try_from(repeat).unwrap_or(i32::MAX),
             duration: 0,
             flags: 0,
             cpu: 0,
@@ -413,14 +443,7 @@ impl XdpFilter {
         if err != 0 {
             return Err(FilterError::Map(io::Error::from_raw_os_error(-err)));
         }
-        let after = self.counts();
-        Ok(
-            if after.unbound > before.unbound || after.redirected > before.redirected {
-                FilterAction::Steer
-            } else {
-                FilterAction::Pass
-            },
-        )
+        Ok(opts.duration)
     }
 
     fn count(&self, slot: u32) -> u64 {
