@@ -15,18 +15,20 @@
 //! * [`xsk`]: AF_XDP sockets and UMEM over xsk-rs, the XDP filter (`bpf/filter.c`, built
 //!   by build.rs), and `MemRing`, the in-memory I/O tests run the worker over.
 //!
-//! Unsafe: denied crate-wide; the exceptions are `prefetch` (one target-feature intrinsic)
-//! and `xsk` (libbpf/libxdp calls and AF_XDP rings), each with its safety boundary
-//! documented there. `packet` and `lb` forbid it.
+//! Unsafe: denied crate-wide; the exceptions are `prefetch` (one target-feature intrinsic),
+//! `memory` (one `madvise` asking huge pages for the flow table) and `xsk` (libbpf/libxdp
+//! calls and AF_XDP rings), each with its safety boundary documented there. `packet` and `lb`
+//! forbid it.
 //!
 //! Panic contract: no bytes received from the network can make this crate panic; property
 //! tests and the fuzz target in `fuzz/` hold it to that.
 
-// Unsafe code is denied everywhere but in `prefetch` (one intrinsic, reviewed).
+// Unsafe code is denied everywhere but in `prefetch`, `memory` and `xsk` (reviewed).
 #![deny(unsafe_code)]
 
 mod counted;
 pub mod lb;
+mod memory;
 pub mod packet;
 mod prefetch;
 mod sync;

@@ -400,6 +400,10 @@ impl<F> Worker<F> {
                     Out::Drop => self.drops.push(frame),
                 }
             }
+            // The batch's new flows' reverse entries, together (at most a batch of them, so
+            // the vector sized at start never grows); before anything is sent, so that no
+            // reply comes before its entry.
+            ctx.reverses.record(&ctx.env());
         }
         if !self.early.is_empty() {
             release_early(
@@ -411,7 +415,8 @@ impl<F> Worker<F> {
                 now,
             );
         }
-        // Before anything is sent, so that no reply comes before its entry.
+        // A fragment held for its first fragment follows that one's flow (it never starts
+        // one), but whatever `decide()` left is recorded before the frames leave.
         ctx.reverses.record(&ctx.env());
         if reported {
             self.shared.reports.wake();

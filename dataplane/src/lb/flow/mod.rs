@@ -2,8 +2,9 @@
 //!
 //! Every worker reads and writes it (a reply can arrive on another queue than its request),
 //! so nothing here waits for anything: no lock, no spin. A fixed array of buckets, set at
-//! start, each of [`WAYS`] entries; a flow may live in either of two buckets chosen by its
-//! hash. An entry is eight atomic words (64 bytes), so the table needs no unsafe code: its
+//! start (in huge pages where the kernel gives them), each of [`WAYS`] entries; a flow may
+//! live in either of two buckets chosen by its hash. An entry is eight atomic words (64
+//! bytes), so the table needs no unsafe code (`crate::memory` asks for its huge pages): its
 //! `seq` word sits with those of its bucket in one cache line (a lookup checks a bucket's
 //! tags with one memory access), the other seven in the entry's body. How the words are
 //! packed is [`words`]' business.
@@ -54,6 +55,7 @@
 
 mod words;
 
+use crate::memory::huge_page_slice;
 use crate::packet::{FlowKey, IpProto};
 use crate::sync::{fence, AtomicU64, Ordering};
 
@@ -295,8 +297,8 @@ impl FlowTable {
     pub fn new(capacity: usize, timeouts: Timeouts) -> Self {
         let buckets = Self::buckets_for(capacity);
         Self {
-            seqs: (0..buckets).map(|_| SeqLine::new()).collect(),
-            bodies: (0..buckets * WAYS).map(|_| Body::new()).collect(),
+            seqs: huge_page_slice(buckets, SeqLine::new),
+            bodies: huge_page_slice(buckets * WAYS, Body::new),
             bucket_mask: buckets - 1,
             timeouts,
             evictions: AtomicU64::new(0),
