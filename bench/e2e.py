@@ -45,6 +45,7 @@ Network safety: only 198.18.0.0/15 inside namespaces this script creates and rem
 failure too); every run is bounded in seconds.
 
 Usage: bench/e2e.py [--services 1,1000,10000,100000] [--seconds 4] [--reps 5] [--out bench/results]
+                   [--contenders ...] [--modes ...] [--patterns established,replies,new-flow]
 """
 
 import argparse
@@ -337,6 +338,8 @@ def main():
     ap.add_argument("--contenders", default="iptables,nftables,bare,xlb")
     ap.add_argument("--modes", default="dnat,snat,dsr",
                     help="dsr: xlb only (the kernel's dataplanes and the bare forwarder have none)")
+    ap.add_argument("--patterns", default=",".join(PATTERNS),
+                    help="which traffic to run (for a narrow run, e.g. new-flow under perf)")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench/results"))
     ap.add_argument("--install-timeout", type=float, default=900,
                     help="seconds a rule install may take before the contender is reported as not installed")
@@ -402,8 +405,8 @@ def main():
                                 proc, install[who] = start_xlb(svcs, mode, ifaces, work)
                                 time.sleep(1)
                             # dsr replies bypass xlb; the bare forwarder forwards one way.
-                            patterns = [p for p in PATTERNS
-                                        if p != "replies" or (who != "bare" and mode != "dsr")]
+                            patterns = [p for p in PATTERNS if p in args.patterns.split(",")
+                                        and (p != "replies" or (who != "bare" and mode != "dsr"))]
                             try:
                                 rows = measure(who, patterns, n_vips, per_vip, args, n0_mac)
                             finally:

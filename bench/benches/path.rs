@@ -119,7 +119,7 @@ fn prefetch(table: &FlowTable, parsed: &[Option<(Parsed, u64)>; BATCH]) {
         table.prefetch(*h);
     }
     for (_, h) in parsed.iter().flatten() {
-        table.prefetch_entry(*h);
+        table.prefetch_entry(*h, tick_of(1));
     }
 }
 

@@ -942,7 +942,8 @@ impl Reverse {
 /// decided: their buckets depend on the backend picked, so the batch's prefetch stages could
 /// not fetch them, and recorded one by one each waited for its two cache misses in turn (its
 /// tag lines, then the body it writes). Here every entry's tag lines are requested first, then
-/// the bodies, then the entries are written, so the misses of a batch overlap.
+/// the bodies they will write (or replace), then the entries are written, so the misses of a
+/// batch overlap.
 #[derive(Debug, Default)]
 pub struct Reverses {
     pending: Vec<Reverse>,
@@ -971,7 +972,7 @@ impl Reverses {
             env.flows.prefetch(r.hash);
         }
         for r in &self.pending {
-            env.flows.prefetch_entry(r.hash);
+            env.flows.prefetch_entry(r.hash, env.tick);
         }
         for r in self.pending.drain(..) {
             let _ = r.record(env);

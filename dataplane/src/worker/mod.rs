@@ -347,7 +347,7 @@ impl<F> Worker<F> {
             // Stage 2: the buckets' tag lines have had time to arrive; fetch the matching
             // entries' bodies.
             for (_, hash) in self.parsed.iter().flatten() {
-                ctx.flows.prefetch_entry(*hash);
+                ctx.flows.prefetch_entry(*hash, tick);
             }
             // Stage 3: decide, rewrite, pick the next hop.
             for (mut frame, slot) in self.rx.drain(..).zip(self.parsed.iter()) {
