@@ -744,10 +744,10 @@ fn reply_destination(mode: Mode<'_>, key: &FlowKey, snat_port: u16) -> ([u8; 16]
 /// flow that never had a reply must have been quiet before its snat port is taken back for a
 /// new flow (1 took the ports of flows seen a millisecond before, in the previous second:
 /// flows still waiting for their first reply were torn down and started again, and replies
-/// through snat fell from 425 000 to 12 000 pps). Without it, a flood of unanswered SYNs or datagrams held every port
-/// of the pool for the New timeout (120 s for TCP, 30 s for UDP) and every new flow after it
-/// was dropped (`NoSnatPort`): 256 000 flows to 4 backends exhausted one address's ports in a
-/// third of a second of a benchmark's new-flow traffic.
+/// through snat fell from 425 000 to 12 000 pps). Without it, a flood of unanswered SYNs or
+/// datagrams held every port of the pool for the New timeout (120 s for TCP, 30 s for UDP) and
+/// every new flow after it was dropped (`NoSnatPort`): 256 000 flows to 4 backends exhausted
+/// one address's ports in a third of a second of a benchmark's new-flow traffic.
 pub const RECLAIM_QUIET: Second = 2;
 
 /// Takes back the snat port of the flow whose reverse entry `reverse` (at `key`) holds it,

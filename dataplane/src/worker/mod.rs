@@ -12,7 +12,7 @@
 //! line and no syscall; [`PacketIo::flush`] does at most the ring wakeups, once per loop, and
 //! the sockets' kernel counters are read once a second. The snapshot is loaded once per loop.
 //!
-//! A rewritten packet whose next hop is not resolved yet is held ([`hold`]) and the address
+//! A rewritten packet whose next hop is not resolved yet is held (`hold`) and the address
 //! reported to the control thread ([`Reports`]), which resolves it and publishes new next
 //! hops; the held frames leave as soon as the worker sees them. Drops and resets that an
 //! operator asks about are reported as [`Notice`]s (at most one per kind per second) for the

@@ -7,7 +7,7 @@
 //! bytes), so the table needs no unsafe code (`crate::memory` asks for its huge pages): its
 //! `seq` word sits with those of its bucket in one cache line (a lookup checks a bucket's
 //! tags with one memory access), the other seven in the entry's body. How the words are
-//! packed is [`words`]' business.
+//! packed is `words`' business.
 //!
 //! ## Entry protocol (a per-entry seqlock whose writers never wait)
 //! The first word, `seq`, holds the entry's state (free, writing, valid), a counter bumped by
@@ -459,7 +459,7 @@ impl FlowTable {
     /// The second prefetch stage of a batch: with the tag lines in cache (after
     /// [`Self::prefetch`]), prefetches the body of every entry whose tag matches the flow's,
     /// or where none does (a new flow, most likely) the body an insert at `tick` would claim
-    /// ([`Self::prefetch_claim`]).
+    /// (`prefetch_claim`).
     #[inline]
     pub fn prefetch_entry(&self, hash: u64, tick: Tick) {
         let tag = seq_tag(hash);
@@ -489,7 +489,7 @@ impl FlowTable {
     /// larger than the cache, end to end, 71% of `insert_at`'s samples were that wait (a
     /// criterion table of 16 MiB stays in this machine's cache and barely shows it).
     #[inline(never)]
-    pub fn prefetch_claim(&self, hash: u64, tick: Tick) {
+    fn prefetch_claim(&self, hash: u64, tick: Tick) {
         let ways = self.ways(hash);
         if let Some(j) = ways
             .free_in_order()
