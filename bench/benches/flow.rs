@@ -72,7 +72,7 @@ fn flow_table(c: &mut Criterion) {
                 for slot in &mut batch {
                     at = (at + 7919) % keys.len();
                     *slot = at;
-                    table.prefetch(keys[at].1);
+                    table.prefetch(keys[at].0.family, keys[at].1);
                 }
                 for &i in &batch {
                     let (k, h) = &keys[i];

@@ -115,11 +115,11 @@ fn parse_batch(
 
 /// Both prefetch stages of a batch: every flow's tag lines, then the matching entries.
 fn prefetch(table: &FlowTable, parsed: &[Option<(Parsed, u64)>; BATCH]) {
-    for (_, h) in parsed.iter().flatten() {
-        table.prefetch(*h);
+    for (p, h) in parsed.iter().flatten() {
+        table.prefetch(p.key.family, *h);
     }
-    for (_, h) in parsed.iter().flatten() {
-        table.prefetch_entry(*h, tick_of(1));
+    for (p, h) in parsed.iter().flatten() {
+        table.prefetch_entry(p.key.family, *h, tick_of(1));
     }
 }
 

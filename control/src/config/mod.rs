@@ -69,9 +69,13 @@ pub struct Config {
     /// Preferred busy polling of the AF_XDP sockets (for cores dedicated to workers).
     #[serde(default)]
     pub busy_poll: bool,
-    /// Flow table entries (two per connection).
+    /// IPv4 flow table entries (two per connection, 40 bytes each).
     #[serde(default = "default_flow_capacity")]
     pub flow_capacity: usize,
+    /// IPv6 flow table entries (72 bytes each); a quarter of `flow_capacity` when absent
+    /// ([`Self::ipv6_flow_capacity`]).
+    #[serde(default)]
+    pub flow_capacity_ipv6: Option<usize>,
     /// Where the admin HTTP server listens.
     #[serde(default = "default_admin")]
     pub admin: SocketAddr,
@@ -456,6 +460,12 @@ impl Config {
 }
 
 impl Config {
+    /// The IPv6 flow table's entries: `flow_capacity_ipv6`, or a quarter of `flow_capacity`.
+    #[must_use]
+    pub fn ipv6_flow_capacity(&self) -> usize {
+        self.flow_capacity_ipv6.unwrap_or(self.flow_capacity / 4)
+    }
+
     /// The file's Services as desired state: one per Service port.
     #[must_use]
     pub fn desired(&self) -> Vec<DesiredService> {

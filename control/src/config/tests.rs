@@ -86,6 +86,21 @@ fn unbounded_settings_are_refused_with_their_field_and_line() {
     }
     let ok = format!("flow_capacity: {MAX_FLOW_CAPACITY}\n{GOOD}");
     assert!(Config::parse(&ok).is_ok());
+    let bad = format!("flow_capacity: 4096\nflow_capacity_ipv6: 100\n{GOOD}");
+    let e = Config::parse(&bad).unwrap_err().to_string();
+    assert!(
+        e.starts_with("flow_capacity_ipv6: 100 is outside") && e.ends_with("(line 2)"),
+        "{e}"
+    );
+    let split = |text: &str| {
+        let c = Config::parse(&format!("{text}{GOOD}")).unwrap();
+        (c.flow_capacity, c.ipv6_flow_capacity())
+    };
+    assert_eq!(split("flow_capacity: 4096\n"), (4096, 1024), "a quarter");
+    assert_eq!(
+        split("flow_capacity: 4096\nflow_capacity_ipv6: 8192\n"),
+        (4096, 8192)
+    );
     let e = Config::parse(&format!("cores: [0, 1, 0]\n{GOOD}"))
         .unwrap_err()
         .to_string();

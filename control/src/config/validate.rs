@@ -6,7 +6,7 @@
 
 use std::net::IpAddr;
 
-use xlb_dataplane::lb::flow::FlowTable;
+use xlb_dataplane::lb::flow::{ENTRY_BYTES_IPV4, ENTRY_BYTES_IPV6};
 
 use super::{Config, ConfigError, ModeConfig, NodeConfig};
 
@@ -51,14 +51,23 @@ impl Config {
                 u64::from(self.queue) + self.cores.len() as u64
             ));
         }
-        if !(MIN_FLOW_CAPACITY..=MAX_FLOW_CAPACITY).contains(&self.flow_capacity) {
-            return fail(format!(
-                "flow_capacity: {} is outside {MIN_FLOW_CAPACITY}..={MAX_FLOW_CAPACITY} entries \
-                 ({} bytes each; the most takes {} GiB)",
-                self.flow_capacity,
-                xlb_dataplane::lb::flow::ENTRY_BYTES,
-                FlowTable::memory_for(MAX_FLOW_CAPACITY) >> 30
-            ));
+        let capacities = [
+            ("flow_capacity", Some(self.flow_capacity), ENTRY_BYTES_IPV4),
+            (
+                "flow_capacity_ipv6",
+                self.flow_capacity_ipv6,
+                ENTRY_BYTES_IPV6,
+            ),
+        ];
+        for (field, capacity, bytes) in capacities {
+            let Some(capacity) = capacity else { continue };
+            if !(MIN_FLOW_CAPACITY..=MAX_FLOW_CAPACITY).contains(&capacity) {
+                return fail(format!(
+                    "{field}: {capacity} is outside {MIN_FLOW_CAPACITY}..={MAX_FLOW_CAPACITY} \
+                     entries ({bytes} bytes each; the most takes {} GiB)",
+                    (MAX_FLOW_CAPACITY * bytes) >> 30
+                ));
+            }
         }
         if let Some(dsr) = &self.dsr {
             if self.mode != ModeConfig::Dsr {
@@ -226,7 +235,7 @@ pub const MAX_INTERFACES: usize = 64;
 pub const MAX_QUEUES: u32 = 64;
 /// The smallest flow table (one bucket pair per 16 entries: smaller tables overflow at once).
 pub const MIN_FLOW_CAPACITY: usize = 1024;
-/// The largest flow table: 64 Mi entries, 4 GiB.
+/// The largest flow table of a family: 64 Mi entries, 2.5 GiB of IPv4 ones, 4.5 GiB of IPv6.
 pub const MAX_FLOW_CAPACITY: usize = 1 << 26;
 
 /// Why `addr` cannot be a VIP, a backend or an SNAT address, if it cannot: no host sends from

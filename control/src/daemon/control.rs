@@ -50,7 +50,7 @@ fn log_notice(notice: &Notice) {
         ),
         NoticeKind::TableFull => warn!(
             %proto, %from, %to,
-            "flow table full of established flows: a new flow was not recorded (forwarded without state in dnat mode, dropped in snat mode); raise flow_capacity"
+            "flow table full of established flows: a new flow was not recorded (forwarded without state in dnat mode, dropped in snat mode); raise flow_capacity (flow_capacity_ipv6 for an IPv6 flow)"
         ),
         NoticeKind::NoSnatPort => warn!(
             %proto, %from, %to,

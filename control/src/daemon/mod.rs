@@ -24,7 +24,7 @@ use xlb_dataplane::lb::flow::{FlowTable, Timeouts};
 use xlb_dataplane::lb::fragments::Fragments;
 use xlb_dataplane::lb::prefix::PrefixMap;
 use xlb_dataplane::lb::snapshot::Snapshot;
-use xlb_dataplane::packet::key_addr;
+use xlb_dataplane::packet::{key_addr, Family};
 use xlb_dataplane::worker::{Clock, Encapsulation, Reports, Shared, Tables, Worker, WorkerStats};
 use xlb_dataplane::xsk::{FilterCounts, XdpFilter, XdpMode, XskConfig, XskIo};
 
@@ -161,21 +161,23 @@ pub fn run(path: &Path, node_name: Option<String>) -> Result<(), Error> {
         let wake = Arc::clone(&wake);
         Reports::new(1024, move || wake.notify_one())
     };
-    let table_bytes = FlowTable::memory_for(config.flow_capacity);
+    let (ipv4, ipv6) = (config.flow_capacity, config.ipv6_flow_capacity());
+    let table_bytes = FlowTable::memory_for(ipv4, ipv6);
     if let Some(total) = memory_total() {
         if table_bytes > total / 2 {
             return Err(ConfigError::invalid(format!(
-                "flow_capacity: {} entries take {} MiB, more than half of this machine's {} MiB",
-                config.flow_capacity,
+                "flow_capacity: {ipv4} IPv4 and {ipv6} IPv6 entries take {} MiB, more than half \
+                 of this machine's {} MiB",
                 table_bytes >> 20,
                 total >> 20
             ))
             .into());
         }
     }
-    let flows = Arc::new(FlowTable::new(config.flow_capacity, Timeouts::default()));
+    let flows = Arc::new(FlowTable::with_capacities(ipv4, ipv6, Timeouts::default()));
     info!(
-        entries = flows.capacity(),
+        ipv4 = flows.capacity_of(Family::Ipv4),
+        ipv6 = flows.capacity_of(Family::Ipv6),
         mebibytes = flows.memory_bytes() >> 20,
         "flow table allocated"
     );

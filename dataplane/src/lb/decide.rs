@@ -969,10 +969,10 @@ impl Reverses {
             return;
         }
         for r in &self.pending {
-            env.flows.prefetch(r.hash);
+            env.flows.prefetch(r.key.family, r.hash);
         }
         for r in &self.pending {
-            env.flows.prefetch_entry(r.hash, env.tick);
+            env.flows.prefetch_entry(r.key.family, r.hash, env.tick);
         }
         for r in self.pending.drain(..) {
             let _ = r.record(env);

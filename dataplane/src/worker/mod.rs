@@ -339,15 +339,15 @@ impl<F> Worker<F> {
             self.parsed.clear();
             for frame in &mut self.rx {
                 let slot = io.with_frame(frame, |buf, len| (len, classify(buf, len)));
-                if let Ok((_, hash)) = slot {
-                    ctx.flows.prefetch(hash);
+                if let Ok((parsed, hash)) = &slot {
+                    ctx.flows.prefetch(parsed.key.family, *hash);
                 }
                 self.parsed.push(slot);
             }
             // Stage 2: the buckets' tag lines have had time to arrive; fetch the matching
             // entries' bodies.
-            for (_, hash) in self.parsed.iter().flatten() {
-                ctx.flows.prefetch_entry(*hash, tick);
+            for (parsed, hash) in self.parsed.iter().flatten() {
+                ctx.flows.prefetch_entry(parsed.key.family, *hash, tick);
             }
             // Stage 3: decide, rewrite, pick the next hop.
             for (mut frame, slot) in self.rx.drain(..).zip(self.parsed.iter()) {

@@ -1,6 +1,6 @@
 use super::*;
 use crate::lb::hash::flow_hash;
-use crate::packet::{key_addr, Family};
+use crate::packet::key_addr;
 
 fn key(port: u16) -> FlowKey {
     FlowKey::new(
@@ -33,28 +33,108 @@ fn backend_of(hit: &Hit) -> u32 {
     }
 }
 
+/// The memory target: a connection (two entries) at 80% load in at most 128 bytes.
+/// IPv4, the common case, takes 100; IPv6 180.
 #[test]
-fn an_entry_takes_64_bytes_and_a_bucket_of_tags_one_cache_line() {
+fn an_ipv4_entry_takes_40_bytes_an_ipv6_one_72_and_a_bucket_of_tags_one_cache_line() {
+    use table::{Body4, Body6, SeqLine};
     assert_eq!(core::mem::size_of::<SeqLine>(), 64);
     assert_eq!(core::mem::align_of::<SeqLine>(), 64);
-    assert_eq!(core::mem::size_of::<Body>() + 8, ENTRY_BYTES);
-    let t = FlowTable::new(1000, Timeouts::default());
-    assert_eq!(t.memory_bytes(), t.capacity() * ENTRY_BYTES);
-    assert_eq!(FlowTable::memory_for(1000), t.memory_bytes());
+    assert_eq!(Table::<Body4>::entry_bytes(), ENTRY_BYTES_IPV4);
+    assert_eq!(Table::<Body6>::entry_bytes(), ENTRY_BYTES_IPV6);
+    // A body is aligned to its size: reading it is one cache miss.
     assert_eq!(
-        t.capacity(),
-        1024,
+        core::mem::align_of::<Body4>(),
+        core::mem::size_of::<Body4>()
+    );
+    assert_eq!(
+        core::mem::align_of::<Body6>(),
+        core::mem::size_of::<Body6>()
+    );
+    const { assert!(2 * ENTRY_BYTES_IPV4 * 10 / 8 <= 128) };
+    let t = FlowTable::with_capacities(1000, 100, Timeouts::default());
+    assert_eq!(
+        (t.capacity_of(Family::Ipv4), t.capacity_of(Family::Ipv6)),
+        (1024, 128),
         "rounded up to a power of two of buckets"
+    );
+    assert_eq!(
+        t.memory_bytes(),
+        1024 * ENTRY_BYTES_IPV4 + 128 * ENTRY_BYTES_IPV6
+    );
+    assert_eq!(FlowTable::memory_for(1000, 100), t.memory_bytes());
+    assert_eq!(
+        FlowTable::new(1000, Timeouts::default()).capacity_of(Family::Ipv6),
+        256,
+        "IPv6 gets a quarter by default"
     );
 }
 
 #[test]
 fn capacities_beyond_the_maximum_are_clamped_not_allocated() {
     assert_eq!(
-        FlowTable::memory_for(usize::MAX),
-        MAX_CAPACITY * ENTRY_BYTES
+        FlowTable::memory_for(usize::MAX, usize::MAX),
+        MAX_CAPACITY * (ENTRY_BYTES_IPV4 + ENTRY_BYTES_IPV6)
     );
-    assert_eq!(FlowTable::memory_for(0), WAYS * ENTRY_BYTES);
+    assert_eq!(
+        FlowTable::memory_for(0, 0),
+        WAYS * (ENTRY_BYTES_IPV4 + ENTRY_BYTES_IPV6)
+    );
+}
+
+fn key6(port: u16) -> FlowKey {
+    FlowKey::new(
+        Family::Ipv6,
+        IpProto::TCP,
+        (key_addr("2001:2::1".parse().unwrap()), port),
+        (key_addr("2001:2::40:1".parse().unwrap()), 80),
+    )
+}
+
+/// Each family has its own table; an entry reference names the table too, so a reverse
+/// entry reaches its forward one and a removal or a touch reaches only its own entry.
+#[test]
+fn ipv6_flows_live_in_their_own_table_and_work_as_ipv4_ones_do() {
+    let t = FlowTable::with_capacities(WAYS, WAYS, Timeouts::default());
+    let (k4, k6) = (key(1), key6(1));
+    let e4 = insert(&t, &k4, value(4), FlowState::New, 0);
+    let e6 = insert(&t, &k6, value(6), FlowState::New, 0);
+    assert!(usize::try_from(e4.index).unwrap() < t.capacity_of(Family::Ipv4));
+    assert!(usize::try_from(e6.index).unwrap() >= t.capacity_of(Family::Ipv4));
+    assert_eq!(backend_of(&t.lookup(&k6, flow_hash(&k6), 0).unwrap()), 6);
+    assert_eq!(backend_of(&t.lookup(&k4, flow_hash(&k4), 0).unwrap()), 4);
+    let r6 = k6.reversed();
+    let reverse = FlowValue::Reverse {
+        service: 1,
+        forward: e6,
+        snat: false,
+    };
+    let _ = insert(&t, &r6, reverse, FlowState::New, 0);
+    let hit = t.lookup(&r6, flow_hash(&r6), 0).unwrap();
+    assert_eq!(t.forward_of(&hit, 0).unwrap().0, k6);
+    t.touch(e6, 5, Some(FlowState::Established));
+    let hit = t.lookup(&k6, flow_hash(&k6), 5).unwrap();
+    assert_eq!((hit.state, hit.last_seen), (FlowState::Established, 5));
+    assert_eq!(
+        t.lookup(&k4, flow_hash(&k4), 5).unwrap().state,
+        FlowState::New
+    );
+    // Both families are iterated, IPv4 first, and a page starting in IPv6 sees only IPv6.
+    let keys: Vec<_> = t.iter(5).map(|(k, _)| k).collect();
+    assert_eq!(keys, [k4, k6, r6]);
+    assert_eq!(t.iter_from(e6.index as usize, 5).count(), 2);
+    // A full IPv4 table leaves IPv6 inserts alone.
+    for p in 2..2 + WAYS as u16 {
+        let _ = insert(&t, &key(p), value(4), FlowState::Established, 5);
+    }
+    assert!(matches!(
+        t.insert(&key(100), flow_hash(&key(100)), value(4), FlowState::New, 5),
+        Insert::Full
+    ));
+    let _ = insert(&t, &key6(2), value(6), FlowState::New, 5);
+    t.remove(e6, &k6);
+    assert!(t.lookup(&k6, flow_hash(&k6), 5).is_none());
+    assert!(t.lookup(&key6(2), flow_hash(&key6(2)), 5).is_some());
 }
 
 #[test]

@@ -1,6 +1,7 @@
 //! How a flow entry is packed into atomic words: the `seq` word (entry state, flow state,
-//! claim counter, tag), the five key words, the value word and the meta word. Pure functions,
-//! no atomics: the table ([`super`]) decides when words are read and written.
+//! claim counter, tag), the key words (two for IPv4, five for IPv6), the value word and the
+//! meta word. Pure functions, no atomics: the table ([`super`]) decides when words are read and
+//! written.
 //!
 //! Layouts (bit 0 is the least significant):
 //! * `seq`: entry state (bits 0–1: free, writing, valid) | flow state (bits 2–3) | birth
@@ -10,8 +11,10 @@
 //!   compare-and-swap that fails when the entry's place was reused (the counter moved); state
 //!   and birth are here so that an insert into a full bucket pair chooses its victim (the
 //!   oldest entry that is not established) from the tag lines alone.
-//! * key: source address (two words), destination address (two), then source port | destination
-//!   port << 16 | protocol << 32 | family << 40.
+//! * key, IPv4: source address | destination address << 32, then the ports word: source port |
+//!   destination port << 16 | protocol << 32 | family << 40 (never zero). IPv6: source address
+//!   (two words), destination address (two), then the ports word. Both in five words
+//!   ([`KeyWords`]), an IPv4 key's last three zero, which its table does not store.
 //! * value: the Service id (low half) | the backend id, or for a reverse entry the index of its
 //!   forward entry (high half).
 //! * meta: SNAT flag (bit 6) | reverse flag (bit 7) | protocol (bits 8–15) | port (bits 16–31:
@@ -101,54 +104,77 @@ pub(super) fn seq_with_state(seq: u64, state: FlowState) -> u64 {
     (seq & !FLOW_STATE_MASK) | bits << FLOW_STATE_SHIFT
 }
 
+/// A key in word form (see the module's layouts).
+pub(super) type KeyWords = [u64; 5];
+
 /// Whether two keys in word form are equal: five XORs, where `==` on the arrays became a
 /// `memcmp` call (6% of the established path's samples).
 #[inline(always)]
-pub(super) fn same_key(a: &[u64; 5], b: &[u64; 5]) -> bool {
+pub(super) fn same_key(a: &KeyWords, b: &KeyWords) -> bool {
     a.iter().zip(b).fold(0, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// The key in five words.
-pub(super) fn key_words(key: &FlowKey) -> [u64; 5] {
-    let half = |b: &[u8; 16], i: usize| {
+/// The key in word form.
+pub(super) fn key_words(key: &FlowKey) -> KeyWords {
+    let word = |b: &[u8; 16], at: usize| {
         let mut w = [0; 8];
-        w.copy_from_slice(&b[i * 8..i * 8 + 8]);
+        w.copy_from_slice(&b[at..at + 8]);
         u64::from_le_bytes(w)
     };
     let family = match key.family {
         Family::Ipv4 => 4u64,
         Family::Ipv6 => 6,
     };
-    [
-        half(&key.src_addr, 0),
-        half(&key.src_addr, 1),
-        half(&key.dst_addr, 0),
-        half(&key.dst_addr, 1),
-        u64::from(key.src_port)
-            | u64::from(key.dst_port) << 16
-            | u64::from(key.proto.0) << 32
-            | family << 40,
-    ]
+    let ports = u64::from(key.src_port)
+        | u64::from(key.dst_port) << 16
+        | u64::from(key.proto.0) << 32
+        | family << 40;
+    match key.family {
+        Family::Ipv4 => {
+            let address = |b: &[u8; 16]| u64::from(u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+            [
+                address(&key.src_addr) | address(&key.dst_addr) << 32,
+                ports,
+                0,
+                0,
+                0,
+            ]
+        }
+        Family::Ipv6 => [
+            word(&key.src_addr, 0),
+            word(&key.src_addr, 8),
+            word(&key.dst_addr, 0),
+            word(&key.dst_addr, 8),
+            ports,
+        ],
+    }
 }
 
-pub(super) fn key_from_words(w: &[u64; 5]) -> FlowKey {
+pub(super) fn key_from_words(w: &KeyWords) -> FlowKey {
     let mut src = [0; 16];
-    src[..8].copy_from_slice(&w[0].to_le_bytes());
-    src[8..].copy_from_slice(&w[1].to_le_bytes());
     let mut dst = [0; 16];
-    dst[..8].copy_from_slice(&w[2].to_le_bytes());
-    dst[8..].copy_from_slice(&w[3].to_le_bytes());
-    let bytes = w[4].to_le_bytes();
-    let family = if bytes[5] == 6 {
+    // An IPv6 key's ports word is last and never zero (it holds the family).
+    let ports = if w[4] == 0 {
+        src[..4].copy_from_slice(&w[0].to_le_bytes()[..4]);
+        dst[..4].copy_from_slice(&w[0].to_le_bytes()[4..]);
+        w[1].to_le_bytes()
+    } else {
+        src[..8].copy_from_slice(&w[0].to_le_bytes());
+        src[8..].copy_from_slice(&w[1].to_le_bytes());
+        dst[..8].copy_from_slice(&w[2].to_le_bytes());
+        dst[8..].copy_from_slice(&w[3].to_le_bytes());
+        w[4].to_le_bytes()
+    };
+    let family = if ports[5] == 6 {
         Family::Ipv6
     } else {
         Family::Ipv4
     };
     FlowKey::new(
         family,
-        IpProto(bytes[4]),
-        (src, u16::from_le_bytes([bytes[0], bytes[1]])),
-        (dst, u16::from_le_bytes([bytes[2], bytes[3]])),
+        IpProto(ports[4]),
+        (src, u16::from_le_bytes([ports[0], ports[1]])),
+        (dst, u16::from_le_bytes([ports[2], ports[3]])),
     )
 }
 
@@ -222,7 +248,7 @@ mod tests {
     use crate::packet::key_addr;
 
     #[test]
-    fn keys_survive_their_packing_into_words() {
+    fn keys_of_both_families_survive_their_packing_into_words() {
         let k = FlowKey::new(
             Family::Ipv6,
             IpProto::UDP,
@@ -230,6 +256,15 @@ mod tests {
             (key_addr("2001:2::40:1".parse().unwrap()), 53),
         );
         assert_eq!(key_from_words(&key_words(&k)), k);
+        let k = FlowKey::new(
+            Family::Ipv4,
+            IpProto::TCP,
+            (key_addr([198, 18, 0, 1].into()), 0),
+            (key_addr([198, 19, 255, 254].into()), 65535),
+        );
+        let words = key_words(&k);
+        assert_eq!(words[2..], [0, 0, 0], "an IPv4 key fits in two words");
+        assert_eq!(key_from_words(&words), k);
     }
 
     #[test]
