@@ -96,12 +96,13 @@ pub fn spawn(
                     match schedule.next(snapshot.has_least_connections(), received, Instant::now())
                     {
                         Chore::Recount => Some(recount_live_flows(&snapshot, &shared.flows, now)),
-                        Chore::Count => Some(shared.flows.iter(now).count() as u64),
+                        Chore::Count => Some(shared.flows.count_live(now)),
                         Chore::Rest => None,
                     };
                 if let Some(live) = live {
-                    // Relaxed: a gauge read on its own.
-                    admin.live_entries.store(live, Ordering::Relaxed);
+                    // Relaxed: gauges read on their own.
+                    admin.live_entries[0].store(live.ipv4, Ordering::Relaxed);
+                    admin.live_entries[1].store(live.ipv6, Ordering::Relaxed);
                 }
                 std::thread::sleep(BUSY_PERIOD);
             }

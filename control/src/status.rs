@@ -185,15 +185,23 @@ impl Status {
     pub fn text(&self) -> String {
         let m = &self.metrics;
         let mut out = String::new();
-        let entries = m.sum("xlb_flow_entries", &[]);
-        let capacity = m.sum("xlb_flow_capacity", &[]);
+        // Each family's table fills on its own.
+        let fill = |family| {
+            let entries = m.sum("xlb_flow_entries", &[("family", family)]);
+            let capacity = m.sum("xlb_flow_capacity", &[("family", family)]);
+            let percent = if capacity > 0.0 {
+                100.0 * entries / capacity
+            } else {
+                0.0
+            };
+            format!("{entries} of {capacity} ({percent:.1}% full)")
+        };
         let _ = writeln!(
             out,
-            "snapshot generation {}, flow table {} of {} entries ({:.1}% full), {} evicted, {} not recorded (table full)",
+            "snapshot generation {}, flow table: IPv4 {}, IPv6 {}; {} evicted, {} not recorded (table full)",
             m.sum("xlb_snapshot_generation", &[]),
-            entries,
-            capacity,
-            if capacity > 0.0 { 100.0 * entries / capacity } else { 0.0 },
+            fill("ipv4"),
+            fill("ipv6"),
             m.sum("xlb_flow_evictions_total", &[]),
             m.sum("xlb_flow_table_full_total", &[]),
         );
@@ -428,8 +436,10 @@ xlb_dropped_packets_total{worker=\"1\",reason=\"NoService\"} 4
 xlb_dropped_packets_total{worker=\"1\",reason=\"BadChecksum\"} 0
 xlb_tx_ring_full_drops_total{worker=\"0\"} 2
 xlb_socket_rx_ring_full_total{worker=\"0\",port=\"n0\"} 1
-xlb_flow_entries 250
-xlb_flow_capacity 1000
+xlb_flow_entries{family=\"ipv4\"} 250
+xlb_flow_entries{family=\"ipv6\"} 10
+xlb_flow_capacity{family=\"ipv4\"} 1000
+xlb_flow_capacity{family=\"ipv6\"} 200
 ";
 
     #[test]
@@ -487,7 +497,10 @@ xlb_flow_capacity 1000
     fn the_report_prints_aligned_tables_of_traffic_drops_services_and_backends() {
         let text = status(None).text();
         assert!(
-            text.starts_with("snapshot generation 0, flow table 250 of 1000 entries (25.0% full)"),
+            text.starts_with(
+                "snapshot generation 0, flow table: IPv4 250 of 1000 (25.0% full), IPv6 10 of 200 \
+                 (5.0% full);"
+            ),
             "{text}"
         );
         assert!(
@@ -515,7 +528,7 @@ xlb_flow_capacity 1000
     fn the_json_report_has_the_services_every_series_and_the_drops() {
         let j = status(None).json();
         assert_eq!(j["services"][0]["name"], "shop/web:http");
-        assert_eq!(j["metrics"]["xlb_flow_entries"], 250.0);
+        assert_eq!(j["metrics"]["xlb_flow_entries{family=\"ipv4\"}"], 250.0);
         assert_eq!(j["drops"][0]["reason"], "NoService");
         assert!(j["rates_per_second"].is_null());
     }

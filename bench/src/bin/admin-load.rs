@@ -101,7 +101,7 @@ fn run() -> Result<(), String> {
         workers: vec![Arc::new(WorkerStats::new(4))],
         ports: (0..4).map(|i| format!("n{i}")).collect(),
         generation: AtomicU64::new(1),
-        live_entries: AtomicU64::new(live),
+        live_entries: [AtomicU64::new(live), AtomicU64::new(0)],
         sync_seconds: xlb_control::admin::SyncHistogram::default(),
         filter_counts: ArcSwap::from_pointee(FilterCounts::default()),
         kube: None,

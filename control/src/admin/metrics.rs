@@ -18,7 +18,7 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 use xlb_dataplane::lb::decide::{DecideDrop, Event};
-use xlb_dataplane::packet::DropReason;
+use xlb_dataplane::packet::{DropReason, Family};
 use xlb_dataplane::worker::{SocketStats, WorkerCounters};
 
 use super::AdminState;
@@ -176,11 +176,24 @@ impl Collector for Published {
         let flows = &state.flows;
         // Relaxed: gauges and counters read on their own.
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let singles: [(&str, MetricType, &str, u64); 7] = [
-            ("xlb_flow_entries", MetricType::Gauge, "Live flow table entries (two per connection), counted every few seconds", load(&state.live_entries)),
+        let [live4, live6] = state.live_entries.each_ref().map(load);
+        family(e, "xlb_flow_entries", "Live flow table entries (two per connection) by address family, counted every few seconds", MetricType::Gauge,
+            [("ipv4", live4), ("ipv6", live6)].map(|(f, n)| ([("family", f)], n)))?;
+        let capacity = |f| flows.capacity_of(f) as u64;
+        family(
+            e,
+            "xlb_flow_capacity",
+            "Flow table entries by address family (each family's table fills on its own)",
+            MetricType::Gauge,
+            [
+                ("ipv4", capacity(Family::Ipv4)),
+                ("ipv6", capacity(Family::Ipv6)),
+            ]
+            .map(|(f, n)| ([("family", f)], n)),
+        )?;
+        let singles: [(&str, MetricType, &str, u64); 5] = [
             ("xlb_flow_evictions", MetricType::Counter, "Live flows that were not established (half-open, one-exchange, closing), evicted for new ones", flows.evictions()),
             ("xlb_flow_table_full", MetricType::Counter, "New flows not recorded: both buckets held live established flows", flows.full_inserts()),
-            ("xlb_flow_capacity", MetricType::Gauge, "Flow table entries in all", flows.capacity() as u64),
             ("xlb_snapshot_generation", MetricType::Gauge, "The live snapshot's generation", load(&state.generation)),
             ("xlb_config_hash", MetricType::Gauge, "The live configuration file's content hash (xxh3-64 of its bytes, 48 bits; xlb check prints it)", load(&state.config_hash)),
             ("xlb_config_generation", MetricType::Gauge, "The live configuration file's generation: field (0 without one)", load(&state.config_generation)),

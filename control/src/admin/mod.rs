@@ -73,8 +73,9 @@ pub struct AdminState {
     pub ports: Vec<String>,
     /// The live snapshot's generation.
     pub generation: AtomicU64,
-    /// Live flow table entries, counted every few seconds off the control thread.
-    pub live_entries: AtomicU64,
+    /// Live flow table entries, IPv4 then IPv6, counted every few seconds off the control
+    /// thread.
+    pub live_entries: [AtomicU64; 2],
     /// Time from a source change being seen to its snapshot being live.
     pub sync_seconds: SyncHistogram,
     /// The XDP filter's counts.

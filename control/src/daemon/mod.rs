@@ -285,7 +285,7 @@ pub fn run(path: &Path, node_name: Option<String>) -> Result<(), Error> {
         ports: ports.iter().map(|p| p.name.clone()).collect(),
         generation: std::sync::atomic::AtomicU64::new(publisher.generation()),
         sync_seconds: crate::admin::SyncHistogram::default(),
-        live_entries: std::sync::atomic::AtomicU64::new(0),
+        live_entries: Default::default(),
         filter_counts: ArcSwap::from_pointee(FilterCounts::default()),
         kube: kube.as_ref().map(|k| Arc::clone(k.metrics())),
         config_hash: std::sync::atomic::AtomicU64::new(loaded_hash.unwrap_or(0)),

@@ -6,18 +6,18 @@
 //!
 //! Must not know: when it runs, packets.
 
-use super::flow::{FlowTable, FlowValue, Second, AFFINITY};
+use super::flow::{FlowTable, FlowValue, Live, Second, AFFINITY};
 use super::snapshot::{Scheduler, Snapshot};
 
 /// Recounts the live flows of every backend from the flow table and stores the counts in the
 /// snapshot's least-connections Services. Run periodically off the packet path and off the
 /// control thread (it reads the whole table): flows that end by expiry or eviction are seen
-/// by no packet. Returns the number of live entries it saw.
-pub fn recount_live_flows(snapshot: &Snapshot, flows: &FlowTable, now: Second) -> u64 {
+/// by no packet. Returns the live entries it saw.
+pub fn recount_live_flows(snapshot: &Snapshot, flows: &FlowTable, now: Second) -> Live {
     let mut counts: hashbrown::HashMap<(u32, u32), u64> = hashbrown::HashMap::new();
-    let mut live = 0;
+    let mut live = Live::default();
     for (key, hit) in flows.iter(now) {
-        live += 1;
+        live.count(key.family);
         if let FlowValue::Forward {
             service, backend, ..
         } = hit.value

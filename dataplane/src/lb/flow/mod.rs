@@ -243,6 +243,26 @@ pub enum Insert {
     Full,
 }
 
+/// Live entries of each family: what a scan of the table counts, and what the admin side
+/// reports (each family's table fills on its own).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Live {
+    /// IPv4 entries.
+    pub ipv4: u64,
+    /// IPv6 entries.
+    pub ipv6: u64,
+}
+
+impl Live {
+    /// Counts one live entry of `family`.
+    pub fn count(&mut self, family: Family) {
+        match family {
+            Family::Ipv4 => self.ipv4 += 1,
+            Family::Ipv6 => self.ipv6 += 1,
+        }
+    }
+}
+
 /// The shared flow table: one [`Table`] per address family, each key sent to its family's.
 /// Entry indices ([`EntryRef::index`]) run over both: the IPv4 table's first, then the IPv6
 /// table's, so a reference names its table too.
@@ -407,6 +427,16 @@ impl FlowTable {
     /// Removes `entry` if it is still the one referred to and holds `key`.
     pub fn remove(&self, entry: EntryRef, key: &FlowKey) {
         of_index!(self, entry.index, |t| t.remove(entry, key));
+    }
+
+    /// The live entries of each family, counted by reading every entry (off the packet path).
+    #[must_use]
+    pub fn count_live(&self, now: Second) -> Live {
+        let count = |n: usize| u64::try_from(n).unwrap_or(u64::MAX);
+        Live {
+            ipv4: count(self.v4.iter_from(0, now).count()),
+            ipv6: count(self.v6.iter_from(0, now).count()),
+        }
     }
 
     /// Every live entry, read consistently one by one (the table keeps changing meanwhile).
