@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use xlb_dataplane::lb::decide::{decide, decide_in_batch, Counters, Env, Mode, Reverses, Verdict};
-use xlb_dataplane::lb::flow::{tick_of, FlowState, FlowTable, FlowValue, Timeouts};
+use xlb_dataplane::lb::flow::{tick_of, FlowState, FlowTable, FlowValue, Place, Timeouts};
 use xlb_dataplane::lb::fragments::Fragments;
 use xlb_dataplane::lb::hash::flow_hash;
 use xlb_dataplane::lb::snapshot::{
@@ -92,7 +92,7 @@ fn receive(
     table: &FlowTable,
 ) -> [Option<(Parsed, u64)>; BATCH] {
     let parsed = parse_batch(frames, at, bufs);
-    prefetch(table, &parsed);
+    let _places = prefetch(table, &parsed);
     parsed
 }
 
@@ -113,14 +113,13 @@ fn parse_batch(
     parsed
 }
 
-/// Both prefetch stages of a batch: every flow's tag lines, then the matching entries.
-fn prefetch(table: &FlowTable, parsed: &[Option<(Parsed, u64)>; BATCH]) {
+/// Both prefetch stages of a batch: every flow's tag lines, then the matching entries (or the
+/// places new flows would take, returned).
+fn prefetch(table: &FlowTable, parsed: &[Option<(Parsed, u64)>; BATCH]) -> [Option<Place>; BATCH] {
     for (p, h) in parsed.iter().flatten() {
         table.prefetch(p.key.family, *h);
     }
-    for (p, h) in parsed.iter().flatten() {
-        table.prefetch_entry(p.key.family, *h, tick_of(1));
-    }
+    parsed.map(|slot| slot.and_then(|(p, h)| table.prefetch_entry(p.key.family, h, tick_of(1))))
 }
 
 fn established(c: &mut Criterion) {
@@ -216,15 +215,16 @@ fn through_decide(c: &mut Criterion) {
         let mut reverses = Reverses::with_capacity(BATCH);
         group.bench_function(name, |b| {
             b.iter(|| {
-                let mut parsed = receive(&frames, &mut at, &mut bufs, &table);
+                let mut parsed = parse_batch(&frames, &mut at, &mut bufs);
+                let places = prefetch(&table, &parsed);
                 let env = dnat(snapshot, &table, 1);
-                for (buf, slot) in bufs.iter_mut().zip(parsed.iter_mut()) {
+                for ((buf, slot), place) in bufs.iter_mut().zip(&mut parsed).zip(places) {
                     let Some((p, h)) = slot else { continue };
                     random ^= random << 13;
                     random ^= random >> 7;
                     random ^= random << 17;
                     let verdict =
-                        decide_in_batch(&env, p, *h, random, &mut counters, &mut reverses);
+                        decide_in_batch(&env, p, *h, place, random, &mut counters, &mut reverses);
                     if let Verdict::Forward(to) = verdict {
                         black_box(set_destination(buf, p, &to)).ok();
                     }

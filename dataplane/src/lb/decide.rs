@@ -53,7 +53,9 @@ use core::num::NonZeroU32;
 use crate::counted::counted_enum;
 use crate::packet::{Class, Endpoint, Family, FlowKey, IpProto, Parsed, TcpFlags};
 
-use super::flow::{EntryRef, FlowState, FlowTable, FlowValue, Hit, Insert, Second, Tick, AFFINITY};
+use super::flow::{
+    EntryRef, FlowState, FlowTable, FlowValue, Hit, Insert, Place, Second, Tick, AFFINITY,
+};
 use super::fragments::{FragmentKey, Fragments};
 use super::hash::flow_hash;
 use super::snapshot::{Backend, BackendId, NoBackend, Service, ServiceId, ServiceKey, Snapshot};
@@ -371,18 +373,21 @@ pub fn decide(
     counters: &mut Counters,
 ) -> Verdict {
     let mut later = Reverses::default();
-    let verdict = decide_in_batch(env, parsed, hash, random, counters, &mut later);
+    let verdict = decide_in_batch(env, parsed, hash, None, random, counters, &mut later);
     later.record(env);
     verdict
 }
 
 /// [`decide`] for one packet of a batch: the reverse entries of new dnat flows are left in
 /// `later`, which the caller records with [`Reverses::record`] once the batch is decided and
-/// before any of its packets is sent (so no reply can come before its entry).
+/// before any of its packets is sent (so no reply can come before its entry). `place` is
+/// what the batch's [`FlowTable::prefetch_entry`] returned for this packet: a new flow's
+/// entry goes there if it still can.
 pub fn decide_in_batch(
     env: &Env<'_>,
     parsed: &Parsed,
     hash: u64,
+    place: Option<Place>,
     random: u64,
     counters: &mut Counters,
     later: &mut Reverses,
@@ -393,7 +398,7 @@ pub fn decide_in_batch(
                 .unwrap_or(Verdict::Drop(DecideDrop::FragmentBeforeFirst));
         }
     }
-    let verdict = decide_packet(env, parsed, hash, random, counters, later);
+    let verdict = decide_packet(env, parsed, hash, place, random, counters, later);
     if let Class::Fragment(f) = parsed.class {
         record_first_fragment(env, parsed, f.id, &verdict);
     }
@@ -423,6 +428,7 @@ fn decide_packet(
     env: &Env<'_>,
     parsed: &Parsed,
     hash: u64,
+    place: Option<Place>,
     random: u64,
     counters: &mut Counters,
     later: &mut Reverses,
@@ -455,7 +461,12 @@ fn decide_packet(
         }
     }
     if let Some(service) = env.snapshot.service(&ServiceKey::of_destination(key)) {
-        return new_flow(env, service, parsed, hash, random, counters, later);
+        let new = NewFlow {
+            hash,
+            place,
+            random,
+        };
+        return new_flow(env, service, parsed, new, counters, later);
     }
     unexplained(env, key, counters)
 }
@@ -771,15 +782,27 @@ fn reclaim_port(env: &Env<'_>, key: &FlowKey, reverse: &Hit, counters: &mut Coun
 }
 
 /// Picks a backend for a new flow and records both directions.
+/// What picks and places a new flow: its hash, the place its batch's prefetch chose, and a
+/// fresh random number for the random scheduler.
+struct NewFlow {
+    hash: u64,
+    place: Option<Place>,
+    random: u64,
+}
+
 fn new_flow(
     env: &Env<'_>,
     service: &Service,
     parsed: &Parsed,
-    hash: u64,
-    random: u64,
+    new: NewFlow,
     counters: &mut Counters,
     later: &mut Reverses,
 ) -> Verdict {
+    let NewFlow {
+        hash,
+        place,
+        random,
+    } = new;
     let key = &parsed.key;
     if key.martian_source() || key.src_addr == key.dst_addr {
         return Verdict::Drop(DecideDrop::MartianSource);
@@ -839,7 +862,7 @@ fn new_flow(
     };
     match env
         .flows
-        .insert_at(key, hash, forward, state, env.now, env.tick)
+        .insert_placed(key, hash, forward, state, env.now, env.tick, place)
     {
         // dsr: no reply comes back, so no reverse entry.
         Insert::Inserted(_) if matches!(env.mode, Mode::Dsr) => {
@@ -905,6 +928,8 @@ struct Reverse {
     hash: u64,
     value: FlowValue,
     state: FlowState,
+    /// Where its insert may go, as [`Reverses::record`]'s prefetch chose.
+    place: Option<Place>,
 }
 
 impl Reverse {
@@ -914,6 +939,7 @@ impl Reverse {
             key,
             value,
             state,
+            place: None,
         }
     }
 
@@ -921,17 +947,17 @@ impl Reverse {
     /// entry is gone (a client reusing its port towards the same backend): it is replaced.
     /// Returns whether the entry is recorded (or another worker is recording it).
     fn record(&self, env: &Env<'_>) -> bool {
-        let insert = || {
+        let insert = |place| {
             let (key, hash, value, state) = (&self.key, self.hash, self.value, self.state);
             env.flows
-                .insert_at(key, hash, value, state, env.now, env.tick)
+                .insert_placed(key, hash, value, state, env.now, env.tick, place)
         };
-        match insert() {
+        match insert(self.place) {
             Insert::Inserted(_) | Insert::Pending => true,
             Insert::Existing(old) if old.value == self.value => true,
             Insert::Existing(old) => {
                 env.flows.remove(old.entry, &self.key);
-                matches!(insert(), Insert::Inserted(_) | Insert::Pending)
+                matches!(insert(None), Insert::Inserted(_) | Insert::Pending)
             }
             Insert::Full => false,
         }
@@ -971,8 +997,8 @@ impl Reverses {
         for r in &self.pending {
             env.flows.prefetch(r.key.family, r.hash);
         }
-        for r in &self.pending {
-            env.flows.prefetch_entry(r.key.family, r.hash, env.tick);
+        for r in &mut self.pending {
+            r.place = env.flows.prefetch_entry(r.key.family, r.hash, env.tick);
         }
         for r in self.pending.drain(..) {
             let _ = r.record(env);

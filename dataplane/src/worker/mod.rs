@@ -40,7 +40,7 @@ use crate::lb::decide::{
     decide_in_batch, follow_first_fragment, DecideDrop, Env, Event, Mode, Refusal, Reverses,
     SnatPool, Verdict,
 };
-use crate::lb::flow::{FlowTable, Second, Tick, TICKS_PER_SECOND};
+use crate::lb::flow::{FlowTable, Place, Second, Tick, TICKS_PER_SECOND};
 use crate::lb::fragments::Fragments;
 use crate::lb::hash::flow_hash;
 use crate::lb::snapshot::Snapshot;
@@ -179,6 +179,8 @@ pub struct Worker<F> {
     rx: Vec<F>,
     /// Stage 1's result for each frame of the batch being processed.
     parsed: Vec<Result<(Parsed, u64), DropReason>>,
+    /// Where each frame's new flow would be inserted, as the batch's prefetch chose.
+    places: Vec<Option<Place>>,
     /// The reverse entries of the batch's new flows, recorded before it is sent.
     reverses: Reverses,
     tx: Vec<Vec<F>>,
@@ -262,6 +264,7 @@ impl<F> Worker<F> {
             random: seed | 1,
             rx: Vec::with_capacity(BATCH),
             parsed: Vec::with_capacity(BATCH),
+            places: Vec::with_capacity(BATCH),
             reverses: Reverses::with_capacity(BATCH),
             tx: (0..ports)
                 .map(|_| Vec::with_capacity(BATCH * ports + HELD))
@@ -345,15 +348,20 @@ impl<F> Worker<F> {
                 self.parsed.push(slot);
             }
             // Stage 2: the buckets' tag lines have had time to arrive; fetch the matching
-            // entries' bodies.
-            for (parsed, hash) in self.parsed.iter().flatten() {
-                ctx.flows.prefetch_entry(parsed.key.family, *hash, tick);
+            // entries' bodies, or the one a new flow would take.
+            self.places.clear();
+            for slot in &self.parsed {
+                self.places.push(match slot {
+                    Ok((parsed, hash)) => ctx.flows.prefetch_entry(parsed.key.family, *hash, tick),
+                    Err(_) => None,
+                });
             }
             // Stage 3: decide, rewrite, pick the next hop.
-            for (mut frame, slot) in self.rx.drain(..).zip(self.parsed.iter()) {
+            let slots = self.parsed.iter().zip(&self.places);
+            for (mut frame, (slot, place)) in self.rx.drain(..).zip(slots) {
                 let (out, notice) = match slot {
                     Ok((p, hash)) => io.with_frame(&mut frame, |buf, len| {
-                        ctx.process(buf, len, *p, *hash, ingress)
+                        ctx.process(buf, len, *p, *hash, *place, ingress)
                     }),
                     Err(reason) => {
                         ctx.counters.decide.record_malformed(*reason);
@@ -569,7 +577,7 @@ fn release_early<F, I: PacketIo<Frame = F>>(
             ..
         } = early.swap_remove(i);
         let (out, _) = io.with_frame(&mut frame, |buf, len| {
-            ctx.process(buf, len, parsed, hash, ingress)
+            ctx.process(buf, len, parsed, hash, None, ingress)
         });
         match out {
             Out::Transmit(port) => match tx.get_mut(usize::from(port)) {
@@ -662,8 +670,9 @@ impl<'a> Context<'a> {
     }
 
     /// Decides and applies the verdict to the frame in `buf[..len]`, parsed as `parsed` with
-    /// flow hash `hash`, which arrived on `ingress`. Returns the frame's new length, where it
-    /// goes, and what to tell the control thread about it.
+    /// flow hash `hash` (and, if it starts a flow, the entry `place` the prefetch chose),
+    /// which arrived on `ingress`. Returns the frame's new length, where it goes, and what to
+    /// tell the control thread about it.
     #[inline]
     fn process(
         &mut self,
@@ -671,6 +680,7 @@ impl<'a> Context<'a> {
         len: usize,
         mut parsed: Parsed,
         hash: u64,
+        place: Option<Place>,
         ingress: u16,
     ) -> (usize, (Out, Option<Notice>)) {
         if buf.len() < len {
@@ -682,6 +692,7 @@ impl<'a> Context<'a> {
             &self.env(),
             &parsed,
             hash,
+            place,
             random,
             &mut self.counters.decide,
             self.reverses,

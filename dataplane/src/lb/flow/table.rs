@@ -17,7 +17,7 @@ use super::words::{
     WRITING,
 };
 use super::{
-    EntryRef, FlowState, FlowValue, Hit, Insert, Second, Tick, Timeouts, MAX_CAPACITY, WAYS,
+    EntryRef, FlowState, FlowValue, Hit, Insert, Place, Second, Tick, Timeouts, MAX_CAPACITY, WAYS,
 };
 
 /// The `seq` words of one bucket, together in one cache line: a lookup reads the tags of a
@@ -300,9 +300,9 @@ impl<B: Body> Table<B> {
     /// The second prefetch stage of a batch: with the tag lines in cache (after
     /// [`Self::prefetch`]), prefetches the body of every entry whose tag matches the flow's,
     /// or where none does (a new flow, most likely) the body an insert at `tick` would claim
-    /// (`prefetch_claim`).
+    /// (`prefetch_claim`), and returns that place.
     #[inline]
-    pub(super) fn prefetch_entry(&self, hash: u64, tick: Tick) {
+    pub(super) fn prefetch_entry(&self, hash: u64, tick: Tick) -> Option<Place> {
         let tag = seq_tag(hash);
         let mut matched = false;
         for bucket in self.buckets(hash) {
@@ -319,8 +319,10 @@ impl<B: Body> Table<B> {
                 }
             }
         }
-        if !matched {
-            self.prefetch_claim(hash, tick);
+        if matched {
+            None
+        } else {
+            self.prefetch_claim(hash, tick)
         }
     }
 
@@ -329,20 +331,22 @@ impl<B: Body> Table<B> {
     /// body and then fences, and the fence waits for the body's cache miss: with a table much
     /// larger than the cache, end to end, 71% of `insert_at`'s samples were that wait (a
     /// criterion table of 16 MiB stays in this machine's cache and barely shows it).
+    /// Returns the place, which an insert soon after may try first instead of choosing again.
     #[inline(never)]
-    fn prefetch_claim(&self, hash: u64, tick: Tick) {
+    fn prefetch_claim(&self, hash: u64, tick: Tick) -> Option<Place> {
         let ways = self.ways(hash);
-        if let Some(j) = ways
+        let j = ways
             .free_in_order()
             .next()
-            .or_else(|| ways.most_evictable(tick))
-        {
-            if let Some(body) = self.bodies.get(ways.index(j)) {
-                // A read brings a line no other core holds in the exclusive state, which the
-                // insert's stores then take without another miss.
-                crate::prefetch::prefetch_read(body);
-            }
-        }
+            .or_else(|| ways.most_evictable(tick))?;
+        let i = ways.index(j);
+        // A read brings a line no other core holds in the exclusive state, which the insert's
+        // stores then take without another miss.
+        crate::prefetch::prefetch_read(self.bodies.get(i)?);
+        Some(Place {
+            index: u32::try_from(i + self.first).ok()?,
+            seq: ways.seq[j],
+        })
     }
 
     /// Finds a live entry for `key` (whose flow hash is `hash`).
@@ -452,7 +456,11 @@ impl<B: Body> Table<B> {
     }
 
     /// Inserts `key` -> `value` in `state` unless it is there already, at second `now` and
-    /// tick `tick` (which orders evictions).
+    /// tick `tick` (which orders evictions), trying `place` first if given.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "an insert's parts are distinct; the facade names them"
+    )]
     pub(super) fn insert_at(
         &self,
         key: &FlowKey,
@@ -461,17 +469,42 @@ impl<B: Body> Table<B> {
         state: FlowState,
         now: Second,
         tick: Tick,
+        place: Option<Place>,
     ) -> Insert {
         let words = key_words(key);
         let tag = seq_tag(hash);
         if let Some(hit) = self.find(hash, tag, &words, now) {
             return Insert::Existing(hit);
         }
-        let Some(index) = self.claim(hash, tag, now, tick) else {
+        let claimed = place
+            .and_then(|p| self.claim_place(hash, tag, p))
+            .or_else(|| self.claim(hash, tag, now, tick));
+        let Some(index) = claimed else {
             return Insert::Full;
         };
         let stamp = self.publish(index, &words, value, key.proto, state, now, tick);
         self.resolve_duplicates(hash, index, stamp, tag, &words, now)
+    }
+
+    /// Claims `place` (chosen by [`Self::prefetch_claim`] for this hash) if its entry is still
+    /// as it was seen then: the choice is not made twice. Any change since (another insert
+    /// took it, a flow was seen there) leaves it, and the caller chooses again.
+    fn claim_place(&self, hash: u64, tag: u32, place: Place) -> Option<usize> {
+        let i = self.local(place.index);
+        if i >= self.bodies.len() || !self.buckets(hash).contains(&(i / WAYS)) {
+            return None;
+        }
+        let claimed = seq_word(tag, (place.seq & COUNTER_MASK) + COUNTER_ONE, WRITING);
+        // Acquire on success: this writer's later stores follow the claim.
+        // Relaxed on failure: the caller chooses again.
+        self.seq(i)
+            .compare_exchange(place.seq, claimed, Ordering::Acquire, Ordering::Relaxed)
+            .ok()?;
+        if place.seq & STATE_MASK == VALID {
+            // Relaxed: a statistic, as in `claim`.
+            self.evictions.fetch_add(1, Ordering::Relaxed);
+        }
+        Some(i)
     }
 
     /// Claims one of the flow's candidate entries (it is then *writing*, showing `tag` so that

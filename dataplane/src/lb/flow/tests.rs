@@ -440,3 +440,52 @@ fn a_big_table_lives_in_huge_pages_where_the_kernel_gives_them() {
         table.memory_bytes()
     );
 }
+
+/// A batch's insert takes the place its prefetch chose, without choosing again; a place whose
+/// entry changed since, or that is not one of the flow's, is passed over.
+#[test]
+fn an_insert_takes_the_place_offered_unless_its_entry_changed_or_is_not_the_flows() {
+    let t = FlowTable::with_capacities(WAYS, WAYS, Timeouts::default());
+    let (a, b) = (key(1), key(2));
+    let ha = flow_hash(&a);
+    let chosen = t.prefetch_entry(Family::Ipv4, ha, 0).expect("a free way");
+    assert_eq!(chosen.index, 0, "the first free way");
+    // A place that is not the first choice shows that the offered place is the one taken.
+    let third = Place {
+        index: 3,
+        seq: chosen.seq,
+    };
+    let placed = t.insert_placed(&a, ha, value(1), FlowState::New, 0, 0, Some(third));
+    assert!(
+        matches!(placed, Insert::Inserted(e) if e.index == 3),
+        "{placed:?}"
+    );
+    // The same place again: its entry changed (a is there now), so b goes elsewhere.
+    let hb = flow_hash(&b);
+    let placed = t.insert_placed(&b, hb, value(2), FlowState::New, 0, 0, Some(third));
+    assert!(
+        matches!(placed, Insert::Inserted(e) if e.index == 0),
+        "{placed:?}"
+    );
+    assert_eq!(backend_of(&t.lookup(&a, ha, 0).unwrap()), 1);
+    assert_eq!(backend_of(&t.lookup(&b, hb, 0).unwrap()), 2);
+    // A place outside the flow's buckets (here: in the IPv6 table) is not taken.
+    let elsewhere = Place {
+        index: u32::try_from(t.capacity_of(Family::Ipv4)).unwrap(),
+        seq: chosen.seq,
+    };
+    let c = key(3);
+    let placed = t.insert_placed(
+        &c,
+        flow_hash(&c),
+        value(3),
+        FlowState::New,
+        0,
+        0,
+        Some(elsewhere),
+    );
+    assert!(
+        matches!(placed, Insert::Inserted(e) if e.index < 8),
+        "{placed:?}"
+    );
+}
