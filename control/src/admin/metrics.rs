@@ -177,20 +177,23 @@ impl Collector for Published {
         // Relaxed: gauges and counters read on their own.
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
         let [live4, live6] = state.live_entries.each_ref().map(load);
-        family(e, "xlb_flow_entries", "Live flow table entries (two per connection) by address family, counted every few seconds", MetricType::Gauge,
-            [("ipv4", live4), ("ipv6", live6)].map(|(f, n)| ([("family", f)], n)))?;
         let capacity = |f| flows.capacity_of(f) as u64;
-        family(
-            e,
-            "xlb_flow_capacity",
-            "Flow table entries by address family (each family's table fills on its own)",
-            MetricType::Gauge,
-            [
-                ("ipv4", capacity(Family::Ipv4)),
-                ("ipv6", capacity(Family::Ipv6)),
-            ]
-            .map(|(f, n)| ([("family", f)], n)),
-        )?;
+        let by_family = [
+            (
+                "xlb_flow_entries",
+                "Live flow table entries (two per connection) by address family, counted every few seconds",
+                [live4, live6],
+            ),
+            (
+                "xlb_flow_capacity",
+                "Flow table entries by address family (each family's table fills on its own)",
+                [capacity(Family::Ipv4), capacity(Family::Ipv6)],
+            ),
+        ];
+        for (name, help, [ipv4, ipv6]) in by_family {
+            let series = [("ipv4", ipv4), ("ipv6", ipv6)].map(|(f, n)| ([("family", f)], n));
+            family(e, name, help, MetricType::Gauge, series)?;
+        }
         let singles: [(&str, MetricType, &str, u64); 5] = [
             ("xlb_flow_evictions", MetricType::Counter, "Live flows that were not established (half-open, one-exchange, closing), evicted for new ones", flows.evictions()),
             ("xlb_flow_table_full", MetricType::Counter, "New flows not recorded: both buckets held live established flows", flows.full_inserts()),

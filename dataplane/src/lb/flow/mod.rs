@@ -274,9 +274,9 @@ impl Live {
     }
 }
 
-/// The shared flow table: one [`Table`] per address family, each key sent to its family's.
-/// Entry indices ([`EntryRef::index`]) run over both: the IPv4 table's first, then the IPv6
-/// table's, so a reference names its table too.
+/// The shared flow table: one table (`table::Table`) per address family, each key sent to its
+/// family's. Entry indices ([`EntryRef::index`]) run over both: the IPv4 table's first, then
+/// the IPv6 table's, so a reference names its table too.
 pub struct FlowTable {
     v4: Table<Body4>,
     v6: Table<Body6>,

@@ -1,7 +1,7 @@
 //! One family's table: the buckets, the entries and the insert protocol the module
 //! documentation ([`super`]) describes. [`super::FlowTable`] holds one per address family and
 //! sends each key to its family's; this module knows nothing of families beyond the number of
-//! key words its entries store ([`Body::KEY_WORDS`]).
+//! key words its entries store (the length of [`Body::key`]).
 //!
 //! Entry indices are global: a table's first entry has the index it was made with
 //! (`first`), so that an [`EntryRef`] names one entry of the whole [`super::FlowTable`].
