@@ -781,7 +781,6 @@ fn reclaim_port(env: &Env<'_>, key: &FlowKey, reverse: &Hit, counters: &mut Coun
     true
 }
 
-/// Picks a backend for a new flow and records both directions.
 /// What picks and places a new flow: its hash, the place its batch's prefetch chose, and a
 /// fresh random number for the random scheduler.
 struct NewFlow {
@@ -790,6 +789,7 @@ struct NewFlow {
     random: u64,
 }
 
+/// Picks a backend for a new flow and records both directions.
 fn new_flow(
     env: &Env<'_>,
     service: &Service,

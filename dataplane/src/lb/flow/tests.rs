@@ -489,3 +489,29 @@ fn an_insert_takes_the_place_offered_unless_its_entry_changed_or_is_not_the_flow
         "{placed:?}"
     );
 }
+
+/// The IPv6 table is a quarter of the IPv4 one by default, so a flood of new IPv6 flows fills
+/// it first: it must evict only flows that are not established, as the IPv4 table does, and
+/// leave the IPv4 table alone.
+#[test]
+fn a_flood_of_new_ipv6_flows_never_evicts_an_established_ipv6_or_any_ipv4_flow() {
+    let t = FlowTable::new(4 * WAYS, Timeouts::default());
+    assert_eq!(t.capacity_of(Family::Ipv6), WAYS, "one bucket");
+    let kept = key6(1);
+    let e = insert(&t, &kept, value(6), FlowState::New, 0);
+    t.touch(e, 0, Some(FlowState::Replied));
+    t.touch(e, 0, Some(FlowState::Established));
+    let k4 = key(1);
+    let _ = insert(&t, &k4, value(4), FlowState::New, 0);
+    let mut inserted = 0;
+    for port in 2..2000 {
+        let k = key6(port);
+        if let Insert::Inserted(_) = t.insert(&k, flow_hash(&k), value(7), FlowState::New, 1) {
+            inserted += 1;
+        }
+    }
+    assert_eq!(inserted, 1998, "every flood flow took a place of another");
+    assert!(t.evictions() >= 1998 - WAYS as u64);
+    assert!(t.lookup(&kept, flow_hash(&kept), 1).is_some());
+    assert!(t.lookup(&k4, flow_hash(&k4), 1).is_some());
+}
