@@ -436,7 +436,10 @@ impl FlowTable {
 
     /// [`Self::insert_at`], trying `place` first (from [`Self::prefetch_entry`] for this key's
     /// hash, a moment earlier): an insert that takes it skips choosing its entry, about 300
-    /// instructions (callgrind, `decide/new-flow`).
+    /// instructions (callgrind, `decide/new-flow`). A place says that the key was absent when
+    /// it was chosen, so the insert does not look for the key before it claims (about 90
+    /// more); an entry of the key recorded since is found after publication, as one of a
+    /// racing insert is, and one of the two stays.
     #[expect(
         clippy::too_many_arguments,
         reason = "an insert's parts are distinct; a place is one more"

@@ -473,8 +473,13 @@ impl<B: Body> Table<B> {
     ) -> Insert {
         let words = key_words(key);
         let tag = seq_tag(hash);
-        if let Some(hit) = self.find(hash, tag, &words, now) {
-            return Insert::Existing(hit);
+        // A place is offered only where none of the flow's ways showed its tag a moment ago
+        // (`prefetch_entry`): the key was not there, and one inserted since is found after
+        // publication, as a racing insert is.
+        if place.is_none() {
+            if let Some(hit) = self.find(hash, tag, &words, now) {
+                return Insert::Existing(hit);
+            }
         }
         let claimed = place
             .and_then(|p| self.claim_place(hash, tag, p))

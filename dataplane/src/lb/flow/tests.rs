@@ -490,6 +490,44 @@ fn an_insert_takes_the_place_offered_unless_its_entry_changed_or_is_not_the_flow
     );
 }
 
+/// A place is chosen a moment before its insert; if the flow was recorded in between (the
+/// insert does not look first), the two entries are resolved as a race is: one stays, and
+/// the flow's later packets find it.
+#[test]
+fn an_insert_at_a_place_chosen_before_its_flow_was_recorded_leaves_one_entry() {
+    for (recorded_at, placed_at) in [(1, 5), (5, 1)] {
+        let t = FlowTable::with_capacities(WAYS, WAYS, Timeouts::default());
+        let (a, ha) = (key(1), flow_hash(&key(1)));
+        let first = t.prefetch_entry(Family::Ipv4, ha, 0).expect("a free way");
+        let at = |index| Place {
+            index,
+            seq: first.seq,
+        };
+        // The earlier insert went to `recorded_at` (its place), the later one's place is
+        // `placed_at`.
+        let earlier = t.insert_placed(
+            &a,
+            ha,
+            value(1),
+            FlowState::New,
+            0,
+            0,
+            Some(at(recorded_at)),
+        );
+        assert!(matches!(earlier, Insert::Inserted(e) if e.index == recorded_at));
+        let later = t.insert_placed(&a, ha, value(2), FlowState::New, 0, 0, Some(at(placed_at)));
+        let entries: Vec<_> = t.iter_from(0, 0).filter(|(k, _)| *k == a).collect();
+        assert_eq!(entries.len(), 1, "{later:?}");
+        let kept = backend_of(&entries[0].1);
+        match later {
+            Insert::Existing(hit) => assert_eq!((backend_of(&hit), kept), (1, 1)),
+            Insert::Inserted(e) => assert_eq!((e.index, kept), (placed_at, 2)),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(backend_of(&t.lookup(&a, ha, 0).unwrap()), kept);
+    }
+}
+
 /// The IPv6 table is a quarter of the IPv4 one by default, so a flood of new IPv6 flows fills
 /// it first: it must evict only flows that are not established, as the IPv4 table does, and
 /// leave the IPv4 table alone.
