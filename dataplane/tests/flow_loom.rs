@@ -70,6 +70,39 @@ fn two_inserts_of_one_flow_leave_exactly_one_entry() {
     });
 }
 
+/// A batch's insert takes the place its prefetch chose and does not look for its key first
+/// (the place says it was absent): raced by an insert of the same flow that does look, and
+/// by one that was offered the same place, exactly one entry stays.
+#[test]
+fn an_insert_at_a_place_racing_an_insert_of_the_same_flow_leaves_exactly_one_entry() {
+    for other_placed in [false, true] {
+        loom::model(move || {
+            let table = one_bucket();
+            let k = key(1);
+            let h = flow_hash(&k);
+            let place = table.prefetch_entry(Family::Ipv4, h, 0);
+            assert!(place.is_some(), "an empty bucket offers a place");
+            let a = on(&table, move |t| {
+                t.insert_placed(&k, h, value(1), FlowState::New, 0, 0, place)
+            });
+            let b = on(&table, move |t| {
+                let place = if other_placed { place } else { None };
+                t.insert_placed(&k, h, value(2), FlowState::New, 0, 0, place)
+            });
+            let results = [a.join().unwrap(), b.join().unwrap()];
+            assert!(
+                results.iter().all(|r| !matches!(r, Insert::Full)),
+                "{results:?}"
+            );
+            let entries: Vec<_> = table.iter(0).filter(|(key, _)| *key == k).collect();
+            assert_eq!(entries.len(), 1, "{results:?}");
+            let kept = entries[0].1.value;
+            assert!(kept == value(1) || kept == value(2));
+            assert_eq!(table.lookup(&k, h, 0).map(|hit| hit.value), Some(kept));
+        });
+    }
+}
+
 #[test]
 fn a_lookup_racing_an_insert_sees_the_whole_entry_or_none() {
     loom::model(|| {
