@@ -155,10 +155,23 @@ impl MaglevTable {
     #[inline]
     #[must_use]
     pub fn lookup(&self, hash: u64) -> usize {
+        usize::from(self.slots.get(self.slot_of(hash)).copied().unwrap_or(0))
+    }
+
+    /// Starts fetching the slot [`Self::lookup`] reads for `hash`.
+    #[inline]
+    pub fn prefetch(&self, hash: u64) {
+        if let Some(slot) = self.slots.get(self.slot_of(hash)) {
+            crate::prefetch::prefetch_read(slot);
+        }
+    }
+
+    /// The position of `hash`'s slot.
+    #[inline]
+    fn slot_of(&self, hash: u64) -> usize {
         let h = hash >> 32;
         let low = self.fastmod.wrapping_mul(h);
-        let slot = (u128::from(low) * self.slots.len() as u128) >> 64;
-        usize::from(self.slots.get(slot as usize).copied().unwrap_or(0))
+        ((u128::from(low) * self.slots.len() as u128) >> 64) as usize
     }
 
     /// The slots, for inspection and tests.

@@ -356,6 +356,13 @@ impl<F> Worker<F> {
                     Err(_) => None,
                 });
             }
+            // Stage 2b: a probable new flow (no entry showed its tag) finds its Service and
+            // fetches what its pick reads: in a large snapshot, misses the batch overlaps.
+            for (slot, place) in self.parsed.iter().zip(&self.places) {
+                if let (Ok((parsed, hash)), Some(_)) = (slot, place) {
+                    tables.snapshot.prefetch_new_flow(&parsed.key, *hash);
+                }
+            }
             // Stage 3: decide, rewrite, pick the next hop.
             let slots = self.parsed.iter().zip(&self.places);
             for (mut frame, (slot, place)) in self.rx.drain(..).zip(slots) {

@@ -343,6 +343,24 @@ impl Service {
         self.spec.backends.get(usize::from(*index))
     }
 
+    /// Starts fetching what [`Self::pick`] and the count of a started flow read for a new
+    /// flow with this hash: the Maglev slot, the pick list, the backends and their counters.
+    #[inline]
+    pub fn prefetch_pick(&self, flow_hash: u64) {
+        if let Some(table) = &self.maglev {
+            table.prefetch(flow_hash);
+        }
+        if let (Some(pickable), Some(backend), Some(live)) = (
+            self.pickable.first(),
+            self.spec.backends.first(),
+            self.live.first(),
+        ) {
+            crate::prefetch::prefetch_read(pickable);
+            crate::prefetch::prefetch_read(backend);
+            crate::prefetch::prefetch_read(live);
+        }
+    }
+
     /// Picks the backend for a new flow with the Service's scheduler, or `None` when no
     /// backend takes new flows.
     ///
@@ -537,6 +555,16 @@ impl Snapshot {
         self.by_key
             .get(key_hash(key), |s| s.spec.key == *key)
             .map(|s| &**s)
+    }
+
+    /// For a packet that is probably a new flow (no flow entry showed its tag): finds its
+    /// Service and starts fetching what its pick reads. In a large snapshot these are cache
+    /// misses in a chain; a batch's new flows take them together, before any is decided.
+    #[inline]
+    pub fn prefetch_new_flow(&self, key: &FlowKey, flow_hash: u64) {
+        if let Some(service) = self.service(&ServiceKey::of_destination(key)) {
+            service.prefetch_pick(flow_hash);
+        }
     }
 
     /// The Service with this id.
