@@ -45,6 +45,23 @@ fn on<T: Send + 'static>(
     thread::spawn(move || f(&table))
 }
 
+/// After two inserts of `k` (values 1 and 2) raced: neither found the table full, and exactly
+/// one entry of `k` stays, holding either value, which a lookup finds.
+fn assert_one_entry_of_either(table: &FlowTable, k: &FlowKey, results: &[Insert; 2]) {
+    assert!(
+        results.iter().all(|r| !matches!(r, Insert::Full)),
+        "{results:?}"
+    );
+    let entries: Vec<_> = table.iter(0).filter(|(key, _)| key == k).collect();
+    assert_eq!(entries.len(), 1, "{results:?}");
+    let kept = entries[0].1.value;
+    assert!(kept == value(1) || kept == value(2));
+    assert_eq!(
+        table.lookup(k, flow_hash(k), 0).map(|hit| hit.value),
+        Some(kept)
+    );
+}
+
 #[test]
 fn two_inserts_of_one_flow_leave_exactly_one_entry() {
     loom::model(|| {
@@ -58,15 +75,7 @@ fn two_inserts_of_one_flow_leave_exactly_one_entry() {
             t.insert(&k, h, value(2), FlowState::New, 0)
         });
         let results = [a.join().unwrap(), b.join().unwrap()];
-        assert!(
-            results.iter().all(|r| !matches!(r, Insert::Full)),
-            "{results:?}"
-        );
-        let entries: Vec<_> = table.iter(0).filter(|(key, _)| *key == k).collect();
-        assert_eq!(entries.len(), 1, "{results:?}");
-        let kept = entries[0].1.value;
-        assert!(kept == value(1) || kept == value(2));
-        assert_eq!(table.lookup(&k, h, 0).map(|hit| hit.value), Some(kept));
+        assert_one_entry_of_either(&table, &k, &results);
     });
 }
 
@@ -90,15 +99,7 @@ fn an_insert_at_a_place_racing_an_insert_of_the_same_flow_leaves_exactly_one_ent
                 t.insert_placed(&k, h, value(2), FlowState::New, 0, 0, place)
             });
             let results = [a.join().unwrap(), b.join().unwrap()];
-            assert!(
-                results.iter().all(|r| !matches!(r, Insert::Full)),
-                "{results:?}"
-            );
-            let entries: Vec<_> = table.iter(0).filter(|(key, _)| *key == k).collect();
-            assert_eq!(entries.len(), 1, "{results:?}");
-            let kept = entries[0].1.value;
-            assert!(kept == value(1) || kept == value(2));
-            assert_eq!(table.lookup(&k, h, 0).map(|hit| hit.value), Some(kept));
+            assert_one_entry_of_either(&table, &k, &results);
         });
     }
 }
