@@ -60,7 +60,7 @@ pub(super) fn seq_born(seq: u64, at: Tick) -> u64 {
 /// How many ticks ago (modulo 4096, 64 s) the entry was published. Under a flood, when
 /// evictions happen, every evictable entry is far younger than that; when it wraps, an old
 /// entry looks young and is evicted later than it could have been.
-#[cfg(test)]
+#[inline(always)]
 pub(super) fn seq_age(seq: u64, now: Tick) -> u16 {
     let born = u16::try_from((seq & BIRTH_MASK) >> BIRTH_SHIFT).unwrap_or(0);
     now.wrapping_sub(born) & 0xFFF
@@ -89,8 +89,7 @@ pub(super) fn eviction_rank(seq: u64, now: Tick) -> u16 {
     let candidate = u16::from(low & STATE_MASK as u16 == VALID as u16)
         & u16::from(flow != ESTABLISHED_BITS as u16);
     let class = 2 - u16::from(flow == CLOSING_BITS as u16);
-    let age = now.wrapping_sub(low >> BIRTH_SHIFT) & 0xFFF;
-    candidate * ((class << 12) | age)
+    candidate * ((class << 12) | seq_age(seq, now))
 }
 
 /// Whether two `seq` words show the same occupant of a place, in the same entry state: equal
