@@ -237,6 +237,56 @@ fn through_decide(c: &mut Criterion) {
     group.finish();
 }
 
+/// A backend's packet that no flow explains (a stray one, or a flood spoofed from a backend's
+/// address), from a backend that 10 000 Services share and none picks (it is terminating):
+/// `decide()` tries it as a reply of a bounded number of them (`RECOGNISED_UP_TO`).
+fn stray(c: &mut Criterion) {
+    use xlb_dataplane::lb::maglev::TableCache;
+    let backend = |n: u8, state| Backend {
+        id: BackendId(NonZeroU32::MIN.saturating_add(u32::from(n))),
+        endpoint: Endpoint::new(Ipv4Addr::new(198, 19, n, 2).into(), 8080),
+        state,
+        weight: 1,
+    };
+    let mut tables = TableCache::default();
+    let services = (0..10_000u32)
+        .map(|i| {
+            let key = ServiceKey {
+                vip: Endpoint::new(
+                    Ipv4Addr::from(u32::from(VIP) + i / 4).into(),
+                    80 + i as u16 % 4,
+                ),
+                proto: IpProto::UDP,
+            };
+            let backends = vec![
+                backend(1, BackendState::Terminating),
+                backend(2, BackendState::Ready),
+            ];
+            let id = ServiceId(NonZeroU32::MIN.saturating_add(i));
+            let spec = ServiceSpec::new(id, key, backends);
+            Arc::new(Service::sharing(spec, &mut tables).expect("valid"))
+        })
+        .collect();
+    let snapshot = Snapshot::new(1, services).expect("distinct Services");
+    let table = FlowTable::new(1 << 16, Timeouts::default());
+    let frame = pkt()
+        .ipv4(Ipv4Addr::new(198, 19, 1, 2), Ipv4Addr::new(198, 18, 0, 9))
+        .udp(8080, 40000)
+        .pad_to(64)
+        .build();
+    let p = parse(&frame).expect("valid frame");
+    let h = flow_hash(&p.key);
+    let mut counters = Counters::default();
+    let mut group = c.benchmark_group("decide");
+    group.bench_function("stray-reply/10000-sharing", |b| {
+        b.iter(|| {
+            let env = dnat(&snapshot, &table, 1);
+            black_box(decide(&env, &p, h, 0, &mut counters))
+        });
+    });
+    group.finish();
+}
+
 /// The worker's own loop over in-memory rings: 64 frames injected (copied in, as a NIC
 /// would), one `Worker::poll` (parse, decide, rewrite, next hop, transmit), the transmitted
 /// frames discarded. 100 000 established flows, as above.
@@ -383,5 +433,5 @@ fn stages(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, established, through_decide, worker, stages);
+criterion_group!(benches, established, through_decide, stray, worker, stages);
 criterion_main!(benches);

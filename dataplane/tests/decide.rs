@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use common::*;
 use xlb_dataplane::lb::decide::{
-    decide, Counters, DecideDrop, Env, Event, Mode, Refusal, SnatPool, Verdict,
+    decide, Counters, DecideDrop, Env, Event, Mode, Refusal, SnatPool, Verdict, RECOGNISED_UP_TO,
 };
 use xlb_dataplane::lb::flow::{tick_of, FlowState, FlowTable, FlowValue, Timeouts};
 use xlb_dataplane::lb::fragments::Fragments;
@@ -441,6 +441,45 @@ fn a_backends_packet_the_pick_does_not_explain_is_recreated_only_when_one_servic
     let flows = table();
     assert_eq!(
         run(&two, &flows, &data_from(&b1, 40000), 1),
+        Verdict::Drop(DecideDrop::UnknownReply)
+    );
+}
+
+/// Each Service a backend serves is one Maglev pick for its packet that no flow explains: a
+/// flood of such packets (spoofed from a backend's address) must cost a bounded number each.
+#[test]
+fn a_backends_packet_without_a_flow_is_tried_against_a_bounded_number_of_its_services() {
+    let sharing = |n: usize| {
+        let services = (0..n)
+            .map(|i| {
+                let i = u16::try_from(i).unwrap();
+                let key = ServiceKey {
+                    vip: Endpoint::new(VIP.into(), 1000 + i),
+                    proto: IpProto::TCP,
+                };
+                let one = vec![backend(1, BackendState::Ready)];
+                let spec = ServiceSpec::new(ServiceId(id(u32::from(i) + 1)), key, one);
+                Arc::new(Service::new(spec).unwrap())
+            })
+            .collect();
+        snapshot(services)
+    };
+    let b1 = backend(1, BackendState::Ready).endpoint;
+    let mut counters = Counters::default();
+    let shared_by_the_most = sharing(RECOGNISED_UP_TO);
+    let verdict = run_counted(
+        &shared_by_the_most,
+        &table(),
+        &data_from(&b1, 40000),
+        1,
+        Mode::Dnat,
+        &mut counters,
+    );
+    assert!(matches!(verdict, Verdict::Reply(_)), "{verdict:?}");
+    assert_eq!(counters.events[Event::Recreated.index()], 1);
+    let shared_by_more = sharing(RECOGNISED_UP_TO + 1);
+    assert_eq!(
+        run(&shared_by_more, &table(), &data_from(&b1, 40000), 1),
         Verdict::Drop(DecideDrop::UnknownReply)
     );
 }

@@ -21,7 +21,9 @@
 //!   table was full) is recognised as a reply in dnat mode when its source is a backend of a
 //!   Service and the Service's Maglev pick for the reverse flow is that backend — or, where the
 //!   pick differs, when the backend serves exactly one Service port (counted apart). Its flow
-//!   is recreated: a restart loses no connection in either direction.
+//!   is recreated: a restart loses no connection in either direction. A backend of more than
+//!   [`RECOGNISED_UP_TO`] Service ports is not tried, so that such a packet costs a bounded
+//!   number of picks.
 //! * A full table never locks new flows out: in dnat mode a new flow that cannot be recorded is
 //!   forwarded to its pick (counted) and its replies are recognised as above; in snat mode,
 //!   where only the table knows the client, it is dropped and counted.
@@ -124,7 +126,8 @@ counted_enum! {
         /// An snat reply whose forward entry (which knows the client) has gone.
         FlowGone,
         /// A backend's packet that no flow explains and that serves several Service ports,
-        /// none of whose picks is that backend: which VIP to answer from is unknown.
+        /// none of whose picks is that backend, or more than [`RECOGNISED_UP_TO`] of them:
+        /// which VIP to answer from is unknown.
         UnknownReply,
         /// snat mode: a new flow that the full flow table could not record (its replies
         /// could not be translated back).
@@ -663,6 +666,14 @@ fn unexplained(env: &Env<'_>, key: &FlowKey, counters: &mut Counters) -> Verdict
         }
     }
     let from = Endpoint::from_key_form(key.family, key.src_addr, key.src_port);
+    if env
+        .snapshot
+        .services_with_backend(&from, key.proto)
+        .nth(RECOGNISED_UP_TO)
+        .is_some()
+    {
+        return Verdict::Drop(DecideDrop::UnknownReply);
+    }
     let mut serving = 0;
     let mut only = None;
     for service in env.snapshot.services_with_backend(&from, key.proto) {
@@ -693,6 +704,16 @@ fn unexplained(env: &Env<'_>, key: &FlowKey, counters: &mut Counters) -> Verdict
         Some(_) => Verdict::Drop(DecideDrop::UnknownReply),
     }
 }
+
+/// How many Services a backend may serve (at one address, port and protocol) for a packet of
+/// it that no flow explains to be tried as a reply of each: every try is a Maglev pick, and
+/// without a bound a flood of such packets (stray, or spoofed from a backend's address) cost a
+/// pick per Service each (25 000 for a backend of 100 000 Services on four backends). A
+/// backend shared by more Services is never recognised so: its packets are dropped as
+/// [`DecideDrop::UnknownReply`] until the client's next packet recreates the flow (to the same
+/// backend, which Maglev picks again). Kubernetes gives a backend a few Service keys (a
+/// cluster IP, node ports, load-balancer IPs, per Service that selects it).
+pub const RECOGNISED_UP_TO: usize = 32;
 
 /// Records a dnat flow found from its reply (`reply_key`), in the replied state (the client's
 /// next acknowledgment establishes it), and un-NATs the reply.
