@@ -1,12 +1,12 @@
-//! The housekeeping thread: the chores that read the whole flow table — the least-connections
-//! recount and the live-entry gauge — off the control thread and off the workers' cores, as
-//! often as what changed calls for.
+//! The housekeeping thread: the scan of the whole flow table — the backends' live-flow recount
+//! and the live-entry gauge — off the control thread and off the workers' cores, as often as
+//! what changed calls for.
 //!
 //! A scan of a table of a million live entries takes tens of milliseconds. While packets
-//! arrive, flows start and end, so the recount runs every [`BUSY_PERIOD`] (when a
-//! least-connections Service needs it) and the gauge every [`GAUGE_BUSY_PERIOD`]; while no
-//! packet arrives, only expiry changes the table, so both run every [`IDLE_PERIOD`]: an idle
-//! xlb scans a tenth as often. A first packet after an idle spell needs no fresher count:
+//! arrive, flows start and end, so it runs every [`BUSY_PERIOD`] when a least-connections
+//! Service weighs the counts in its picks, else every [`GAUGE_BUSY_PERIOD`] (the counts are
+//! then only shown); while no packet arrives, only expiry changes the table, so it runs every
+//! [`IDLE_PERIOD`]: an idle xlb scans a tenth as often. A first packet after an idle spell needs no fresher count:
 //! expired flows are invisible to lookups, and the counts only weigh new picks.
 //!
 //! Must not know: how flows are counted (`lb::recount`), packets.
@@ -20,23 +20,13 @@ use xlb_dataplane::worker::Shared;
 
 use crate::admin::AdminState;
 
-/// How often the chores thread wakes, and how often the recount runs while packets arrive.
+/// How often the chores thread wakes, and how often the scan runs while packets arrive and a
+/// least-connections Service needs fresh counts.
 pub const BUSY_PERIOD: Duration = Duration::from_secs(1);
-/// How often the live-entry gauge is counted while packets arrive (without a recount).
+/// How often the scan runs while packets arrive and no Service picks by the counts.
 pub const GAUGE_BUSY_PERIOD: Duration = Duration::from_secs(5);
 /// How often either runs while no packet arrives.
 pub const IDLE_PERIOD: Duration = Duration::from_secs(10);
-
-/// A chore to do now.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Chore {
-    /// Recount every backend's live flows (and the live entries with them).
-    Recount,
-    /// Count the live entries only.
-    Count,
-    /// Nothing this round.
-    Rest,
-}
 
 /// When the chores run: from whether a least-connections Service needs recounts, the packets
 /// received so far and the time.
@@ -47,8 +37,9 @@ pub struct Schedule {
 }
 
 impl Schedule {
-    /// The chore due at `now`, with `received` packets received by all workers so far.
-    pub fn next(&mut self, least_connections: bool, received: u64, now: Instant) -> Chore {
+    /// Whether the scan is due at `now`, with `received` packets received by all workers so
+    /// far.
+    pub fn due(&mut self, least_connections: bool, received: u64, now: Instant) -> bool {
         let due = match self.last {
             None => true,
             Some((at, seen)) => {
@@ -62,15 +53,10 @@ impl Schedule {
                 since >= period
             }
         };
-        if !due {
-            return Chore::Rest;
+        if due {
+            self.last = Some((now, received));
         }
-        self.last = Some((now, received));
-        if least_connections {
-            Chore::Recount
-        } else {
-            Chore::Count
-        }
+        due
     }
 }
 
@@ -92,14 +78,8 @@ pub fn spawn(
                 let received = admin.workers.iter().map(|w| w.load().io.received).sum();
                 let snapshot = Arc::clone(&shared.tables.load().snapshot);
                 let now = shared.clock.now();
-                let live =
-                    match schedule.next(snapshot.has_least_connections(), received, Instant::now())
-                    {
-                        Chore::Recount => Some(recount_live_flows(&snapshot, &shared.flows, now)),
-                        Chore::Count => Some(shared.flows.count_live(now)),
-                        Chore::Rest => None,
-                    };
-                if let Some(live) = live {
+                if schedule.due(snapshot.has_least_connections(), received, Instant::now()) {
+                    let live = recount_live_flows(&snapshot, &shared.flows, now);
                     // Relaxed: gauges read on their own.
                     admin.live_entries[0].store(live.ipv4, Ordering::Relaxed);
                     admin.live_entries[1].store(live.ipv6, Ordering::Relaxed);
@@ -125,7 +105,7 @@ mod tests {
                 received += 100;
             }
             let now = start + Duration::from_secs(s);
-            if schedule.next(least_connections, received, now) != Chore::Rest {
+            if schedule.due(least_connections, received, now) {
                 ran.push(s);
             }
         }
@@ -151,20 +131,6 @@ mod tests {
             rounds(true, |s| s >= 14, 17),
             [0, 10, 14, 15, 16],
             "recounts"
-        );
-    }
-
-    #[test]
-    fn the_chore_is_a_recount_only_when_a_least_connections_service_needs_one() {
-        let mut schedule = Schedule::default();
-        let now = Instant::now();
-        assert_eq!(schedule.next(false, 0, now), Chore::Count);
-        let later = now + IDLE_PERIOD;
-        assert_eq!(schedule.next(true, 0, later), Chore::Recount);
-        assert_eq!(
-            schedule.next(true, 5, later),
-            Chore::Rest,
-            "not yet a second"
         );
     }
 }

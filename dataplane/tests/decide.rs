@@ -900,6 +900,27 @@ fn a_recount_gives_least_connections_the_live_flows_including_ended_ones() {
 }
 
 #[test]
+fn a_maglev_services_live_flows_come_from_the_recount_and_new_flows_write_no_shared_counter() {
+    let snap = two_ready(IpProto::TCP);
+    let flows = table();
+    for port in 0..6 {
+        let _ = forwarded(run(&snap, &flows, &syn(port), 1));
+    }
+    let service = snap.services().next().unwrap();
+    let live = |n: u32| service.live_flows(BackendId(id(n))).unwrap();
+    assert_eq!(
+        live(1) + live(2),
+        0,
+        "no counter written by the packet path"
+    );
+    recount_live_flows(&snap, &flows, 2);
+    assert_eq!(live(1) + live(2), 6);
+    // Long after, every new TCP flow has expired (120 s): what `xlb status` shows drops too.
+    recount_live_flows(&snap, &flows, 1000);
+    assert_eq!(live(1) + live(2), 0);
+}
+
+#[test]
 fn snat_translates_the_source_and_brings_replies_back_to_the_client() {
     let snap = two_ready(IpProto::TCP);
     let flows = table();

@@ -463,16 +463,6 @@ impl FlowTable {
         of_index!(self, entry.index, |t| t.remove(entry, key));
     }
 
-    /// The live entries of each family, counted by reading every entry (off the packet path).
-    #[must_use]
-    pub fn count_live(&self, now: Second) -> Live {
-        let count = |n: usize| u64::try_from(n).unwrap_or(u64::MAX);
-        Live {
-            ipv4: count(self.v4.iter_from(0, now).count()),
-            ipv6: count(self.v6.iter_from(0, now).count()),
-        }
-    }
-
     /// Every live entry, read consistently one by one (the table keeps changing meanwhile).
     pub fn iter(&self, now: Second) -> impl Iterator<Item = (FlowKey, Hit)> + '_ {
         self.iter_from(0, now)

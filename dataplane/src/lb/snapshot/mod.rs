@@ -240,7 +240,8 @@ pub struct Service {
     maglev: Option<MaglevTable>,
     /// Round-robin position, shared by the workers.
     turn: AtomicU64,
-    /// Live flows per pickable backend (same order as `pickable`), for least-connections.
+    /// Live flows per pickable backend (same order as `pickable`): counted as flows start for
+    /// least-connections, and set by every recount for all schedulers.
     live: Box<[AtomicU64]>,
 }
 
@@ -393,28 +394,29 @@ impl Service {
         self.spec.backends.get(usize::from(*index))
     }
 
-    /// Counts a flow that started on `backend` (for least-connections).
+    /// Counts a flow that started on `backend`, for least-connections' next picks. Other
+    /// schedulers count nothing here (their counts come from the recount alone), so that
+    /// their new flows write no counter that every worker writes.
+    #[inline]
     pub fn flow_started(&self, backend: BackendId) {
+        if self.spec.scheduler != Scheduler::LeastConnections {
+            return;
+        }
         if let Some(count) = self.live_count(backend) {
             // Relaxed: an independent counter.
             count.fetch_add(1, Ordering::Relaxed);
         }
     }
 
-    /// Counts a flow on `backend` that ended (closed, expired or evicted).
-    pub fn flow_ended(&self, backend: BackendId) {
-        if let Some(count) = self.live_count(backend) {
-            // Relaxed: an independent counter; never below zero.
-            let _ = count.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |c| c.checked_sub(1));
-        }
-    }
-
-    /// Sets the live flows counted on `backend` (a recount from the flow table, which also
-    /// catches flows that ended by expiry or eviction, which no packet reports).
-    pub fn set_live_flows(&self, backend: BackendId, flows: u64) {
-        if let Some(count) = self.live_count(backend) {
-            // Relaxed: an independent counter.
-            count.store(flows, Ordering::Relaxed);
+    /// Sets the live flows of every backend that takes new flows to `count` of its id (a
+    /// recount from the flow table, which also catches the flows that ended, by a packet, by
+    /// expiry or by eviction: no packet path counts those).
+    pub fn recounted(&self, count: impl Fn(BackendId) -> u64) {
+        for (&i, live) in self.pickable.iter().zip(self.live.iter()) {
+            if let Some(backend) = self.spec.backends.get(usize::from(i)) {
+                // Relaxed: an independent counter.
+                live.store(count(backend.id), Ordering::Relaxed);
+            }
         }
     }
 

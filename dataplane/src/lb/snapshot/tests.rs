@@ -106,11 +106,28 @@ fn least_connections_picks_the_backend_with_fewest_live_flows() {
     s.flow_started(b(3));
     s.flow_started(b(3));
     assert_eq!(s.pick(0, 0).unwrap().id, b(2));
-    s.flow_ended(b(1));
-    s.flow_ended(b(1));
-    s.flow_ended(b(1)); // never below zero
+    // A recount finds that backend 1's flows have ended.
+    s.recounted(|backend| if backend == b(1) { 0 } else { 2 });
     assert_eq!(s.live_flows(b(1)), Some(0));
     assert_eq!(s.pick(0, 0).unwrap().id, b(1));
+}
+
+#[test]
+fn only_least_connections_counts_flows_as_they_start_and_a_recount_sets_every_count() {
+    let b = |n: u32| BackendId(id(n));
+    for scheduler in [Scheduler::Maglev, Scheduler::Random, Scheduler::RoundRobin] {
+        let s = with(scheduler, 2);
+        s.flow_started(b(1));
+        assert_eq!(s.live_flows(b(1)), Some(0), "{scheduler:?}");
+        s.recounted(|backend| u64::from(backend.0.get()) * 10);
+        assert_eq!(
+            (s.live_flows(b(1)), s.live_flows(b(2))),
+            (Some(10), Some(20))
+        );
+    }
+    let s = with(Scheduler::LeastConnections, 2);
+    s.flow_started(b(1));
+    assert_eq!(s.live_flows(b(1)), Some(1));
 }
 
 #[test]
