@@ -1,7 +1,7 @@
 //! The flow table: lookup hit, lookup miss and insert of new flows, with 1 000, 100 000 and
 //! 1 000 000 live flows in a table sized for them (capacity twice the flows), one thread; and
 //! hits and inserts at 100 000 flows with a second thread working the same table; and a scan
-//! of 1 000 000 live flows (the chores thread's).
+//! of 1 000 000 live flows, counted and recounted per backend (the chores thread's).
 
 use std::hint::black_box;
 
@@ -172,14 +172,56 @@ fn two_threads(c: &mut Criterion) {
     let _ = other.join();
 }
 
-/// A whole-table scan, as the chores thread's live-entry count and least-connections recount
-/// do it (`control::chores` says how often): 1 000 000 live flows in a table of 2 000 000.
+/// A whole-table scan: 1 000 000 live flows in a table of 2 000 000, counted, and recounted
+/// per backend as the chores thread does it (`control::chores` says how often) for 100 000
+/// Services of 10 backends each, the flows spread over them.
 fn scan(c: &mut Criterion) {
+    use std::num::NonZeroU32;
+    use std::sync::Arc;
+    use xlb_dataplane::lb::maglev::TableCache;
+    use xlb_dataplane::lb::recount::recount_live_flows;
+    use xlb_dataplane::lb::snapshot::{
+        Backend, BackendId, BackendState, Service, ServiceId, ServiceKey, ServiceSpec, Snapshot,
+    };
+    use xlb_dataplane::packet::Endpoint;
     let mut group = c.benchmark_group("flow-scan");
     group.sample_size(10);
     let (table, _) = filled(1_000_000);
     group.bench_function("count/1000000", |b| {
         b.iter(|| black_box(table.iter(1).count()));
+    });
+    let id = |n: u32| NonZeroU32::MIN.saturating_add(n);
+    let backends: Vec<Backend> = (0..10u8)
+        .map(|n| Backend {
+            id: BackendId(id(u32::from(n))),
+            endpoint: Endpoint::new([198, 19, 0, n].into(), 8080),
+            state: BackendState::Ready,
+            weight: 1,
+        })
+        .collect();
+    let mut tables = TableCache::default();
+    let services = (0..100_000u32)
+        .map(|n| {
+            let key = ServiceKey {
+                vip: Endpoint::new(std::net::Ipv4Addr::from(0xc613_0000 + n).into(), 80),
+                proto: IpProto::TCP,
+            };
+            let spec = ServiceSpec::new(ServiceId(id(n)), key, backends.clone());
+            Arc::new(Service::sharing(spec, &mut tables).expect("valid"))
+        })
+        .collect();
+    let snapshot = Snapshot::new(1, services).expect("distinct Services");
+    let spread = FlowTable::new(2_000_000, Timeouts::default());
+    for n in 0..1_000_000u32 {
+        let v = FlowValue::Forward {
+            service: id(n % 100_000).get(),
+            backend: id(n % 10).get(),
+            snat_port: 0,
+        };
+        let _ = spread.insert(&key(n), flow_hash(&key(n)), v, FlowState::Established, 0);
+    }
+    group.bench_function("recount/1000000-flows-100000-services", |b| {
+        b.iter(|| black_box(recount_live_flows(&snapshot, &spread, 1)));
     });
     group.finish();
 }
