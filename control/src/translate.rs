@@ -77,10 +77,16 @@ pub enum OnRefusal {
 
 /// Builds snapshots from changes to the desired state, keeping ids stable and leaving every
 /// unchanged Service as it is (its Maglev table, its live flow counts).
+///
+/// Ids are never handed out twice (a flow remembers its Service's and backend's ids across
+/// snapshots), but an id nothing built uses any more is forgotten, so that the maps stay the
+/// size of the desired state however many pods come and go: a backend address that returns
+/// gets a new id (its old flows ended when it left).
 #[derive(Debug, Default)]
 pub struct Builder {
     services: HashMap<ServiceKey, ServiceId>,
-    backends: HashMap<(Endpoint, IpProto), BackendId>,
+    /// Backend ids, with how many Services of `built` have the backend.
+    backends: HashMap<(Endpoint, IpProto), (BackendId, u32)>,
     next_service: u32,
     next_backend: u32,
     /// The desired state each Service of the last snapshot was built from (hashbrown with
@@ -117,12 +123,45 @@ impl Builder {
         })
     }
 
+    /// The id of a backend, counted as used by the Service being built (see [`Self::release`]).
     fn backend(&mut self, endpoint: Endpoint, proto: IpProto) -> BackendId {
         let next = &mut self.next_backend;
-        *self.backends.entry((endpoint, proto)).or_insert_with(|| {
+        let (id, uses) = self.backends.entry((endpoint, proto)).or_insert_with(|| {
             *next += 1;
-            BackendId(NonZeroU32::new(*next).unwrap_or(NonZeroU32::MIN))
-        })
+            (
+                BackendId(NonZeroU32::new(*next).unwrap_or(NonZeroU32::MIN)),
+                0,
+            )
+        });
+        *uses += 1;
+        *id
+    }
+
+    /// Takes back the uses of `d`'s backends (a Service removed, replaced or never built),
+    /// forgetting the ids no Service uses any more.
+    fn release(&mut self, d: &DesiredService) {
+        let proto = key(d).proto;
+        for b in &d.backends {
+            let at = (Endpoint::new(b.address, b.port), proto);
+            if let Some((_, uses)) = self.backends.get_mut(&at) {
+                *uses = uses.saturating_sub(1);
+                if *uses == 0 {
+                    self.backends.remove(&at);
+                }
+            }
+        }
+    }
+
+    /// [`Self::release`] for Services that were not built, forgetting also the id of a key
+    /// that has no built Service.
+    fn unbuilt<'d>(&mut self, ds: impl IntoIterator<Item = &'d Arc<DesiredService>>) {
+        for d in ds {
+            self.release(d);
+            let k = key(d);
+            if !self.built.contains_key(&k) {
+                self.services.remove(&k);
+            }
+        }
     }
 
     /// The change that turns the last build into exactly `desired` (for a source that
@@ -180,6 +219,7 @@ impl Builder {
             let d = Arc::new(d);
             specs.push((spec(&d, self), d));
         }
+        let mut refused = Vec::new();
         for (result, d) in build_all(specs) {
             match result {
                 Ok(service) => {
@@ -187,13 +227,19 @@ impl Builder {
                     added.push(Arc::new(service));
                     kept.push((key(&d), d));
                 }
-                Err(error) => failed.push(ConfigError::Refused {
-                    service: d.name.clone(),
-                    error,
-                }),
+                Err(error) => {
+                    failed.push(ConfigError::Refused {
+                        service: d.name.clone(),
+                        error,
+                    });
+                    refused.push(d);
+                }
             }
         }
+        // What was not built gives back the ids it was handed.
+        self.unbuilt(&refused);
         if on_refusal == OnRefusal::RefuseAll && !failed.is_empty() {
+            self.unbuilt(kept.iter().map(|(_, d)| d));
             return Err(failed.swap_remove(0));
         }
         let mut removed: Vec<Arc<Service>> = change
@@ -207,13 +253,30 @@ impl Builder {
                 .iter()
                 .filter_map(|s| base.service_arc(&s.spec().key).cloned()),
         );
-        let snapshot = base
-            .update(generation, change.remove.iter().copied(), added.clone())
-            .map_err(ConfigError::Snapshot)?;
+        let snapshot = match base.update(generation, change.remove.iter().copied(), added.clone()) {
+            Ok(snapshot) => snapshot,
+            Err(e) => {
+                self.unbuilt(kept.iter().map(|(_, d)| d));
+                return Err(ConfigError::Snapshot(e));
+            }
+        };
+        // The new Services' backends were counted as their specs were made, before the old
+        // ones' are taken back: a backend a replaced Service keeps never reaches zero uses.
         for k in &change.remove {
-            self.built.remove(k);
+            if let Some(old) = self.built.remove(k) {
+                self.release(&old);
+            }
         }
-        self.built.extend(kept);
+        for (k, d) in kept {
+            if let Some(old) = self.built.insert(k, d) {
+                self.release(&old);
+            }
+        }
+        for k in &change.remove {
+            if !self.built.contains_key(k) {
+                self.services.remove(k);
+            }
+        }
         self.last = stats;
         Ok(Applied {
             snapshot,
@@ -462,6 +525,66 @@ services:
                 assert_eq!(same.id, b.id);
             }
         }
+    }
+
+    /// Pods come and go for as long as xlb runs: the ids of backends and Services that
+    /// nothing uses any more are forgotten, and never handed out again.
+    #[test]
+    fn ids_nothing_uses_are_forgotten_and_never_handed_out_again() {
+        let mut ids = Builder::default();
+        let with = |backends: &str| {
+            Config::parse(&TWO.replace(
+                "[{ address: 198.18.128.1 }, { address: 198.18.128.2 }]",
+                backends,
+            ))
+            .unwrap()
+        };
+        let id_of = |snap: &Snapshot, address: [u8; 4]| {
+            let web = snap
+                .services()
+                .find(|s| s.spec().key.vip.port() == 80)
+                .unwrap();
+            web.spec()
+                .backends
+                .iter()
+                .find(|b| b.endpoint.key_addr()[..4] == address)
+                .map(|b| b.id)
+        };
+        let first = build_all(&with("[{ address: 198.18.128.1 }]"), &mut ids);
+        let one = id_of(&first, [198, 18, 128, 1]).unwrap();
+        // Backend 1 leaves both ports for backend 2: its ids (TCP and UDP) are forgotten.
+        let second = build_next(&with("[{ address: 198.18.128.2 }]"), &mut ids, &first);
+        let two = id_of(&second, [198, 18, 128, 2]).unwrap();
+        assert_eq!(ids.backends.len(), 2, "backend 2's two ports only");
+        // A replaced Service keeps the id of a backend it still has.
+        let both = with("[{ address: 198.18.128.2 }, { address: 198.18.128.1 }]");
+        let third = build_next(&both, &mut ids, &second);
+        assert_eq!(id_of(&third, [198, 18, 128, 2]), Some(two));
+        let again = id_of(&third, [198, 18, 128, 1]).unwrap();
+        assert!(
+            again != one && again != two,
+            "an id is never handed out twice"
+        );
+        assert_eq!(ids.backends.len(), 4);
+        // A Service removed gives up its id and its backends'.
+        let none = Config::parse("interfaces: [a]\nservices: []\n").unwrap();
+        let _ = build_next(&none, &mut ids, &third);
+        assert_eq!((ids.services.len(), ids.backends.len()), (0, 0));
+    }
+
+    #[test]
+    fn a_refused_change_leaves_no_ids_behind() {
+        let mut ids = Builder::default();
+        let first = build_all(&Config::parse(TWO).unwrap(), &mut ids);
+        let known = (ids.services.clone(), ids.backends.clone());
+        // Both ports moved to a new backend, with a table size that is not a prime: refused.
+        let moved = TWO.replace("198.18.128.1 }, { address: 198.18.128.2", "198.18.128.7");
+        let mut desired = Config::parse(&moved).unwrap().desired();
+        for d in &mut desired {
+            d.table_size = Some(1000);
+        }
+        assert!(translate_desired(&desired, &mut ids, &first, 2).is_err());
+        assert_eq!((ids.services.clone(), ids.backends.clone()), known);
     }
 
     #[test]
